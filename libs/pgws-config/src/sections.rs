@@ -1,0 +1,86 @@
+//! The configuration sections several services share: NATS, the admin listener, PostgreSQL.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use pgws_proto::{Prefix, Subjects, DEFAULT_PREFIX};
+
+use crate::Problems;
+
+/// `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated.
+    pub url: String,
+    /// Every subject, stream and consumer name derives from this.
+    pub subjects: Subjects,
+}
+
+impl NatsConfig {
+    /// Reads the section.
+    pub fn read(p: &mut Problems<'_>) -> Self {
+        let url = p.text_or("nats_url", "nats://127.0.0.1:4222");
+        let prefix = p.text_or("nats_prefix", DEFAULT_PREFIX);
+        let prefix = match Prefix::new(&prefix) {
+            Ok(prefix) => prefix,
+            Err(e) => {
+                p.push(format!("PGWS_NATS_PREFIX: {e}"));
+                Prefix::new(DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!("default is valid"))
+            }
+        };
+        Self {
+            url,
+            subjects: Subjects::new(prefix),
+        }
+    }
+}
+
+/// `PGWS_ADMIN_HOST`, `PGWS_ADMIN_PORT`: where `/healthz`, `/readyz` and `/metrics` are served.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+}
+
+impl AdminConfig {
+    /// Reads the section; each service has its own default port so a whole stack can run on
+    /// one host without settings.
+    pub fn read(p: &mut Problems<'_>, default_port: u16) -> Self {
+        let host: IpAddr = p.parse_or("admin_host", IpAddr::from([127, 0, 0, 1]));
+        let port: u16 = p.parse_or("admin_port", default_port);
+        Self {
+            addr: SocketAddr::new(host, port),
+        }
+    }
+}
+
+/// `PGWS_DB_URI`, `PGWS_RETRIES`: the database, for the services that may talk to it.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// A libpq-style URI or key=value string.
+    pub uri: String,
+    /// Connection attempts at start (1 s doubling, capped at 32 s).
+    pub retries: u32,
+}
+
+impl DbConfig {
+    /// Reads the section; `PGWS_DB_URI` is required (`@path` reads it from a file).
+    pub fn read(p: &mut Problems<'_>) -> Self {
+        let uri = match p.secret("db_uri") {
+            Some(uri) => uri,
+            None => {
+                if p.text("db_uri").is_none() {
+                    p.push("PGWS_DB_URI is required");
+                }
+                String::new()
+            }
+        };
+        let retries = p.parse_or("retries", 5);
+        Self { uri, retries }
+    }
+
+    /// The delay before attempt `n` (0-based) after a failure: 1 s doubling, capped at 32 s.
+    pub fn backoff(attempt: u32) -> Duration {
+        Duration::from_secs(1u64 << attempt.min(5))
+    }
+}

@@ -1,0 +1,21 @@
+//! What every pgws service shares: the `main` skeleton, logs, the admin listener with
+//! health, readiness and Prometheus metrics, ordered shutdown and the NATS connection.
+//!
+//! A service's `main.rs` is one call to [`run_main`]; its library takes its configuration and
+//! a [`Shutdown`] so tests run exactly what ships.
+
+mod admin;
+mod launch;
+mod metrics;
+mod nats;
+mod shutdown;
+mod telemetry;
+
+pub use admin::{serve_admin, Readiness};
+pub use launch::run_main;
+pub use metrics::Metrics;
+pub use nats::connect_nats;
+pub use shutdown::{wait_for_signal, Shutdown};
+pub use telemetry::init_logs;
+
+pub use prometheus_client;

@@ -1,0 +1,52 @@
+//! The NOTIFY request: gateway -> bridge, over NATS request/reply.
+//!
+//! A request carries the NOTIFYs of one socket, in the order the socket sent them. A gateway
+//! keeps at most one request in flight per socket, so a socket's messages reach PostgreSQL in
+//! order whichever bridge serves each request. The bridge replies only after the transaction
+//! holding them committed: a reply with `ok: true` means "in the database".
+
+use serde::{Deserialize, Serialize};
+
+/// One `pg_notify(channel, payload)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The PostgreSQL channel (for postgres-websockets, `PGWS_LISTEN_CHANNEL`).
+    pub channel: String,
+    /// The payload (the envelope's JSON).
+    pub payload: String,
+}
+
+/// Body of a request on [`crate::Subjects::notify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyRequest {
+    /// Executed in this order, all in the same transaction or a few consecutive ones.
+    pub notifications: Vec<Notification>,
+}
+
+/// Body of the bridge's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyReply {
+    /// `true` once every notification of the request is committed.
+    pub ok: bool,
+    /// Why not, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl NotifyReply {
+    /// A success.
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            error: None,
+        }
+    }
+
+    /// A failure with its reason.
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Subject names and the channel <-> subject-token mapping.
+//!
+//! A PostgreSQL channel (or a postgres-websockets channel, which is any string) cannot be used
+//! as a NATS subject token as is: `.`, `*`, `>` and whitespace have meaning there. The mapping
+//! keeps `[A-Za-z0-9-]` and writes every other byte as `_XX` (upper-case hex), so it is
+//! reversible for any string, and the empty string becomes a lone `_`.
+
+use std::fmt;
+
+/// A validated `PGWS_NATS_PREFIX`: one or more tokens of `[A-Za-z0-9_-]` separated by dots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(String);
+
+/// Why a prefix was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid NATS prefix {0:?}: use dot-separated tokens of letters, digits, '-' and '_'")]
+pub struct PrefixError(String);
+
+impl Prefix {
+    /// Validates a prefix.
+    pub fn new(prefix: &str) -> Result<Self, PrefixError> {
+        let ok = !prefix.is_empty()
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if ok {
+            Ok(Self(prefix.to_owned()))
+        } else {
+            Err(PrefixError(prefix.to_owned()))
+        }
+    }
+
+    /// The prefix text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Every subject and queue-group name of one stack.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: Prefix,
+}
+
+impl Subjects {
+    /// The subjects of the stack named by `prefix`.
+    pub fn new(prefix: Prefix) -> Self {
+        Self { prefix }
+    }
+
+    /// The prefix these subjects derive from.
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    /// Gateways send [`crate::NotifyRequest`]s here (request/reply); bridges serve it as the
+    /// queue group [`Subjects::bridge_queue`].
+    pub fn notify(&self) -> String {
+        format!("{}.notify", self.prefix)
+    }
+
+    /// Queue group of the bridges' NOTIFY workers.
+    pub fn bridge_queue(&self) -> String {
+        format!("{}.bridge", self.prefix)
+    }
+
+    /// The leader bridge publishes each notification of `channel` here, payload verbatim.
+    pub fn deliver(&self, channel: &str) -> String {
+        format!("{}.deliver.{}", self.prefix, encode_channel(channel))
+    }
+
+    /// Matches every delivery subject.
+    pub fn deliver_all(&self) -> String {
+        format!("{}.deliver.*", self.prefix)
+    }
+
+    /// The channel a delivery subject carries, if it is one of this stack's.
+    pub fn channel_of_deliver(&self, subject: &str) -> Option<String> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".deliver.")?;
+        decode_channel(rest).ok()
+    }
+
+    /// A stable 64-bit key for the PostgreSQL advisory lock that elects the LISTEN leader.
+    pub fn leader_lock_key(&self) -> i64 {
+        // FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in format!("{}.leader", self.prefix).bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        i64::from_ne_bytes(h.to_ne_bytes())
+    }
+}
+
+/// Why a subject token does not decode to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// A byte that the encoder never writes.
+    #[error("unexpected byte {0:#04x} in channel token")]
+    Byte(u8),
+    /// `_` not followed by two hex digits.
+    #[error("truncated or invalid escape in channel token")]
+    Escape,
+    /// The decoded bytes are not UTF-8.
+    #[error("channel token does not decode to UTF-8")]
+    Utf8,
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Maps any channel name to a valid, non-empty NATS subject token.
+pub fn encode_channel(channel: &str) -> String {
+    if channel.is_empty() {
+        return "_".to_owned();
+    }
+    let mut out = String::with_capacity(channel.len());
+    for &b in channel.as_bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push('_');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_channel`].
+pub fn decode_channel(token: &str) -> Result<String, TokenError> {
+    if token == "_" {
+        return Ok(String::new());
+    }
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b);
+            i += 1;
+        } else if b == b'_' {
+            let hi = bytes.get(i + 1).and_then(|&c| hex_val(c));
+            let lo = bytes.get(i + 2).and_then(|&c| hex_val(c));
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(TokenError::Escape),
+            }
+            i += 3;
+        } else {
+            return Err(TokenError::Byte(b));
+        }
+    }
+    String::from_utf8(out).map_err(|_| TokenError::Utf8)
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn subjects() -> Subjects {
+        Subjects::new(Prefix::new("pgws").expect("valid prefix"))
+    }
+
+    #[test]
+    fn plain_names_stay_readable() {
+        assert_eq!(encode_channel("chat"), "chat");
+        assert_eq!(encode_channel("room-1"), "room-1");
+        assert_eq!(encode_channel("a.b"), "a_2Eb");
+        assert_eq!(encode_channel("a_b"), "a_5Fb");
+        assert_eq!(encode_channel(""), "_");
+        assert_eq!(subjects().deliver("chat"), "pgws.deliver.chat");
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        assert_eq!(decode_channel("a.b"), Err(TokenError::Byte(b'.')));
+        assert_eq!(decode_channel("a_2"), Err(TokenError::Escape));
+        assert_eq!(decode_channel("a_2e"), Err(TokenError::Escape));
+        assert_eq!(decode_channel("_FF"), Err(TokenError::Utf8));
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        assert!(Prefix::new("pgws").is_ok());
+        assert!(Prefix::new("tenant-1.pgws_a").is_ok());
+        for bad in ["", ".", "a..b", "a.*", "a>", "a b", "a."] {
+            assert!(Prefix::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn leader_keys_differ_per_prefix() {
+        let other = Subjects::new(Prefix::new("other").expect("valid"));
+        assert_ne!(subjects().leader_lock_key(), other.leader_lock_key());
+        assert_eq!(subjects().leader_lock_key(), subjects().leader_lock_key());
+    }
+
+    proptest! {
+        #[test]
+        fn any_string_round_trips(channel in any::<String>()) {
+            let token = encode_channel(&channel);
+            prop_assert!(!token.is_empty());
+            prop_assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            prop_assert_eq!(decode_channel(&token), Ok(channel.clone()));
+            let subject = subjects().deliver(&channel);
+            prop_assert_eq!(subjects().channel_of_deliver(&subject), Some(channel));
+        }
+
+        #[test]
+        fn postgres_identifiers_round_trip(channel in "[\\PC]{1,63}") {
+            prop_assert_eq!(decode_channel(&encode_channel(&channel)), Ok(channel));
+        }
+
+        #[test]
+        fn distinct_channels_get_distinct_tokens(a in any::<String>(), b in any::<String>()) {
+            prop_assume!(a != b);
+            prop_assert_ne!(encode_channel(&a), encode_channel(&b));
+        }
+    }
+}
