@@ -1,6 +1,8 @@
 //! Structured logs with `tracing`: text by default, JSON lines with `PGWS_LOG_FORMAT=json`;
 //! the filter comes from `PGWS_LOG` (then `RUST_LOG`), default `info`.
 
+use std::io::IsTerminal;
+
 use pgws_config::Settings;
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +16,7 @@ pub fn init_logs(settings: &Settings) {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = if settings.get("log_format") == Some("json") {
         builder.json().flatten_event(true).try_init()
