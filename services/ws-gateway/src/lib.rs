@@ -1,1 +1,185 @@
-//! placeholder
+//! `ws-gateway`: the edge of pgws.
+//!
+//! It accepts JWT-authorised websockets exactly as postgres-websockets does, turns what a
+//! socket sends into the postgres-websockets envelope and hands it to the bridges over NATS,
+//! and fans out what the bridges publish for a channel to the local sockets on it. It never
+//! connects to PostgreSQL.
+//!
+//! Code map: [`config`] reads settings; `handshake` finds the token; `server` accepts
+//! connections and upgrades; `socket` runs one websocket; `hub` holds channel membership and
+//! fans out; `uplink` sends client messages to the bridges; `metrics` counts.
+
+mod config;
+mod handshake;
+mod hub;
+mod metrics;
+mod server;
+mod socket;
+mod uplink;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgws_auth::Grant;
+use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub use config::GatewayConfig;
+
+use hub::{Hub, Subscriber};
+use metrics::GatewayMetrics;
+use socket::Session;
+use uplink::Uplink;
+
+/// How long shutdown waits for sockets to hand over what they accepted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The largest frame read from a client; bigger frames close the socket with 1009. Frames
+/// below it whose envelope exceeds the NOTIFY limit get an error frame instead.
+const MAX_FRAME: usize = 64 * 1024;
+
+/// What every socket shares.
+pub(crate) struct Gateway {
+    pub(crate) config: GatewayConfig,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) uplink: Uplink,
+    pub(crate) metrics: GatewayMetrics,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) max_frame: usize,
+    next_id: AtomicU64,
+}
+
+/// A socket's channel memberships; leaving them happens on drop, so a handshake whose upgrade
+/// never completes leaves no trace.
+pub(crate) struct Membership {
+    pub(crate) gw: Arc<Gateway>,
+    id: u64,
+    channels: Vec<String>,
+    protocol: &'static str,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        for channel in &self.channels {
+            self.gw.hub.leave(channel, self.id);
+        }
+        self.gw
+            .metrics
+            .connections_open
+            .get_or_create(&[("protocol", self.protocol)])
+            .dec();
+    }
+}
+
+/// An accepted handshake, before its upgrade completes.
+pub(crate) struct Accepted {
+    pub(crate) membership: Membership,
+    pub(crate) session: Session,
+}
+
+impl Gateway {
+    /// Registers an authorised socket: joins its channels (when it may read) and waits until
+    /// their subscriptions are live.
+    pub(crate) async fn accept(self: &Arc<Self>, grant: Grant) -> Accepted {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.send_queue);
+        let kick = self.shutdown.token.child_token();
+        let protocol = "postgres-websockets";
+        self.metrics
+            .connections_open
+            .get_or_create(&[("protocol", protocol)])
+            .inc();
+        self.metrics
+            .connections_total
+            .get_or_create(&[("protocol", protocol)])
+            .inc();
+        let channels = if grant.mode.can_read() {
+            grant.channels.clone()
+        } else {
+            Vec::new()
+        };
+        let membership = Membership {
+            gw: Arc::clone(self),
+            id,
+            channels,
+            protocol,
+        };
+        for channel in &membership.channels {
+            let sub = Subscriber {
+                tx: tx.clone(),
+                kick: kick.clone(),
+            };
+            self.hub.join(channel, id, sub).await;
+        }
+        drop(tx);
+        Accepted {
+            membership,
+            session: Session {
+                grant,
+                rx,
+                kick,
+            },
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown.token` is cancelled, then closes every socket with 1001
+/// after handing over what it accepted.
+pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let registry = Metrics::new();
+    let readiness = Readiness::new();
+    let metrics = GatewayMetrics::register(&registry);
+    let client = connect_nats(&config.nats.url, "ws-gateway", &readiness)
+        .await
+        .context("connecting to NATS")?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let admin = TcpListener::bind(config.admin.addr)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin.addr))?;
+    tracing::info!(addr = %admin.local_addr()?, "admin listening");
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "websocket listening");
+
+    let admin_token = shutdown.token.clone();
+    shutdown.spawn(async move {
+        if let Err(e) = serve_admin(admin, readiness, registry, admin_token).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    let hub = Hub::new(
+        client.clone(),
+        config.nats.subjects.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let uplink = Uplink::new(
+        client.clone(),
+        config.nats.subjects.notify(),
+        config.notify_timeout,
+    );
+    let gw = Arc::new(Gateway {
+        config,
+        hub,
+        uplink,
+        metrics,
+        shutdown: shutdown.clone(),
+        max_frame: MAX_FRAME,
+        next_id: AtomicU64::new(0),
+    });
+    server::serve(listener, server::router(Arc::clone(&gw)), tls, Arc::clone(&gw)).await;
+    tracing::info!("closing sockets");
+    drop(gw);
+    if !shutdown.drain(SHUTDOWN_GRACE).await {
+        tracing::warn!("some sockets did not finish within the grace period");
+    }
+    client.flush().await.context("flushing NATS")?;
+    Ok(())
+}

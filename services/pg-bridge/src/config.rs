@@ -1,0 +1,177 @@
+//! The bridge's configuration, composed from the shared sections and validated at start.
+//!
+//! Every problem is collected through [`Problems`] so a bad env file is reported in one go,
+//! never at first use. The `PGWS_*` names keep their postgres-websockets meaning.
+
+use std::time::Duration;
+
+use pgws_config::{AdminConfig, ConfigError, DbConfig, NatsConfig, Problems, Settings};
+use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
+
+/// The default admin port of pg-bridge (the gateway and recorder have their own).
+pub const DEFAULT_ADMIN_PORT: u16 = 9101;
+/// Default `PGWS_POOL_SIZE`, as in postgres-websockets.
+pub const DEFAULT_POOL_SIZE: usize = 10;
+/// Upper bound of `PGWS_POOL_SIZE`: each worker holds one PostgreSQL connection.
+pub const MAX_POOL_SIZE: usize = 100;
+/// Default `PGWS_BATCH_SIZE`.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+
+/// Everything pg-bridge needs to run.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// `PGWS_DB_URI` (required, `@path` accepted) and `PGWS_RETRIES`.
+    pub db: DbConfig,
+    /// `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`.
+    pub nats: NatsConfig,
+    /// `PGWS_ADMIN_HOST`, `PGWS_ADMIN_PORT` (default 9101).
+    pub admin: AdminConfig,
+    /// `PGWS_LISTEN_CHANNEL`: the PostgreSQL channel the leader LISTENs on (1..=63 bytes).
+    pub listen_channel: String,
+    /// `PGWS_CHECK_LISTENER_INTERVAL` (milliseconds): how often the leader probes its LISTEN
+    /// connection with `SELECT 1`, the probe timing out after the same interval.
+    pub check_listener_interval: Option<Duration>,
+    /// `PGWS_POOL_SIZE`: NOTIFY worker connections (1..=100).
+    pub pool_size: usize,
+    /// `PGWS_BATCH_SIZE`: most notifications gathered into one batch (>= 1); a single request
+    /// larger than this is still executed whole, alone in its batch.
+    pub batch_size: usize,
+}
+
+impl BridgeConfig {
+    /// Reads and validates the settings, reporting every problem at once.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let mut p = Problems::new(settings);
+        let db = DbConfig::read(&mut p);
+        let nats = NatsConfig::read(&mut p);
+        let admin = AdminConfig::read(&mut p, DEFAULT_ADMIN_PORT);
+
+        let listen_channel = p.text_or("listen_channel", DEFAULT_LISTEN_CHANNEL);
+        if listen_channel.len() > MAX_PG_CHANNEL {
+            p.push(format!(
+                "PGWS_LISTEN_CHANNEL: {} bytes, PostgreSQL allows at most {MAX_PG_CHANNEL}",
+                listen_channel.len()
+            ));
+        }
+        if listen_channel.contains('\0') {
+            p.push("PGWS_LISTEN_CHANNEL: must not contain a NUL character");
+        }
+
+        let check_listener_interval = match p.parse::<u64>("check_listener_interval") {
+            Some(0) => {
+                p.push("PGWS_CHECK_LISTENER_INTERVAL: must be a positive number of milliseconds");
+                None
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => None,
+        };
+
+        let pool_size = p.parse_or("pool_size", DEFAULT_POOL_SIZE);
+        if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
+            p.push(format!(
+                "PGWS_POOL_SIZE: {pool_size} is out of range 1..={MAX_POOL_SIZE}"
+            ));
+        }
+        let batch_size = p.parse_or("batch_size", DEFAULT_BATCH_SIZE);
+        if batch_size == 0 {
+            p.push("PGWS_BATCH_SIZE: must be at least 1");
+        }
+
+        p.finish(Self {
+            db,
+            nats,
+            admin,
+            listen_channel,
+            check_listener_interval,
+            pool_size,
+            batch_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<BridgeConfig, ConfigError> {
+        BridgeConfig::from_settings(&Settings::from_pairs(pairs).expect("settings load"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[("PGWS_DB_URI", "postgres://localhost/db")]).expect("valid");
+        assert_eq!(c.db.uri, "postgres://localhost/db");
+        assert_eq!(c.db.retries, 5);
+        assert_eq!(c.listen_channel, DEFAULT_LISTEN_CHANNEL);
+        assert_eq!(c.check_listener_interval, None);
+        assert_eq!(c.pool_size, 10);
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.admin.addr.port(), 9101);
+        assert_eq!(c.nats.subjects.notify(), "pgws.notify");
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = config(&[
+            ("PGWS_DB_URI", "postgres://x"),
+            ("PGWS_LISTEN_CHANNEL", "chan"),
+            ("PGWS_CHECK_LISTENER_INTERVAL", "1500"),
+            ("PGWS_POOL_SIZE", "3"),
+            ("PGWS_BATCH_SIZE", "7"),
+            ("PGWS_NATS_PREFIX", "t1"),
+            ("PGWS_ADMIN_PORT", "0"),
+        ])
+        .expect("valid");
+        assert_eq!(c.listen_channel, "chan");
+        assert_eq!(c.check_listener_interval, Some(Duration::from_millis(1500)));
+        assert_eq!((c.pool_size, c.batch_size), (3, 7));
+        assert_eq!(c.nats.subjects.bridge_queue(), "t1.bridge");
+        assert_eq!(c.admin.addr.port(), 0);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let long = "x".repeat(64);
+        let err = config(&[
+            ("PGWS_LISTEN_CHANNEL", &long),
+            ("PGWS_CHECK_LISTENER_INTERVAL", "0"),
+            ("PGWS_POOL_SIZE", "101"),
+            ("PGWS_BATCH_SIZE", "0"),
+            ("PGWS_RETRIES", "many"),
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 6, "{text}");
+        for needle in [
+            "PGWS_DB_URI",
+            "PGWS_LISTEN_CHANNEL",
+            "PGWS_CHECK_LISTENER_INTERVAL",
+            "PGWS_POOL_SIZE",
+            "PGWS_BATCH_SIZE",
+            "PGWS_RETRIES",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn pool_size_zero_and_bad_numbers_are_refused() {
+        let err = config(&[
+            ("PGWS_DB_URI", "postgres://x"),
+            ("PGWS_POOL_SIZE", "0"),
+            ("PGWS_BATCH_SIZE", "-3"),
+        ])
+        .expect_err("invalid");
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn a_63_byte_channel_is_fine() {
+        let c = config(&[
+            ("PGWS_DB_URI", "postgres://x"),
+            ("PGWS_LISTEN_CHANNEL", &"é".repeat(31)),
+        ])
+        .expect("62 bytes is valid");
+        assert_eq!(c.listen_channel.len(), 62);
+    }
+}

@@ -1,0 +1,179 @@
+//! The gateway's configuration, validated at start with every problem listed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgws_auth::Authorizer;
+use pgws_config::{AdminConfig, ConfigError, NatsConfig, Problems, Settings};
+use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
+
+/// Everything the gateway needs; built by [`GatewayConfig::from_settings`].
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// Websocket and static-file listener (`PGWS_HOST`, `PGWS_PORT`).
+    pub listen: SocketAddr,
+    /// Token validation (`PGWS_JWT_SECRET`, `PGWS_JWT_SECRET_BASE64`).
+    pub authorizer: Arc<Authorizer>,
+    /// The PostgreSQL channel client messages are notified on (`PGWS_LISTEN_CHANNEL`).
+    pub listen_channel: String,
+    /// Where connection events go (`PGWS_META_CHANNEL`); none when unset.
+    pub meta_channel: Option<String>,
+    /// Static files for non-websocket requests (`PGWS_ROOT_PATH`).
+    pub root_path: Option<PathBuf>,
+    /// Certificate and key files (`PGWS_CERTIFICATE_FILE`, `PGWS_KEY_FILE`).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// NATS URL and subjects.
+    pub nats: NatsConfig,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub admin: AdminConfig,
+    /// Messages queued for one socket before it counts as a slow consumer and is
+    /// disconnected (`PGWS_SEND_QUEUE`).
+    pub send_queue: usize,
+    /// Client frames a socket may have waiting for the database before the gateway stops
+    /// reading from it (`PGWS_MAX_PENDING`): back-pressure, never unbounded memory.
+    pub max_pending: usize,
+    /// Ping period; a peer silent for two periods is dropped (`PGWS_PING_INTERVAL`, seconds).
+    pub ping_interval: Duration,
+    /// How long a client message may wait for a bridge before the client gets an error
+    /// (`PGWS_NOTIFY_TIMEOUT`, seconds).
+    pub notify_timeout: Duration,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .field("listen_channel", &self.listen_channel)
+            .field("meta_channel", &self.meta_channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and validates the gateway's settings.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
+        let mut p = Problems::new(settings);
+        let host: IpAddr = p.parse_or("host", IpAddr::from([0, 0, 0, 0]));
+        let port: u16 = p.parse_or("port", 3000);
+        let base64 = p.flag("jwt_secret_base64");
+        let authorizer = match p.secret("jwt_secret") {
+            Some(secret) => match Authorizer::from_secret(&secret, base64) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.push(format!("PGWS_JWT_SECRET: {e}"));
+                    None
+                }
+            },
+            None => {
+                if p.text("jwt_secret").is_none() {
+                    p.push("PGWS_JWT_SECRET is required");
+                }
+                None
+            }
+        };
+        let listen_channel = p.text_or("listen_channel", DEFAULT_LISTEN_CHANNEL);
+        if listen_channel.is_empty() || listen_channel.len() > MAX_PG_CHANNEL {
+            p.push(format!(
+                "PGWS_LISTEN_CHANNEL: must be 1 to {MAX_PG_CHANNEL} bytes, got {}",
+                listen_channel.len()
+            ));
+        }
+        let meta_channel = p.text("meta_channel");
+        let root_path = p.text("root_path").map(PathBuf::from);
+        if let Some(root) = &root_path {
+            if !root.is_dir() {
+                p.push(format!("PGWS_ROOT_PATH: {root:?} is not a directory"));
+            }
+        }
+        let tls = match (p.text("certificate_file"), p.text("key_file")) {
+            (Some(c), Some(k)) => {
+                for (name, f) in [("PGWS_CERTIFICATE_FILE", &c), ("PGWS_KEY_FILE", &k)] {
+                    if !std::path::Path::new(f).is_file() {
+                        p.push(format!("{name}: no such file {f:?}"));
+                    }
+                }
+                Some((PathBuf::from(c), PathBuf::from(k)))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                p.push("PGWS_CERTIFICATE_FILE is set but PGWS_KEY_FILE is not: TLS needs both");
+                None
+            }
+            (None, Some(_)) => {
+                p.push("PGWS_KEY_FILE is set but PGWS_CERTIFICATE_FILE is not: TLS needs both");
+                None
+            }
+        };
+        let nats = NatsConfig::read(&mut p);
+        let admin = AdminConfig::read(&mut p, 9100);
+        let send_queue: usize = p.parse_or("send_queue", 1024);
+        let max_pending: usize = p.parse_or("max_pending", 256);
+        let ping: u64 = p.parse_or("ping_interval", 30);
+        let notify_timeout: u64 = p.parse_or("notify_timeout", 10);
+        for (name, v) in [
+            ("PGWS_SEND_QUEUE", send_queue as u64),
+            ("PGWS_MAX_PENDING", max_pending as u64),
+            ("PGWS_PING_INTERVAL", ping),
+            ("PGWS_NOTIFY_TIMEOUT", notify_timeout),
+        ] {
+            if v == 0 {
+                p.push(format!("{name}: must be at least 1"));
+            }
+        }
+        let config = authorizer.map(|a| Self {
+            listen: SocketAddr::new(host, port),
+            authorizer: Arc::new(a),
+            listen_channel,
+            meta_channel,
+            root_path,
+            tls,
+            nats,
+            admin,
+            send_queue,
+            max_pending,
+            ping_interval: Duration::from_secs(ping),
+            notify_timeout: Duration::from_secs(notify_timeout),
+        });
+        match (p.finish(()), config) {
+            (Ok(()), Some(c)) => Ok(c),
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Err(ConfigError {
+                problems: vec!["PGWS_JWT_SECRET is invalid".to_owned()],
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported() {
+        let s = Settings::from_pairs(&[
+            ("PGWS_PORT", "nope"),
+            ("PGWS_CERTIFICATE_FILE", "/tmp/cert.pem"),
+            ("PGWS_NATS_PREFIX", "a.*"),
+        ])
+        .expect("settings");
+        let e = GatewayConfig::from_settings(&s).expect_err("invalid");
+        let text = e.to_string();
+        assert!(text.contains("PGWS_PORT"), "{text}");
+        assert!(text.contains("PGWS_JWT_SECRET is required"), "{text}");
+        assert!(text.contains("TLS needs both"), "{text}");
+        assert!(text.contains("PGWS_NATS_PREFIX"), "{text}");
+    }
+
+    #[test]
+    fn defaults_match_postgres_websockets() {
+        let s = Settings::from_pairs(&[("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe")])
+            .expect("settings");
+        let c = GatewayConfig::from_settings(&s).expect("valid");
+        assert_eq!(c.listen.port(), 3000);
+        assert_eq!(c.listen_channel, "postgres-websockets-listener");
+        assert!(c.meta_channel.is_none() && c.tls.is_none() && c.root_path.is_none());
+        assert_eq!(c.nats.subjects.notify(), "pgws.notify");
+    }
+}

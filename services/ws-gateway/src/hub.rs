@@ -1,0 +1,173 @@
+//! Local channel membership and fan-out.
+//!
+//! One NATS subscription per channel that has local readers. A notification is turned into a
+//! websocket message once and that message (a reference-counted buffer) is queued to every
+//! socket on the channel. Each socket's queue is bounded: a socket whose queue is full is a
+//! slow consumer and is disconnected (counted), so a reader that stops reading never grows the
+//! gateway's memory past that bound.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use futures::StreamExt;
+use pgws_proto::Subjects;
+use pgws_service::Shutdown;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::GatewayMetrics;
+
+/// How long a handshake waits for a new channel's subscription to reach NATS.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// A socket as the hub sees it: where to queue messages, and how to kick it.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscriber {
+    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) kick: CancellationToken,
+}
+
+struct Channel {
+    subscribers: RwLock<HashMap<u64, Subscriber>>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+/// The channels with local readers.
+pub(crate) struct Hub {
+    client: async_nats::Client,
+    subjects: Subjects,
+    channels: Mutex<HashMap<String, Arc<Channel>>>,
+    metrics: GatewayMetrics,
+    shutdown: Shutdown,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        client: async_nats::Client,
+        subjects: Subjects,
+        metrics: GatewayMetrics,
+        shutdown: Shutdown,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            subjects,
+            channels: Mutex::new(HashMap::new()),
+            metrics,
+            shutdown,
+        })
+    }
+
+    /// Adds socket `id` to `channel`, subscribing on NATS if it is the channel's first local
+    /// reader; resolves once the subscription is known to the server (bounded wait), so that a
+    /// socket receives everything notified after its handshake.
+    pub(crate) async fn join(self: &Arc<Self>, channel: &str, id: u64, sub: Subscriber) {
+        let state = {
+            let Ok(mut channels) = self.channels.lock() else {
+                return;
+            };
+            let state = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| self.open(channel))
+                .clone();
+            if let Ok(mut subs) = state.subscribers.write() {
+                subs.insert(id, sub);
+            }
+            state
+        };
+        let mut ready = state.ready.subscribe();
+        drop(tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)).await);
+    }
+
+    /// Removes socket `id` from `channel`; the last reader's departure ends the subscription.
+    pub(crate) fn leave(&self, channel: &str, id: u64) {
+        let Ok(mut channels) = self.channels.lock() else {
+            return;
+        };
+        let Some(state) = channels.get(channel) else {
+            return;
+        };
+        let empty = match state.subscribers.write() {
+            Ok(mut subs) => {
+                subs.remove(&id);
+                subs.is_empty()
+            }
+            Err(_) => false,
+        };
+        if empty {
+            state.stop.cancel();
+            channels.remove(channel);
+            self.metrics.channels.dec();
+        }
+    }
+
+    fn open(self: &Arc<Self>, channel: &str) -> Arc<Channel> {
+        let (ready, _) = watch::channel(false);
+        let state = Arc::new(Channel {
+            subscribers: RwLock::new(HashMap::new()),
+            ready,
+            stop: self.shutdown.token.child_token(),
+        });
+        self.metrics.channels.inc();
+        let hub = Arc::clone(self);
+        let subject = self.subjects.deliver(channel);
+        let pump_state = Arc::clone(&state);
+        self.shutdown
+            .spawn(async move { hub.pump(subject, pump_state).await });
+        state
+    }
+
+    async fn pump(&self, subject: String, state: Arc<Channel>) {
+        let mut sub = match self.client.subscribe(subject.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(subject, error = %e, "subscribe failed");
+                return;
+            }
+        };
+        if let Err(e) = self.client.flush().await {
+            tracing::warn!(subject, error = %e, "flush after subscribe failed");
+        }
+        state.ready.send_replace(true);
+        loop {
+            tokio::select! {
+                _ = state.stop.cancelled() => break,
+                msg = sub.next() => match msg {
+                    Some(msg) => self.fan_out(&state, msg.payload),
+                    None => break,
+                },
+            }
+        }
+        drop(sub.unsubscribe().await);
+    }
+
+    fn fan_out(&self, state: &Channel, payload: Bytes) {
+        self.metrics.notifications_in.inc();
+        let len = payload.len() as u64;
+        let Ok(text) = Utf8Bytes::try_from(payload) else {
+            tracing::warn!("notification is not UTF-8; dropped");
+            return;
+        };
+        let message = Message::Text(text);
+        let mut delivered = 0u64;
+        if let Ok(subs) = state.subscribers.read() {
+            for sub in subs.values() {
+                match sub.tx.try_send(message.clone()) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if !sub.kick.is_cancelled() {
+                            self.metrics.slow_consumers.inc();
+                            sub.kick.cancel();
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        self.metrics.deliveries.inc_by(delivered);
+        self.metrics.bytes_out.inc_by(delivered * len);
+    }
+}

@@ -1,0 +1,93 @@
+//! The gateway's metrics, registered once and shared by every socket.
+
+use pgws_service::prometheus_client::metrics::counter::Counter;
+use pgws_service::prometheus_client::metrics::family::Family;
+use pgws_service::prometheus_client::metrics::gauge::Gauge;
+use pgws_service::Metrics;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Handles to every gateway metric (cheap to clone).
+#[derive(Clone, Debug)]
+pub(crate) struct GatewayMetrics {
+    pub(crate) connections_open: Family<Labels, Gauge>,
+    pub(crate) connections_total: Family<Labels, Counter>,
+    pub(crate) handshakes_refused: Family<Labels, Counter>,
+    pub(crate) messages_in: Counter,
+    pub(crate) bytes_in: Counter,
+    pub(crate) messages_refused: Family<Labels, Counter>,
+    pub(crate) notify_failed: Counter,
+    pub(crate) deliveries: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) notifications_in: Counter,
+    pub(crate) slow_consumers: Counter,
+    pub(crate) channels: Gauge,
+}
+
+impl GatewayMetrics {
+    /// Registers the gateway's metrics in `m`.
+    pub(crate) fn register(m: &Metrics) -> Self {
+        Self {
+            connections_open: m.register(
+                "gateway_connections_open",
+                "Open websockets, by protocol",
+                Family::default(),
+            ),
+            connections_total: m.register(
+                "gateway_connections",
+                "Websockets accepted, by protocol",
+                Family::default(),
+            ),
+            handshakes_refused: m.register(
+                "gateway_handshakes_refused",
+                "Handshakes refused, by reason",
+                Family::default(),
+            ),
+            messages_in: m.register(
+                "gateway_client_messages",
+                "Frames received from sockets and accepted",
+                Counter::default(),
+            ),
+            bytes_in: m.register(
+                "gateway_client_received_bytes",
+                "Bytes of accepted frames received from sockets",
+                Counter::default(),
+            ),
+            messages_refused: m.register(
+                "gateway_client_messages_refused",
+                "Frames refused with an error frame, by reason",
+                Family::default(),
+            ),
+            notify_failed: m.register(
+                "gateway_notify_failures",
+                "Client messages that could not be handed to a bridge in time (the client got an error frame)",
+                Counter::default(),
+            ),
+            deliveries: m.register(
+                "gateway_deliveries",
+                "Messages queued to sockets (one per socket per notification)",
+                Counter::default(),
+            ),
+            bytes_out: m.register(
+                "gateway_delivered_bytes",
+                "Bytes of messages queued to sockets",
+                Counter::default(),
+            ),
+            notifications_in: m.register(
+                "gateway_notifications",
+                "Notifications received from NATS for local channels",
+                Counter::default(),
+            ),
+            slow_consumers: m.register(
+                "gateway_slow_consumer_disconnects",
+                "Sockets disconnected because their send queue was full",
+                Counter::default(),
+            ),
+            channels: m.register(
+                "gateway_channels",
+                "Channels with at least one local reader (one NATS subscription each)",
+                Gauge::default(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The public listener: plain TCP or TLS, HTTP/1.1 with upgrades. A websocket upgrade on any
+//! path is a websocket; other requests get the static folder (`PGWS_ROOT_PATH`, no path
+//! traversal: `tower-http`'s `ServeDir`) or a plain 200.
+
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use pgws_auth::Rejection;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+use tower_http::services::ServeDir;
+
+use crate::handshake::credentials;
+use crate::{socket, Gateway};
+
+/// Loads the certificate chain and key into a TLS acceptor.
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("opening {cert:?}"))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificates from {cert:?}"))?;
+    let key = rustls_pemfile::private_key(&mut BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening {key:?}"))?,
+    ))
+    .with_context(|| format!("reading the private key from {key:?}"))?
+    .with_context(|| format!("no private key in {key:?}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key do not match")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The router: every path, websocket or not, goes to [`handle`].
+pub(crate) fn router(gw: Arc<Gateway>) -> Router {
+    Router::new().fallback(handle).with_state(gw)
+}
+
+/// Accepts connections until shutdown; each connection is an owned task.
+pub(crate) async fn serve(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>, gw: Arc<Gateway>) {
+    let token = gw.shutdown.token.clone();
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = token.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        drop(tcp.set_nodelay(true));
+        let service = TowerToHyperService::new(router.clone());
+        let tls = tls.clone();
+        gw.shutdown.spawn(async move {
+            let result = match tls {
+                Some(tls) => match tls.accept(tcp).await {
+                    Ok(stream) => serve_conn(TokioIo::new(stream), service).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => serve_conn(TokioIo::new(tcp), service).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_conn<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .with_upgrades()
+        .await
+}
+
+async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_upgrade {
+        websocket(gw, req).await
+    } else {
+        static_files(&gw, req).await
+    }
+}
+
+async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let creds = credentials(parts.uri.path(), parts.uri.query(), &parts.headers);
+    let upgrade = match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some(token) = creds.token.as_deref() else {
+        return refuse(&gw, "missing_token", "Error: missing token");
+    };
+    let grant = match gw
+        .config
+        .authorizer
+        .authorize(token, creds.channel.as_deref(), unix_secs())
+    {
+        Ok(g) => g,
+        Err(rejection) => {
+            let reason = match rejection {
+                Rejection::Expired => "expired",
+                Rejection::MissingMode => "missing_mode",
+                Rejection::InvalidMode => "invalid_mode",
+                Rejection::NoAllowedChannels => "no_allowed_channels",
+                Rejection::Invalid(_) => "invalid_token",
+            };
+            return refuse(&gw, reason, &rejection.to_string());
+        }
+    };
+    let mut upgrade = upgrade
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(gw.max_frame);
+    if let Some(protocol) = creds.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        upgrade.set_selected_protocol(protocol);
+    }
+    let session = gw.accept(grant).await;
+    let owner = gw.shutdown.tracker.token();
+    upgrade.on_upgrade(move |ws| async move {
+        let _owned = owner;
+        let membership = session.membership;
+        socket::run(Arc::clone(&membership.gw), ws, session.session).await;
+        drop(membership);
+    })
+}
+
+fn refuse(gw: &Gateway, reason: &'static str, body: &str) -> Response {
+    gw.metrics
+        .handshakes_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    tracing::debug!(reason, "handshake refused");
+    (StatusCode::BAD_REQUEST, body.to_owned()).into_response()
+}
+
+async fn static_files(gw: &Gateway, req: Request) -> Response {
+    match &gw.config.root_path {
+        Some(root) => match ServeDir::new(root).oneshot(req).await {
+            Ok(resp) => resp.map(Body::new),
+            Err(never) => match never {},
+        },
+        None => (StatusCode::OK, "").into_response(),
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,271 @@
+//! One websocket, from its accepted handshake to its close.
+//!
+//! A single task per socket multiplexes: messages queued by the hub (written in batches, one
+//! flush per burst), frames from the client (read only while the pending queue has room:
+//! back-pressure), the one NOTIFY request in flight, pings, the token's expiry and the kick
+//! (slow consumer or shutdown). On the way out every accepted frame is still handed to a
+//! bridge, and `ConnectionClose` is sent when a meta channel is configured.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::future::BoxFuture;
+use futures::SinkExt;
+use pgws_auth::Grant;
+use pgws_proto::{ConnectionEvent, Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::uplink::MAX_PER_REQUEST;
+use crate::Gateway;
+
+/// Close code postgres-websockets uses when the token expires.
+const CLOSE_JWT_EXPIRED: u16 = 3001;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+/// How long a close frame may take to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The accepted socket's identity and authorisation.
+pub(crate) struct Session {
+    pub(crate) grant: Grant,
+    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) kick: CancellationToken,
+}
+
+enum Exit {
+    Closed,
+    Expired,
+    Kicked,
+    Dead,
+}
+
+/// Runs the socket to its end.
+pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
+    let Session {
+        grant,
+        mut rx,
+        kick,
+    } = session;
+    let mut pending: VecDeque<Notification> = VecDeque::new();
+    let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
+    if let Some(n) = meta_notification(&gw, &grant, ConnectionEvent::Open) {
+        pending.push_back(n);
+    }
+    let expiry = expiry_sleep(grant.expires_at);
+    tokio::pin!(expiry);
+    let mut ping = tokio::time::interval(gw.config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut unanswered = 0u32;
+
+    let exit = loop {
+        if inflight.is_none() && !pending.is_empty() {
+            let n = pending.len().min(MAX_PER_REQUEST);
+            let batch: Vec<Notification> = pending.drain(..n).collect();
+            inflight = Some((gw.uplink.send(batch), n));
+        }
+        tokio::select! {
+            biased;
+            _ = kick.cancelled() => break Exit::Kicked,
+            _ = &mut expiry => break Exit::Expired,
+            out = rx.recv() => {
+                let Some(first) = out else { break Exit::Kicked };
+                if write_burst(&mut ws, &mut rx, first).await.is_err() {
+                    break Exit::Dead;
+                }
+            }
+            result = in_flight(&mut inflight) => {
+                let n = inflight.take().map_or(0, |(_, n)| n);
+                if let Err(reason) = result {
+                    gw.metrics.notify_failed.inc_by(n as u64);
+                    tracing::warn!(reason, messages = n, "client messages not delivered to the database");
+                    let text = format!("{n} message(s) could not be delivered to the database: {reason}");
+                    if ws.send(error_frame(&text)).await.is_err() {
+                        break Exit::Dead;
+                    }
+                }
+            }
+            frame = ws.recv(), if pending.len() < gw.config.max_pending => {
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(reply) = accept(&gw, &grant, text.as_str(), &mut pending) {
+                            if ws.send(reply).await.is_err() { break Exit::Dead; }
+                        }
+                    }
+                    Some(Ok(Message::Binary(data))) => {
+                        let reply = match std::str::from_utf8(&data) {
+                            Ok(text) => accept(&gw, &grant, text, &mut pending),
+                            Err(_) => Some(refuse(&gw, "binary_not_utf8", "binary frames must hold UTF-8 text (NOTIFY payloads are text)")),
+                        };
+                        if let Some(reply) = reply {
+                            if ws.send(reply).await.is_err() { break Exit::Dead; }
+                        }
+                    }
+                    Some(Ok(Message::Pong(_))) => unanswered = 0,
+                    Some(Ok(Message::Ping(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break Exit::Closed,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "socket read failed");
+                        break Exit::Dead;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if unanswered >= 2 {
+                    break Exit::Dead;
+                }
+                unanswered += 1;
+                if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break Exit::Dead;
+                }
+            }
+        }
+    };
+
+    let close = match exit {
+        Exit::Expired => Some((CLOSE_JWT_EXPIRED, "JWT expired")),
+        Exit::Kicked if gw.shutdown.token.is_cancelled() => Some((CLOSE_GOING_AWAY, "server shutting down")),
+        Exit::Kicked => Some((CLOSE_POLICY, "slow consumer: send queue full")),
+        Exit::Closed | Exit::Dead => None,
+    };
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+        drop(tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await);
+    }
+    drop(ws);
+    // Everything accepted still goes to the database, the close event last.
+    if let Some(n) = meta_notification(&gw, &grant, ConnectionEvent::Close) {
+        pending.push_back(n);
+    }
+    if let Some((fut, n)) = inflight.take() {
+        if fut.await.is_err() {
+            gw.metrics.notify_failed.inc_by(n as u64);
+        }
+    }
+    while !pending.is_empty() {
+        let n = pending.len().min(MAX_PER_REQUEST);
+        let batch: Vec<Notification> = pending.drain(..n).collect();
+        if let Err(reason) = gw.uplink.send(batch).await {
+            gw.metrics.notify_failed.inc_by(n as u64);
+            tracing::warn!(reason, messages = n, "client messages lost after close");
+        }
+    }
+}
+
+/// Writes `first` and whatever else is queued, then flushes once.
+async fn write_burst(
+    ws: &mut WebSocket,
+    rx: &mut mpsc::Receiver<Message>,
+    first: Message,
+) -> Result<(), axum::Error> {
+    ws.feed(first).await?;
+    for _ in 0..64 {
+        match rx.try_recv() {
+            Ok(m) => ws.feed(m).await?,
+            Err(_) => break,
+        }
+    }
+    ws.flush().await
+}
+
+fn in_flight<'a>(
+    inflight: &'a mut Option<(BoxFuture<'static, Result<(), String>>, usize)>,
+) -> impl Future<Output = Result<(), String>> + 'a {
+    async move {
+        match inflight {
+            Some((fut, _)) => fut.await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+async fn expiry_sleep(expires_at: Option<u64>) {
+    match expires_at {
+        Some(exp) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            tokio::time::sleep(Duration::from_secs(exp.saturating_sub(now))).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Unix time in seconds, as `message_delivered_at`.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Turns a client frame into notifications (one per channel of the socket), or an error
+/// frame for the client.
+fn accept(
+    gw: &Gateway,
+    grant: &Grant,
+    text: &str,
+    pending: &mut VecDeque<Notification>,
+) -> Option<Message> {
+    if !grant.mode.can_write() {
+        return Some(refuse(gw, "read_only", "this socket is read-only (token mode \"r\")"));
+    }
+    let at = unix_now();
+    let mut notes = Vec::with_capacity(grant.channels.len());
+    for channel in &grant.channels {
+        let payload =
+            Envelope::new(WEBSOCKET_MESSAGE, channel, text, &grant.claims, at).to_json();
+        if payload.len() > MAX_NOTIFY_PAYLOAD {
+            let why = format!(
+                "message too large: its envelope is {} bytes and PostgreSQL NOTIFY allows at most {MAX_NOTIFY_PAYLOAD}",
+                payload.len()
+            );
+            return Some(refuse(gw, "too_large", &why));
+        }
+        notes.push(Notification {
+            channel: gw.config.listen_channel.clone(),
+            payload,
+        });
+    }
+    gw.metrics.messages_in.inc();
+    gw.metrics.bytes_in.inc_by(text.len() as u64);
+    pending.extend(notes);
+    None
+}
+
+fn refuse(gw: &Gateway, reason: &'static str, text: &str) -> Message {
+    gw.metrics
+        .messages_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    error_frame(text)
+}
+
+/// The frame a client gets when its message is refused or lost:
+/// `{"event":"Error","error":"<reason>"}`.
+pub(crate) fn error_frame(text: &str) -> Message {
+    let json = serde_json::json!({"event": "Error", "error": text}).to_string();
+    Message::Text(Utf8Bytes::from(json))
+}
+
+fn meta_notification(gw: &Gateway, grant: &Grant, event: ConnectionEvent) -> Option<Notification> {
+    let meta = gw.config.meta_channel.as_deref()?;
+    let channels = grant.channels.join(",");
+    let payload = Envelope::new(event.name(), meta, &channels, &grant.claims, unix_now()).to_json();
+    if payload.len() > MAX_NOTIFY_PAYLOAD {
+        tracing::warn!(event = event.name(), "connection event too large for NOTIFY; skipped");
+        return None;
+    }
+    Some(Notification {
+        channel: gw.config.listen_channel.clone(),
+        payload,
+    })
+}
