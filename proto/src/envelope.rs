@@ -127,8 +127,17 @@ mod tests {
     fn routing_needs_a_string_channel() {
         assert_eq!(Envelope::route("nope"), Err(EnvelopeError::NotJson));
         assert_eq!(Envelope::route("[1]"), Err(EnvelopeError::NotJson));
-        assert_eq!(Envelope::route(r#"{"channel":1}"#), Err(EnvelopeError::NoChannel));
-        assert_eq!(Envelope::route(r#"{"payload":"x"}"#), Err(EnvelopeError::NoChannel));
-        assert_eq!(Envelope::route(r#"{"channel":"a.b","x":[1]}"#), Ok("a.b".to_owned()));
+        assert_eq!(
+            Envelope::route(r#"{"channel":1}"#),
+            Err(EnvelopeError::NoChannel)
+        );
+        assert_eq!(
+            Envelope::route(r#"{"payload":"x"}"#),
+            Err(EnvelopeError::NoChannel)
+        );
+        assert_eq!(
+            Envelope::route(r#"{"channel":"a.b","x":[1]}"#),
+            Ok("a.b".to_owned())
+        );
     }
 }

@@ -22,8 +22,7 @@ impl Prefix {
         let ok = !prefix.is_empty()
             && prefix.split('.').all(|t| {
                 !t.is_empty()
-                    && t
-                        .bytes()
+                    && t.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
         if ok {

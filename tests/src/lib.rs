@@ -1,1 +1,230 @@
-//! placeholder
+//! The harness for the end-to-end tests: starts the real service binaries against the real
+//! PostgreSQL and NATS of the machine, each test in its own namespace (a random NATS prefix and
+//! PostgreSQL listen channel), and drives them with real websocket clients.
+//!
+//! The binaries are those of `cargo build --workspace` in the same target directory as the
+//! test executable. `TEST_LOG=1` prints the services' logs when a test ends.
+
+mod process;
+mod ws;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+pub use process::{Service, ServiceKind};
+use serde_json::Value;
+pub use ws::{http_get, WsClient};
+
+/// The machine's PostgreSQL (override with `PGWS_TEST_DB_URI`).
+pub fn db_uri() -> String {
+    std::env::var("PGWS_TEST_DB_URI")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The machine's NATS (override with `PGWS_TEST_NATS_URL`).
+pub fn nats_url() -> String {
+    std::env::var("PGWS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// The HMAC secret the test stacks use.
+pub const SECRET: &str = "reallyreallyreallyreallyverysafe";
+
+/// A random lower-case name.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::random::<u32>())
+}
+
+/// Unix time in seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Signs `claims` with HS256 and [`SECRET`].
+pub fn token(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap_or_default()
+}
+
+/// A connected PostgreSQL client (its connection driven in the background).
+pub async fn pg() -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(&db_uri(), tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// One stack: its own NATS prefix and listen channel, with gateways and bridges added as the
+/// test needs them. Processes are killed when the stack is dropped.
+pub struct Stack {
+    /// `PGWS_NATS_PREFIX`.
+    pub prefix: String,
+    /// `PGWS_LISTEN_CHANNEL`.
+    pub listen_channel: String,
+    /// Extra settings for every service.
+    pub extra: Vec<(String, String)>,
+    /// Started gateways.
+    pub gateways: Vec<Service>,
+    /// Started bridges.
+    pub bridges: Vec<Service>,
+}
+
+impl Stack {
+    /// An empty stack with fresh names.
+    pub fn new() -> Self {
+        Self {
+            prefix: unique("t"),
+            listen_channel: unique("listen-"),
+            extra: Vec::new(),
+            gateways: Vec::new(),
+            bridges: Vec::new(),
+        }
+    }
+
+    /// A stack with one bridge and one gateway, delivering end to end.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Stack::start`] with extra settings for every service.
+    pub async fn start_with(extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut stack = Self::new();
+        stack.extra = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        stack.add_bridge(&[]).await?;
+        stack.add_gateway(&[]).await?;
+        stack.wait_flowing(0).await?;
+        Ok(stack)
+    }
+
+    /// The settings every service of this stack gets.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("PGWS_DB_URI", db_uri()),
+            ("PGWS_JWT_SECRET", SECRET.to_owned()),
+            ("PGWS_NATS_URL", nats_url()),
+            ("PGWS_NATS_PREFIX", self.prefix.clone()),
+            ("PGWS_LISTEN_CHANNEL", self.listen_channel.clone()),
+            ("PGWS_HOST", "127.0.0.1".to_owned()),
+            ("PGWS_PORT", "0".to_owned()),
+            ("PGWS_ADMIN_PORT", "0".to_owned()),
+            ("PGWS_POOL_SIZE", "2".to_owned()),
+            ("PGWS_RETRIES", "2".to_owned()),
+            ("PGWS_CHECK_LISTENER_INTERVAL", "500".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(self.extra.iter().cloned());
+        env
+    }
+
+    fn env_with(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = self.env();
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env
+    }
+
+    /// Starts a gateway and waits until it listens and is ready.
+    pub async fn add_gateway(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let svc = Service::start(ServiceKind::Gateway, &self.env_with(extra)).await?;
+        svc.wait_ready().await?;
+        self.gateways.push(svc);
+        Ok(self.gateways.len() - 1)
+    }
+
+    /// Starts a bridge and waits until it is ready.
+    pub async fn add_bridge(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let svc = Service::start(ServiceKind::Bridge, &self.env_with(extra)).await?;
+        svc.wait_ready().await?;
+        self.bridges.push(svc);
+        Ok(self.bridges.len() - 1)
+    }
+
+    /// `ws://` base URL of gateway `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!(
+            "ws://{}",
+            self.gateways[i]
+                .addr
+                .unwrap_or_else(|| ([127, 0, 0, 1], 0).into())
+        )
+    }
+
+    /// Opens `/<channel>/<token>` on gateway `i`.
+    pub async fn connect(
+        &self,
+        i: usize,
+        channel: &str,
+        claims: &Value,
+    ) -> anyhow::Result<WsClient> {
+        WsClient::connect(&format!("{}/{}/{}", self.ws_url(i), channel, token(claims))).await
+    }
+
+    /// `SELECT pg_notify(listen_channel, payload)`.
+    pub async fn notify(&self, db: &tokio_postgres::Client, payload: &str) -> anyhow::Result<()> {
+        db.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&self.listen_channel, &payload],
+        )
+        .await
+        .context("pg_notify")?;
+        Ok(())
+    }
+
+    /// Waits until a NOTIFY on the listen channel reaches a socket of gateway `i` (a bridge
+    /// holds LISTEN and the gateway subscribes).
+    pub async fn wait_flowing(&self, i: usize) -> anyhow::Result<()> {
+        let probe = unique("probe-");
+        let mut ws = self
+            .connect(i, &probe, &serde_json::json!({"mode": "r"}))
+            .await?;
+        let db = pg().await?;
+        let payload = serde_json::json!({"channel": probe, "payload": "probe"}).to_string();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            self.notify(&db, &payload).await?;
+            if ws.next_text(Duration::from_millis(300)).await.is_ok() {
+                return Ok(());
+            }
+        }
+        bail!("notifications never reached the gateway")
+    }
+}
+
+impl Default for Stack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

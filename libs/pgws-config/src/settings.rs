@@ -255,13 +255,20 @@ impl<'a> Problems<'a> {
 
     /// A boolean: true/false, 1/0, yes/no, on/off.
     pub fn flag(&mut self, key: &str) -> bool {
-        match self.settings.get(key).map(|s| s.trim().to_ascii_lowercase()) {
+        match self
+            .settings
+            .get(key)
+            .map(|s| s.trim().to_ascii_lowercase())
+        {
             None => false,
             Some(v) => match v.as_str() {
                 "true" | "1" | "yes" | "on" => true,
                 "false" | "0" | "no" | "off" => false,
                 _ => {
-                    self.push(format!("{}: expected true or false, got {v:?}", env_name(key)));
+                    self.push(format!(
+                        "{}: expected true or false, got {v:?}",
+                        env_name(key)
+                    ));
                     false
                 }
             },
@@ -326,7 +333,10 @@ mod tests {
         std::fs::write(&secret, "s3cret\n").expect("write");
         let at = format!("@{}", secret.to_string_lossy());
         let s = Settings::from_pairs(&[("PGWS_JWT_SECRET", &at)]).expect("loads");
-        assert_eq!(Problems::new(&s).secret("jwt_secret").as_deref(), Some("s3cret"));
+        assert_eq!(
+            Problems::new(&s).secret("jwt_secret").as_deref(),
+            Some("s3cret")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

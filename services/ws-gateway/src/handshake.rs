@@ -109,7 +109,11 @@ mod tests {
 
     const JWT: &str = "aaa.bbb.ccc";
 
-    fn creds(path: &str, query: Option<&str>, headers: &[(header::HeaderName, &str)]) -> Credentials {
+    fn creds(
+        path: &str,
+        query: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
+    ) -> Credentials {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(k.clone(), HeaderValue::from_str(v).expect("header"));
@@ -120,7 +124,10 @@ mod tests {
     #[test]
     fn reference_paths() {
         let c = creds("/chat/aaa.bbb.ccc", None, &[]);
-        assert_eq!((c.channel.as_deref(), c.token.as_deref()), (Some("chat"), Some(JWT)));
+        assert_eq!(
+            (c.channel.as_deref(), c.token.as_deref()),
+            (Some("chat"), Some(JWT))
+        );
         let c = creds("/aaa.bbb.ccc", None, &[]);
         assert_eq!((c.channel, c.token.as_deref()), (None, Some(JWT)));
         let c = creds("/chat/aaa.bbb.ccc/ignored/too", None, &[]);
@@ -133,26 +140,48 @@ mod tests {
     #[test]
     fn query_parameter() {
         let c = creds("/chat", Some("x=1&token=aaa.bbb.ccc"), &[]);
-        assert_eq!((c.channel.as_deref(), c.token.as_deref()), (Some("chat"), Some(JWT)));
+        assert_eq!(
+            (c.channel.as_deref(), c.token.as_deref()),
+            (Some("chat"), Some(JWT))
+        );
         let c = creds("/", Some("token=aaa.bbb.ccc"), &[]);
         assert_eq!((c.channel, c.token.as_deref()), (None, Some(JWT)));
     }
 
     #[test]
     fn bearer_header() {
-        let c = creds("/chat", None, &[(header::AUTHORIZATION, "Bearer aaa.bbb.ccc")]);
-        assert_eq!((c.channel.as_deref(), c.token.as_deref()), (Some("chat"), Some(JWT)));
+        let c = creds(
+            "/chat",
+            None,
+            &[(header::AUTHORIZATION, "Bearer aaa.bbb.ccc")],
+        );
+        assert_eq!(
+            (c.channel.as_deref(), c.token.as_deref()),
+            (Some("chat"), Some(JWT))
+        );
         assert_eq!(c.protocol, None);
     }
 
     #[test]
     fn subprotocol_header() {
-        let c = creds("/chat", None, &[(header::SEC_WEBSOCKET_PROTOCOL, "pgws, aaa.bbb.ccc")]);
+        let c = creds(
+            "/chat",
+            None,
+            &[(header::SEC_WEBSOCKET_PROTOCOL, "pgws, aaa.bbb.ccc")],
+        );
         assert_eq!(c.token.as_deref(), Some(JWT));
         assert_eq!(c.protocol.as_deref(), Some("pgws"));
-        let c = creds("/", None, &[(header::SEC_WEBSOCKET_PROTOCOL, "aaa.bbb.ccc")]);
+        let c = creds(
+            "/",
+            None,
+            &[(header::SEC_WEBSOCKET_PROTOCOL, "aaa.bbb.ccc")],
+        );
         assert_eq!(c.protocol.as_deref(), Some(JWT));
-        let c = creds("/x", None, &[(header::SEC_WEBSOCKET_PROTOCOL, "chat, superchat")]);
+        let c = creds(
+            "/x",
+            None,
+            &[(header::SEC_WEBSOCKET_PROTOCOL, "chat, superchat")],
+        );
         assert_eq!((c.channel, c.token.as_deref()), (None, Some("x")));
     }
 }

@@ -117,11 +117,7 @@ impl Gateway {
         drop(tx);
         Accepted {
             membership,
-            session: Session {
-                grant,
-                rx,
-                kick,
-            },
+            session: Session { grant, rx, kick },
         }
     }
 }
@@ -174,7 +170,13 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         max_frame: MAX_FRAME,
         next_id: AtomicU64::new(0),
     });
-    server::serve(listener, server::router(Arc::clone(&gw)), tls, Arc::clone(&gw)).await;
+    server::serve(
+        listener,
+        server::router(Arc::clone(&gw)),
+        tls,
+        Arc::clone(&gw),
+    )
+    .await;
     tracing::info!("closing sockets");
     drop(gw);
     if !shutdown.drain(SHUTDOWN_GRACE).await {

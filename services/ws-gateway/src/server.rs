@@ -53,7 +53,12 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
 }
 
 /// Accepts connections until shutdown; each connection is an owned task.
-pub(crate) async fn serve(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>, gw: Arc<Gateway>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    gw: Arc<Gateway>,
+) {
     let token = gw.shutdown.token.clone();
     loop {
         let (tcp, _) = tokio::select! {
@@ -89,10 +94,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, tls: Option<Tls
     }
 }
 
-async fn serve_conn<I>(
-    io: I,
-    service: TowerToHyperService<Router>,
-) -> Result<(), hyper::Error>
+async fn serve_conn<I>(io: I, service: TowerToHyperService<Router>) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -118,10 +120,11 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
     let creds = credentials(parts.uri.path(), parts.uri.query(), &parts.headers);
-    let upgrade = match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(u) => u,
-        Err(rejection) => return rejection.into_response(),
-    };
+    let upgrade =
+        match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(u) => u,
+            Err(rejection) => return rejection.into_response(),
+        };
     let Some(token) = creds.token.as_deref() else {
         return refuse(&gw, "missing_token", "Error: missing token");
     };
@@ -146,7 +149,11 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_message_size(gw.max_frame);
-    if let Some(protocol) = creds.protocol.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+    if let Some(protocol) = creds
+        .protocol
+        .as_deref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
         upgrade.set_selected_protocol(protocol);
     }
     let session = gw.accept(grant).await;

@@ -128,7 +128,9 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
 
     let close = match exit {
         Exit::Expired => Some((CLOSE_JWT_EXPIRED, "JWT expired")),
-        Exit::Kicked if gw.shutdown.token.is_cancelled() => Some((CLOSE_GOING_AWAY, "server shutting down")),
+        Exit::Kicked if gw.shutdown.token.is_cancelled() => {
+            Some((CLOSE_GOING_AWAY, "server shutting down"))
+        }
         Exit::Kicked => Some((CLOSE_POLICY, "slow consumer: send queue full")),
         Exit::Closed | Exit::Dead => None,
     };
@@ -216,13 +218,16 @@ fn accept(
     pending: &mut VecDeque<Notification>,
 ) -> Option<Message> {
     if !grant.mode.can_write() {
-        return Some(refuse(gw, "read_only", "this socket is read-only (token mode \"r\")"));
+        return Some(refuse(
+            gw,
+            "read_only",
+            "this socket is read-only (token mode \"r\")",
+        ));
     }
     let at = unix_now();
     let mut notes = Vec::with_capacity(grant.channels.len());
     for channel in &grant.channels {
-        let payload =
-            Envelope::new(WEBSOCKET_MESSAGE, channel, text, &grant.claims, at).to_json();
+        let payload = Envelope::new(WEBSOCKET_MESSAGE, channel, text, &grant.claims, at).to_json();
         if payload.len() > MAX_NOTIFY_PAYLOAD {
             let why = format!(
                 "message too large: its envelope is {} bytes and PostgreSQL NOTIFY allows at most {MAX_NOTIFY_PAYLOAD}",
@@ -261,7 +266,10 @@ fn meta_notification(gw: &Gateway, grant: &Grant, event: ConnectionEvent) -> Opt
     let channels = grant.channels.join(",");
     let payload = Envelope::new(event.name(), meta, &channels, &grant.claims, unix_now()).to_json();
     if payload.len() > MAX_NOTIFY_PAYLOAD {
-        tracing::warn!(event = event.name(), "connection event too large for NOTIFY; skipped");
+        tracing::warn!(
+            event = event.name(),
+            "connection event too large for NOTIFY; skipped"
+        );
         return None;
     }
     Some(Notification {

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: format and lint checks, unit and property tests, and the end-to-end tests
+# that start the real binaries against real PostgreSQL and NATS (started, or installed and
+# started, by scripts/ensure-services.sh when absent).
+#
+# CARGO_TARGET_DIR defaults to /var/tmp/pgws-target, outside the clone, so that repeated runs
+# (and CI on a fresh clone) reuse the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
+
+bash scripts/ensure-services.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests run the binaries of this build.
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked

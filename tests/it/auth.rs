@@ -1,0 +1,100 @@
+//! Handshakes: where tokens come from, and the reference's refusals.
+
+use std::time::Duration;
+
+use pgws_tests::{now, token, Stack, WsClient};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn refusal(url: &str) -> String {
+    match WsClient::connect(url).await {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_http_400_with_the_reference_messages() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let base = stack.ws_url(0);
+    let cases = [
+        (
+            format!(
+                "{base}/chat/{}",
+                token(&json!({"mode": "r", "exp": now() - 10}))
+            ),
+            "refused 400: Token expired",
+        ),
+        (
+            format!("{base}/chat/{}", token(&json!({"channel": "chat"}))),
+            "refused 400: Missing mode",
+        ),
+        (
+            format!("{base}/{}", token(&json!({"mode": "rw"}))),
+            "refused 400: No allowed channels",
+        ),
+        (
+            format!(
+                "{base}/chat/{}",
+                token(&json!({"mode": "rw", "channels": ["a"]}))
+            ),
+            "refused 400: No allowed channels",
+        ),
+        (
+            format!("{base}/chat/{}", token(&json!({"mode": "x"}))),
+            "refused 400: Invalid mode",
+        ),
+    ];
+    for (url, expected) in &cases {
+        assert_eq!(&refusal(url).await, expected, "{url}");
+    }
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"mode": "rw"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"another secret"),
+    )?;
+    assert!(refusal(&format!("{base}/chat/{forged}"))
+        .await
+        .starts_with("refused 400: Error: "));
+    // alg "none": header {"alg":"none"} and no signature.
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJtb2RlIjoicncifQ.";
+    assert!(refusal(&format!("{base}/chat/{none}"))
+        .await
+        .starts_with("refused 400: Error: "));
+    assert!(refusal(&format!("{base}/chat/not-a-token"))
+        .await
+        .starts_with("refused 400: Error: "));
+    let refused = stack.gateways[0]
+        .metric("pgws_gateway_handshakes_refused_total{reason=\"expired\"}")
+        .await;
+    assert_eq!(refused, Some(1.0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn tokens_can_stay_out_of_the_path() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let base = stack.ws_url(0);
+    let jwt = token(&json!({"mode": "rw"}));
+    let mut query = WsClient::connect(&format!("{base}/chat?token={jwt}")).await?;
+    let bearer = format!("Bearer {jwt}");
+    let mut header =
+        WsClient::connect_with(&format!("{base}/chat"), &[("authorization", &bearer)]).await?;
+    let offer = format!("pgws, {jwt}");
+    let mut proto = WsClient::connect_with(
+        &format!("{base}/chat"),
+        &[("sec-websocket-protocol", &offer)],
+    )
+    .await?;
+    assert_eq!(proto.protocol.as_deref(), Some("pgws"));
+    query.send_text("q").await?;
+    for ws in [&mut query, &mut header, &mut proto] {
+        let msg = ws.next_json(T).await?;
+        assert_eq!(
+            (msg["channel"].as_str(), msg["payload"].as_str()),
+            (Some("chat"), Some("q"))
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the real binaries, PostgreSQL, NATS and websocket clients.
+//! One test binary for the whole workspace keeps CI fast.
+
+mod admin;
+mod auth;
+mod chat;
+mod config;
+mod frames;
+mod scale;
+mod static_files;

@@ -1,0 +1,142 @@
+//! A websocket client and a minimal HTTP GET, both over real sockets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A connected websocket.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The subprotocol the server selected.
+    pub protocol: Option<String>,
+}
+
+impl WsClient {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_with(url, &[]).await
+    }
+
+    /// Connects to `url` with extra request headers.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut req = url.into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut()
+                .insert(http_name(k)?, v.parse().context("header value")?);
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, resp)) => Ok(Self {
+                ws,
+                protocol: resp
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            }),
+            Err(WsError::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                bail!("refused {}: {body}", resp.status().as_u16())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        self.ws.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        self.ws.send(Message::binary(data.to_vec())).await?;
+        Ok(())
+    }
+
+    /// The next text frame, skipping pings, within `timeout`.
+    pub async fn next_text(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no message in time")?
+                .context("socket closed")??;
+            match msg {
+                Message::Text(t) => return Ok(t.as_str().to_owned()),
+                Message::Close(c) => bail!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next text frame parsed as JSON.
+    pub async fn next_json(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let text = self.next_text(timeout).await?;
+        serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))
+    }
+
+    /// The next frame of any kind (pings included), within `timeout`.
+    pub async fn next_frame(&mut self, timeout: Duration) -> anyhow::Result<Message> {
+        Ok(tokio::time::timeout(timeout, self.ws.next())
+            .await
+            .context("no frame in time")?
+            .context("socket closed")??)
+    }
+
+    /// Waits for the server's close frame and returns its code and reason.
+    pub async fn expect_close(&mut self, timeout: Duration) -> anyhow::Result<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no close in time")?;
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Ok((u16::from(frame.code), frame.reason.as_str().to_owned()))
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Ok((u16::from(CloseCode::Status), String::new()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("socket error before close: {e}"),
+                None => bail!("socket ended without a close frame"),
+            }
+        }
+    }
+}
+
+fn http_name(name: &str) -> anyhow::Result<tokio_tungstenite::tungstenite::http::HeaderName> {
+    Ok(name.parse()?)
+}
+
+/// `GET path` over HTTP/1.1; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
