@@ -6,5 +6,6 @@ mod auth;
 mod chat;
 mod config;
 mod frames;
+mod recorder;
 mod scale;
 mod static_files;
