@@ -77,6 +77,12 @@ impl Subjects {
         format!("{}.deliver.{}", self.prefix, encode_channel(channel))
     }
 
+    /// Nobody subscribes here: a request to it comes back as "no responders" once the server
+    /// has processed everything the client sent before, which makes it a server round trip.
+    pub fn sync_probe(&self) -> String {
+        format!("{}.sync", self.prefix)
+    }
+
     /// Matches every delivery subject.
     pub fn deliver_all(&self) -> String {
         format!("{}.deliver.*", self.prefix)

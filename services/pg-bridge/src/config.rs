@@ -43,6 +43,11 @@ impl BridgeConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let mut p = Problems::new(settings);
         let db = DbConfig::read(&mut p);
+        if !db.uri.is_empty() {
+            if let Err(e) = crate::db::pg_config(&db.uri) {
+                p.push(format!("PGWS_DB_URI: {e}"));
+            }
+        }
         let nats = NatsConfig::read(&mut p);
         let admin = AdminConfig::read(&mut p, DEFAULT_ADMIN_PORT);
 
@@ -163,6 +168,13 @@ mod tests {
         ])
         .expect_err("invalid");
         assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn a_malformed_uri_is_reported() {
+        let err = config(&[("PGWS_DB_URI", "postgres://u@h:notaport/db")]).expect_err("invalid");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].starts_with("PGWS_DB_URI: "), "{err}");
     }
 
     #[test]

@@ -1,1 +1,126 @@
-//! placeholder
+//! pg-bridge: the only pgws process that holds LISTEN and NOTIFY connections.
+//!
+//! Gateways never touch PostgreSQL; they talk to the bridges over NATS. Several bridges run
+//! against one NATS and one database, and each does two jobs:
+//! - **NOTIFY** ([`notifier`](crate::notifier)): every bridge serves `<prefix>.notify` as a
+//!   queue group, executing the requests' `pg_notify` calls in batched transactions on a pool
+//!   of `PGWS_POOL_SIZE` connections and replying after commit.
+//! - **LISTEN** ([`listener`](crate::listener)): one bridge at a time, elected with a
+//!   PostgreSQL advisory lock held by its LISTEN session, publishes every notification of
+//!   `PGWS_LISTEN_CHANNEL` to `<prefix>.deliver.<channel>`.
+//!
+//! Differences from postgres-websockets, on purpose: a lost LISTEN connection is always
+//! re-established (1 s doubling up to 32 s, forever) instead of ending the process; a
+//! `PGWS_CHECK_LISTENER_INTERVAL` only adds a `SELECT 1` probe that detects a silent
+//! connection sooner. Start-up keeps the reference's rule: the first connection is attempted
+//! `PGWS_RETRIES` times, then the process exits with an error. NOTIFY errors are never
+//! dropped silently: the request is answered `failed` and the gateway retries it.
+//!
+//! Admin endpoints (default port 9101): `/readyz` checks `nats`, `listener` (not the leader,
+//! or the leader with its LISTEN connection up) and `database` (some NOTIFY connection up).
+
+mod batch;
+mod config;
+mod db;
+mod listener;
+mod metrics;
+mod notifier;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub use config::{BridgeConfig, DEFAULT_ADMIN_PORT};
+
+use listener::{Listener, ListenerState};
+use metrics::BridgeMetrics;
+use notifier::Notifier;
+
+/// How long shutdown waits for the tasks to finish their work (batches in hand, replies).
+const DRAIN_GRACE: Duration = Duration::from_secs(15);
+/// How long shutdown waits for the last replies to leave for NATS.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the bridge until `shutdown.token` is cancelled, then drains: no new requests, batches
+/// in hand executed and answered, leadership released. Returns an error when start-up fails
+/// (the admin listener cannot bind, the database stays unreachable for `PGWS_RETRIES`
+/// attempts) or when a component stops on its own.
+pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let result = serve(config, &shutdown).await;
+    shutdown.token.cancel();
+    if !shutdown.drain(DRAIN_GRACE).await {
+        tracing::warn!(grace_s = DRAIN_GRACE.as_secs(), "tasks still running after the grace period");
+    }
+    result
+}
+
+async fn serve(config: BridgeConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let bridge_metrics = BridgeMetrics::register(&metrics);
+    let readiness = Readiness::new();
+    let pg = db::pg_config(&config.db.uri).context("invalid PGWS_DB_URI")?;
+
+    let admin = TcpListener::bind(config.admin.addr)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", config.admin.addr))?;
+    let addr = admin.local_addr().context("admin listener address")?;
+    tracing::info!(addr = %addr, "admin listening");
+    let (r, m, t) = (readiness.clone(), metrics.clone(), shutdown.token.clone());
+    shutdown.spawn(async move {
+        if let Err(e) = serve_admin(admin, r, m, t).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+
+    let nats = connect_nats(&config.nats.url, "pg-bridge", &readiness)
+        .await
+        .context("cannot connect to NATS")?;
+
+    let Some(first) = db::connect_first(&pg, config.db.retries, &shutdown.token).await? else {
+        return Ok(());
+    };
+    tracing::info!("database connected");
+
+    let state = Arc::new(ListenerState::default());
+    let ready = state.clone();
+    readiness.add("listener", move || ready.ready());
+    let listener = Listener {
+        pg: pg.clone(),
+        channel: config.listen_channel.clone(),
+        check_interval: config.check_listener_interval,
+        subjects: config.nats.subjects.clone(),
+        nats: nats.clone(),
+        metrics: bridge_metrics.clone(),
+        state,
+    };
+    shutdown.spawn(listener.run(first, shutdown.token.clone()));
+
+    let (fatal_tx, mut fatal_rx) = mpsc::channel(1);
+    let notifier = Notifier {
+        pg,
+        subjects: config.nats.subjects.clone(),
+        pool_size: config.pool_size,
+        batch_size: config.batch_size,
+        nats: nats.clone(),
+        metrics: bridge_metrics,
+    };
+    let up = notifier.spawn(shutdown, fatal_tx);
+    readiness.add("database", move || *up.borrow() > 0);
+
+    let result = tokio::select! {
+        _ = shutdown.token.cancelled() => Ok(()),
+        Some(e) = fatal_rx.recv() => Err(e),
+    };
+    shutdown.token.cancel();
+    if !shutdown.drain(DRAIN_GRACE).await {
+        tracing::warn!(grace_s = DRAIN_GRACE.as_secs(), "tasks still running after the grace period");
+    }
+    if tokio::time::timeout(FLUSH_TIMEOUT, nats.flush()).await.is_err() {
+        tracing::warn!("last NATS messages not flushed");
+    }
+    result
+}

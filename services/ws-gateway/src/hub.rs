@@ -128,8 +128,15 @@ impl Hub {
                 return;
             }
         };
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!(subject, error = %e, "flush after subscribe failed");
+        // A round trip through the server: once it answers, the subscription is live there.
+        if let Err(e) = self
+            .client
+            .request(self.subjects.sync_probe(), Bytes::new())
+            .await
+        {
+            if e.kind() != async_nats::RequestErrorKind::NoResponders {
+                tracing::warn!(subject, error = %e, "subscription not confirmed");
+            }
         }
         state.ready.send_replace(true);
         loop {
