@@ -48,7 +48,7 @@ async fn a_message_reaches_every_reader_with_the_reference_envelope() -> anyhow:
 #[tokio::test]
 async fn a_database_notify_reaches_sockets_verbatim() -> anyhow::Result<()> {
     let stack = Stack::start().await?;
-    let mut ws = stack.connect(0, "room 1", &json!({"mode": "r"})).await?;
+    let mut ws = stack.connect(0, "room%201", &json!({"mode": "r"})).await?;
     let db = pg().await?;
     // Not an envelope of ours: any JSON object with a string channel is routed, verbatim.
     let payload = r#"{"channel":"room 1", "payload":"from sql", "extra":[1,2,3]}"#;

@@ -25,6 +25,7 @@ mod db;
 mod listener;
 mod metrics;
 mod notifier;
+mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +35,9 @@ use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-pub use config::{BridgeConfig, DEFAULT_ADMIN_PORT};
+pub use config::{
+    BridgeConfig, DEFAULT_ADMIN_PORT, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE,
+};
 
 use listener::{Listener, ListenerState};
 use metrics::BridgeMetrics;
@@ -50,15 +53,33 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// (the admin listener cannot bind, the database stays unreachable for `PGWS_RETRIES`
 /// attempts) or when a component stops on its own.
 pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let result = serve(config, &shutdown).await;
+    let mut nats = None;
+    let result = serve(config, &shutdown, &mut nats).await;
     shutdown.token.cancel();
     if !shutdown.drain(DRAIN_GRACE).await {
-        tracing::warn!(grace_s = DRAIN_GRACE.as_secs(), "tasks still running after the grace period");
+        tracing::warn!(
+            grace_s = DRAIN_GRACE.as_secs(),
+            "tasks still running after the grace period"
+        );
+    }
+    if let Some(nats) = nats {
+        if tokio::time::timeout(FLUSH_TIMEOUT, nats.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("last NATS messages not flushed");
+        }
     }
     result
 }
 
-async fn serve(config: BridgeConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
+/// Starts everything and waits for shutdown or a fatal error; `nats` is set once connected,
+/// for the final flush.
+async fn serve(
+    config: BridgeConfig,
+    shutdown: &Shutdown,
+    nats_slot: &mut Option<async_nats::Client>,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let bridge_metrics = BridgeMetrics::register(&metrics);
     let readiness = Readiness::new();
@@ -79,6 +100,7 @@ async fn serve(config: BridgeConfig, shutdown: &Shutdown) -> anyhow::Result<()> 
     let nats = connect_nats(&config.nats.url, "pg-bridge", &readiness)
         .await
         .context("cannot connect to NATS")?;
+    *nats_slot = Some(nats.clone());
 
     let Some(first) = db::connect_first(&pg, config.db.retries, &shutdown.token).await? else {
         return Ok(());
@@ -105,22 +127,17 @@ async fn serve(config: BridgeConfig, shutdown: &Shutdown) -> anyhow::Result<()> 
         subjects: config.nats.subjects.clone(),
         pool_size: config.pool_size,
         batch_size: config.batch_size,
-        nats: nats.clone(),
+        nats,
         metrics: bridge_metrics,
     };
     let up = notifier.spawn(shutdown, fatal_tx);
     readiness.add("database", move || *up.borrow() > 0);
 
-    let result = tokio::select! {
+    tokio::select! {
         _ = shutdown.token.cancelled() => Ok(()),
         Some(e) = fatal_rx.recv() => Err(e),
-    };
-    shutdown.token.cancel();
-    if !shutdown.drain(DRAIN_GRACE).await {
-        tracing::warn!(grace_s = DRAIN_GRACE.as_secs(), "tasks still running after the grace period");
     }
-    if tokio::time::timeout(FLUSH_TIMEOUT, nats.flush()).await.is_err() {
-        tracing::warn!("last NATS messages not flushed");
-    }
-    result
 }
+
+#[cfg(test)]
+mod test_support;

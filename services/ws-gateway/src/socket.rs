@@ -7,7 +7,6 @@
 //! bridge, and `ConnectionClose` is sent when a meta channel is configured.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +16,7 @@ use futures::SinkExt;
 use pgws_auth::Grant;
 use pgws_proto::{ConnectionEvent, Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::uplink::MAX_PER_REQUEST;
@@ -28,19 +28,15 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 /// How long a close frame may take to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How long a socket closed by shutdown is still read for what its client sent before it saw
+/// the close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// The accepted socket's identity and authorisation.
 pub(crate) struct Session {
     pub(crate) grant: Grant,
     pub(crate) rx: mpsc::Receiver<Message>,
     pub(crate) kick: CancellationToken,
-}
-
-enum Exit {
-    Closed,
-    Expired,
-    Kicked,
-    Dead,
 }
 
 /// Runs the socket to its end.
@@ -61,21 +57,43 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut unanswered = 0u32;
+    let mut receiving = true;
+    // Set once the server sent its close frame on shutdown: frames the client sent before it
+    // saw that close are still read and accepted, until its own close or this deadline.
+    let mut closing: Option<Instant> = None;
 
-    let exit = loop {
+    loop {
         if inflight.is_none() && !pending.is_empty() {
             let n = pending.len().min(MAX_PER_REQUEST);
             let batch: Vec<Notification> = pending.drain(..n).collect();
             inflight = Some((gw.uplink.send(batch), n));
         }
+        let open = closing.is_none();
         tokio::select! {
             biased;
-            _ = kick.cancelled() => break Exit::Kicked,
-            _ = &mut expiry => break Exit::Expired,
-            out = rx.recv() => {
-                let Some(first) = out else { break Exit::Kicked };
+            _ = kick.cancelled(), if open => {
+                if !gw.shutdown.token.is_cancelled() {
+                    send_close(&mut ws, CLOSE_POLICY, "slow consumer: send queue full").await;
+                    break;
+                }
+                if !send_close(&mut ws, CLOSE_GOING_AWAY, "server shutting down").await {
+                    break;
+                }
+                closing = Some(Instant::now() + CLOSE_LINGER);
+            }
+            _ = &mut expiry, if open => {
+                send_close(&mut ws, CLOSE_JWT_EXPIRED, "JWT expired").await;
+                break;
+            }
+            _ = linger(closing) => break,
+            out = rx.recv(), if open && receiving => {
+                // No sender left: the socket reads no channel (write-only).
+                let Some(first) = out else {
+                    receiving = false;
+                    continue;
+                };
                 if write_burst(&mut ws, &mut rx, first).await.is_err() {
-                    break Exit::Dead;
+                    break;
                 }
             }
             result = in_flight(&mut inflight) => {
@@ -84,62 +102,46 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                     gw.metrics.notify_failed.inc_by(n as u64);
                     tracing::warn!(reason, messages = n, "client messages not delivered to the database");
                     let text = format!("{n} message(s) could not be delivered to the database: {reason}");
-                    if ws.send(error_frame(&text)).await.is_err() {
-                        break Exit::Dead;
+                    if open && ws.send(error_frame(&text)).await.is_err() {
+                        break;
                     }
                 }
             }
             frame = ws.recv(), if pending.len() < gw.config.max_pending => {
-                match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(reply) = accept(&gw, &grant, text.as_str(), &mut pending) {
-                            if ws.send(reply).await.is_err() { break Exit::Dead; }
-                        }
+                let reply = match frame {
+                    Some(Ok(Message::Text(text))) => accept(&gw, &grant, text.as_str(), &mut pending),
+                    Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
+                        Ok(text) => accept(&gw, &grant, text, &mut pending),
+                        Err(_) => Some(refuse(&gw, "binary_not_utf8", "binary frames must hold UTF-8 text (NOTIFY payloads are text)")),
+                    },
+                    Some(Ok(Message::Pong(_))) => {
+                        unanswered = 0;
+                        None
                     }
-                    Some(Ok(Message::Binary(data))) => {
-                        let reply = match std::str::from_utf8(&data) {
-                            Ok(text) => accept(&gw, &grant, text, &mut pending),
-                            Err(_) => Some(refuse(&gw, "binary_not_utf8", "binary frames must hold UTF-8 text (NOTIFY payloads are text)")),
-                        };
-                        if let Some(reply) = reply {
-                            if ws.send(reply).await.is_err() { break Exit::Dead; }
-                        }
-                    }
-                    Some(Ok(Message::Pong(_))) => unanswered = 0,
-                    Some(Ok(Message::Ping(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break Exit::Closed,
+                    Some(Ok(Message::Ping(_))) => None,
+                    Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "socket read failed");
-                        break Exit::Dead;
+                        break;
+                    }
+                };
+                // After our close frame no data frame may be sent: refusals are only counted.
+                if let Some(reply) = reply.filter(|_| open) {
+                    if ws.send(reply).await.is_err() {
+                        break;
                     }
                 }
             }
-            _ = ping.tick() => {
+            _ = ping.tick(), if open => {
                 if unanswered >= 2 {
-                    break Exit::Dead;
+                    break;
                 }
                 unanswered += 1;
                 if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    break Exit::Dead;
+                    break;
                 }
             }
         }
-    };
-
-    let close = match exit {
-        Exit::Expired => Some((CLOSE_JWT_EXPIRED, "JWT expired")),
-        Exit::Kicked if gw.shutdown.token.is_cancelled() => {
-            Some((CLOSE_GOING_AWAY, "server shutting down"))
-        }
-        Exit::Kicked => Some((CLOSE_POLICY, "slow consumer: send queue full")),
-        Exit::Closed | Exit::Dead => None,
-    };
-    if let Some((code, reason)) = close {
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason),
-        }));
-        drop(tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await);
     }
     drop(ws);
     // Everything accepted still goes to the database, the close event last.
@@ -161,6 +163,25 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
     }
 }
 
+/// Sends a close frame (bounded wait); false when the socket is gone.
+async fn send_close(ws: &mut WebSocket, code: u16, reason: &'static str) -> bool {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    matches!(
+        tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn linger(closing: Option<Instant>) {
+    match closing {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes `first` and whatever else is queued, then flushes once.
 async fn write_burst(
     ws: &mut WebSocket,
@@ -177,14 +198,12 @@ async fn write_burst(
     ws.flush().await
 }
 
-fn in_flight<'a>(
-    inflight: &'a mut Option<(BoxFuture<'static, Result<(), String>>, usize)>,
-) -> impl Future<Output = Result<(), String>> + 'a {
-    async move {
-        match inflight {
-            Some((fut, _)) => fut.await,
-            None => std::future::pending().await,
-        }
+async fn in_flight(
+    inflight: &mut Option<(BoxFuture<'static, Result<(), String>>, usize)>,
+) -> Result<(), String> {
+    match inflight {
+        Some((fut, _)) => fut.await,
+        None => std::future::pending().await,
     }
 }
 

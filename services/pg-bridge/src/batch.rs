@@ -1,0 +1,236 @@
+//! The pure part of NOTIFY handling: checking a request and planning its transactions.
+//!
+//! Kept apart from the I/O so the two rules that matter are unit tested on their own:
+//! a bad request is refused before it can share (and fail) a transaction with good ones, and
+//! a batch is cut into as few transactions as PostgreSQL allows. PostgreSQL folds identical
+//! `(channel, payload)` pairs of one transaction into a single notification, so a pair that
+//! would repeat inside a transaction starts a new one; a request is kept whole in one
+//! transaction unless it repeats a pair itself.
+
+use std::collections::HashSet;
+
+use pgws_proto::{Notification, NotifyRequest, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL};
+
+/// Why a NOTIFY request was refused; the text is sent back in the reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum InvalidRequest {
+    /// The body is not a `NotifyRequest`.
+    #[error("invalid notify request: {0}")]
+    Json(String),
+    /// `pg_notify` refuses an empty channel.
+    #[error("notification {index}: empty channel")]
+    EmptyChannel { index: usize },
+    /// Longer than a PostgreSQL identifier.
+    #[error("notification {index}: channel is {len} bytes, at most {MAX_PG_CHANNEL} allowed")]
+    LongChannel { index: usize, len: usize },
+    /// PostgreSQL refuses payloads of 8000 bytes or more.
+    #[error("notification {index}: payload is {len} bytes, at most {MAX_NOTIFY_PAYLOAD} allowed")]
+    LongPayload { index: usize, len: usize },
+    /// PostgreSQL text cannot hold NUL.
+    #[error("notification {index}: NUL character in {field}")]
+    Nul { index: usize, field: &'static str },
+}
+
+/// Parses and checks a request body.
+pub(crate) fn validate(body: &[u8]) -> Result<NotifyRequest, InvalidRequest> {
+    let request: NotifyRequest =
+        serde_json::from_slice(body).map_err(|e| InvalidRequest::Json(e.to_string()))?;
+    for (index, n) in request.notifications.iter().enumerate() {
+        if n.channel.is_empty() {
+            return Err(InvalidRequest::EmptyChannel { index });
+        }
+        if n.channel.len() > MAX_PG_CHANNEL {
+            let len = n.channel.len();
+            return Err(InvalidRequest::LongChannel { index, len });
+        }
+        if n.payload.len() > MAX_NOTIFY_PAYLOAD {
+            let len = n.payload.len();
+            return Err(InvalidRequest::LongPayload { index, len });
+        }
+        if n.channel.contains('\0') {
+            let field = "channel";
+            return Err(InvalidRequest::Nul { index, field });
+        }
+        if n.payload.contains('\0') {
+            let field = "payload";
+            return Err(InvalidRequest::Nul { index, field });
+        }
+    }
+    Ok(request)
+}
+
+/// One transaction: `(request, notification)` indexes in execution order.
+pub(crate) type Transaction = Vec<(usize, usize)>;
+
+/// Cuts the notifications of `requests` (in order) into transactions without a repeated
+/// `(channel, payload)` pair, keeping each request in one transaction when it has no repeated
+/// pair itself. Requests without notifications appear in no transaction.
+pub(crate) fn plan<'a, I>(requests: I) -> Vec<Transaction>
+where
+    I: IntoIterator<Item = &'a [Notification]>,
+{
+    let mut transactions = Vec::new();
+    let mut current = Transaction::new();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for (r, notifications) in requests.into_iter().enumerate() {
+        let clashes = notifications
+            .iter()
+            .any(|n| seen.contains(&(n.channel.as_str(), n.payload.as_str())));
+        if clashes {
+            transactions.push(std::mem::take(&mut current));
+            seen.clear();
+        }
+        for (i, n) in notifications.iter().enumerate() {
+            if !seen.insert((n.channel.as_str(), n.payload.as_str())) {
+                // The request repeats a pair itself: it cannot stay in one transaction.
+                transactions.push(std::mem::take(&mut current));
+                seen.clear();
+                seen.insert((n.channel.as_str(), n.payload.as_str()));
+            }
+            current.push((r, i));
+        }
+    }
+    if !current.is_empty() {
+        transactions.push(current);
+    }
+    transactions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(channel: &str, payload: &str) -> Notification {
+        Notification {
+            channel: channel.to_owned(),
+            payload: payload.to_owned(),
+        }
+    }
+
+    fn plan_of(requests: &[Vec<Notification>]) -> Vec<Transaction> {
+        plan(requests.iter().map(Vec::as_slice))
+    }
+
+    #[test]
+    fn distinct_pairs_share_one_transaction() {
+        let reqs = vec![
+            vec![n("c", "1"), n("c", "2")],
+            vec![n("c", "3")],
+            vec![n("d", "1")],
+        ];
+        assert_eq!(plan_of(&reqs), vec![vec![(0, 0), (0, 1), (1, 0), (2, 0)]]);
+    }
+
+    #[test]
+    fn a_repeated_pair_across_requests_starts_a_new_transaction_before_the_request() {
+        let reqs = vec![
+            vec![n("c", "a"), n("c", "b")],
+            vec![n("c", "x"), n("c", "a")],
+            vec![n("c", "y")],
+        ];
+        assert_eq!(
+            plan_of(&reqs),
+            vec![vec![(0, 0), (0, 1)], vec![(1, 0), (1, 1), (2, 0)]]
+        );
+    }
+
+    #[test]
+    fn a_request_repeating_a_pair_is_split_where_it_repeats() {
+        let reqs = vec![
+            vec![n("c", "0")],
+            vec![n("c", "a"), n("c", "b"), n("c", "a"), n("c", "a")],
+            vec![n("c", "z")],
+        ];
+        assert_eq!(
+            plan_of(&reqs),
+            vec![
+                vec![(0, 0), (1, 0), (1, 1)],
+                vec![(1, 2)],
+                vec![(1, 3), (2, 0)],
+            ]
+        );
+    }
+
+    #[test]
+    fn same_payload_on_another_channel_is_not_a_repeat() {
+        let reqs = vec![vec![n("c", "a")], vec![n("d", "a")]];
+        assert_eq!(plan_of(&reqs).len(), 1);
+    }
+
+    #[test]
+    fn order_is_kept_and_nothing_is_lost() {
+        let reqs: Vec<Vec<Notification>> = (0..50)
+            .map(|r| {
+                (0..(r % 4))
+                    .map(|i| n("c", &format!("{}", (r * i) % 7)))
+                    .collect()
+            })
+            .collect();
+        let flat: Vec<(usize, usize)> = plan_of(&reqs).into_iter().flatten().collect();
+        let expected: Vec<(usize, usize)> = reqs
+            .iter()
+            .enumerate()
+            .flat_map(|(r, ns)| (0..ns.len()).map(move |i| (r, i)))
+            .collect();
+        assert_eq!(flat, expected);
+        for tx in plan_of(&reqs) {
+            let mut pairs = HashSet::new();
+            for (r, i) in tx {
+                let n = &reqs[r][i];
+                assert!(
+                    pairs.insert((&n.channel, &n.payload)),
+                    "repeat inside a transaction"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_requests_take_no_transaction() {
+        assert!(plan_of(&[vec![], vec![]]).is_empty());
+    }
+
+    #[test]
+    fn valid_requests_pass() {
+        let body = br#"{"notifications":[{"channel":"c","payload":"{\"x\":1}"}]}"#;
+        let req = validate(body).expect("valid");
+        assert_eq!(req.notifications, vec![n("c", "{\"x\":1}")]);
+        let max = format!(
+            r#"{{"notifications":[{{"channel":"{}","payload":"{}"}}]}}"#,
+            "c".repeat(MAX_PG_CHANNEL),
+            "p".repeat(MAX_NOTIFY_PAYLOAD)
+        );
+        assert!(validate(max.as_bytes()).is_ok());
+        assert!(validate(br#"{"notifications":[]}"#).is_ok());
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_with_a_reason() {
+        let body = |channel: &str, payload: &str| {
+            serde_json::to_vec(&NotifyRequest {
+                notifications: vec![n("ok", "ok"), n(channel, payload)],
+            })
+            .expect("encodes")
+        };
+        assert!(matches!(validate(b"nope"), Err(InvalidRequest::Json(_))));
+        assert!(matches!(validate(b"{}"), Err(InvalidRequest::Json(_))));
+        assert_eq!(
+            validate(&body("", "x")),
+            Err(InvalidRequest::EmptyChannel { index: 1 })
+        );
+        assert_eq!(
+            validate(&body(&"c".repeat(64), "x")),
+            Err(InvalidRequest::LongChannel { index: 1, len: 64 })
+        );
+        assert_eq!(
+            validate(&body("c", &"é".repeat(4000))),
+            Err(InvalidRequest::LongPayload {
+                index: 1,
+                len: 8000
+            })
+        );
+        let err = validate(&body("c", "a\0b")).expect_err("NUL");
+        assert_eq!(err.to_string(), "notification 1: NUL character in payload");
+        assert!(validate(&body("c\0", "x")).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The NOTIFY intake: NATS requests in, batches out to the workers ([`crate::worker`]).
+//!
+//! Every bridge serves `<prefix>.notify` in the queue group `<prefix>.bridge`. One intake task
+//! reads the subscription, refuses bad requests at once (so they never share a transaction),
+//! and hands batches to `PGWS_POOL_SIZE` workers, each owning one connection. Batching is
+//! natural: the intake waits for a free worker, then takes whatever requests are already
+//! waiting (up to `PGWS_BATCH_SIZE` notifications), so batches grow with load and add no
+//! latency. A request is answered `ok` only after every transaction holding it committed.
+//!
+//! Bounds: at most one batch per worker is in flight, each of at most `PGWS_BATCH_SIZE`
+//! notifications (a larger single request goes alone); free-worker offers sit in a channel of
+//! `2 * PGWS_POOL_SIZE`. Beyond that the NATS subscription buffers (async-nats' subscription
+//! capacity, 65536 messages; past it the client drops messages as a slow consumer and the
+//! gateway retries after its timeout). While no worker has a connection, the intake
+//! unsubscribes (so other bridges serve the queue group) and answers what it still holds
+//! with `failed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::{Client as Nats, Message, Subject, Subscriber};
+use futures::{FutureExt as _, StreamExt as _};
+use pgws_proto::{Notification, NotifyReply, Subjects};
+use pgws_service::Shutdown;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_postgres::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::validate;
+use crate::metrics::BridgeMetrics;
+use crate::worker::Worker;
+
+/// Time an unsubscribed subscription has to hand over its buffered requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The reason sent back when nothing can execute a request now.
+pub(crate) const UNAVAILABLE: &str = "database unavailable";
+
+/// One valid request waiting for its transaction(s).
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) notifications: Vec<Notification>,
+    pub(crate) reply: Option<Subject>,
+}
+
+/// The requests one worker executes together.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) requests: Vec<Request>,
+    pub(crate) notifications: usize,
+}
+
+impl Batch {
+    pub(crate) fn push(&mut self, request: Request) {
+        self.notifications += request.notifications.len();
+        self.requests.push(request);
+    }
+}
+
+/// A free worker: sending it a batch hands the batch over.
+pub(crate) type Offer = oneshot::Sender<Batch>;
+
+/// What the NOTIFY side needs; [`Notifier::spawn`] starts it.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    pub(crate) pg: Config,
+    pub(crate) subjects: Subjects,
+    pub(crate) pool_size: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) nats: Nats,
+    pub(crate) metrics: BridgeMetrics,
+}
+
+impl Notifier {
+    /// Spawns the workers and the intake. Returns the number of live worker connections; the
+    /// intake reports a fatal error (its NATS client closed) on `fatal`.
+    pub(crate) fn spawn(
+        self,
+        shutdown: &Shutdown,
+        fatal: mpsc::Sender<anyhow::Error>,
+    ) -> watch::Receiver<usize> {
+        let (up, up_rx) = watch::channel(0usize);
+        let up = Arc::new(up);
+        let (idle_tx, idle) = mpsc::channel(2 * self.pool_size);
+        for id in 0..self.pool_size {
+            let worker = Worker::new(
+                id,
+                self.pg.clone(),
+                up.clone(),
+                self.nats.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            );
+            shutdown.spawn(worker.run(idle_tx.clone()));
+        }
+        let intake = Intake {
+            nats: self.nats,
+            subjects: self.subjects,
+            batch_size: self.batch_size,
+            idle,
+            up: up_rx.clone(),
+            metrics: self.metrics,
+            token: shutdown.token.clone(),
+        };
+        shutdown.spawn(async move {
+            if let Err(e) = intake.run().await {
+                let _ = fatal.try_send(e);
+            }
+        });
+        up_rx
+    }
+}
+
+/// Why a subscription was drained.
+#[derive(Debug, Clone, Copy)]
+enum Drain {
+    Shutdown,
+    DatabaseDown,
+}
+
+struct Intake {
+    nats: Nats,
+    subjects: Subjects,
+    batch_size: usize,
+    idle: mpsc::Receiver<Offer>,
+    up: watch::Receiver<usize>,
+    metrics: BridgeMetrics,
+    token: CancellationToken,
+}
+
+impl Intake {
+    /// Subscribes while some worker has a connection; returns at shutdown.
+    async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.token.cancelled() => return Ok(()),
+                r = self.up.wait_for(|n| *n > 0) => if r.is_err() { return Ok(()) },
+            }
+            let mut sub = self
+                .nats
+                .queue_subscribe(self.subjects.notify(), self.subjects.bridge_queue())
+                .await
+                .context("cannot subscribe to notify requests")?;
+            tracing::info!(
+                subject = %self.subjects.notify(),
+                queue = %self.subjects.bridge_queue(),
+                "serving notify requests"
+            );
+            match self.serve(&mut sub).await {
+                Some(Drain::Shutdown) => return Ok(()),
+                Some(Drain::DatabaseDown) => {
+                    tracing::warn!("no notify connection left, notify requests paused")
+                }
+                None => anyhow::bail!("the notify subscription ended unexpectedly"),
+            }
+        }
+    }
+
+    /// Serves `sub` until it ends; returns why it was drained (`None`: it ended by itself).
+    async fn serve(&mut self, sub: &mut Subscriber) -> Option<Drain> {
+        let mut drain: Option<(Drain, Instant)> = None;
+        let mut carry: Option<Request> = None;
+        loop {
+            let first = match carry.take() {
+                Some(request) => request,
+                None => {
+                    let deadline = drain.map_or_else(Instant::now, |(_, at)| at);
+                    let next = tokio::select! {
+                        biased;
+                        _ = self.token.cancelled(), if drain.is_none() => Err(Drain::Shutdown),
+                        _ = self.up.wait_for(|n| *n == 0), if drain.is_none() => Err(Drain::DatabaseDown),
+                        _ = sleep_until(deadline), if drain.is_some() => return drain.map(|d| d.0),
+                        message = sub.next() => match message {
+                            Some(message) => Ok(message),
+                            None => return drain.map(|d| d.0),
+                        },
+                    };
+                    match next {
+                        Ok(message) => match self.accept(message).await {
+                            Some(request) => request,
+                            None => continue,
+                        },
+                        Err(why) => {
+                            // Unsubscribe, then keep reading what the subscription holds.
+                            if let Err(e) = sub.drain().await {
+                                tracing::warn!(error = %e, "cannot unsubscribe from notify requests");
+                                return Some(why);
+                            }
+                            drain = Some((why, Instant::now() + DRAIN_TIMEOUT));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let mut batch = Batch::default();
+            batch.push(first);
+            let Some(mut offer) = self.take_offer().await else {
+                self.fail(batch, UNAVAILABLE).await;
+                continue;
+            };
+            // Natural batching: whatever arrived while every worker was busy.
+            while batch.notifications < self.batch_size {
+                let Some(Some(message)) = sub.next().now_or_never() else {
+                    break;
+                };
+                if let Some(request) = self.accept(message).await {
+                    if batch.notifications + request.notifications.len() > self.batch_size {
+                        carry = Some(request);
+                        break;
+                    }
+                    batch.push(request);
+                }
+            }
+            loop {
+                match offer.send(batch) {
+                    Ok(()) => break,
+                    Err(back) => match self.take_offer().await {
+                        Some(next) => (batch, offer) = (back, next),
+                        None => {
+                            self.fail(back, UNAVAILABLE).await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// A worker ready for a batch; `None` when no worker has a connection.
+    async fn take_offer(&mut self) -> Option<Offer> {
+        loop {
+            tokio::select! {
+                offer = self.idle.recv() => match offer {
+                    Some(offer) if !offer.is_closed() => return Some(offer),
+                    Some(_) => continue,
+                    None => return None,
+                },
+                _ = self.up.wait_for(|n| *n == 0) => return None,
+            }
+        }
+    }
+
+    /// Checks a message; answers it at once when it is invalid or empty.
+    async fn accept(&self, message: Message) -> Option<Request> {
+        match validate(&message.payload) {
+            Err(e) => {
+                self.metrics.requests_invalid.inc();
+                tracing::debug!(error = %e, "invalid notify request");
+                let failed = NotifyReply::failed(e.to_string());
+                reply(&self.nats, message.reply.as_ref(), &failed).await;
+                None
+            }
+            Ok(request) if request.notifications.is_empty() => {
+                self.metrics.requests_ok.inc();
+                reply(&self.nats, message.reply.as_ref(), &NotifyReply::ok()).await;
+                None
+            }
+            Ok(request) => Some(Request {
+                notifications: request.notifications,
+                reply: message.reply,
+            }),
+        }
+    }
+
+    async fn fail(&self, batch: Batch, reason: &str) {
+        let failed = NotifyReply::failed(reason);
+        for request in batch.requests {
+            self.metrics.requests_failed.inc();
+            reply(&self.nats, request.reply.as_ref(), &failed).await;
+        }
+    }
+}
+
+/// Sends `body` to `to` when the request asked for a reply.
+pub(crate) async fn reply(nats: &Nats, to: Option<&Subject>, body: &NotifyReply) {
+    let Some(to) = to else { return };
+    let bytes = match serde_json::to_vec(body) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a notify reply");
+            return;
+        }
+    };
+    if let Err(e) = nats.publish(to.clone(), bytes.into()).await {
+        tracing::warn!(error = %e, "cannot send a notify reply");
+    }
+}
+
+#[cfg(test)]
+#[path = "notifier_tests.rs"]
+mod tests;
