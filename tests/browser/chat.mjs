@@ -74,9 +74,12 @@ async function openAndConnect(context, name, token) {
   await page.locator('#channel').fill(CHANNEL);
   await page.locator('#connect').click();
   try {
-    await page.locator('#status.open').waitFor({ timeout: TIMEOUT_MS });
+    await page.locator('#status.open, #status.error').waitFor({ timeout: TIMEOUT_MS });
   } catch {
     throw new Error(`${name}: not connected within ${TIMEOUT_MS / 1000} s; ${await describe(page, name)}`);
+  }
+  if (!(await page.locator('#status.open').count())) {
+    throw new Error(`${name}: could not connect; ${await describe(page, name)}`);
   }
   log(`${name}: ${await page.locator('#status').textContent()}`);
   return page;
