@@ -6,6 +6,7 @@ mod auth;
 mod chat;
 mod config;
 mod frames;
+mod listener;
 mod recorder;
 mod scale;
 mod static_files;
