@@ -15,7 +15,9 @@ async fn stack_with_app_name() -> anyhow::Result<(Stack, String)> {
 #[tokio::test]
 async fn a_terminated_listener_comes_back_without_dropping_sockets() -> anyhow::Result<()> {
     let (stack, app) = stack_with_app_name().await?;
-    let mut ws = stack.connect(0, "steady", &serde_json::json!({"mode": "r"})).await?;
+    let mut ws = stack
+        .connect(0, "steady", &serde_json::json!({"mode": "r"}))
+        .await?;
     let db = pg().await?;
     let killed: i64 = db
         .query_one(
@@ -39,7 +41,9 @@ async fn a_terminated_listener_comes_back_without_dropping_sockets() -> anyhow::
 async fn a_killed_leader_hands_listen_to_another_bridge() -> anyhow::Result<()> {
     let mut stack = Stack::start().await?;
     stack.add_bridge(&[]).await?;
-    let mut ws = stack.connect(0, "failover", &serde_json::json!({"mode": "r"})).await?;
+    let mut ws = stack
+        .connect(0, "failover", &serde_json::json!({"mode": "r"}))
+        .await?;
     stack.bridges[0].signal("KILL")?;
     let started = Instant::now();
     stack.wait_flowing(0).await?;
