@@ -98,3 +98,58 @@ async fn tokens_can_stay_out_of_the_path() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn jwks_from_a_file_and_base64_secrets_work_end_to_end() -> anyhow::Result<()> {
+    let keys =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../libs/pgws-auth/tests/keys");
+    let jwks = format!("@{}", keys.join("jwks.json").to_string_lossy());
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[("PGWS_JWT_SECRET", &jwks)]).await?;
+    use base64::Engine as _;
+    let raw = b"\x00binary\xffsecret bytes for hmac";
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    stack
+        .add_gateway(&[
+            ("PGWS_JWT_SECRET", &b64),
+            ("PGWS_JWT_SECRET_BASE64", "true"),
+        ])
+        .await?;
+    // A third gateway with the stack's usual secret, for the readiness probe.
+    stack.add_gateway(&[]).await?;
+    stack.wait_flowing(2).await?;
+
+    let pem = std::fs::read(keys.join("rsa_private.pem"))?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa-1".to_owned());
+    let rs256 = jsonwebtoken::encode(
+        &header,
+        &json!({"mode": "rw"}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
+    )?;
+    let mut a = WsClient::connect(&format!("{}/jwk/{rs256}", stack.ws_url(0))).await?;
+    // The same token against the base64 HMAC gateway is refused; an HMAC token is accepted.
+    assert!(refusal(&format!("{}/jwk/{rs256}", stack.ws_url(1)))
+        .await
+        .starts_with("refused 400: Error: "));
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"mode": "rw"}),
+        &jsonwebtoken::EncodingKey::from_secret(raw),
+    )?;
+    let mut b = WsClient::connect(&format!("{}/jwk/{hs}", stack.ws_url(1))).await?;
+    a.send_text("signed with RSA").await?;
+    assert_eq!(b.next_json(T).await?["payload"], "signed with RSA");
+    // Algorithm confusion: HS256 signed with the RSA public key's PEM is refused.
+    let public = std::fs::read(keys.join("rsa_public.pem"))?;
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"mode": "rw"}),
+        &jsonwebtoken::EncodingKey::from_secret(&public),
+    )?;
+    assert!(refusal(&format!("{}/jwk/{confused}", stack.ws_url(0)))
+        .await
+        .starts_with("refused 400: Error: "));
+    Ok(())
+}
