@@ -85,3 +85,25 @@ async fn pings_keep_live_peers_and_drop_silent_ones() -> anyhow::Result<()> {
     assert!(ended, "a peer that never answered pings is still connected");
     Ok(())
 }
+
+#[tokio::test]
+async fn without_a_bridge_the_client_gets_an_error_not_silence() -> anyhow::Result<()> {
+    let mut stack = Stack::new();
+    stack.add_gateway(&[("PGWS_NOTIFY_TIMEOUT", "1")]).await?;
+    let mut ws = stack.connect(0, "chat", &json!({"mode": "rw"})).await?;
+    ws.send_text("nobody listens").await?;
+    let err = ws.next_json(T).await?;
+    assert_eq!(err["event"], "Error");
+    let text = err["error"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("1 message(s) could not be delivered"),
+        "{text}"
+    );
+    assert_eq!(
+        stack.gateways[0]
+            .metric("pgws_gateway_notify_failures_total")
+            .await,
+        Some(1.0)
+    );
+    Ok(())
+}
