@@ -39,6 +39,12 @@ async fn binary_frames_are_text_when_utf8_and_refused_otherwise() -> anyhow::Res
     let err = ws.next_json(T).await?;
     assert_eq!(err["event"], "Error");
     assert!(err["error"].as_str().unwrap_or_default().contains("UTF-8"));
+    ws.send_text("nul \u{0} inside").await?;
+    let err = ws.next_json(T).await?;
+    assert!(
+        err["error"].as_str().unwrap_or_default().contains("NUL"),
+        "{err}"
+    );
     ws.send_text("after").await?;
     assert_eq!(ws.next_json(T).await?["payload"], "after");
     Ok(())

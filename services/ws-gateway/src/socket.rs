@@ -64,8 +64,8 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
 
     loop {
         if inflight.is_none() && !pending.is_empty() {
-            let n = pending.len().min(MAX_PER_REQUEST);
-            let batch: Vec<Notification> = pending.drain(..n).collect();
+            let batch = take_batch(&mut pending);
+            let n = batch.len();
             inflight = Some((gw.uplink.send(batch), n));
         }
         let open = closing.is_none();
@@ -149,18 +149,25 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
         pending.push_back(n);
     }
     if let Some((fut, n)) = inflight.take() {
-        if fut.await.is_err() {
+        if let Err(reason) = fut.await {
             gw.metrics.notify_failed.inc_by(n as u64);
+            tracing::warn!(reason, messages = n, "client messages lost after close");
         }
     }
     while !pending.is_empty() {
-        let n = pending.len().min(MAX_PER_REQUEST);
-        let batch: Vec<Notification> = pending.drain(..n).collect();
+        let batch = take_batch(&mut pending);
+        let n = batch.len();
         if let Err(reason) = gw.uplink.send(batch).await {
             gw.metrics.notify_failed.inc_by(n as u64);
             tracing::warn!(reason, messages = n, "client messages lost after close");
         }
     }
+}
+
+/// The next request's notifications: the oldest pending, at most [`MAX_PER_REQUEST`].
+fn take_batch(pending: &mut VecDeque<Notification>) -> Vec<Notification> {
+    let n = pending.len().min(MAX_PER_REQUEST);
+    pending.drain(..n).collect()
 }
 
 /// Sends a close frame (bounded wait); false when the socket is gone.
@@ -241,6 +248,13 @@ fn accept(
             gw,
             "read_only",
             "this socket is read-only (token mode \"r\")",
+        ));
+    }
+    if text.contains('\0') {
+        return Some(refuse(
+            gw,
+            "nul_character",
+            "message refused: PostgreSQL text cannot hold NUL characters",
         ));
     }
     let at = unix_now();
