@@ -7,6 +7,7 @@
 //! documents the same thing for people.
 
 mod envelope;
+pub mod headers;
 mod notify;
 mod subject;
 

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// One `pg_notify(channel, payload)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notification {
+    /// The message's unique id, assigned by the gateway (the audit record's `Nats-Msg-Id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The PostgreSQL channel (for postgres-websockets, `PGWS_LISTEN_CHANNEL`).
     pub channel: String,
     /// The payload (the envelope's JSON).

@@ -77,6 +77,23 @@ impl Subjects {
         format!("{}.deliver.{}", self.prefix, encode_channel(channel))
     }
 
+    /// Gateways publish every accepted client message envelope (and connection event) here,
+    /// captured by the JetStream stream [`Subjects::audit_stream`].
+    pub fn audit(&self) -> String {
+        format!("{}.audit", self.prefix)
+    }
+
+    /// The JetStream stream holding the audit records (stream names cannot hold `.`, so the
+    /// prefix is written with the channel-token mapping, which keeps names distinct).
+    pub fn audit_stream(&self) -> String {
+        format!("{}-audit", encode_channel(self.prefix.as_str()))
+    }
+
+    /// The durable consumer shared by every pg-recorder replica.
+    pub fn recorder_consumer(&self) -> String {
+        format!("{}-recorder", encode_channel(self.prefix.as_str()))
+    }
+
     /// Nobody subscribes here: a request to it comes back as "no responders" once the server
     /// has processed everything the client sent before, which makes it a server round trip.
     pub fn sync_probe(&self) -> String {
@@ -195,6 +212,13 @@ mod tests {
         assert_eq!(encode_channel("a_b"), "a_5Fb");
         assert_eq!(encode_channel(""), "_");
         assert_eq!(subjects().deliver("chat"), "pgws.deliver.chat");
+        assert_eq!(subjects().audit(), "pgws.audit");
+        assert_eq!(subjects().audit_stream(), "pgws-audit");
+        let dotted = Subjects::new(Prefix::new("a.b").expect("valid"));
+        let underscored = Subjects::new(Prefix::new("a_2Eb").expect("valid"));
+        assert_eq!(dotted.audit_stream(), "a_2Eb-audit");
+        assert_ne!(dotted.audit_stream(), underscored.audit_stream());
+        assert_eq!(dotted.recorder_consumer(), "a_2Eb-recorder");
     }
 
     #[test]

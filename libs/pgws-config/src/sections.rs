@@ -84,3 +84,41 @@ impl DbConfig {
         Duration::from_secs(1u64 << attempt.min(5))
     }
 }
+
+/// `PGWS_AUDIT*`: the JetStream stream that captures every accepted client message for
+/// pg-recorder. It is a work queue: a record leaves it once a recorder committed it, so its
+/// limits bound how far the recorders may fall behind. When it is full, new client messages are
+/// refused with an error frame rather than accepted unrecorded.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditConfig {
+    /// `PGWS_AUDIT` (default true): gateways publish audit records.
+    pub enabled: bool,
+    /// `PGWS_AUDIT_MAX_BYTES` (default 1 GiB) of records not yet recorded.
+    pub max_bytes: i64,
+    /// `PGWS_AUDIT_MAX_AGE` (seconds, default 7 days): older unrecorded records are dropped.
+    pub max_age: Duration,
+    /// `PGWS_AUDIT_REPLICAS` (default 1; 3 on a NATS cluster).
+    pub replicas: usize,
+}
+
+impl AuditConfig {
+    /// Reads the section.
+    pub fn read(p: &mut Problems<'_>) -> Self {
+        let enabled = p.text("audit").is_none() || p.flag("audit");
+        let max_bytes: i64 = p.parse_or("audit_max_bytes", 1 << 30);
+        let max_age: u64 = p.parse_or("audit_max_age", 7 * 24 * 3600);
+        let replicas: usize = p.parse_or("audit_replicas", 1);
+        if max_bytes < 1 {
+            p.push("PGWS_AUDIT_MAX_BYTES: must be positive");
+        }
+        if !(1..=5).contains(&replicas) {
+            p.push("PGWS_AUDIT_REPLICAS: must be 1 to 5");
+        }
+        Self {
+            enabled,
+            max_bytes,
+            max_age: Duration::from_secs(max_age),
+            replicas,
+        }
+    }
+}

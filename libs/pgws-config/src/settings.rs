@@ -37,6 +37,14 @@ pub const KNOWN_KEYS: &[&str] = &[
     "ping_interval",
     "notify_timeout",
     "batch_size",
+    "audit",
+    "audit_max_bytes",
+    "audit_max_age",
+    "audit_replicas",
+    "recorder_batch_size",
+    "recorder_batch_wait",
+    "recorder_dispatcher",
+    "recorder_retention_days",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -5,6 +5,7 @@
 //! a [`Shutdown`] so tests run exactly what ships.
 
 mod admin;
+mod audit;
 mod launch;
 mod metrics;
 mod nats;
@@ -12,6 +13,7 @@ mod shutdown;
 mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
+pub use audit::{audit_stream_config, ensure_audit_stream};
 pub use launch::run_main;
 pub use metrics::Metrics;
 pub use nats::connect_nats;

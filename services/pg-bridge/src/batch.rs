@@ -102,6 +102,7 @@ mod tests {
 
     fn n(channel: &str, payload: &str) -> Notification {
         Notification {
+            id: None,
             channel: channel.to_owned(),
             payload: payload.to_owned(),
         }

@@ -23,6 +23,7 @@ fn body(channel: &str, payloads: &[String]) -> Vec<u8> {
         notifications: payloads
             .iter()
             .map(|p| Notification {
+                id: None,
                 channel: channel.to_owned(),
                 payload: p.clone(),
             })

@@ -51,6 +51,7 @@ fn request(channel: &str, payloads: &[&str], reply: &Subject) -> Request {
         notifications: payloads
             .iter()
             .map(|p| Notification {
+                id: None,
                 channel: channel.to_owned(),
                 payload: (*p).to_owned(),
             })

@@ -1,0 +1,8 @@
+//! NATS header names of the contract.
+
+/// The unique id of a client message, assigned by the gateway; JetStream's duplicate window
+/// uses it, and the recorder stores it as the audit row's primary key.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// On an audit record: the PostgreSQL channel the message was notified on.
+pub const NOTIFY_CHANNEL: &str = "Pgws-Notify-Channel";
