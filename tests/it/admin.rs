@@ -43,7 +43,7 @@ async fn a_gateway_without_nats_is_alive_but_not_ready() -> anyhow::Result<()> {
     let gw = Service::start(ServiceKind::Gateway, &env).await?;
     assert_eq!(http_get(gw.admin, "/healthz").await?.0, 200);
     let (status, body) = http_get(gw.admin, "/readyz").await?;
-    assert_eq!((status, body.trim()), (503, "not ready: nats"));
+    assert_eq!((status, body.trim()), (503, "not ready: nats, audit"));
     Ok(())
 }
 

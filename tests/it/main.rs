@@ -2,6 +2,7 @@
 //! One test binary for the whole workspace keeps CI fast.
 
 mod admin;
+mod audit;
 mod auth;
 mod browser;
 mod chat;

@@ -140,6 +140,7 @@ impl Stack {
 
     /// Starts a gateway and waits until it listens and is ready.
     pub async fn add_gateway(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
+        sweep_stale_streams().await;
         let svc = Service::start(ServiceKind::Gateway, &self.env_with(extra)).await?;
         svc.wait_ready().await?;
         self.gateways.push(svc);
@@ -227,4 +228,38 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Test stacks' audit streams live on the shared NATS server: delete those left by runs that
+/// ended more than ten minutes ago (once per test process).
+async fn sweep_stale_streams() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(client) = async_nats::connect(nats_url()).await else {
+                return;
+            };
+            let js = async_nats::jetstream::new(client);
+            let mut names = js.stream_names();
+            let mut stale = Vec::new();
+            while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
+                let is_test = name.len() == "t00000000-audit".len()
+                    && name.starts_with('t')
+                    && name.ends_with("-audit");
+                if is_test {
+                    stale.push(name);
+                }
+            }
+            let cutoff = time::OffsetDateTime::now_utc() - time::Duration::minutes(10);
+            for name in stale {
+                if let Ok(mut stream) = js.get_stream(&name).await {
+                    if let Ok(info) = stream.info().await {
+                        if info.created < cutoff {
+                            drop(js.delete_stream(&name).await);
+                        }
+                    }
+                }
+            }
+        })
+        .await;
 }

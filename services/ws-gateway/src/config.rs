@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgws_auth::Authorizer;
-use pgws_config::{AdminConfig, ConfigError, NatsConfig, Problems, Settings};
+use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
 /// Everything the gateway needs; built by [`GatewayConfig::from_settings`].
@@ -28,6 +28,8 @@ pub struct GatewayConfig {
     pub nats: NatsConfig,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: AdminConfig,
+    /// The audit stream (`PGWS_AUDIT*`).
+    pub audit: AuditConfig,
     /// Messages queued for one socket before it counts as a slow consumer and is
     /// disconnected (`PGWS_SEND_QUEUE`).
     pub send_queue: usize,
@@ -108,6 +110,7 @@ impl GatewayConfig {
         };
         let nats = NatsConfig::read(&mut p);
         let admin = AdminConfig::read(&mut p, 9100);
+        let audit = AuditConfig::read(&mut p);
         let send_queue: usize = p.parse_or("send_queue", 1024);
         let max_pending: usize = p.parse_or("max_pending", 256);
         let ping: u64 = p.parse_or("ping_interval", 30);
@@ -131,6 +134,7 @@ impl GatewayConfig {
             tls,
             nats,
             admin,
+            audit,
             send_queue,
             max_pending,
             ping_interval: Duration::from_secs(ping),

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pgws_auth::Grant;
-use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
+use pgws_service::{connect_nats, ensure_audit_stream, serve_admin, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -32,7 +32,7 @@ pub use config::GatewayConfig;
 use hub::{Hub, Subscriber};
 use metrics::GatewayMetrics;
 use socket::Session;
-use uplink::Uplink;
+use uplink::{Audit, Uplink};
 
 /// How long shutdown waits for sockets to hand over what they accepted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -50,6 +50,9 @@ pub(crate) struct Gateway {
     pub(crate) shutdown: Shutdown,
     pub(crate) max_frame: usize,
     next_id: AtomicU64,
+    /// Message ids: this process's random instance id and a counter.
+    instance: u64,
+    next_message: AtomicU64,
 }
 
 /// A socket's channel memberships; leaving them happens on drop, so a handshake whose upgrade
@@ -81,6 +84,12 @@ pub(crate) struct Accepted {
 }
 
 impl Gateway {
+    /// A new message id, unique across gateways and restarts (random instance id + counter).
+    pub(crate) fn message_id(&self) -> String {
+        let n = self.next_message.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-{n:x}", self.instance)
+    }
+
     /// Registers an authorised socket: joins its channels (when it may read) and waits until
     /// their subscriptions are live.
     pub(crate) async fn accept(self: &Arc<Self>, grant: Grant) -> Accepted {
@@ -145,8 +154,9 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "websocket listening");
 
     let admin_token = shutdown.token.clone();
+    let admin_readiness = readiness.clone();
     shutdown.spawn(async move {
-        if let Err(e) = serve_admin(admin, readiness, registry, admin_token).await {
+        if let Err(e) = serve_admin(admin, admin_readiness, registry, admin_token).await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
@@ -156,10 +166,30 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         metrics.clone(),
         shutdown.clone(),
     );
+    let audit = config.audit.enabled.then(|| Audit {
+        js: async_nats::jetstream::new(client.clone()),
+        subject: config.nats.subjects.audit(),
+    });
+    if let Some(audit) = &audit {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ready);
+        readiness.add("audit", move || flag.load(Ordering::Relaxed));
+        let (js, subjects, limits) = (audit.js.clone(), config.nats.subjects.clone(), config.audit);
+        let token = shutdown.token.clone();
+        shutdown.spawn(async move {
+            if ensure_audit_stream(&js, &subjects, &limits, token.cancelled())
+                .await
+                .is_ok()
+            {
+                ready.store(true, Ordering::Relaxed);
+            }
+        });
+    }
     let uplink = Uplink::new(
         client.clone(),
         config.nats.subjects.notify(),
         config.notify_timeout,
+        audit,
     );
     let gw = Arc::new(Gateway {
         config,
@@ -169,6 +199,8 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         shutdown: shutdown.clone(),
         max_frame: MAX_FRAME,
         next_id: AtomicU64::new(0),
+        instance: rand::random(),
+        next_message: AtomicU64::new(0),
     });
     server::serve(
         listener,

@@ -269,6 +269,7 @@ fn accept(
             return Some(refuse(gw, "too_large", &why));
         }
         notes.push(Notification {
+            id: Some(gw.message_id()),
             channel: gw.config.listen_channel.clone(),
             payload,
         });
@@ -306,6 +307,7 @@ fn meta_notification(gw: &Gateway, grant: &Grant, event: ConnectionEvent) -> Opt
         return None;
     }
     Some(Notification {
+        id: Some(gw.message_id()),
         channel: gw.config.listen_channel.clone(),
         payload,
     })
