@@ -1,4 +1,5 @@
-//! The recorder's skeleton: ready only when NATS and PostgreSQL are connected.
+//! pg-recorder: readiness, and every accepted client message recorded exactly once through
+//! a recorder killed mid-stream, a PostgreSQL restart, and two replicas at once.
 
 use std::time::Duration;
 
@@ -20,5 +21,133 @@ async fn the_recorder_is_ready_with_its_dependencies_and_says_which_is_missing(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, body) = http_get(broken.admin, "/readyz").await?;
     assert_eq!((status, body.trim()), (503, "not ready: database"));
+    Ok(())
+}
+
+/// `(rows, distinct ids)` recorded for `channel`, 0 while the schema does not exist yet.
+async fn recorded(db_uri: &str, channel: &str) -> (i64, i64) {
+    let Ok((db, conn)) = tokio_postgres::connect(db_uri, tokio_postgres::NoTls).await else {
+        return (0, 0);
+    };
+    tokio::spawn(conn);
+    db.query_one(
+        "SELECT count(*), count(DISTINCT id) FROM pgws_audit.messages WHERE channel = $1",
+        &[&channel],
+    )
+    .await
+    .map(|row| (row.get(0), row.get(1)))
+    .unwrap_or((0, 0))
+}
+
+/// Waits until `n` rows of `channel` are recorded (or the deadline passes) and returns the
+/// final `(rows, distinct ids)`.
+async fn wait_recorded(db_uri: &str, channel: &str, n: i64) -> (i64, i64) {
+    pgws_tests::eventually(Duration::from_secs(60), || async {
+        recorded(db_uri, channel).await.0 >= n
+    })
+    .await;
+    // Anything still in flight would show up as a duplicate now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    recorded(db_uri, channel).await
+}
+
+/// Sends `n` numbered messages, pausing every `every` messages so that faults land mid-stream.
+async fn send_paced(
+    ws: &mut pgws_tests::WsClient,
+    n: usize,
+    every: usize,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    for i in 0..n {
+        ws.send_text(&format!("r{i}")).await?;
+        if i % every == every - 1 {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    let channel = pgws_tests::unique("kill-");
+    let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    rec.wait_ready().await?;
+    let mut ws = stack
+        .connect(0, &channel, &serde_json::json!({"mode": "w"}))
+        .await?;
+    let n = 3000;
+    let sender = tokio::spawn(async move {
+        send_paced(&mut ws, n, 100, Duration::from_millis(20)).await?;
+        Ok::<_, anyhow::Error>(ws)
+    });
+    // Kill it once it has recorded part of the stream.
+    let db_uri = pgws_tests::db_uri();
+    assert!(
+        pgws_tests::eventually(Duration::from_secs(30), || async {
+            recorded(&db_uri, &channel).await.0 > 300
+        })
+        .await
+    );
+    rec.signal("KILL")?;
+    let _ws = sender.await??;
+    let again = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    let (rows, distinct) = wait_recorded(&db_uri, &channel, n as i64).await;
+    assert_eq!((rows, distinct), (n as i64, n as i64));
+    drop(again);
+    stack.gateways.clear();
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_recorders_share_the_stream_exactly_once() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let channel = pgws_tests::unique("pair-");
+    let a = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    let b = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    a.wait_ready().await?;
+    b.wait_ready().await?;
+    let mut ws = stack
+        .connect(0, &channel, &serde_json::json!({"mode": "w"}))
+        .await?;
+    let n = 4000;
+    send_paced(&mut ws, n, 200, Duration::from_millis(5)).await?;
+    let (rows, distinct) = wait_recorded(&pgws_tests::db_uri(), &channel, n as i64).await;
+    assert_eq!((rows, distinct), (n as i64, n as i64));
+    let by_a = a.metric("pgws_recorder_rows_total").await.unwrap_or(0.0);
+    let by_b = b.metric("pgws_recorder_rows_total").await.unwrap_or(0.0);
+    assert_eq!(by_a + by_b, n as f64, "a={by_a} b={by_b}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_postgres_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let pg = pgws_tests::PrivatePg::start()?;
+    let uri = pg.uri();
+    let stack = Stack::start_with(&[("PGWS_DB_URI", &uri), ("PGWS_NOTIFY_TIMEOUT", "30")]).await?;
+    let channel = pgws_tests::unique("restart-");
+    let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    rec.wait_ready().await?;
+    let mut ws = stack
+        .connect(0, &channel, &serde_json::json!({"mode": "w"}))
+        .await?;
+    let n = 3000;
+    let sender = tokio::spawn(async move {
+        send_paced(&mut ws, n, 100, Duration::from_millis(20)).await?;
+        Ok::<_, anyhow::Error>(ws)
+    });
+    assert!(
+        pgws_tests::eventually(Duration::from_secs(30), || async {
+            recorded(&uri, &channel).await.0 > 300
+        })
+        .await
+    );
+    pg.stop()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restart()?;
+    let _ws = sender.await??;
+    let (rows, distinct) = wait_recorded(&uri, &channel, n as i64).await;
+    assert_eq!((rows, distinct), (n as i64, n as i64));
+    drop(rec);
     Ok(())
 }

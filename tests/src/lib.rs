@@ -5,12 +5,14 @@
 //! The binaries are those of `cargo build --workspace` in the same target directory as the
 //! test executable. `TEST_LOG=1` prints the services' logs when a test ends.
 
+mod pg;
 mod process;
 mod ws;
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+pub use pg::PrivatePg;
 pub use process::{Service, ServiceKind};
 use serde_json::Value;
 pub use ws::{http_get, WsClient};
