@@ -177,6 +177,25 @@ impl Stack {
         WsClient::connect(&format!("{}/{}/{}", self.ws_url(i), channel, token(claims))).await
     }
 
+    /// The stack's database URI (`PGWS_DB_URI` of its settings).
+    pub fn db_uri(&self) -> String {
+        self.env()
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == "PGWS_DB_URI")
+            .map(|(_, v)| v)
+            .unwrap_or_else(db_uri)
+    }
+
+    /// A client of the stack's database.
+    pub async fn pg(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.db_uri(), tokio_postgres::NoTls)
+            .await
+            .context("connecting to PostgreSQL")?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
     /// `SELECT pg_notify(listen_channel, payload)`.
     pub async fn notify(&self, db: &tokio_postgres::Client, payload: &str) -> anyhow::Result<()> {
         db.execute(
@@ -195,7 +214,7 @@ impl Stack {
         let mut ws = self
             .connect(i, &probe, &serde_json::json!({"mode": "r"}))
             .await?;
-        let db = pg().await?;
+        let db = self.pg().await?;
         let payload = serde_json::json!({"channel": probe, "payload": "probe"}).to_string();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::time::Instant::now() < deadline {

@@ -1,0 +1,250 @@
+//! The recording loop: take a batch from the shared durable consumer, write it in one
+//! transaction, and acknowledge it only after the commit.
+//!
+//! Batches are bounded by `PGWS_RECORDER_BATCH_SIZE` records and `PGWS_RECORDER_BATCH_WAIT`.
+//! A database failure leaves the batch unacknowledged: the loop reconnects with backoff and
+//! writes the same batch again (ids make it idempotent; if the ack wait passes meanwhile, the
+//! server redelivers and the ids absorb that too). On shutdown the batch in hand is finished.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
+use async_nats::jetstream::{self, Message};
+use futures::StreamExt;
+use pgws_config::DbConfig;
+use tokio_postgres::{Client, Config as PgConfig, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::RecorderMetrics;
+use crate::record::{parse, DeadLetter, Record};
+use crate::schema::{self, day_of, Partitions};
+use crate::store::{self, Mode};
+
+/// How long the server waits for an ack before redelivering.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates (or finds) the durable consumer every replica shares.
+pub(crate) async fn consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    batch_size: usize,
+) -> Result<Consumer<pull::Config>, String> {
+    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    stream
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.to_owned()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: i64::try_from(batch_size * 4).unwrap_or(i64::MAX),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The database side of the loop: one connection, re-established with backoff.
+pub(crate) struct Database {
+    pub(crate) pg: PgConfig,
+    pub(crate) client: Option<Client>,
+    pub(crate) up: Arc<AtomicBool>,
+    pub(crate) partitions: Partitions,
+    pub(crate) attempt: u32,
+}
+
+impl Database {
+    /// Waits (with backoff) until there is a connected client with the schema migrated;
+    /// false when `token` was cancelled first.
+    pub(crate) async fn connected(&mut self, token: &CancellationToken) -> bool {
+        while self.client.as_ref().is_none_or(Client::is_closed) {
+            self.up.store(false, Ordering::Relaxed);
+            self.partitions.forget();
+            match self.connect().await {
+                Ok(client) => {
+                    self.attempt = 0;
+                    self.client = Some(client);
+                    self.up.store(true, Ordering::Relaxed);
+                    tracing::info!("database connected");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "database unavailable");
+                    let wait = DbConfig::backoff(self.attempt).min(Duration::from_secs(5));
+                    self.attempt += 1;
+                    tokio::select! {
+                        _ = token.cancelled() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        let (mut client, conn) = self.pg.connect(NoTls).await?;
+        let up = Arc::clone(&self.up);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "database connection lost");
+            }
+            up.store(false, Ordering::Relaxed);
+        });
+        schema::migrate(&mut client).await?;
+        Ok(client)
+    }
+}
+
+/// Runs the loop until `token` is cancelled.
+pub(crate) async fn run(
+    consumer: Consumer<pull::Config>,
+    mut db: Database,
+    mode: Mode,
+    batch_size: usize,
+    batch_wait: Duration,
+    metrics: RecorderMetrics,
+    token: CancellationToken,
+) {
+    while !token.is_cancelled() {
+        // Take nothing while the database is away: records wait in the stream.
+        if !db.connected(&token).await {
+            break;
+        }
+        let batch = match consumer
+            .batch()
+            .max_messages(batch_size)
+            .expires(batch_wait)
+            .messages()
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "fetch failed");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let messages: Vec<Message> = batch.filter_map(|m| async { m.ok() }).collect().await;
+        if messages.is_empty() {
+            continue;
+        }
+        // The batch in hand is written even when shutdown has begun (bounded by the grace).
+        if !record_batch(&mut db, &mode, &messages, &metrics, &token).await {
+            break;
+        }
+        for m in &messages {
+            if let Err(e) = m.ack().await {
+                tracing::warn!(error = %e, "ack failed; the record will be redelivered");
+            }
+        }
+    }
+}
+
+/// Writes one batch, retrying until it commits; false when shutdown interrupted the retries.
+async fn record_batch(
+    db: &mut Database,
+    mode: &Mode,
+    messages: &[Message],
+    metrics: &RecorderMetrics,
+    token: &CancellationToken,
+) -> bool {
+    let mut records: Vec<Record> = Vec::with_capacity(messages.len());
+    let mut seqs: Vec<u64> = Vec::with_capacity(messages.len());
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    for m in messages {
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+        match parse(seq, &m.payload, m.headers.as_ref()) {
+            Ok(r) => {
+                records.push(r);
+                seqs.push(seq);
+            }
+            Err(d) => {
+                tracing::warn!(seq, reason = d.reason, "dead letter");
+                dead.push(d);
+            }
+        }
+    }
+    let days: Vec<i32> = records.iter().map(|r| day_of(r.received_at)).collect();
+    let mut one_by_one = false;
+    loop {
+        // During shutdown the batch is still written if the database answers; if it is down,
+        // the batch is left unacknowledged, to be redelivered.
+        if !db.connected(token).await {
+            return false;
+        }
+        let (Some(client), partitions) = (db.client.as_mut(), &mut db.partitions) else {
+            continue;
+        };
+        let started = Instant::now();
+        let result = match db_partitions(partitions, client, mode, &days).await {
+            Err(e) => Err(e),
+            Ok(()) if one_by_one => {
+                store::write_one_by_one(client, mode, &records, &dead, &seqs).await
+            }
+            Ok(()) => store::write(client, mode, &records, &dead).await,
+        };
+        match result {
+            Ok(outcome) => {
+                metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.batch_size.observe(messages.len() as f64);
+                metrics
+                    .batches
+                    .get_or_create(&[("outcome", "committed")])
+                    .inc();
+                match mode {
+                    Mode::Table => metrics.rows.inc_by(outcome.written),
+                    Mode::Dispatcher(_) => metrics.dispatched.inc_by(outcome.written),
+                };
+                metrics.duplicates.inc_by(outcome.duplicates);
+                metrics.dead_letters.inc_by(outcome.dead);
+                tracing::debug!(
+                    written = outcome.written,
+                    duplicates = outcome.duplicates,
+                    dead = outcome.dead,
+                    "batch committed"
+                );
+                return true;
+            }
+            Err(e) => {
+                metrics
+                    .batches
+                    .get_or_create(&[("outcome", "retried")])
+                    .inc();
+                if e.as_db_error().is_some() && !one_by_one {
+                    tracing::warn!(error = %e, "batch refused; writing it record by record");
+                    one_by_one = true;
+                } else {
+                    tracing::warn!(error = %e, "batch not written; retrying");
+                    if e.as_db_error().is_none() {
+                        // A connection problem: reconnect before the retry.
+                        db.client = None;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = token.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn db_partitions(
+    partitions: &mut Partitions,
+    client: &Client,
+    mode: &Mode,
+    days: &[i32],
+) -> Result<(), tokio_postgres::Error> {
+    match mode {
+        Mode::Table => partitions.ensure(client, days.iter().copied()).await,
+        Mode::Dispatcher(_) => Ok(()),
+    }
+}

@@ -1,0 +1,69 @@
+//! The recorder's metrics.
+
+use pgws_service::prometheus_client::metrics::counter::Counter;
+use pgws_service::prometheus_client::metrics::family::Family;
+use pgws_service::prometheus_client::metrics::gauge::Gauge;
+use pgws_service::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use pgws_service::Metrics;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Handles to every recorder metric.
+#[derive(Clone, Debug)]
+pub(crate) struct RecorderMetrics {
+    pub(crate) rows: Counter,
+    pub(crate) duplicates: Counter,
+    pub(crate) dead_letters: Counter,
+    pub(crate) dispatched: Counter,
+    pub(crate) batches: Family<Labels, Counter>,
+    pub(crate) batch_size: Histogram,
+    pub(crate) commit_seconds: Histogram,
+    pub(crate) pending: Gauge,
+}
+
+impl RecorderMetrics {
+    pub(crate) fn register(m: &Metrics) -> Self {
+        Self {
+            rows: m.register(
+                "recorder_rows",
+                "Rows inserted into pgws_audit.messages",
+                Counter::default(),
+            ),
+            duplicates: m.register(
+                "recorder_duplicates",
+                "Redelivered records already written (skipped by id)",
+                Counter::default(),
+            ),
+            dead_letters: m.register(
+                "recorder_dead_letters",
+                "Malformed records stored in pgws_audit.dead_letters",
+                Counter::default(),
+            ),
+            dispatched: m.register(
+                "recorder_dispatched",
+                "Dispatcher function calls (dispatcher mode)",
+                Counter::default(),
+            ),
+            batches: m.register(
+                "recorder_batches",
+                "Batches, by outcome (committed, retried)",
+                Family::default(),
+            ),
+            batch_size: m.register(
+                "recorder_batch_size",
+                "Records per committed batch",
+                Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            ),
+            commit_seconds: m.register(
+                "recorder_commit_seconds",
+                "Time to write and commit a batch",
+                Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            ),
+            pending: m.register(
+                "recorder_pending_messages",
+                "Audit records not yet recorded (consumer pending + unacknowledged): the lag",
+                Gauge::default(),
+            ),
+        }
+    }
+}

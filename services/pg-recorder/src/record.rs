@@ -1,0 +1,178 @@
+//! Turning an audit stream message into a row, or into a dead letter with the reason.
+//!
+//! A record is one postgres-websockets envelope with the `Nats-Msg-Id` and
+//! `Pgws-Notify-Channel` headers (see `proto/CONTRACT.md`). Anything else is malformed: it is
+//! kept in `pgws_audit.dead_letters` and never blocks the stream.
+
+use async_nats::HeaderMap;
+use pgws_proto::headers;
+use serde_json::{Map, Value};
+
+/// A well-formed audit record.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Record {
+    pub(crate) id: String,
+    pub(crate) channel: String,
+    pub(crate) event: String,
+    pub(crate) payload: String,
+    /// The claims as JSON text (with `message_delivered_at`).
+    pub(crate) claims: String,
+    /// `message_delivered_at`: when the gateway accepted the message, unix seconds.
+    pub(crate) received_at: f64,
+    pub(crate) notify_channel: String,
+    /// The envelope exactly as notified (what a dispatcher function receives).
+    pub(crate) envelope: String,
+}
+
+/// A message that cannot be recorded, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DeadLetter {
+    pub(crate) stream_seq: i64,
+    pub(crate) msg_id: Option<String>,
+    pub(crate) reason: String,
+    pub(crate) data: String,
+    /// The headers as a JSON object of arrays.
+    pub(crate) headers: String,
+}
+
+/// Parses one message; `seq` is its stream sequence.
+pub(crate) fn parse(seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) -> Result<Record, DeadLetter> {
+    let header = |name: &str| {
+        hdrs.and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let msg_id = header(headers::MSG_ID);
+    let dead = |reason: String| DeadLetter {
+        stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
+        msg_id: msg_id.clone(),
+        reason,
+        data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
+        headers: headers_json(hdrs),
+    };
+    let Some(id) = msg_id.clone().filter(|id| !id.is_empty()) else {
+        return Err(dead(format!("no {} header", headers::MSG_ID)));
+    };
+    let notify_channel = header(headers::NOTIFY_CHANNEL).unwrap_or_default();
+    let Ok(text) = std::str::from_utf8(data) else {
+        return Err(dead("not UTF-8".to_owned()));
+    };
+    if text.contains('\0') || id.contains('\0') || notify_channel.contains('\0') {
+        return Err(dead("contains a NUL character".to_owned()));
+    }
+    let Ok(Value::Object(envelope)) = serde_json::from_str::<Value>(text) else {
+        return Err(dead("not a JSON object".to_owned()));
+    };
+    let string = |field: &str| match envelope.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(format!("no string \"{field}\"")),
+    };
+    let fields = (string("event"), string("channel"), string("payload"));
+    let (event, channel, payload) = match fields {
+        (Ok(e), Ok(c), Ok(p)) => (e, c, p),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(dead(e)),
+    };
+    let Some(Value::Object(claims)) = envelope.get("claims") else {
+        return Err(dead("no \"claims\" object".to_owned()));
+    };
+    let Some(received_at) = claims.get("message_delivered_at").and_then(Value::as_f64) else {
+        return Err(dead("no numeric claims.message_delivered_at".to_owned()));
+    };
+    // PostgreSQL text and jsonb cannot hold NUL, even escaped.
+    if [&event, &channel, &payload]
+        .iter()
+        .any(|s| s.contains('\0'))
+        || claims.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+    {
+        return Err(dead("contains a NUL character".to_owned()));
+    }
+    Ok(Record {
+        id,
+        channel,
+        event,
+        payload,
+        claims: Value::Object(claims.clone()).to_string(),
+        received_at,
+        notify_channel,
+        envelope: text.to_owned(),
+    })
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn headers_json(hdrs: Option<&HeaderMap>) -> String {
+    let mut map = Map::new();
+    if let Some(h) = hdrs {
+        for (name, values) in h.iter() {
+            let values = values
+                .iter()
+                .map(|v| Value::from(v.as_str().replace('\0', "\u{fffd}")))
+                .collect();
+            map.insert(name.to_string(), Value::Array(values));
+        }
+    }
+    Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(id: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(id) = id {
+            h.insert(headers::MSG_ID, id);
+        }
+        h.insert(headers::NOTIFY_CHANNEL, "listen");
+        h
+    }
+
+    const GOOD: &str = r#"{"event":"WebsocketMessage","channel":"chat","payload":"hi","claims":{"mode":"rw","message_delivered_at":1700000000.5}}"#;
+
+    #[test]
+    fn a_good_record_parses() {
+        let r = parse(1, GOOD.as_bytes(), Some(&hdrs(Some("g-1")))).expect("good");
+        assert_eq!(
+            (r.id.as_str(), r.channel.as_str(), r.event.as_str()),
+            ("g-1", "chat", "WebsocketMessage")
+        );
+        assert_eq!(
+            (r.payload.as_str(), r.notify_channel.as_str()),
+            ("hi", "listen")
+        );
+        assert!((r.received_at - 1_700_000_000.5).abs() < 1e-6);
+        assert_eq!(r.envelope, GOOD);
+        assert!(r.claims.contains("\"mode\":\"rw\""));
+    }
+
+    #[test]
+    fn malformed_records_say_why() {
+        let cases: [(&[u8], Option<&str>, &str); 7] = [
+            (GOOD.as_bytes(), None, "no Nats-Msg-Id header"),
+            (b"\xff\xfe", Some("x"), "not UTF-8"),
+            (b"[1,2]", Some("x"), "not a JSON object"),
+            (br#"{"event":"E","channel":"c","claims":{}}"#, Some("x"), "no string \"payload\""),
+            (br#"{"event":"E","channel":"c","payload":"p"}"#, Some("x"), "no \"claims\" object"),
+            (br#"{"event":"E","channel":"c","payload":"p","claims":{}}"#, Some("x"), "no numeric claims.message_delivered_at"),
+            (br#"{"event":"E\u0000","channel":"c","payload":"p","claims":{"message_delivered_at":1}}"#, Some("x"), "contains a NUL character"),
+        ];
+        for (data, id, reason) in cases {
+            let err = parse(7, data, Some(&hdrs(id))).expect_err(reason);
+            assert_eq!(err.reason, reason);
+            assert_eq!(err.stream_seq, 7);
+        }
+        let nul = "{\"event\":\"E\u{0}\"}";
+        assert_eq!(
+            parse(1, nul.as_bytes(), Some(&hdrs(Some("x"))))
+                .expect_err("nul")
+                .reason,
+            "contains a NUL character"
+        );
+    }
+}

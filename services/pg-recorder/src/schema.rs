@@ -1,0 +1,125 @@
+//! The recorder's schema: versioned migrations applied in order under an advisory lock (so
+//! replicas starting together apply each once), daily partitions created on demand, and the
+//! retention that drops old ones.
+
+use std::collections::HashSet;
+
+use tokio_postgres::Client;
+
+/// The migrations, in order; each is applied once, in its own transaction.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "audit_tables",
+    include_str!("migrations/001_audit_tables.sql"),
+)];
+
+/// Applies the migrations the database does not have yet; returns how many it applied.
+pub(crate) async fn migrate(db: &mut Client) -> Result<usize, tokio_postgres::Error> {
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        let tx = db.transaction().await?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtext('pgws_audit.migrations'));
+             CREATE SCHEMA IF NOT EXISTS pgws_audit;
+             CREATE TABLE IF NOT EXISTS pgws_audit.schema_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM pgws_audit.schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO pgws_audit.schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+            applied += 1;
+            tracing::info!(version, name, "migration applied");
+        }
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// The UTC day (days since the epoch) of a unix time.
+pub(crate) fn day_of(unix_seconds: f64) -> i32 {
+    (unix_seconds / 86_400.0).floor() as i32
+}
+
+/// The daily partitions known to exist, so each is created once per process.
+#[derive(Debug, Default)]
+pub(crate) struct Partitions {
+    known: HashSet<i32>,
+}
+
+impl Partitions {
+    /// Makes sure a partition exists for each of `days`.
+    pub(crate) async fn ensure(
+        &mut self,
+        db: &Client,
+        days: impl IntoIterator<Item = i32>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let missing: Vec<i32> = days
+            .into_iter()
+            .filter(|d| !self.known.contains(d))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        db.execute(
+            "SELECT count(pgws_audit.ensure_partition(d)) FROM unnest($1::int[]) AS d",
+            &[&missing],
+        )
+        .await?;
+        self.known.extend(missing);
+        Ok(())
+    }
+
+    /// Forgets what is known (after a reconnect, or after retention dropped partitions).
+    pub(crate) fn forget(&mut self) {
+        self.known.clear();
+    }
+}
+
+/// Drops the partitions older than `days` days and the dispatcher ledger's rows as old;
+/// returns the partitions dropped.
+pub(crate) async fn apply_retention(db: &Client, days: u32) -> Result<i32, tokio_postgres::Error> {
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    let dropped: i32 = db
+        .query_one(
+            "SELECT pgws_audit.drop_partitions_before((now() AT TIME ZONE 'UTC')::date - $1::int)",
+            &[&days],
+        )
+        .await?
+        .get(0);
+    db.execute(
+        "DELETE FROM pgws_audit.dispatched WHERE dispatched_at < now() - make_interval(days => $1::int)",
+        &[&days],
+    )
+    .await?;
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::day_of;
+
+    #[test]
+    fn days_are_utc() {
+        assert_eq!(day_of(0.0), 0);
+        assert_eq!(day_of(86_399.9), 0);
+        assert_eq!(day_of(86_400.0), 1);
+        assert_eq!(day_of(-1.0), -1);
+        assert_eq!(day_of(1_795_392_000.0), 20_780);
+    }
+}

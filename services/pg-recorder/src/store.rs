@@ -1,0 +1,170 @@
+//! Writing a batch in one transaction: rows (or dispatcher calls) and dead letters together,
+//! idempotent by message id, so a redelivered batch changes nothing.
+//!
+//! When a batch fails inside PostgreSQL (not a lost connection), it is written again one record
+//! at a time under savepoints, and the record that fails becomes a dead letter with the
+//! database's error: one bad record never blocks the stream.
+
+use tokio_postgres::{Client, Transaction};
+
+use crate::record::{DeadLetter, Record};
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    /// Rows inserted, or dispatcher calls made.
+    pub(crate) written: u64,
+    /// Records already written before (redeliveries).
+    pub(crate) duplicates: u64,
+    /// Dead letters stored.
+    pub(crate) dead: u64,
+}
+
+/// Messages go to `pgws_audit.messages`, or to a dispatcher function.
+#[derive(Debug, Clone)]
+pub(crate) enum Mode {
+    /// `pgws_audit.messages`.
+    Table,
+    /// `SELECT f(notify_channel, envelope)` per new record; the quoted function name.
+    Dispatcher(String),
+}
+
+const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
+        (id, channel, event, payload, claims, received_at, notify_channel)
+    SELECT id, channel, event, payload, claims::jsonb, to_timestamp(at), nc
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
+        AS t(id, channel, event, payload, claims, at, nc)
+    ON CONFLICT DO NOTHING";
+
+const INSERT_DEAD: &str =
+    "INSERT INTO pgws_audit.dead_letters (stream_seq, msg_id, reason, data, headers)
+    SELECT seq, id, reason, data, headers::jsonb
+    FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[])
+        AS t(seq, id, reason, data, headers)
+    ON CONFLICT DO NOTHING";
+
+/// The dispatcher statement: records not seen before are claimed in the ledger, then the
+/// function is called for each, in stream order (the ordered subquery feeds the aggregate).
+fn dispatch_sql(function: &str) -> String {
+    format!(
+        "WITH new AS (
+            INSERT INTO pgws_audit.dispatched (id) SELECT unnest($1::text[])
+            ON CONFLICT DO NOTHING RETURNING id)
+         SELECT count({function}(t.c, t.p))::int8 FROM (
+            SELECT u.c, u.p FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(id, c, p, ord)
+            WHERE u.id IN (SELECT id FROM new) ORDER BY u.ord) AS t"
+    )
+}
+
+/// Writes `records` and `dead` in one transaction.
+pub(crate) async fn write(
+    db: &mut Client,
+    mode: &Mode,
+    records: &[Record],
+    dead: &[DeadLetter],
+) -> Result<Outcome, tokio_postgres::Error> {
+    let tx = db.transaction().await?;
+    let mut outcome = write_in(&tx, mode, records).await?;
+    outcome.dead = write_dead(&tx, dead).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The fallback: one savepoint per record; a record the database refuses becomes a dead
+/// letter carrying the error.
+pub(crate) async fn write_one_by_one(
+    db: &mut Client,
+    mode: &Mode,
+    records: &[Record],
+    dead: &[DeadLetter],
+    stream_seqs: &[u64],
+) -> Result<Outcome, tokio_postgres::Error> {
+    let mut tx = db.transaction().await?;
+    let mut outcome = Outcome::default();
+    let mut more_dead: Vec<DeadLetter> = dead.to_vec();
+    for (record, seq) in records.iter().zip(stream_seqs) {
+        let sp = tx.savepoint("record").await?;
+        match write_in(&sp, mode, std::slice::from_ref(record)).await {
+            Ok(o) => {
+                sp.commit().await?;
+                outcome.written += o.written;
+                outcome.duplicates += o.duplicates;
+            }
+            Err(e) if e.as_db_error().is_some() => {
+                sp.rollback().await?;
+                more_dead.push(DeadLetter {
+                    stream_seq: i64::try_from(*seq).unwrap_or(i64::MAX),
+                    msg_id: Some(record.id.clone()),
+                    reason: format!(
+                        "database refused it: {}",
+                        e.as_db_error()
+                            .map_or_else(String::new, |d| d.message().to_owned())
+                    ),
+                    data: record.envelope.clone(),
+                    headers: "{}".to_owned(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    outcome.dead = write_dead(&tx, &more_dead).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn write_in(
+    tx: &Transaction<'_>,
+    mode: &Mode,
+    records: &[Record],
+) -> Result<Outcome, tokio_postgres::Error> {
+    if records.is_empty() {
+        return Ok(Outcome::default());
+    }
+    let total = records.len() as u64;
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let written = match mode {
+        Mode::Table => {
+            let channels: Vec<&str> = records.iter().map(|r| r.channel.as_str()).collect();
+            let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
+            let payloads: Vec<&str> = records.iter().map(|r| r.payload.as_str()).collect();
+            let claims: Vec<&str> = records.iter().map(|r| r.claims.as_str()).collect();
+            let at: Vec<f64> = records.iter().map(|r| r.received_at).collect();
+            let nc: Vec<&str> = records.iter().map(|r| r.notify_channel.as_str()).collect();
+            tx.execute(
+                INSERT_ROWS,
+                &[&ids, &channels, &events, &payloads, &claims, &at, &nc],
+            )
+            .await?
+        }
+        Mode::Dispatcher(function) => {
+            let nc: Vec<&str> = records.iter().map(|r| r.notify_channel.as_str()).collect();
+            let envelopes: Vec<&str> = records.iter().map(|r| r.envelope.as_str()).collect();
+            let n: i64 = tx
+                .query_one(&dispatch_sql(function), &[&ids, &nc, &envelopes])
+                .await?
+                .get(0);
+            u64::try_from(n).unwrap_or(0)
+        }
+    };
+    Ok(Outcome {
+        written,
+        duplicates: total.saturating_sub(written),
+        dead: 0,
+    })
+}
+
+async fn write_dead(
+    tx: &Transaction<'_>,
+    dead: &[DeadLetter],
+) -> Result<u64, tokio_postgres::Error> {
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let seqs: Vec<i64> = dead.iter().map(|d| d.stream_seq).collect();
+    let ids: Vec<Option<&str>> = dead.iter().map(|d| d.msg_id.as_deref()).collect();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    let data: Vec<&str> = dead.iter().map(|d| d.data.as_str()).collect();
+    let headers: Vec<&str> = dead.iter().map(|d| d.headers.as_str()).collect();
+    tx.execute(INSERT_DEAD, &[&seqs, &ids, &reasons, &data, &headers])
+        .await
+}
