@@ -151,3 +151,109 @@ async fn a_postgres_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow:
     drop(rec);
     Ok(())
 }
+
+#[tokio::test]
+async fn malformed_records_become_dead_letters_and_block_nothing() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    rec.wait_ready().await?;
+    let js = async_nats::jetstream::new(async_nats::connect(pgws_tests::nats_url()).await?);
+    let subject = format!("{}.audit", stack.prefix);
+    let channel = pgws_tests::unique("dead-");
+    let good = |i: u32| {
+        serde_json::json!({"event": "WebsocketMessage", "channel": channel, "payload": format!("g{i}"),
+            "claims": {"mode": "w", "message_delivered_at": pgws_tests::now() as f64}})
+        .to_string()
+    };
+    let with_id = |id: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        h.insert("Pgws-Notify-Channel", "listen");
+        h
+    };
+    let run = pgws_tests::unique("");
+    for (headers, body) in [
+        (with_id(&format!("{run}-1")), good(1)),
+        (with_id(&format!("{run}-2")), "not json".to_owned()),
+        (async_nats::HeaderMap::new(), good(3)),
+        (with_id(&format!("{run}-4")), good(4)),
+    ] {
+        js.publish_with_headers(subject.clone(), headers, body.into())
+            .await?
+            .await?;
+    }
+    let (rows, _) = wait_recorded(&stack.db_uri(), &channel, 2).await;
+    assert_eq!(rows, 2);
+    let db = stack.pg().await?;
+    let reasons: Vec<String> = db
+        .query(
+            "SELECT reason FROM pgws_audit.dead_letters WHERE stream = $1 ORDER BY stream_seq",
+            &[&format!("{}-audit", stack.prefix)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons, ["not a JSON object", "no Nats-Msg-Id header"]);
+    assert_eq!(
+        rec.metric("pgws_recorder_dead_letters_total").await,
+        Some(2.0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn dispatcher_mode_calls_the_function_once_per_message_in_order() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    let name = pgws_tests::unique("disp_");
+    let db = stack.pg().await?;
+    db.batch_execute(&format!(
+        "CREATE TABLE {name}_log (n serial PRIMARY KEY, channel text, payload text);
+         CREATE FUNCTION {name}(c text, p text) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF p::json->>'payload' = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF;
+             INSERT INTO {name}_log (channel, payload) VALUES (c, p::json->>'payload');
+         END $$;"
+    ))
+    .await?;
+    stack
+        .extra
+        .push(("PGWS_RECORDER_DISPATCHER".to_owned(), name.clone()));
+    let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    rec.wait_ready().await?;
+    let mut ws = stack
+        .connect(0, "dispatch", &serde_json::json!({"mode": "w"}))
+        .await?;
+    for i in 0..50 {
+        ws.send_text(&format!("d{i}")).await?;
+        if i == 25 {
+            ws.send_text("boom").await?;
+        }
+    }
+    let log_query = format!("SELECT channel, payload FROM {name}_log ORDER BY n");
+    let done = pgws_tests::eventually(Duration::from_secs(30), || async {
+        db.query(&log_query, &[])
+            .await
+            .map(|r| r.len())
+            .unwrap_or(0)
+            >= 50
+    })
+    .await;
+    assert!(done, "dispatcher did not run");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows = db.query(&log_query, &[]).await?;
+    let payloads: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("d{i}")).collect();
+    assert_eq!(payloads, expected);
+    let channel: String = rows[0].get(0);
+    assert_eq!(channel, stack.listen_channel);
+    let reason: String = db
+        .query_one(
+            "SELECT reason FROM pgws_audit.dead_letters WHERE stream = $1",
+            &[&format!("{}-audit", stack.prefix)],
+        )
+        .await?
+        .get(0);
+    assert!(reason.contains("boom refused"), "{reason}");
+    Ok(())
+}

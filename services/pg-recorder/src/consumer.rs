@@ -155,14 +155,17 @@ async fn record_batch(
     token: &CancellationToken,
 ) -> bool {
     let mut records: Vec<Record> = Vec::with_capacity(messages.len());
-    let mut seqs: Vec<u64> = Vec::with_capacity(messages.len());
+    let mut positions: Vec<(String, u64)> = Vec::with_capacity(messages.len());
     let mut dead: Vec<DeadLetter> = Vec::new();
     for m in messages {
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
-        match parse(seq, &m.payload, m.headers.as_ref()) {
+        let (stream, seq) = m
+            .info()
+            .map(|i| (i.stream.to_owned(), i.stream_sequence))
+            .unwrap_or_default();
+        match parse(&stream, seq, &m.payload, m.headers.as_ref()) {
             Ok(r) => {
                 records.push(r);
-                seqs.push(seq);
+                positions.push((stream, seq));
             }
             Err(d) => {
                 tracing::warn!(seq, reason = d.reason, "dead letter");
@@ -185,7 +188,7 @@ async fn record_batch(
         let result = match db_partitions(partitions, client, mode, &days).await {
             Err(e) => Err(e),
             Ok(()) if one_by_one => {
-                store::write_one_by_one(client, mode, &records, &dead, &seqs).await
+                store::write_one_by_one(client, mode, &records, &dead, &positions).await
             }
             Ok(()) => store::write(client, mode, &records, &dead).await,
         };

@@ -27,6 +27,8 @@ pub(crate) struct Record {
 /// A message that cannot be recorded, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct DeadLetter {
+    /// The stream and sequence the record had (unique per stack).
+    pub(crate) stream: String,
     pub(crate) stream_seq: i64,
     pub(crate) msg_id: Option<String>,
     pub(crate) reason: String,
@@ -35,14 +37,20 @@ pub(crate) struct DeadLetter {
     pub(crate) headers: String,
 }
 
-/// Parses one message; `seq` is its stream sequence.
-pub(crate) fn parse(seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) -> Result<Record, DeadLetter> {
+/// Parses one message; `stream` and `seq` say where it was.
+pub(crate) fn parse(
+    stream: &str,
+    seq: u64,
+    data: &[u8],
+    hdrs: Option<&HeaderMap>,
+) -> Result<Record, DeadLetter> {
     let header = |name: &str| {
         hdrs.and_then(|h| h.get(name))
             .map(|v| v.as_str().to_owned())
     };
     let msg_id = header(headers::MSG_ID);
     let dead = |reason: String| DeadLetter {
+        stream: stream.to_owned(),
         stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
         msg_id: msg_id.clone(),
         reason,
@@ -137,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_good_record_parses() {
-        let r = parse(1, GOOD.as_bytes(), Some(&hdrs(Some("g-1")))).expect("good");
+        let r = parse("s", 1, GOOD.as_bytes(), Some(&hdrs(Some("g-1")))).expect("good");
         assert_eq!(
             (r.id.as_str(), r.channel.as_str(), r.event.as_str()),
             ("g-1", "chat", "WebsocketMessage")
@@ -163,13 +171,13 @@ mod tests {
             (br#"{"event":"E\u0000","channel":"c","payload":"p","claims":{"message_delivered_at":1}}"#, Some("x"), "contains a NUL character"),
         ];
         for (data, id, reason) in cases {
-            let err = parse(7, data, Some(&hdrs(id))).expect_err(reason);
+            let err = parse("s", 7, data, Some(&hdrs(id))).expect_err(reason);
             assert_eq!(err.reason, reason);
             assert_eq!(err.stream_seq, 7);
         }
         let nul = "{\"event\":\"E\u{0}\"}";
         assert_eq!(
-            parse(1, nul.as_bytes(), Some(&hdrs(Some("x"))))
+            parse("s", 1, nul.as_bytes(), Some(&hdrs(Some("x"))))
                 .expect_err("nul")
                 .reason,
             "contains a NUL character"

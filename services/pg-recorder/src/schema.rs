@@ -19,7 +19,8 @@ pub(crate) async fn migrate(db: &mut Client) -> Result<usize, tokio_postgres::Er
     for (version, name, sql) in MIGRATIONS {
         let tx = db.transaction().await?;
         tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(hashtext('pgws_audit.migrations'));
+            "SET LOCAL client_min_messages = warning;
+             SELECT pg_advisory_xact_lock(hashtext('pgws_audit.migrations'));
              CREATE SCHEMA IF NOT EXISTS pgws_audit;
              CREATE TABLE IF NOT EXISTS pgws_audit.schema_migrations (
                  version integer PRIMARY KEY,
@@ -76,6 +77,8 @@ impl Partitions {
         if missing.is_empty() {
             return Ok(());
         }
+        db.batch_execute("SET client_min_messages = warning")
+            .await?;
         db.execute(
             "SELECT count(pgws_audit.ensure_partition(d)) FROM unnest($1::int[]) AS d",
             &[&missing],

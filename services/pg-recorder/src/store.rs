@@ -37,10 +37,10 @@ const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
     ON CONFLICT DO NOTHING";
 
 const INSERT_DEAD: &str =
-    "INSERT INTO pgws_audit.dead_letters (stream_seq, msg_id, reason, data, headers)
-    SELECT seq, id, reason, data, headers::jsonb
-    FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[])
-        AS t(seq, id, reason, data, headers)
+    "INSERT INTO pgws_audit.dead_letters (stream, stream_seq, msg_id, reason, data, headers)
+    SELECT stream, seq, id, reason, data, headers::jsonb
+    FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[])
+        AS t(stream, seq, id, reason, data, headers)
     ON CONFLICT DO NOTHING";
 
 /// The dispatcher statement: records not seen before are claimed in the ledger, then the
@@ -77,12 +77,12 @@ pub(crate) async fn write_one_by_one(
     mode: &Mode,
     records: &[Record],
     dead: &[DeadLetter],
-    stream_seqs: &[u64],
+    positions: &[(String, u64)],
 ) -> Result<Outcome, tokio_postgres::Error> {
     let mut tx = db.transaction().await?;
     let mut outcome = Outcome::default();
     let mut more_dead: Vec<DeadLetter> = dead.to_vec();
-    for (record, seq) in records.iter().zip(stream_seqs) {
+    for (record, (stream, seq)) in records.iter().zip(positions) {
         let sp = tx.savepoint("record").await?;
         match write_in(&sp, mode, std::slice::from_ref(record)).await {
             Ok(o) => {
@@ -93,6 +93,7 @@ pub(crate) async fn write_one_by_one(
             Err(e) if e.as_db_error().is_some() => {
                 sp.rollback().await?;
                 more_dead.push(DeadLetter {
+                    stream: stream.clone(),
                     stream_seq: i64::try_from(*seq).unwrap_or(i64::MAX),
                     msg_id: Some(record.id.clone()),
                     reason: format!(
@@ -160,11 +161,15 @@ async fn write_dead(
     if dead.is_empty() {
         return Ok(0);
     }
+    let streams: Vec<&str> = dead.iter().map(|d| d.stream.as_str()).collect();
     let seqs: Vec<i64> = dead.iter().map(|d| d.stream_seq).collect();
     let ids: Vec<Option<&str>> = dead.iter().map(|d| d.msg_id.as_deref()).collect();
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     let data: Vec<&str> = dead.iter().map(|d| d.data.as_str()).collect();
     let headers: Vec<&str> = dead.iter().map(|d| d.headers.as_str()).collect();
-    tx.execute(INSERT_DEAD, &[&seqs, &ids, &reasons, &data, &headers])
-        .await
+    tx.execute(
+        INSERT_DEAD,
+        &[&streams, &seqs, &ids, &reasons, &data, &headers],
+    )
+    .await
 }

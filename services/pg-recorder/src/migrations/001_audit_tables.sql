@@ -14,12 +14,15 @@ CREATE TABLE pgws_audit.messages (
 CREATE INDEX messages_channel_received_at ON pgws_audit.messages (channel, received_at);
 
 CREATE TABLE pgws_audit.dead_letters (
-    stream_seq  bigint      PRIMARY KEY,
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    stream      text        NOT NULL,
+    stream_seq  bigint      NOT NULL,
     msg_id      text,
     reason      text        NOT NULL,
     data        text        NOT NULL,
     headers     jsonb       NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT now()
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (stream, stream_seq)
 );
 
 CREATE TABLE pgws_audit.dispatched (
