@@ -169,7 +169,7 @@ async fn record_batch(
             }
             Err(d) => {
                 tracing::warn!(seq, reason = d.reason, "dead letter");
-                dead.push(d);
+                dead.push(*d);
             }
         }
     }

@@ -43,19 +43,21 @@ pub(crate) fn parse(
     seq: u64,
     data: &[u8],
     hdrs: Option<&HeaderMap>,
-) -> Result<Record, DeadLetter> {
+) -> Result<Record, Box<DeadLetter>> {
     let header = |name: &str| {
         hdrs.and_then(|h| h.get(name))
             .map(|v| v.as_str().to_owned())
     };
     let msg_id = header(headers::MSG_ID);
-    let dead = |reason: String| DeadLetter {
-        stream: stream.to_owned(),
-        stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
-        msg_id: msg_id.clone(),
-        reason,
-        data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
-        headers: headers_json(hdrs),
+    let dead = |reason: String| {
+        Box::new(DeadLetter {
+            stream: stream.to_owned(),
+            stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
+            msg_id: msg_id.clone(),
+            reason,
+            data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
+            headers: headers_json(hdrs),
+        })
     };
     let Some(id) = msg_id.clone().filter(|id| !id.is_empty()) else {
         return Err(dead(format!("no {} header", headers::MSG_ID)));
