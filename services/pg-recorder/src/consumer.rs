@@ -99,7 +99,9 @@ impl Database {
     }
 }
 
-/// Runs the loop until `token` is cancelled.
+/// Runs the loop until `token` is cancelled. Two stages: this one pulls batches, a writer
+/// task writes and acknowledges them in order; one batch may wait between them, so the next
+/// batch is pulled while the previous one is written.
 pub(crate) async fn run(
     consumer: Consumer<pull::Config>,
     mut db: Database,
@@ -109,41 +111,91 @@ pub(crate) async fn run(
     metrics: RecorderMetrics,
     token: CancellationToken,
 ) {
-    while !token.is_cancelled() {
-        // Take nothing while the database is away: records wait in the stream.
-        if !db.connected(&token).await {
-            break;
-        }
-        let batch = match consumer
-            .batch()
-            .max_messages(batch_size)
-            .expires(batch_wait)
-            .messages()
-            .await
-        {
-            Ok(batch) => batch,
-            Err(e) => {
-                tracing::warn!(error = %e, "fetch failed");
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+    // Take nothing while the database is away: records wait in the stream.
+    if !db.connected(&token).await {
+        return;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Message>>(1);
+    let writer_token = token.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(messages) = rx.recv().await {
+            // The batch in hand is written even when shutdown has begun (bounded by the
+            // grace period); false means shutdown found the database away.
+            if !record_batch(&mut db, &mode, &messages, &metrics, &writer_token).await {
+                break;
+            }
+            for m in &messages {
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the record will be redelivered");
                 }
             }
-        };
-        let messages: Vec<Message> = batch.filter_map(|m| async { m.ok() }).collect().await;
-        if messages.is_empty() {
-            continue;
         }
-        // The batch in hand is written even when shutdown has begun (bounded by the grace).
-        if !record_batch(&mut db, &mode, &messages, &metrics, &token).await {
+    });
+    let mut stream = None;
+    while !token.is_cancelled() {
+        let messages = match stream.as_mut() {
+            None => {
+                match consumer
+                    .stream()
+                    .max_messages_per_batch(batch_size * 2)
+                    .messages()
+                    .await
+                {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot pull from the audit stream");
+                        tokio::select! {
+                            _ = token.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(s) => match next_batch(s, batch_size, batch_wait, &token).await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull failed; starting a new one");
+                    stream = None;
+                    continue;
+                }
+            },
+        };
+        if !messages.is_empty() && tx.send(messages).await.is_err() {
             break;
         }
-        for m in &messages {
-            if let Err(e) = m.ack().await {
-                tracing::warn!(error = %e, "ack failed; the record will be redelivered");
+    }
+    drop(tx);
+    drop(writer.await);
+}
+
+/// Waits for a first message (or shutdown), then takes what follows within `wait`, up to `max`.
+async fn next_batch(
+    stream: &mut pull::Stream,
+    max: usize,
+    wait: Duration,
+    token: &CancellationToken,
+) -> Result<Vec<Message>, String> {
+    let first = tokio::select! {
+        _ = token.cancelled() => return Ok(Vec::new()),
+        m = stream.next() => m,
+    };
+    let Some(first) = first else {
+        return Err("the pull ended".to_owned());
+    };
+    let mut batch = vec![first.map_err(|e| e.to_string())?];
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(m))) => batch.push(m),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "pull status");
+                break;
             }
+            Ok(None) | Err(_) => break,
         }
     }
+    Ok(batch)
 }
 
 /// Writes one batch, retrying until it commits; false when shutdown interrupted the retries.
