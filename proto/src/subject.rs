@@ -100,11 +100,6 @@ impl Subjects {
         format!("{}.sync", self.prefix)
     }
 
-    /// Matches every delivery subject.
-    pub fn deliver_all(&self) -> String {
-        format!("{}.deliver.*", self.prefix)
-    }
-
     /// The channel a delivery subject carries, if it is one of this stack's.
     pub fn channel_of_deliver(&self, subject: &str) -> Option<String> {
         let rest = subject

@@ -67,35 +67,45 @@ async fn send_paced(
     Ok(())
 }
 
-#[tokio::test]
-async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
-    let mut stack = Stack::start().await?;
-    let channel = pgws_tests::unique("kill-");
+/// Starts a recorder and a writer sending `n` paced messages on `channel`; returns once part
+/// of the stream is recorded, so that the caller's fault lands mid-stream.
+async fn recording_mid_stream(
+    stack: &Stack,
+    channel: &str,
+    n: usize,
+) -> anyhow::Result<(
+    Service,
+    tokio::task::JoinHandle<anyhow::Result<pgws_tests::WsClient>>,
+)> {
     let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
     rec.wait_ready().await?;
     let mut ws = stack
-        .connect(0, &channel, &serde_json::json!({"mode": "w"}))
+        .connect(0, channel, &serde_json::json!({"mode": "w"}))
         .await?;
-    let n = 3000;
     let sender = tokio::spawn(async move {
         send_paced(&mut ws, n, 100, Duration::from_millis(20)).await?;
-        Ok::<_, anyhow::Error>(ws)
+        Ok(ws)
     });
-    // Kill it once it has recorded part of the stream.
-    let db_uri = pgws_tests::db_uri();
-    assert!(
-        pgws_tests::eventually(Duration::from_secs(30), || async {
-            recorded(&db_uri, &channel).await.0 > 300
-        })
-        .await
-    );
+    let db_uri = stack.db_uri();
+    let started = pgws_tests::eventually(Duration::from_secs(30), || async {
+        recorded(&db_uri, channel).await.0 > 300
+    })
+    .await;
+    anyhow::ensure!(started, "nothing recorded");
+    Ok((rec, sender))
+}
+
+#[tokio::test]
+async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let channel = pgws_tests::unique("kill-");
+    let n = 3000;
+    let (rec, sender) = recording_mid_stream(&stack, &channel, n).await?;
     rec.signal("KILL")?;
     let _ws = sender.await??;
-    let again = Service::start(ServiceKind::Recorder, &stack.env()).await?;
-    let (rows, distinct) = wait_recorded(&db_uri, &channel, n as i64).await;
+    let _again = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    let (rows, distinct) = wait_recorded(&stack.db_uri(), &channel, n as i64).await;
     assert_eq!((rows, distinct), (n as i64, n as i64));
-    drop(again);
-    stack.gateways.clear();
     Ok(())
 }
 
@@ -126,29 +136,14 @@ async fn a_postgres_restart_mid_stream_loses_and_duplicates_nothing() -> anyhow:
     let uri = pg.uri();
     let stack = Stack::start_with(&[("PGWS_DB_URI", &uri), ("PGWS_NOTIFY_TIMEOUT", "30")]).await?;
     let channel = pgws_tests::unique("restart-");
-    let rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
-    rec.wait_ready().await?;
-    let mut ws = stack
-        .connect(0, &channel, &serde_json::json!({"mode": "w"}))
-        .await?;
     let n = 3000;
-    let sender = tokio::spawn(async move {
-        send_paced(&mut ws, n, 100, Duration::from_millis(20)).await?;
-        Ok::<_, anyhow::Error>(ws)
-    });
-    assert!(
-        pgws_tests::eventually(Duration::from_secs(30), || async {
-            recorded(&uri, &channel).await.0 > 300
-        })
-        .await
-    );
+    let (_rec, sender) = recording_mid_stream(&stack, &channel, n).await?;
     pg.stop()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.restart()?;
     let _ws = sender.await??;
     let (rows, distinct) = wait_recorded(&uri, &channel, n as i64).await;
     assert_eq!((rows, distinct), (n as i64, n as i64));
-    drop(rec);
     Ok(())
 }
 

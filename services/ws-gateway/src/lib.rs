@@ -39,7 +39,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The largest frame read from a client; bigger frames close the socket with 1009. Frames
 /// below it whose envelope exceeds the NOTIFY limit get an error frame instead.
-const MAX_FRAME: usize = 64 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 
 /// What every socket shares.
 pub(crate) struct Gateway {
@@ -48,7 +48,6 @@ pub(crate) struct Gateway {
     pub(crate) uplink: Uplink,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) shutdown: Shutdown,
-    pub(crate) max_frame: usize,
     next_id: AtomicU64,
     /// Message ids: this process's random instance id and a counter.
     instance: u64,
@@ -197,7 +196,6 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         uplink,
         metrics,
         shutdown: shutdown.clone(),
-        max_frame: MAX_FRAME,
         next_id: AtomicU64::new(0),
         instance: rand::random(),
         next_message: AtomicU64::new(0),
