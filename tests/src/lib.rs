@@ -122,6 +122,8 @@ impl Stack {
             ("PGWS_POOL_SIZE", "2".to_owned()),
             ("PGWS_RETRIES", "2".to_owned()),
             ("PGWS_CHECK_LISTENER_INTERVAL", "500".to_owned()),
+            // JetStream reserves a stream's byte limit up front: test stacks keep it small.
+            ("PGWS_AUDIT_MAX_BYTES", (16 << 20).to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
