@@ -8,8 +8,7 @@
 #   4. waits for each admin /readyz (gateway :9100, bridge :9101, recorder :9102), prints the
 #      example page's URL and a sample token, then runs until Ctrl-C / SIGTERM, which stops
 #      all three.
-# pg-recorder is optional for now: if it exits at once or never gets ready, the stack runs on
-# without it (with a warning).
+# Every service must become ready; if one exits or never gets ready, the stack stops with its log.
 #
 # Usage: scripts/stack.sh [--check [--browser]] [ENV_FILE]
 #   --check   start everything, wait until ready, check the example page and a websocket round
@@ -57,7 +56,6 @@ READY_TIMEOUT=${STACK_READY_TIMEOUT:-60}
 SERVICES=(pg-bridge pg-recorder ws-gateway)
 declare -A ADMIN_PORT=([ws-gateway]=9100 [pg-bridge]=9101 [pg-recorder]=9102)
 declare -A PID=()
-RECORDER_UP=0
 
 # ---------------------------------------------------------------- stopping
 stop_all() {
@@ -168,10 +166,9 @@ ready() {
   [[ $code == 200 ]]
 }
 
-# Returns 0 when ready; 1 when the (optional) recorder is not; exits for required services.
+# Returns when the service is ready; exits with its log tail if it stops or never gets ready.
 wait_ready() {
-  local name=$1 optional=0 deadline rc
-  [[ $name == pg-recorder ]] && optional=1
+  local name=$1 deadline rc
   deadline=$((SECONDS + READY_TIMEOUT))
   while ((SECONDS < deadline)); do
     if ready "$name"; then
@@ -182,30 +179,17 @@ wait_ready() {
       rc=0
       wait "${PID[$name]}" || rc=$?
       PID[$name]=""
-      if [[ $optional -eq 1 ]]; then
-        if [[ $rc -eq 0 ]]; then
-          warn "$name exited at once with status 0 (a placeholder?); running without it"
-        else
-          log_tail "$name"
-          warn "$name exited with status $rc; running without it"
-        fi
-        return 1
-      fi
       log_tail "$name"
       die "$name exited with status $rc before it was ready"
     fi
     sleep 0.25
   done
-  if [[ $optional -eq 1 ]]; then
-    warn "$name is not ready after ${READY_TIMEOUT}s; leaving it running (see .stack/$name.log)"
-    return 1
-  fi
   log_tail "$name"
   die "$name is not ready after ${READY_TIMEOUT}s (http://$ADMIN_HOST:${ADMIN_PORT[$name]}/readyz)"
 }
 
 wait_ready pg-bridge
-if wait_ready pg-recorder; then RECORDER_UP=1; fi
+wait_ready pg-recorder
 wait_ready ws-gateway
 
 # ---------------------------------------------------------------- sample token
@@ -334,7 +318,6 @@ JS
 if [[ $CHECK -eq 1 ]]; then
   rc=0
   run_check || rc=1
-  if [[ $RECORDER_UP -eq 0 ]]; then warn "check: pg-recorder was not ready (optional for now)"; fi
   if [[ $rc -eq 0 ]]; then say "check passed"; else say "check FAILED"; fi
   exit "$rc"
 fi
@@ -347,7 +330,7 @@ cat <<EOF
     sample token:   ${TOKEN:-(none: the JWT secret is a JWK/JWKS)}   {"mode":"rw","channel":"chat"}
     page + token:   ${PAGE_URL}#token=$TOKEN
     websocket:      ws://localhost:$WS_PORT/chat/$TOKEN
-    admin:          gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102$([[ $RECORDER_UP -eq 1 ]] || echo ' (not ready)')
+    admin:          gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102
                     (/healthz /readyz /metrics)
     logs:           .stack/ws-gateway.log .stack/pg-bridge.log .stack/pg-recorder.log
   Press Ctrl-C to stop.
