@@ -250,5 +250,8 @@ async fn dispatcher_mode_calls_the_function_once_per_message_in_order() -> anyho
         .await?
         .get(0);
     assert!(reason.contains("boom refused"), "{reason}");
+    drop(rec);
+    db.batch_execute(&format!("DROP FUNCTION {name}; DROP TABLE {name}_log"))
+        .await?;
     Ok(())
 }
