@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
             let mut got = 0;
             while got < messages {
                 let Ok(Some(Ok(msg))) =
-                    tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+                    tokio::time::timeout(Duration::from_secs(60), ws.next()).await
                 else {
                     break;
                 };
