@@ -4,13 +4,15 @@
 //! Batches are bounded by `PGWS_RECORDER_BATCH_SIZE` records and `PGWS_RECORDER_BATCH_WAIT`.
 //! A database failure leaves the batch unacknowledged: the loop reconnects with backoff and
 //! writes the same batch again (ids make it idempotent; if the ack wait passes meanwhile, the
-//! server redelivers and the ids absorb that too). On shutdown the batch in hand is finished.
+//! server redelivers and the ids absorb that too). On shutdown the batch in hand is finished
+//! and what the pull buffered beyond it is handed back to the server.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use pgws_config::DbConfig;
@@ -18,7 +20,7 @@ use tokio_postgres::{Client, Config as PgConfig, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::RecorderMetrics;
-use crate::record::{parse, DeadLetter, Record};
+use crate::record::Batch;
 use crate::schema::{self, day_of, Partitions};
 use crate::store::{self, Mode};
 
@@ -166,8 +168,42 @@ pub(crate) async fn run(
         }
     }
     drop(tx);
+    // What the pull already brought but no batch took goes back now, rather than after the ack
+    // wait, so another replica (or the next start) gets it soon.
+    if let Some(mut s) = stream {
+        hand_back(&mut s).await;
+    }
     drop(writer.await);
 }
+
+/// Negatively acknowledges, with a short delay, the messages the pull has buffered (those
+/// arriving within [`HAND_BACK_WAIT`] of each other, for at most [`HAND_BACK_DELAY`] / 2): the
+/// server redelivers them after the delay instead of the ack wait. The delay keeps them from
+/// coming back to this very pull while it is drained. A message the server sends after the
+/// drain stopped is redelivered after the ack wait, as after a crash.
+async fn hand_back(stream: &mut pull::Stream) {
+    let mut returned = 0_u32;
+    let until = tokio::time::Instant::now() + HAND_BACK_DELAY / 2;
+    while tokio::time::Instant::now() < until {
+        let Ok(Some(Ok(m))) = tokio::time::timeout(HAND_BACK_WAIT, stream.next()).await else {
+            break;
+        };
+        if m.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY)))
+            .await
+            .is_ok()
+        {
+            returned += 1;
+        }
+    }
+    if returned > 0 {
+        tracing::info!(returned, "unwritten records handed back for redelivery");
+    }
+}
+
+/// How long the server holds a handed-back record before redelivering it.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+/// How long [`hand_back`] waits for one more buffered message.
+const HAND_BACK_WAIT: Duration = Duration::from_millis(50);
 
 /// Waits for a first message (or shutdown), then takes what follows within `wait`, up to `max`.
 async fn next_batch(
@@ -198,7 +234,8 @@ async fn next_batch(
     Ok(batch)
 }
 
-/// Writes one batch, retrying until it commits; false when shutdown interrupted the retries.
+/// Writes one pulled batch, retrying until it commits; false when shutdown interrupted the
+/// retries.
 async fn record_batch(
     db: &mut Database,
     mode: &Mode,
@@ -206,27 +243,38 @@ async fn record_batch(
     metrics: &RecorderMetrics,
     token: &CancellationToken,
 ) -> bool {
-    let mut records: Vec<Record> = Vec::with_capacity(messages.len());
-    let mut positions: Vec<(String, u64)> = Vec::with_capacity(messages.len());
-    let mut dead: Vec<DeadLetter> = Vec::new();
+    let mut batch = Batch::default();
     for m in messages {
         let (stream, seq) = m
             .info()
             .map(|i| (i.stream.to_owned(), i.stream_sequence))
             .unwrap_or_default();
-        match parse(&stream, seq, &m.payload, m.headers.as_ref()) {
-            Ok(r) => {
-                records.push(r);
-                positions.push((stream, seq));
-            }
-            Err(d) => {
-                tracing::warn!(seq, reason = d.reason, "dead letter");
-                dead.push(*d);
-            }
-        }
+        batch.push(&stream, seq, &m.payload, m.headers.as_ref());
     }
-    let days: Vec<i32> = records.iter().map(|r| day_of(r.received_at)).collect();
+    write_batch(db, mode, &batch, metrics, token).await
+}
+
+/// How many times a batch is retried after shutdown began (the grace period bounds it too).
+const RETRIES_IN_SHUTDOWN: u32 = 3;
+
+/// Writes a batch in one transaction, retrying until it commits: after a transient failure as
+/// it is (reconnecting when the connection is gone), after any other failure record by record,
+/// so the records the database refuses become dead letters. Returns false when shutdown
+/// interrupted the retries (the batch stays unacknowledged, to be redelivered).
+pub(crate) async fn write_batch(
+    db: &mut Database,
+    mode: &Mode,
+    batch: &Batch,
+    metrics: &RecorderMetrics,
+    token: &CancellationToken,
+) -> bool {
+    let days: Vec<i32> = batch
+        .records
+        .iter()
+        .map(|r| day_of(r.received_at))
+        .collect();
     let mut one_by_one = false;
+    let mut failures: u32 = 0;
     loop {
         // During shutdown the batch is still written if the database answers; if it is down,
         // the batch is left unacknowledged, to be redelivered.
@@ -239,17 +287,15 @@ async fn record_batch(
         let started = Instant::now();
         let result = match db_partitions(partitions, client, mode, &days).await {
             Err(e) => Err(e),
-            Ok(()) if one_by_one => {
-                store::write_one_by_one(client, mode, &records, &dead, &positions).await
-            }
-            Ok(()) => store::write(client, mode, &records, &dead).await,
+            Ok(()) if one_by_one => store::write_one_by_one(client, mode, batch).await,
+            Ok(()) => store::write(client, mode, batch).await,
         };
-        match result {
+        let e = match result {
             Ok(outcome) => {
                 metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                metrics.batch_size.observe(messages.len() as f64);
+                metrics.batch_size.observe(batch.len() as f64);
                 metrics
                     .batches
                     .get_or_create(&[("outcome", "committed")])
@@ -268,27 +314,30 @@ async fn record_batch(
                 );
                 return true;
             }
-            Err(e) => {
-                metrics
-                    .batches
-                    .get_or_create(&[("outcome", "retried")])
-                    .inc();
-                if e.as_db_error().is_some() && !one_by_one {
-                    tracing::warn!(error = %e, "batch refused; writing it record by record");
-                    one_by_one = true;
-                } else {
-                    tracing::warn!(error = %e, "batch not written; retrying");
-                    if e.as_db_error().is_none() {
-                        // A connection problem: reconnect before the retry.
-                        db.client = None;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = token.cancelled() => {}
-                    }
-                }
-            }
+            Err(e) => e,
+        };
+        metrics
+            .batches
+            .get_or_create(&[("outcome", "retried")])
+            .inc();
+        // A partition may have gone (retention) or the database may have been replaced.
+        db.partitions.forget();
+        if !one_by_one && !store::is_transient(&e) {
+            tracing::warn!(error = %e, "batch refused; writing it record by record");
+            one_by_one = true;
+            continue;
         }
+        tracing::warn!(error = %e, failures, "batch not written; retrying");
+        if e.as_db_error().is_none() {
+            // A connection problem: reconnect before the retry.
+            db.client = None;
+        }
+        if token.is_cancelled() && failures >= RETRIES_IN_SHUTDOWN {
+            return false;
+        }
+        let pause = Duration::from_millis(200 << failures.min(5));
+        failures += 1;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -303,3 +352,7 @@ async fn db_partitions(
         Mode::Dispatcher(_) => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "consumer_tests.rs"]
+mod tests;

@@ -4,21 +4,39 @@
 //! JetStream work queue, see `proto/CONTRACT.md`). Every recorder replica pulls from one shared
 //! durable consumer, writes a batch in one transaction into `pgws_audit.messages` (daily
 //! partitions, primary key = message id + time, so redeliveries change nothing), keeps what it
-//! cannot parse in `pgws_audit.dead_letters`, and acknowledges the batch only after COMMIT.
-//! So a record survives a recorder crash, a PostgreSQL restart or a NATS restart, and is
-//! written once. With `PGWS_RECORDER_DISPATCHER=f` it calls `f(channel, payload)` for each
-//! new record instead, in order, in the same transaction as the ledger row that makes the call
-//! happen once (diogob/pg-recorder's `-f`, without its losses).
+//! cannot parse or the database refuses in `pgws_audit.dead_letters` (same transaction), and
+//! acknowledges the batch only after COMMIT. So a record survives a recorder crash, a
+//! PostgreSQL restart or a NATS restart, and is written once. With
+//! `PGWS_RECORDER_DISPATCHER=f` it calls `f(notify_channel, envelope)` for each new record
+//! instead, in stream order, in the same transaction as the ledger row
+//! (`pgws_audit.dispatched`) that makes the call happen once (diogob/pg-recorder's `-f`,
+//! without its losses).
+//!
+//! Failures: PostgreSQL away (at start or later): nothing is taken from the stream, readiness
+//! says `database`, the connection is retried with backoff and the batch in hand is written
+//! when it is back. A transient database error (deadlock, disk full, shutdown...): the same
+//! batch again, with backoff. Any other error: the batch again record by record, the refused
+//! ones becoming dead letters. Shutdown: stop pulling, write and acknowledge the batches in
+//! hand (at most 15 s), hand the buffered rest back to the server (a delayed NAK).
+//! Growth: `PGWS_RECORDER_RETENTION_DAYS` drops old daily partitions at start and hourly; in
+//! dispatcher mode the ledger keeps rows for twice `PGWS_AUDIT_MAX_AGE` (no record can be
+//! redelivered later than that).
 //!
 //! Code map: `config`; `record` (parse or dead-letter); `schema` (migrations, partitions,
-//! retention); `store` (the batch transaction); `consumer` (the loop); `metrics`.
+//! retention); `store` (the batch transaction, dispatcher SQL, error classes); `consumer` (the
+//! pull and writer stages, retries); `metrics`. Tests use the real PostgreSQL and NATS, a
+//! database and a NATS prefix per test (`test_support`).
 
 mod config;
 mod consumer;
 mod metrics;
 mod record;
 mod schema;
+#[cfg(test)]
+mod service_tests;
 mod store;
+#[cfg(test)]
+mod test_support;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,9 +56,11 @@ use store::Mode;
 
 /// How long shutdown waits for the batch in hand.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
-/// How often the lag gauge and the retention run.
+/// How often the lag gauge is refreshed, and how often the upkeep (retention) runs.
 const LAG_EVERY: Duration = Duration::from_secs(5);
-const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+const UPKEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How soon the upkeep tries again when the database was unavailable.
+const UPKEEP_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown.token` is cancelled, then finishes the batch in hand.
 pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -98,9 +118,13 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
     let lag_consumer = consumer.clone();
     let (gauge, token) = (metrics.pending.clone(), shutdown.token.clone());
     shutdown.spawn(async move { watch_lag(lag_consumer, gauge, token).await });
-    if let Some(days) = config.retention_days {
+    let upkeep = Upkeep {
+        retention_days: config.retention_days,
+        ledger_age: config.dispatcher.as_ref().map(|_| 2 * config.audit.max_age),
+    };
+    if upkeep.retention_days.is_some() || upkeep.ledger_age.is_some() {
         let (pg, token) = (pg.clone(), shutdown.token.clone());
-        shutdown.spawn(async move { retention(pg, days, token).await });
+        shutdown.spawn(async move { upkeep.run(pg, token).await });
     }
 
     let mode = config
@@ -119,7 +143,7 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
     let stop = CancellationToken::new();
     let loop_stop = stop.clone();
     let (batch_size, batch_wait) = (config.batch_size, config.batch_wait);
-    let recording = tokio::spawn(consumer::run(
+    let recording = shutdown.tracker.spawn(consumer::run(
         consumer, db, mode, batch_size, batch_wait, metrics, loop_stop,
     ));
     shutdown.token.cancelled().await;
@@ -156,23 +180,62 @@ async fn watch_lag(
     }
 }
 
-async fn retention(pg: tokio_postgres::Config, days: u32, token: CancellationToken) {
-    loop {
-        match pg.connect(tokio_postgres::NoTls).await {
-            Ok((client, conn)) => {
-                let driver = tokio::spawn(conn);
-                match schema::apply_retention(&client, days).await {
-                    Ok(dropped) => tracing::info!(dropped, days, "retention applied"),
-                    Err(e) => tracing::warn!(error = %e, "retention failed"),
+/// What the hourly upkeep does: drop old partitions, prune the dispatcher ledger.
+#[derive(Debug, Clone, Copy)]
+struct Upkeep {
+    /// `PGWS_RECORDER_RETENTION_DAYS`.
+    retention_days: Option<u32>,
+    /// Dispatcher mode: ledger rows older than this (twice the audit stream's max age) go.
+    ledger_age: Option<Duration>,
+}
+
+impl Upkeep {
+    /// At start, then every hour, on its own connection.
+    async fn run(self, pg: tokio_postgres::Config, token: CancellationToken) {
+        loop {
+            let done = match pg.connect(tokio_postgres::NoTls).await {
+                Ok((mut client, conn)) => {
+                    let driver = tokio::spawn(conn);
+                    // The writer may not have migrated yet (the database was down).
+                    let done = match schema::migrate(&mut client).await {
+                        Ok(_) => {
+                            self.once(&client).await;
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upkeep: migrations failed");
+                            false
+                        }
+                    };
+                    drop(client);
+                    drop(driver.await);
+                    done
                 }
-                drop(client);
-                drop(driver.await);
+                Err(e) => {
+                    tracing::warn!(error = %e, "upkeep: database unavailable");
+                    false
+                }
+            };
+            let wait = if done { UPKEEP_EVERY } else { UPKEEP_RETRY };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
-            Err(e) => tracing::warn!(error = %e, "retention: database unavailable"),
         }
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(RETENTION_EVERY) => {}
+    }
+
+    async fn once(&self, client: &tokio_postgres::Client) {
+        if let Some(days) = self.retention_days {
+            match schema::drop_old_partitions(client, days).await {
+                Ok(dropped) => tracing::info!(dropped, days, "retention applied"),
+                Err(e) => tracing::warn!(error = %e, "retention failed"),
+            }
+        }
+        if let Some(age) = self.ledger_age {
+            match schema::prune_ledger(client, age).await {
+                Ok(deleted) => tracing::info!(deleted, "dispatcher ledger pruned"),
+                Err(e) => tracing::warn!(error = %e, "dispatcher ledger prune failed"),
+            }
         }
     }
 }

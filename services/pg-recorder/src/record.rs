@@ -37,6 +37,40 @@ pub(crate) struct DeadLetter {
     pub(crate) headers: String,
 }
 
+/// The records of one pulled batch, in stream order, and its dead letters.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Batch {
+    pub(crate) records: Vec<Record>,
+    /// Where each record was: `(stream, stream sequence)`, parallel to `records`.
+    pub(crate) positions: Vec<(String, u64)>,
+    pub(crate) dead: Vec<DeadLetter>,
+}
+
+impl Batch {
+    /// Parses one message and adds it to the records or to the dead letters.
+    pub(crate) fn push(&mut self, stream: &str, seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) {
+        match parse(stream, seq, data, hdrs) {
+            Ok(r) => {
+                self.records.push(r);
+                self.positions.push((stream.to_owned(), seq));
+            }
+            Err(d) => {
+                tracing::warn!(seq, reason = d.reason, "dead letter");
+                self.dead.push(*d);
+            }
+        }
+    }
+
+    /// Messages in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.records.len() + self.dead.len()
+    }
+}
+
+/// The first second `message_delivered_at` may not reach: 10000-01-01 UTC. Daily partitions
+/// are named `messages_YYYYMMDD` and compared as text, which needs four-digit years.
+const LATEST: f64 = 253_402_300_800.0;
+
 /// Parses one message; `stream` and `seq` say where it was.
 pub(crate) fn parse(
     stream: &str,
@@ -53,7 +87,7 @@ pub(crate) fn parse(
         Box::new(DeadLetter {
             stream: stream.to_owned(),
             stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
-            msg_id: msg_id.clone(),
+            msg_id: msg_id.as_ref().map(|id| id.replace('\0', "\u{fffd}")),
             reason,
             data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
             headers: headers_json(hdrs),
@@ -87,6 +121,11 @@ pub(crate) fn parse(
     let Some(received_at) = claims.get("message_delivered_at").and_then(Value::as_f64) else {
         return Err(dead("no numeric claims.message_delivered_at".to_owned()));
     };
+    if !(0.0..LATEST).contains(&received_at) {
+        return Err(dead(
+            "claims.message_delivered_at is not between 1970 and 9999".to_owned(),
+        ));
+    }
     // PostgreSQL text and jsonb cannot hold NUL, even escaped.
     if [&event, &channel, &payload]
         .iter()
@@ -124,7 +163,10 @@ fn headers_json(hdrs: Option<&HeaderMap>) -> String {
                 .iter()
                 .map(|v| Value::from(v.as_str().replace('\0', "\u{fffd}")))
                 .collect();
-            map.insert(name.to_string(), Value::Array(values));
+            map.insert(
+                name.to_string().replace('\0', "\u{fffd}"),
+                Value::Array(values),
+            );
         }
     }
     Value::Object(map).to_string()
@@ -163,7 +205,7 @@ mod tests {
 
     #[test]
     fn malformed_records_say_why() {
-        let cases: [(&[u8], Option<&str>, &str); 7] = [
+        let cases: [(&[u8], Option<&str>, &str); 9] = [
             (GOOD.as_bytes(), None, "no Nats-Msg-Id header"),
             (b"\xff\xfe", Some("x"), "not UTF-8"),
             (b"[1,2]", Some("x"), "not a JSON object"),
@@ -171,6 +213,8 @@ mod tests {
             (br#"{"event":"E","channel":"c","payload":"p"}"#, Some("x"), "no \"claims\" object"),
             (br#"{"event":"E","channel":"c","payload":"p","claims":{}}"#, Some("x"), "no numeric claims.message_delivered_at"),
             (br#"{"event":"E\u0000","channel":"c","payload":"p","claims":{"message_delivered_at":1}}"#, Some("x"), "contains a NUL character"),
+            (br#"{"event":"E","channel":"c","payload":"p","claims":{"message_delivered_at":1e300}}"#, Some("x"), "claims.message_delivered_at is not between 1970 and 9999"),
+            (br#"{"event":"E","channel":"c","payload":"p","claims":{"message_delivered_at":-1}}"#, Some("x"), "claims.message_delivered_at is not between 1970 and 9999"),
         ];
         for (data, id, reason) in cases {
             let err = parse("s", 7, data, Some(&hdrs(id))).expect_err(reason);

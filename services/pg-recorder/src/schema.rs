@@ -3,15 +3,23 @@
 //! retention that drops old ones.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
 /// The migrations, in order; each is applied once, in its own transaction.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "audit_tables",
-    include_str!("migrations/001_audit_tables.sql"),
-)];
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "audit_tables",
+        include_str!("migrations/001_audit_tables.sql"),
+    ),
+    (
+        2,
+        "dispatched_age",
+        include_str!("migrations/002_dispatched_age.sql"),
+    ),
+];
 
 /// Applies the migrations the database does not have yet; returns how many it applied.
 pub(crate) async fn migrate(db: &mut Client) -> Result<usize, tokio_postgres::Error> {
@@ -94,24 +102,37 @@ impl Partitions {
     }
 }
 
-/// Drops the partitions older than `days` days and the dispatcher ledger's rows as old;
-/// returns the partitions dropped.
-pub(crate) async fn apply_retention(db: &Client, days: u32) -> Result<i32, tokio_postgres::Error> {
+/// Drops the daily partitions of `pgws_audit.messages` wholly older than `days` days (UTC):
+/// with `days = 1`, today's and yesterday's stay. Returns how many it dropped.
+pub(crate) async fn drop_old_partitions(
+    db: &Client,
+    days: u32,
+) -> Result<i32, tokio_postgres::Error> {
     let days = i32::try_from(days).unwrap_or(i32::MAX);
-    let dropped: i32 = db
+    db.batch_execute("SET client_min_messages = warning")
+        .await?;
+    Ok(db
         .query_one(
             "SELECT pgws_audit.drop_partitions_before((now() AT TIME ZONE 'UTC')::date - $1::int)",
             &[&days],
         )
         .await?
-        .get(0);
-    db.execute(
-        "DELETE FROM pgws_audit.dispatched WHERE dispatched_at < now() - make_interval(days => $1::int)",
-        &[&days],
-    )
-    .await?;
-    Ok(dropped)
+        .get(0))
 }
+
+/// Deletes the dispatcher ledger's rows older than `age`; returns how many.
+pub(crate) async fn prune_ledger(db: &Client, age: Duration) -> Result<u64, tokio_postgres::Error> {
+    let seconds = age.as_secs_f64();
+    db.execute(
+        "DELETE FROM pgws_audit.dispatched WHERE dispatched_at < now() - make_interval(secs => $1)",
+        &[&seconds],
+    )
+    .await
+}
+
+#[cfg(test)]
+#[path = "schema_tests.rs"]
+mod db_tests;
 
 #[cfg(test)]
 mod tests {

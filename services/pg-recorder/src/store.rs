@@ -1,13 +1,37 @@
 //! Writing a batch in one transaction: rows (or dispatcher calls) and dead letters together,
 //! idempotent by message id, so a redelivered batch changes nothing.
 //!
-//! When a batch fails inside PostgreSQL (not a lost connection), it is written again one record
+//! When a batch fails inside PostgreSQL for a reason that will not pass by itself (not a lost
+//! connection, a deadlock or a full disk: see [`is_transient`]), it is written again one record
 //! at a time under savepoints, and the record that fails becomes a dead letter with the
 //! database's error: one bad record never blocks the stream.
+//!
+//! Dispatcher mode calls the function in stream order: the statement feeds the aggregate from a
+//! subquery sorted by the records' position (`WITH ORDINALITY`). PostgreSQL does not flatten a
+//! subquery that has an `ORDER BY`, and an aggregate consumes its input in the order it comes,
+//! so the calls happen in that order (the documented way to feed an order-sensitive aggregate;
+//! `count(f(..) ORDER BY ord)` would not do, since the arguments are evaluated before that
+//! sort). A record id repeated within a batch is called once (the first occurrence).
+
+use std::collections::HashSet;
 
 use tokio_postgres::{Client, Transaction};
 
-use crate::record::{DeadLetter, Record};
+use crate::record::{Batch, DeadLetter, Record};
+
+/// Whether a failure may pass by itself, so the batch is retried as it is and no record is
+/// blamed: a lost connection, a deadlock or serialization failure, a lock timeout, exhausted
+/// resources (disk, memory, connections), a server shutting down, an I/O error. Anything else
+/// (a constraint, a bad value, the dispatcher function raising, `statement_timeout`) is the
+/// record's fault and makes it a dead letter.
+pub(crate) fn is_transient(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else {
+        return true;
+    };
+    let code = db.code().code();
+    matches!(code, "40001" | "40P01" | "40003" | "55P03" | "55006")
+        || (code != "57014" && ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c)))
+}
 
 /// What a committed batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +51,12 @@ pub(crate) enum Mode {
     Table,
     /// `SELECT f(notify_channel, envelope)` per new record; the quoted function name.
     Dispatcher(String),
+}
+
+impl Mode {
+    fn is_dispatcher(&self) -> bool {
+        matches!(self, Self::Dispatcher(_))
+    }
 }
 
 const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
@@ -50,39 +80,42 @@ fn dispatch_sql(function: &str) -> String {
         "WITH new AS (
             INSERT INTO pgws_audit.dispatched (id) SELECT unnest($1::text[])
             ON CONFLICT DO NOTHING RETURNING id)
-         SELECT count({function}(t.c, t.p))::int8 FROM (
+         SELECT count({function}(t.c, t.p)), (SELECT count(*) FROM new) FROM (
             SELECT u.c, u.p FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(id, c, p, ord)
             WHERE u.id IN (SELECT id FROM new) ORDER BY u.ord) AS t"
     )
 }
 
-/// Writes `records` and `dead` in one transaction.
+/// Writes the batch's records and dead letters in one transaction.
 pub(crate) async fn write(
     db: &mut Client,
     mode: &Mode,
-    records: &[Record],
-    dead: &[DeadLetter],
+    batch: &Batch,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let tx = db.transaction().await?;
-    let mut outcome = write_in(&tx, mode, records).await?;
-    outcome.dead = write_dead(&tx, dead).await?;
+    let mut outcome = write_in(&tx, mode, &batch.records).await?;
+    outcome.dead = write_dead(&tx, &batch.dead).await?;
     tx.commit().await?;
     Ok(outcome)
 }
 
-/// The fallback: one savepoint per record; a record the database refuses becomes a dead
-/// letter carrying the error.
+/// The fallback: one savepoint per record; a record the database refuses (for a reason that is
+/// not transient) becomes a dead letter carrying the error. A transient failure aborts the
+/// whole transaction, to be retried.
 pub(crate) async fn write_one_by_one(
     db: &mut Client,
     mode: &Mode,
-    records: &[Record],
-    dead: &[DeadLetter],
-    positions: &[(String, u64)],
+    batch: &Batch,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let mut tx = db.transaction().await?;
     let mut outcome = Outcome::default();
-    let mut more_dead: Vec<DeadLetter> = dead.to_vec();
-    for (record, (stream, seq)) in records.iter().zip(positions) {
+    let mut more_dead: Vec<DeadLetter> = batch.dead.clone();
+    let mut seen = HashSet::new();
+    for (record, (stream, seq)) in batch.records.iter().zip(&batch.positions) {
+        if mode.is_dispatcher() && !seen.insert(record.id.as_str()) {
+            outcome.duplicates += 1;
+            continue;
+        }
         let sp = tx.savepoint("record").await?;
         match write_in(&sp, mode, std::slice::from_ref(record)).await {
             Ok(o) => {
@@ -90,7 +123,7 @@ pub(crate) async fn write_one_by_one(
                 outcome.written += o.written;
                 outcome.duplicates += o.duplicates;
             }
-            Err(e) if e.as_db_error().is_some() => {
+            Err(e) if !is_transient(&e) => {
                 sp.rollback().await?;
                 more_dead.push(DeadLetter {
                     stream: stream.clone(),
@@ -102,7 +135,11 @@ pub(crate) async fn write_one_by_one(
                             .map_or_else(String::new, |d| d.message().to_owned())
                     ),
                     data: record.envelope.clone(),
-                    headers: "{}".to_owned(),
+                    headers: serde_json::json!({
+                        (pgws_proto::headers::MSG_ID): [record.id],
+                        (pgws_proto::headers::NOTIFY_CHANNEL): [record.notify_channel],
+                    })
+                    .to_string(),
                 });
             }
             Err(e) => return Err(e),
@@ -122,9 +159,9 @@ async fn write_in(
         return Ok(Outcome::default());
     }
     let total = records.len() as u64;
-    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let written = match mode {
         Mode::Table => {
+            let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
             let channels: Vec<&str> = records.iter().map(|r| r.channel.as_str()).collect();
             let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
             let payloads: Vec<&str> = records.iter().map(|r| r.payload.as_str()).collect();
@@ -138,12 +175,20 @@ async fn write_in(
             .await?
         }
         Mode::Dispatcher(function) => {
-            let nc: Vec<&str> = records.iter().map(|r| r.notify_channel.as_str()).collect();
-            let envelopes: Vec<&str> = records.iter().map(|r| r.envelope.as_str()).collect();
+            let mut seen = HashSet::new();
+            let fresh: Vec<&Record> = records
+                .iter()
+                .filter(|r| seen.insert(r.id.as_str()))
+                .collect();
+            let ids: Vec<&str> = fresh.iter().map(|r| r.id.as_str()).collect();
+            let nc: Vec<&str> = fresh.iter().map(|r| r.notify_channel.as_str()).collect();
+            let envelopes: Vec<&str> = fresh.iter().map(|r| r.envelope.as_str()).collect();
+            // Column 1: the calls made (the records claimed in the ledger); column 0 only makes
+            // the calls happen (`count` skips a function's NULL results).
             let n: i64 = tx
                 .query_one(&dispatch_sql(function), &[&ids, &nc, &envelopes])
                 .await?
-                .get(0);
+                .get(1);
             u64::try_from(n).unwrap_or(0)
         }
     };
