@@ -1,0 +1,23 @@
+# The pg-bridge image. Build from the repository root (the build context is the whole workspace):
+#   docker build -f deploy/docker/pg-bridge.Dockerfile -t pgws/pg-bridge .
+# Builder: the release binary of the workspace package pg-bridge, with the versions of Cargo.lock.
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p pg-bridge \
+ && install -D -m 0755 target/release/pg-bridge /out/pg-bridge
+
+# Runtime: Debian slim (the glibc of the builder), CA certificates for TLS to NATS and
+# PostgreSQL, curl for the container health check on the admin port, an unprivileged user.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 pgws \
+ && useradd --system --uid 10001 --gid pgws --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin pgws
+COPY --from=builder /out/pg-bridge /usr/local/bin/pg-bridge
+USER 10001:10001
+# admin listener (PGWS_ADMIN_PORT); the bridge talks to PostgreSQL and NATS only
+EXPOSE 9101
+ENTRYPOINT ["/usr/local/bin/pg-bridge"]

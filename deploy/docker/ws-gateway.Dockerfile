@@ -1,0 +1,25 @@
+# The ws-gateway image. Build from the repository root (the build context is the whole workspace):
+#   docker build -f deploy/docker/ws-gateway.Dockerfile -t pgws/ws-gateway .
+# Builder: the release binary of the workspace package ws-gateway, with the versions of Cargo.lock.
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p ws-gateway \
+ && install -D -m 0755 target/release/ws-gateway /out/ws-gateway
+
+# Runtime: Debian slim (the glibc of the builder), CA certificates for TLS to NATS and
+# PostgreSQL, curl for the container health check on the admin port, an unprivileged user.
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 pgws \
+ && useradd --system --uid 10001 --gid pgws --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin pgws
+COPY --from=builder /out/ws-gateway /usr/local/bin/ws-gateway
+# The example chat page, served as static files with PGWS_ROOT_PATH=/usr/share/pgws/chat.
+COPY examples/chat /usr/share/pgws/chat
+USER 10001:10001
+# websockets and static files (PGWS_PORT), admin listener (PGWS_ADMIN_PORT)
+EXPOSE 3000 9100
+ENTRYPOINT ["/usr/local/bin/ws-gateway"]
