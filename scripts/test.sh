@@ -12,6 +12,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
 bash scripts/ensure-services.sh
 # Chromium and playwright-core for the real-browser test.
 bash scripts/browser-test-setup.sh
+# docker-compose, to validate docker-compose.yml (tests/it/deploy.rs).
+bash scripts/deploy-test-setup.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests run the binaries of this build.

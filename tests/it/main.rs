@@ -7,6 +7,7 @@ mod auth;
 mod browser;
 mod chat;
 mod config;
+mod deploy;
 mod frames;
 mod listener;
 mod recorder;
