@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::RecorderMetrics;
 use crate::record::Batch;
 use crate::schema::{self, day_of, Partitions};
-use crate::store::{self, Mode};
+use crate::store::{self, Mode, Path};
 
 /// How long the server waits for an ack before redelivering.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -245,10 +245,11 @@ async fn record_batch(
 ) -> bool {
     let mut batch = Batch::default();
     for m in messages {
-        let (stream, seq) = m
+        let (stream, seq, delivered) = m
             .info()
-            .map(|i| (i.stream.to_owned(), i.stream_sequence))
+            .map(|i| (i.stream.to_owned(), i.stream_sequence, i.delivered))
             .unwrap_or_default();
+        batch.redelivered |= delivered != 1;
         batch.push(&stream, seq, &m.payload, m.headers.as_ref());
     }
     write_batch(db, mode, &batch, metrics, token).await
@@ -274,6 +275,11 @@ pub(crate) async fn write_batch(
         .map(|r| day_of(r.received_at))
         .collect();
     let mut one_by_one = false;
+    let mut path = if batch.redelivered {
+        Path::Insert
+    } else {
+        Path::Copy
+    };
     let mut failures: u32 = 0;
     loop {
         // During shutdown the batch is still written if the database answers; if it is down,
@@ -288,7 +294,7 @@ pub(crate) async fn write_batch(
         let result = match db_partitions(partitions, client, mode, &days).await {
             Err(e) => Err(e),
             Ok(()) if one_by_one => store::write_one_by_one(client, mode, batch).await,
-            Ok(()) => store::write(client, mode, batch).await,
+            Ok(()) => store::write(client, mode, batch, path).await,
         };
         let e = match result {
             Ok(outcome) => {
@@ -316,6 +322,15 @@ pub(crate) async fn write_batch(
             }
             Err(e) => e,
         };
+        if path == Path::Copy && store::is_unique_violation(&e) {
+            // Some row exists already: the same batch, skipping what is there.
+            metrics
+                .batches
+                .get_or_create(&[("outcome", "conflict")])
+                .inc();
+            path = Path::Insert;
+            continue;
+        }
         metrics
             .batches
             .get_or_create(&[("outcome", "retried")])

@@ -46,7 +46,7 @@ impl RecorderMetrics {
             ),
             batches: m.register(
                 "recorder_batches",
-                "Batches, by outcome (committed, retried)",
+                "Batches, by outcome (committed; retried; conflict: a COPY met an existing row)",
                 Family::default(),
             ),
             batch_size: m.register(

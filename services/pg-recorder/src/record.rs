@@ -44,6 +44,8 @@ pub(crate) struct Batch {
     /// Where each record was: `(stream, stream sequence)`, parallel to `records`.
     pub(crate) positions: Vec<(String, u64)>,
     pub(crate) dead: Vec<DeadLetter>,
+    /// Some message of the batch was delivered before (a row for it may exist already).
+    pub(crate) redelivered: bool,
 }
 
 impl Batch {

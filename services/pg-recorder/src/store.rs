@@ -1,6 +1,13 @@
 //! Writing a batch in one transaction: rows (or dispatcher calls) and dead letters together,
 //! idempotent by message id, so a redelivered batch changes nothing.
 //!
+//! Rows go in with a binary `COPY` (the fast path, about a third cheaper for PostgreSQL than
+//! `INSERT ... SELECT FROM unnest(...)`). `COPY` cannot skip rows that exist already, so a batch
+//! holding a redelivered record (the server's delivery count says so) goes straight to
+//! `INSERT ... ON CONFLICT DO NOTHING`, and a `COPY` that meets an existing id anyway (a unique
+//! violation: the gateway published one id twice, more than the stream's duplicate window
+//! apart) is rolled back and the batch written that way.
+//!
 //! When a batch fails inside PostgreSQL for a reason that will not pass by itself (not a lost
 //! connection, a deadlock or a full disk: see [`is_transient`]), it is written again one record
 //! at a time under savepoints, and the record that fails becomes a dead letter with the
@@ -15,6 +22,13 @@
 
 use std::collections::HashSet;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use futures::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::record::{Batch, DeadLetter, Record};
@@ -31,6 +45,21 @@ pub(crate) fn is_transient(e: &tokio_postgres::Error) -> bool {
     let code = db.code().code();
     matches!(code, "40001" | "40P01" | "40003" | "55P03" | "55006")
         || (code != "57014" && ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c)))
+}
+
+/// Whether `COPY` met a row that exists already: the batch is written again with
+/// `ON CONFLICT DO NOTHING`.
+pub(crate) fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// How a batch's rows go in (dispatcher mode always calls the function through the ledger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Binary `COPY`: no row of the batch can exist yet.
+    Copy,
+    /// `INSERT ... ON CONFLICT DO NOTHING`: some may.
+    Insert,
 }
 
 /// What a committed batch did.
@@ -66,6 +95,50 @@ const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
         AS t(id, channel, event, payload, claims, at, nc)
     ON CONFLICT DO NOTHING";
 
+const COPY_ROWS: &str = "COPY pgws_audit.messages
+        (id, channel, event, payload, claims, received_at, notify_channel)
+    FROM STDIN (FORMAT binary)";
+
+/// The column types of [`COPY_ROWS`].
+const COPY_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+];
+
+/// JSON text sent as `jsonb` in binary form (a version byte, then the text).
+#[derive(Debug)]
+struct JsonbText<'a>(&'a str);
+
+impl ToSql for JsonbText<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u8(1);
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    accepts!(JSONB);
+    to_sql_checked!();
+}
+
+/// Unix seconds as a timestamp, rounded to the microsecond as `to_timestamp` does.
+fn timestamp(unix: f64) -> SystemTime {
+    let micros = (unix * 1e6).round();
+    if micros >= 0.0 {
+        UNIX_EPOCH + Duration::from_micros(micros as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros((-micros) as u64)
+    }
+}
+
 const INSERT_DEAD: &str =
     "INSERT INTO pgws_audit.dead_letters (stream, stream_seq, msg_id, reason, data, headers)
     SELECT stream, seq, id, reason, data, headers::jsonb
@@ -91,9 +164,16 @@ pub(crate) async fn write(
     db: &mut Client,
     mode: &Mode,
     batch: &Batch,
+    path: Path,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let tx = db.transaction().await?;
-    let mut outcome = write_in(&tx, mode, &batch.records).await?;
+    let mut outcome = match (mode, path) {
+        (Mode::Table, Path::Copy) => Outcome {
+            written: copy_rows(&tx, &batch.records).await?,
+            ..Outcome::default()
+        },
+        _ => write_in(&tx, mode, &batch.records).await?,
+    };
     outcome.dead = write_dead(&tx, &batch.dead).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -148,6 +228,31 @@ pub(crate) async fn write_one_by_one(
     outcome.dead = write_dead(&tx, &more_dead).await?;
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Writes rows none of which exists yet with one binary `COPY`; returns how many.
+async fn copy_rows(tx: &Transaction<'_>, records: &[Record]) -> Result<u64, tokio_postgres::Error> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let sink = tx.copy_in(COPY_ROWS).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    pin_mut!(writer);
+    for r in records {
+        writer
+            .as_mut()
+            .write(&[
+                &r.id.as_str(),
+                &r.channel.as_str(),
+                &r.event.as_str(),
+                &r.payload.as_str(),
+                &JsonbText(&r.claims),
+                &timestamp(r.received_at),
+                &r.notify_channel.as_str(),
+            ])
+            .await?;
+    }
+    writer.finish().await
 }
 
 async fn write_in(
