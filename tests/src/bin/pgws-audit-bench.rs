@@ -9,6 +9,8 @@
 //! `pgws-audit-bench sockets <sockets> <messages/s> <seconds>`: real websockets send through the
 //! gateway (`PGWS_URL`, default `ws://127.0.0.1:3000`) at a steady total rate; reports the
 //! acceptance-to-row latency percentiles.
+//! `pgws-audit-bench remove-stream`: deletes the audit stream of `PGWS_NATS_PREFIX` (the end of
+//! a benchmark run).
 //! Settings from the environment as the stack's: `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`,
 //! `PGWS_DB_URI`, `PGWS_JWT_SECRET`, `PGWS_LISTEN_CHANNEL`.
 
@@ -41,6 +43,15 @@ fn unix() -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode == "remove-stream" {
+        let client = async_nats::connect(var("PGWS_NATS_URL", "nats://127.0.0.1:4222")).await?;
+        let stream = subjects()?.audit_stream();
+        async_nats::jetstream::new(client)
+            .delete_stream(&stream)
+            .await
+            .with_context(|| format!("deleting stream {stream}"))?;
+        return Ok(());
+    }
     let channel = format!("bench{}", (unix() * 1000.0) as u64);
     let db_uri = var("PGWS_DB_URI", "postgres://postgres@127.0.0.1:5432/postgres");
     let (db, conn) = tokio_postgres::connect(&db_uri, tokio_postgres::NoTls).await?;
@@ -98,11 +109,17 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The subjects of `PGWS_NATS_PREFIX`.
+fn subjects() -> anyhow::Result<pgws_proto::Subjects> {
+    let prefix = pgws_proto::Prefix::new(&var("PGWS_NATS_PREFIX", "pgws"))?;
+    Ok(pgws_proto::Subjects::new(prefix))
+}
+
 /// Publishes `n` envelopes into the audit stream; returns `n`.
 async fn publish(channel: &str, n: u64) -> anyhow::Result<u64> {
     let client = async_nats::connect(var("PGWS_NATS_URL", "nats://127.0.0.1:4222")).await?;
     let js = async_nats::jetstream::new(client);
-    let subject = format!("{}.audit", var("PGWS_NATS_PREFIX", "pgws"));
+    let subject = subjects()?.audit();
     let listen = var("PGWS_LISTEN_CHANNEL", "postgres-websockets-listener");
     let run = format!("{:x}", (unix() * 1e6) as u64);
     let started = Instant::now();
