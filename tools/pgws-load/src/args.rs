@@ -1,0 +1,317 @@
+//! The command line: `pgws-load <idle|fanout|ingest> [--option value]...`, with defaults taken
+//! from the stack's own settings (`PGWS_JWT_SECRET`, `PGWS_DB_URI`, `PGWS_LISTEN_CHANNEL`,
+//! `PGWS_NATS_URL`) so that `set -a; . deploy/sample.env; set +a` is all a run needs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+/// The help text.
+pub const USAGE: &str = "\
+usage: pgws-load <mode> [options]
+
+modes:
+  idle    --sockets N [--hold SECS]             open N sockets, report handshake rate and
+                                                server RSS per socket
+  fanout  --channels C --subscribers K --rate R --seconds S
+                                                C*K sockets; R notifications/s spread over the
+                                                C channels; deliveries/s, latency, losses
+  ingest  --sockets N --seconds S               write-mode sockets send as fast as allowed;
+                                                messages/s reaching NOTIFY, and the
+                                                one-NOTIFY-per-transaction baseline
+
+options:
+  --target pgws|nats|node   server under test (idle, fanout; default pgws)
+  --gateways URL,...        websocket base URLs, sockets spread round-robin
+                            (default $PGWS_URL or ws://127.0.0.1:3000)
+  --gateway-pid PID,...     processes whose RSS and CPU are reported (default: the
+                            processes listening on the gateways' ports)
+  --json FILE               also write the report as JSON
+  --label TEXT              free text stored in the report
+  --secret S                JWT HMAC secret (default $PGWS_JWT_SECRET)
+  --db-uri URI              PostgreSQL (default $PGWS_DB_URI)
+  --listen-channel NAME     the NOTIFY channel (default $PGWS_LISTEN_CHANNEL)
+  --nats-url URL            NATS for --target nats publishing (default $PGWS_NATS_URL)
+  --per-process N           most sockets per process before child processes are used
+                            (default 19000; a process may hold 20,000 open files)
+  --concurrency N           handshakes in flight per process (default 256)
+  --baseline-connections N  connections of the ingest baseline (default 4)
+  --batch N                 most notifications per publishing transaction (default 2000)
+  --drain SECS              longest wait for deliveries after publishing (default 15)
+  --settle SECS             pause after connecting before measuring (default 1)
+";
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Idle sockets.
+    Idle,
+    /// Fan-out from `pg_notify` (or NATS publishes).
+    Fanout,
+    /// Client messages to NOTIFY.
+    Ingest,
+}
+
+impl Mode {
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Fanout => "fanout",
+            Self::Ingest => "ingest",
+        }
+    }
+}
+
+/// The server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The pgws gateway (`/<channel>/<jwt>`, fed by `pg_notify`).
+    Pgws,
+    /// nats-server's websocket endpoint (NATS protocol, fed by NATS publishes).
+    Nats,
+    /// The Node.js server of `bench/node` (`/<channel>`, fed by `pg_notify`).
+    Node,
+}
+
+impl Target {
+    /// The target's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pgws => "pgws",
+            Self::Nats => "nats",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The mode.
+    pub mode: Mode,
+    /// The server under test.
+    pub target: Target,
+    /// Websocket base URLs (`ws://host:port`).
+    pub gateways: Vec<String>,
+    /// Sockets (idle, ingest).
+    pub sockets: u64,
+    /// Channels (fan-out; idle spreads its sockets over them too).
+    pub channels: u64,
+    /// Subscribers per channel (fan-out).
+    pub subscribers: u64,
+    /// Notifications per second (fan-out).
+    pub rate: f64,
+    /// Seconds of load (fan-out, ingest).
+    pub seconds: f64,
+    /// Seconds the idle sockets are held open before the second RSS reading.
+    pub hold: f64,
+    /// Processes whose RSS and CPU are measured.
+    pub gateway_pids: Vec<u32>,
+    /// Where the JSON report goes.
+    pub json: Option<PathBuf>,
+    /// Free text for the report.
+    pub label: Option<String>,
+    /// JWT secret.
+    pub secret: String,
+    /// The secret is base64.
+    pub secret_base64: bool,
+    /// PostgreSQL URI.
+    pub db_uri: String,
+    /// NOTIFY channel.
+    pub listen_channel: String,
+    /// NATS URL for publishing to the nats target.
+    pub nats_url: String,
+    /// Most sockets in one process.
+    pub per_process: u64,
+    /// Handshakes in flight per process.
+    pub concurrency: usize,
+    /// Connections of the ingest baseline.
+    pub baseline_connections: usize,
+    /// Most notifications per publishing transaction.
+    pub batch: usize,
+    /// Longest wait for deliveries after publishing, seconds.
+    pub drain: f64,
+    /// Pause after connecting, seconds.
+    pub settle: f64,
+    /// Child process: the range of global socket indices it opens.
+    pub child: Option<(u64, u64)>,
+    /// Names of this run's channels derive from it (shared with child processes).
+    pub run_id: String,
+    /// The original arguments (re-used for child processes).
+    pub argv: Vec<String>,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{key} {value}: {e}"))
+}
+
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('/').to_owned())
+        .collect()
+}
+
+impl Opts {
+    /// Parses the arguments (without the program name). `Ok(None)`: help was asked for.
+    pub fn parse(argv: &[String]) -> anyhow::Result<Option<Self>> {
+        let Some(mode) = argv.first() else {
+            bail!("no mode given");
+        };
+        let mode = match mode.as_str() {
+            "idle" => Mode::Idle,
+            "fanout" => Mode::Fanout,
+            "ingest" => Mode::Ingest,
+            "-h" | "--help" | "help" => return Ok(None),
+            other => bail!("unknown mode {other:?}"),
+        };
+        let mut o = Self {
+            mode,
+            target: Target::Pgws,
+            gateways: list(&env_or("PGWS_URL", "ws://127.0.0.1:3000")),
+            sockets: 1000,
+            channels: 1,
+            subscribers: 100,
+            rate: 100.0,
+            seconds: 10.0,
+            hold: 2.0,
+            gateway_pids: Vec::new(),
+            json: None,
+            label: None,
+            secret: env_or("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe"),
+            secret_base64: matches!(
+                env_or("PGWS_JWT_SECRET_BASE64", "false")
+                    .to_ascii_lowercase()
+                    .as_str(),
+                "true" | "1" | "yes"
+            ),
+            db_uri: env_or("PGWS_DB_URI", "postgres://postgres@127.0.0.1:5432/postgres"),
+            listen_channel: env_or("PGWS_LISTEN_CHANNEL", "postgres-websockets-listener"),
+            nats_url: env_or("PGWS_NATS_URL", "nats://127.0.0.1:4222"),
+            per_process: 19_000,
+            concurrency: 256,
+            baseline_connections: 4,
+            batch: 2000,
+            drain: 15.0,
+            settle: 1.0,
+            child: None,
+            run_id: format!(
+                "load{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_micros()
+                    & 0xff_ffff_ffff
+            ),
+            argv: argv.to_vec(),
+        };
+        let mut it = argv[1..].iter();
+        while let Some(key) = it.next() {
+            if key == "-h" || key == "--help" {
+                return Ok(None);
+            }
+            let value = it
+                .next()
+                .with_context(|| format!("{key} needs a value"))?
+                .as_str();
+            match key.as_str() {
+                "--target" => {
+                    o.target = match value {
+                        "pgws" => Target::Pgws,
+                        "nats" => Target::Nats,
+                        "node" => Target::Node,
+                        other => bail!("unknown target {other:?} (pgws, nats, node)"),
+                    }
+                }
+                "--gateways" | "--gateway" => o.gateways = list(value),
+                "--sockets" => o.sockets = num(key, value)?,
+                "--channels" => o.channels = num(key, value)?,
+                "--subscribers" => o.subscribers = num(key, value)?,
+                "--rate" => o.rate = num(key, value)?,
+                "--seconds" => o.seconds = num(key, value)?,
+                "--hold" => o.hold = num(key, value)?,
+                "--gateway-pid" | "--gateway-pids" => {
+                    o.gateway_pids = list(value)
+                        .iter()
+                        .map(|p| num(key, p))
+                        .collect::<anyhow::Result<_>>()?
+                }
+                "--json" => o.json = Some(PathBuf::from(value)),
+                "--label" => o.label = Some(value.to_owned()),
+                "--secret" => o.secret = value.to_owned(),
+                "--db-uri" => o.db_uri = value.to_owned(),
+                "--listen-channel" => o.listen_channel = value.to_owned(),
+                "--nats-url" => o.nats_url = value.to_owned(),
+                "--per-process" => o.per_process = num(key, value)?,
+                "--concurrency" => o.concurrency = num(key, value)?,
+                "--baseline-connections" => o.baseline_connections = num(key, value)?,
+                "--batch" => o.batch = num(key, value)?,
+                "--drain" => o.drain = num(key, value)?,
+                "--settle" => o.settle = num(key, value)?,
+                "--run-id" => o.run_id = value.to_owned(),
+                "--child" => {
+                    let (a, b) = value.split_once(':').context("--child A:B")?;
+                    o.child = Some((num(key, a)?, num(key, b)?));
+                }
+                other => bail!("unknown option {other}"),
+            }
+        }
+        if o.gateways.is_empty() {
+            bail!("--gateways is empty");
+        }
+        for g in &o.gateways {
+            if !(g.starts_with("ws://") || g.starts_with("wss://")) {
+                bail!("gateway URL {g:?} must start with ws://");
+            }
+        }
+        if o.mode == Mode::Fanout {
+            o.sockets = o.channels * o.subscribers;
+        }
+        if o.sockets == 0 || o.channels == 0 {
+            bail!("--sockets, --channels and --subscribers must be positive");
+        }
+        if o.mode == Mode::Ingest && o.target != Target::Pgws {
+            bail!("ingest measures pgws only (the peers have no NOTIFY path)");
+        }
+        if o.rate <= 0.0 || o.seconds <= 0.0 {
+            bail!("--rate and --seconds must be positive");
+        }
+        o.per_process = o.per_process.clamp(1, 19_900);
+        o.concurrency = o.concurrency.max(1);
+        o.batch = o.batch.max(1);
+        Ok(Some(o))
+    }
+
+    /// The channel of global socket index `g` (sockets are dealt over the channels).
+    pub fn channel_of(&self, g: u64) -> u64 {
+        g % self.channels
+    }
+
+    /// The name of channel `c` of this run (a NATS subject for the nats target).
+    pub fn channel_name(&self, c: u64) -> String {
+        match self.target {
+            Target::Nats => format!("load.{}.{c}", self.run_id),
+            _ => format!("{}-{c}", self.run_id),
+        }
+    }
+
+    /// The gateway of global socket index `g` (round-robin).
+    pub fn gateway_of(&self, g: u64) -> usize {
+        (g % self.gateways.len() as u64) as usize
+    }
+}

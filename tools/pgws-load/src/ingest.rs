@@ -1,0 +1,245 @@
+//! `ingest`: N write-mode sockets send small frames as fast as the gateway takes them; a
+//! LISTEN connection on the listen channel counts the envelopes that reach NOTIFY. Then, for
+//! the same number of seconds, the baseline: `--baseline-connections` connections each
+//! looping on an autocommit `SELECT pg_notify(...)` (one NOTIFY per transaction), counted
+//! by the same LISTEN. Reports both rates and their ratio.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_postgres::AsyncMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::args::Opts;
+use crate::client;
+use crate::procfs;
+use crate::report::{round, Report};
+
+#[derive(Default)]
+struct Counts {
+    ingest: AtomicU64,
+    baseline: AtomicU64,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// LISTENs on the listen channel and counts notifications of the two tagged channels.
+async fn listen(
+    opts: &Opts,
+    ingest_tag: String,
+    baseline_tag: String,
+) -> anyhow::Result<(tokio_postgres::Client, Arc<Counts>)> {
+    let (client, mut conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let counts = Arc::new(Counts::default());
+    let c = Arc::clone(&counts);
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = msg {
+                let p = n.payload();
+                if p.contains(&ingest_tag) {
+                    c.ingest.fetch_add(1, Ordering::Relaxed);
+                } else if p.contains(&baseline_tag) {
+                    c.baseline.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {}", quote_ident(&opts.listen_channel)))
+        .await?;
+    Ok((client, counts))
+}
+
+/// Waits until `counter` has not moved for `quiet`, at most `max`.
+async fn settle(counter: &AtomicU64, quiet: Duration, max: Duration) {
+    let deadline = Instant::now() + max;
+    let mut last = counter.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    while Instant::now() < deadline && since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+}
+
+/// Runs `ingest`.
+pub async fn run(opts: &Opts) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        opts.sockets <= opts.per_process,
+        "ingest runs in one process: at most --per-process ({}) sockets",
+        opts.per_process
+    );
+    let mut report = Report::new(opts);
+    report.param("sockets", opts.sockets);
+    report.param("seconds", opts.seconds);
+    report.param("baseline_connections", opts.baseline_connections as u64);
+    report.param("listen_channel", opts.listen_channel.as_str());
+    let pids = client::server_pids(opts);
+    report.param(
+        "server_processes",
+        json!(pids
+            .iter()
+            .map(|p| json!({"pid": p, "name": procfs::comm(*p)}))
+            .collect::<Vec<_>>()),
+    );
+    let channel = format!("{}-ingest", opts.run_id);
+    let baseline_channel = format!("{}-baseline", opts.run_id);
+    let (_listener, counts) = listen(
+        opts,
+        format!("\"channel\":\"{channel}\""),
+        format!("\"channel\":\"{baseline_channel}\""),
+    )
+    .await?;
+
+    // --- the sockets
+    let mut eps = Vec::new();
+    for g in &opts.gateways {
+        eps.push(client::resolve(g).await?);
+    }
+    let token = client::token(opts, &json!({"mode": "w"}))?;
+    let connect_start = Instant::now();
+    let mut sockets = Vec::new();
+    for g in 0..opts.sockets {
+        let ep = &eps[opts.gateway_of(g)];
+        let config = WebSocketConfig::default().read_buffer_size(4096);
+        let ws = client::open(
+            ep,
+            &format!("/{channel}/{token}"),
+            client::source_of(g, &ep.addr),
+            config,
+        )
+        .await?;
+        sockets.push(ws);
+    }
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for ws in sockets {
+        let (mut sink, mut stream) = ws.split();
+        let errs = Arc::clone(&errors);
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(t) = msg {
+                    if t.as_str().contains("\"Error\"") {
+                        errs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+        let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..32 {
+                    i += 1;
+                    if sink.feed(Message::text(format!("m{i}"))).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+                sent.fetch_add(32, Ordering::Relaxed);
+            }
+        }));
+    }
+    // One second of warm-up, then the window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = procfs::total_cpu_secs(&pids);
+    let (c0, t0) = (counts.ingest.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(opts.seconds)).await;
+    let (c1, t1) = (counts.ingest.load(Ordering::Relaxed), Instant::now());
+    let cpu1 = procfs::total_cpu_secs(&pids);
+    stop.store(true, Ordering::Relaxed);
+    let window = (t1 - t0).as_secs_f64();
+    let ingest_rate = (c1 - c0) as f64 / window;
+    // Let what was accepted reach NOTIFY, then close the sockets.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle(
+        &counts.ingest,
+        Duration::from_secs(2),
+        Duration::from_secs_f64(opts.drain),
+    )
+    .await;
+    for t in &tasks {
+        t.abort();
+    }
+    let total_sent = sent.load(Ordering::Relaxed);
+    let total_notified = counts.ingest.load(Ordering::Relaxed);
+
+    // --- the baseline: one NOTIFY per transaction
+    let mut clients = Vec::new();
+    for _ in 0..opts.baseline_connections.max(1) {
+        let (db, conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        clients.push(db);
+    }
+    let b_stop = Arc::new(AtomicBool::new(false));
+    let mut b_tasks = Vec::new();
+    for (k, db) in clients.into_iter().enumerate() {
+        let stop = Arc::clone(&b_stop);
+        let listen = opts.listen_channel.clone();
+        let ch = baseline_channel.clone();
+        b_tasks.push(tokio::spawn(async move {
+            let stmt = db.prepare("SELECT pg_notify($1, $2)").await?;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let payload = format!(r#"{{"channel":"{ch}","k":{k},"i":{i}}}"#);
+                db.execute(&stmt, &[&listen, &payload]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let b0 = counts.baseline.load(Ordering::Relaxed);
+    let bt0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(opts.seconds)).await;
+    let b1 = counts.baseline.load(Ordering::Relaxed);
+    let b_window = bt0.elapsed().as_secs_f64();
+    b_stop.store(true, Ordering::Relaxed);
+    for t in b_tasks {
+        t.await??;
+    }
+    let baseline_rate = (b1 - b0) as f64 / b_window;
+
+    report.figure("connect_secs", round(connect_secs, 3));
+    report.figure("window_secs", round(window, 3));
+    report.figure("notified_in_window", c1 - c0);
+    report.figure("ingest_msgs_per_s", round(ingest_rate, 0));
+    report.figure("frames_sent", total_sent);
+    report.figure("notified_total", total_notified);
+    report.figure("error_frames", errors.load(Ordering::Relaxed));
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        report.figure("server_cpu_share", round((b - a) / window, 3));
+        if c1 > c0 {
+            report.figure(
+                "server_cpu_us_per_msg",
+                round((b - a) * 1e6 / (c1 - c0) as f64, 3),
+            );
+        }
+    }
+    report.figure("baseline_notified", b1 - b0);
+    report.figure("baseline_msgs_per_s", round(baseline_rate, 0));
+    report.figure(
+        "ratio_to_baseline",
+        round(ingest_rate / baseline_rate.max(1e-9), 2),
+    );
+    report.finish(opts.json.as_deref())?;
+    anyhow::ensure!(c1 > c0, "no client message reached NOTIFY");
+    Ok(())
+}
