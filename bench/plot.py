@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Plots and ratios from the JSON reports of pgws-load (as written by scripts/bench-load.sh).
+
+    python3 bench/plot.py RESULTS_DIR [IMG_DIR]     PNGs: rss_vs_sockets, latency_vs_rate,
+                                                    throughput_vs_peers (default docs/img)
+    python3 bench/plot.py --ratios RESULTS_DIR      the ratio tables (text)
+"""
+import json
+import pathlib
+import sys
+
+TARGETS = ["pgws", "nats", "node"]
+COLORS = {"pgws": "tab:blue", "nats": "tab:green", "node": "tab:orange"}
+
+
+def load(results):
+    reports = []
+    for p in sorted(pathlib.Path(results).glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if r.get("tool") == "pgws-load":
+            r["_name"] = p.stem
+            reports.append(r)
+    return reports
+
+
+def of(reports, mode, target=None, prefix=None):
+    return [
+        r
+        for r in reports
+        if r["mode"] == mode
+        and (target is None or r["target"] == target)
+        and (prefix is None or r["_name"].startswith(prefix))
+    ]
+
+
+def fig(r, key, default=None):
+    return r["figures"].get(key, default)
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def ratios(reports):
+    lines = []
+    idle = {t: {r["params"]["sockets"]: r for r in of(reports, "idle", t)} for t in TARGETS}
+    if any(idle.values()):
+        lines.append("idle: server RSS per socket (KiB), pgws vs peers")
+        lines.append(f"  {'sockets':>8} {'pgws':>8} {'nats':>8} {'node':>8} {'pgws/nats':>10} {'pgws/node':>10}")
+        for n in sorted(set().union(*[set(v) for v in idle.values()])):
+            v = {t: fig(idle[t][n], "server_rss_per_socket_kib") if n in idle[t] else None for t in TARGETS}
+            cell = lambda x: f"{x:8.2f}" if x is not None else f"{'-':>8}"
+            lines.append(
+                f"  {n:>8} {cell(v['pgws'])} {cell(v['nats'])} {cell(v['node'])}"
+                f" {ratio(v['pgws'], v['nats']):>10} {ratio(v['pgws'], v['node']):>10}"
+            )
+    fan = {t: {r["params"]["rate_per_s"]: r for r in of(reports, "fanout", t, "fanout-")} for t in TARGETS}
+    if any(fan.values()):
+        lines.append("fanout: deliveries/s and p99 (ms) on one channel, pgws vs peers")
+        lines.append(
+            f"  {'rate':>6} {'offered':>9} {'pgws':>9} {'nats':>9} {'node':>9}"
+            f" {'pgws/nats':>10} {'pgws/node':>10}  p99 pgws / nats / node"
+        )
+        for rate in sorted(set().union(*[set(v) for v in fan.values()])):
+            rs = {t: fan[t].get(rate) for t in TARGETS}
+            d = {t: fig(rs[t], "deliveries_per_s") if rs[t] else None for t in TARGETS}
+            p = {t: ((fig(rs[t], "latency") or {}).get("p99_ms") if rs[t] else None) for t in TARGETS}
+            offered = next(r for r in rs.values() if r)["params"]["offered_deliveries_per_s"]
+            cell = lambda x: f"{x:9.0f}" if x is not None else f"{'-':>9}"
+            lines.append(
+                f"  {rate:>6g} {offered:>9.0f} {cell(d['pgws'])} {cell(d['nats'])} {cell(d['node'])}"
+                f" {ratio(d['pgws'], d['nats']):>10} {ratio(d['pgws'], d['node']):>10}"
+                f"  {p['pgws']} / {p['nats']} / {p['node']}"
+            )
+        best = {t: max((fig(r, "deliveries_per_s") or 0 for r in fan[t].values()), default=0) for t in TARGETS}
+        lines.append(
+            f"  best deliveries/s: pgws {best['pgws']:.0f}, nats {best['nats']:.0f}, node {best['node']:.0f};"
+            f" pgws/nats {ratio(best['pgws'], best['nats'])}, pgws/node {ratio(best['pgws'], best['node'])}"
+        )
+    for r in of(reports, "ingest"):
+        lines.append(
+            f"ingest ({r['params']['sockets']} sockets): {fig(r, 'ingest_msgs_per_s'):.0f} msgs/s reaching NOTIFY,"
+            f" baseline {fig(r, 'baseline_msgs_per_s'):.0f}/s, ratio {fig(r, 'ratio_to_baseline')}x"
+        )
+    for r in of(reports, "fanout", prefix="big-"):
+        lat = fig(r, "latency") or {}
+        lines.append(
+            f"big: {fig(r, 'opened')} of {r['params']['sockets']} sockets over {len(r['params']['gateways'])}"
+            f" gateways, deliveries {fig(r, 'deliveries')} of {fig(r, 'expected_deliveries')}, p99 {lat.get('p99_ms')} ms"
+        )
+    return "\n".join(lines)
+
+
+def plots(reports, img):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = pathlib.Path(img)
+    img.mkdir(parents=True, exist_ok=True)
+
+    # RSS vs sockets
+    f, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for t in TARGETS:
+        rs = sorted(of(reports, "idle", t), key=lambda r: r["params"]["sockets"])
+        rs = [r for r in rs if fig(r, "server_rss_after_kib") is not None]
+        if not rs:
+            continue
+        xs = [fig(r, "opened") for r in rs]
+        a1.plot(xs, [(fig(r, "server_rss_after_kib") - fig(r, "server_rss_before_kib")) / 1024 for r in rs],
+                "o-", color=COLORS[t], label=t)
+        a2.plot(xs, [fig(r, "server_rss_per_socket_kib") for r in rs], "o-", color=COLORS[t], label=t)
+    a2.axhline(8, color="grey", ls="--", lw=1, label="target 8 KiB")
+    a1.set(xlabel="idle sockets", ylabel="server RSS growth (MiB)", title="Server RSS vs sockets")
+    a2.set(xlabel="idle sockets", ylabel="KiB per socket", title="RSS per idle socket")
+    a1.legend()
+    a2.legend()
+    f.tight_layout()
+    f.savefig(img / "rss_vs_sockets.png", dpi=110)
+    plt.close(f)
+
+    # latency percentiles vs delivery rate
+    f, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, prefix, title in [
+        (axes[0], "fanout-", "one channel, 10,000 sockets"),
+        (axes[1], "mixed-", "many channels of few sockets"),
+    ]:
+        for t in TARGETS:
+            rs = sorted(of(reports, "fanout", t, prefix), key=lambda r: fig(r, "deliveries_per_s") or 0)
+            rs = [r for r in rs if fig(r, "latency")]
+            if not rs:
+                continue
+            xs = [fig(r, "deliveries_per_s") for r in rs]
+            for q, style in [("p50_ms", ":"), ("p99_ms", "-"), ("p99_9_ms", "--")]:
+                ax.plot(xs, [fig(r, "latency")[q] for r in rs], style, marker="o", ms=3,
+                        color=COLORS[t], label=f"{t} {q[:-3].replace('_', '.')}")
+        ax.axhline(5, color="grey", lw=1, ls="-.", label="5 ms")
+        ax.set(xscale="log", yscale="log", xlabel="deliveries/s", title=title)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("pg_notify -> socket (ms)")
+    f.tight_layout()
+    f.savefig(img / "latency_vs_rate.png", dpi=110)
+    plt.close(f)
+
+    # throughput vs peers
+    f, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    best = {}
+    for t in TARGETS:
+        rs = of(reports, "fanout", t, "fanout-")
+        if rs:
+            best[t] = max(fig(r, "deliveries_per_s") or 0 for r in rs)
+    a1.bar(list(best), list(best.values()), color=[COLORS[t] for t in best])
+    for i, v in enumerate(best.values()):
+        a1.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    a1.set(ylabel="deliveries/s", title="Fan-out to 10,000 sockets, best of the rates")
+    ing = of(reports, "ingest")
+    if ing:
+        r = ing[0]
+        vals = [fig(r, "ingest_msgs_per_s"), fig(r, "baseline_msgs_per_s")]
+        a2.bar(["pgws ingest", "1 NOTIFY/tx"], vals, color=["tab:blue", "tab:grey"])
+        for i, v in enumerate(vals):
+            a2.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+        a2.set(ylabel="messages/s reaching NOTIFY", title="Ingest")
+    f.tight_layout()
+    f.savefig(img / "throughput_vs_peers.png", dpi=110)
+    plt.close(f)
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "--ratios":
+        print(ratios(load(argv[1])))
+        return 0
+    if not argv:
+        print(__doc__)
+        return 64
+    reports = load(argv[0])
+    plots(reports, argv[1] if len(argv) > 1 else "docs/img")
+    print(ratios(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# bench-load.sh: pgws against its peers on the same loads, in one run, on this machine:
+#   pgws  (release ws-gateway + pg-bridge + pg-recorder, deploy/sample.env with a NATS prefix,
+#          ports and listen channel of its own, no meta channel)
+#   nats  (a private nats-server with a websocket block; subscribers speak the NATS protocol
+#          over the websocket, the publisher is a plain NATS client)
+#   node  (bench/node: pg LISTEN + ws, `npm ci` first)
+# Phases (each run writes JSON into OUT_DIR, see bench/plot.py):
+#   idle    IDLE_COUNTS sockets on a freshly started server of each target: RSS per socket
+#   fanout  FANOUT_SOCKETS sockets on one channel, FANOUT_RATES notifications/s: deliveries/s
+#           and latency for each target
+#   mixed   MIXED_CHANNELS channels of MIXED_SUBSCRIBERS sockets, MIXED_RATE notifications/s
+#           (pgws only): latency at a moderate delivery rate spread over many channels
+#   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline
+#   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
+# then prints the ratios (pgws / nats, pgws / node).
+#
+# Usage: scripts/bench-load.sh [OUT_DIR]      (default bench/results/<unix time>)
+# Env:   PHASES (default "idle fanout mixed ingest"; add "big" or set BIG=1), SECONDS_EACH (10),
+#        LOAD_ARGS (extra pgws-load options for every run), and the counts named below
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=bench$(date +%s)
+OUT=${1:-bench/results/$(date +%s)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PHASES=${PHASES:-idle fanout mixed ingest}
+[[ ${BIG:-0} == 1 ]] && PHASES="$PHASES big"
+SECS=${SECONDS_EACH:-10}
+IDLE_COUNTS=${IDLE_COUNTS:-1000 5000 10000 19000}
+FANOUT_SOCKETS=${FANOUT_SOCKETS:-10000}
+FANOUT_RATES=${FANOUT_RATES:-1 2 5 10 20 50}
+MIXED_CHANNELS=${MIXED_CHANNELS:-1000}
+MIXED_SUBSCRIBERS=${MIXED_SUBSCRIBERS:-10}
+MIXED_RATES=${MIXED_RATES:-1000 2500 5000 10000}
+INGEST_SOCKETS=${INGEST_SOCKETS:-100}
+BIG_SOCKETS=${BIG_SOCKETS:-100000}
+BIG_GATEWAYS=${BIG_GATEWAYS:-6}
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
+bash scripts/ensure-services.sh >/dev/null
+cargo build --release --locked -p ws-gateway -p pg-bridge -p pg-recorder -p pgws-load >&2
+BIN=$CARGO_TARGET_DIR/release
+LOAD=$BIN/pgws-load
+
+set -a
+# shellcheck disable=SC1091
+. deploy/sample.env
+set +a
+unset PGWS_META_CHANNEL PGWS_ROOT_PATH PGWS_ADMIN_PORT
+export PGWS_NATS_PREFIX=$RUN
+export PGWS_LISTEN_CHANNEL=$RUN-listen
+export PGWS_HOST=127.0.0.1
+export PGWS_AUDIT_MAX_BYTES=$((512 << 20))
+export PGWS_LOG=${PGWS_LOG:-warn}
+NODE_LISTEN=$RUN-node
+NATS_CLIENT_PORT=14222
+NATS_WS_PORT=14280
+NODE_PORT=13100
+GW_PORT=13000 # gateway i: 13000+i, admin 19110+i
+LOGS=$(mktemp -d)
+declare -A PID=()
+
+say() { printf 'bench-load: %s\n' "$*" >&2; }
+wait_http() { # url: waits up to 30 s for 200
+  for _ in $(seq 300); do
+    curl -fs -o /dev/null -m 1 "$1" && return 0
+    sleep 0.1
+  done
+  say "not ready: $1"
+  tail -n 20 "$LOGS"/*.log >&2 || true
+  exit 1
+}
+start() { # name, command...: starts in the background, log in $LOGS/name.log
+  local name=$1
+  shift
+  "$@" >"$LOGS/$name.log" 2>&1 &
+  PID[$name]=$!
+}
+stop() { # name...
+  local n
+  for n in "$@"; do
+    [[ -n ${PID[$n]:-} ]] || continue
+    kill -TERM "${PID[$n]}" 2>/dev/null || true
+  done
+  for n in "$@"; do
+    [[ -n ${PID[$n]:-} ]] || continue
+    for _ in $(seq 100); do kill -0 "${PID[$n]}" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "${PID[$n]}" 2>/dev/null || true
+    wait "${PID[$n]}" 2>/dev/null || true
+    unset "PID[$n]"
+  done
+}
+cleanup() {
+  stop "${!PID[@]}"
+  rm -rf "$LOGS"
+}
+trap cleanup EXIT
+
+start_bridge() {
+  start bridge env PGWS_ADMIN_PORT=19101 "$BIN/pg-bridge"
+  start recorder env PGWS_ADMIN_PORT=19102 "$BIN/pg-recorder"
+  wait_http http://127.0.0.1:19101/readyz
+  wait_http http://127.0.0.1:19102/readyz
+}
+start_gateway() { # i
+  start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "$BIN/ws-gateway"
+  wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
+}
+start_nats() {
+  cat >"$LOGS/nats.conf" <<CONF
+listen: 127.0.0.1:$NATS_CLIENT_PORT
+max_connections: 200000
+websocket {
+  host: 127.0.0.1
+  port: $NATS_WS_PORT
+  no_tls: true
+  compression: false
+}
+CONF
+  start nats /usr/sbin/nats-server -c "$LOGS/nats.conf"
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$NATS_WS_PORT") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  say "nats-server did not start"
+  cat "$LOGS/nats.log" >&2
+  exit 1
+}
+start_node() {
+  start node env PORT=$NODE_PORT PGWS_LISTEN_CHANNEL="$NODE_LISTEN" node bench/node/server.js
+  wait_http "http://127.0.0.1:$NODE_PORT/"
+}
+url() { # target -> websocket base URL
+  case $1 in
+    pgws) echo "ws://127.0.0.1:$GW_PORT" ;;
+    nats) echo "ws://127.0.0.1:$NATS_WS_PORT" ;;
+    node) echo "ws://127.0.0.1:$NODE_PORT" ;;
+  esac
+}
+pid_of() { # target -> pid of its server
+  case $1 in
+    pgws) echo "${PID[gw0]}" ;;
+    nats) echo "${PID[nats]}" ;;
+    node) echo "${PID[node]}" ;;
+  esac
+}
+start_target() {
+  case $1 in
+    pgws) start_gateway 0 ;;
+    nats) start_nats ;;
+    node) start_node ;;
+  esac
+}
+stop_target() {
+  case $1 in
+    pgws) stop gw0 ;;
+    nats) stop nats ;;
+    node) stop node ;;
+  esac
+}
+load() { # target, json name, mode and options...
+  local target=$1 name=$2
+  shift 2
+  local listen=$PGWS_LISTEN_CHANNEL
+  [[ $target == node ]] && listen=$NODE_LISTEN
+  say "run $name: pgws-load $* --target $target"
+  "$LOAD" "$@" --target "$target" --gateways "$(url "$target")" --gateway-pid "$(pid_of "$target")" \
+    --listen-channel "$listen" --nats-url "nats://127.0.0.1:$NATS_CLIENT_PORT" \
+    --label "$name" --json "$OUT/$name.json" ${LOAD_ARGS:-} | tee -a "$OUT/report.txt"
+}
+
+say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB; $(uptime)"
+(cd bench/node && npm ci --no-audit --no-fund --silent)
+start_bridge
+
+for phase in $PHASES; do
+  case $phase in
+    idle)
+      for target in pgws nats node; do
+        for n in $IDLE_COUNTS; do
+          start_target "$target"
+          sleep 1
+          load "$target" "idle-$target-$n" idle --sockets "$n" --hold 3 || true
+          stop_target "$target"
+        done
+      done
+      ;;
+    fanout)
+      for target in pgws nats node; do
+        start_target "$target"
+        for r in $FANOUT_RATES; do
+          load "$target" "fanout-$target-$FANOUT_SOCKETS-r$r" fanout --channels 1 \
+            --subscribers "$FANOUT_SOCKETS" --rate "$r" --seconds "$SECS" || true
+        done
+        stop_target "$target"
+      done
+      ;;
+    mixed)
+      start_target pgws
+      for r in $MIXED_RATES; do
+        load pgws "mixed-pgws-$MIXED_CHANNELS-r$r" fanout --channels "$MIXED_CHANNELS" \
+          --subscribers "$MIXED_SUBSCRIBERS" --rate "$r" --seconds "$SECS" || true
+      done
+      stop_target pgws
+      ;;
+    ingest)
+      start_target pgws
+      load pgws "ingest-pgws-$INGEST_SOCKETS" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+      stop_target pgws
+      ;;
+    big)
+      urls=()
+      for ((i = 0; i < BIG_GATEWAYS; i++)); do
+        start_gateway "$i"
+        urls+=("ws://127.0.0.1:$((GW_PORT + i))")
+      done
+      pids=$(for ((i = 0; i < BIG_GATEWAYS; i++)); do echo "${PID[gw$i]}"; done | paste -sd,)
+      say "run big: $BIG_SOCKETS sockets over $BIG_GATEWAYS gateways"
+      "$LOAD" fanout --channels 1 --subscribers "$BIG_SOCKETS" --rate 1 --seconds 3 \
+        --gateways "$(IFS=,; echo "${urls[*]}")" --gateway-pid "$pids" --concurrency 128 \
+        --drain 60 --label "big-pgws-$BIG_SOCKETS" --json "$OUT/big-pgws-$BIG_SOCKETS.json" |
+        tee -a "$OUT/report.txt" || true
+      for ((i = 0; i < BIG_GATEWAYS; i++)); do stop "gw$i"; done
+      ;;
+    *) say "unknown phase $phase" ;;
+  esac
+done
+
+python3 bench/plot.py --ratios "$OUT"
+say "reports in $OUT (plots: python3 bench/plot.py $OUT docs/img)"
