@@ -10,6 +10,7 @@ mod config;
 mod deploy;
 mod frames;
 mod listener;
+mod load;
 mod recorder;
 mod scale;
 mod static_files;
