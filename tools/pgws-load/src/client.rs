@@ -78,6 +78,9 @@ pub async fn tcp(to: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpSt
     sock.set_linger(Some(Duration::ZERO))?;
     sock.set_nodelay(true)?;
     sock.set_recv_buffer_size(64 * 1024).ok();
+    // A small send buffer: a writer that outruns the server blocks early instead of
+    // spending the shared cores filling kernel buffers the server will not read for seconds.
+    sock.set_send_buffer_size(64 * 1024).ok();
     let stream = sock
         .connect(to)
         .await

@@ -157,7 +157,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let cpu_after = procfs::total_cpu_secs(&pids);
 
     let window = (finished.last_rx_us.saturating_sub(published.start_us) as f64 / 1e6)
-        .max(published.secs)
+        .max(opts.seconds)
         .max(1e-9);
     report.figure("opened", opened.opened);
     report.figure("failed", opened.failed);

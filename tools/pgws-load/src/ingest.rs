@@ -30,34 +30,64 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// LISTENs on the listen channel and counts notifications of the two tagged channels.
+/// LISTENs on the listen channel and counts notifications of the two tagged channels. The
+/// connection runs on a thread and runtime of its own, so that the sending sockets cannot
+/// delay reading notifications (the count is of what reached NOTIFY, not of what this
+/// process found time to read).
 async fn listen(
     opts: &Opts,
     ingest_tag: String,
     baseline_tag: String,
-) -> anyhow::Result<(tokio_postgres::Client, Arc<Counts>)> {
-    let (client, mut conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
+) -> anyhow::Result<Arc<Counts>> {
     let counts = Arc::new(Counts::default());
     let c = Arc::clone(&counts);
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(msg)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = msg {
-                let p = n.payload();
-                if p.contains(&ingest_tag) {
-                    c.ingest.fetch_add(1, Ordering::Relaxed);
-                } else if p.contains(&baseline_tag) {
-                    c.baseline.fetch_add(1, Ordering::Relaxed);
+    let (db_uri, channel) = (opts.db_uri.clone(), opts.listen_channel.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    std::thread::Builder::new()
+        .name("listen".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
                 }
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {}", quote_ident(&opts.listen_channel)))
-        .await?;
-    Ok((client, counts))
+            };
+            rt.block_on(async move {
+                let (client, mut conn) =
+                    match tokio_postgres::connect(&db_uri, tokio_postgres::NoTls).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                let reader = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(Ok(msg)) = messages.next().await {
+                        if let AsyncMessage::Notification(n) = msg {
+                            let p = n.payload();
+                            if p.contains(&ingest_tag) {
+                                c.ingest.fetch_add(1, Ordering::Relaxed);
+                            } else if p.contains(&baseline_tag) {
+                                c.baseline.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+                let listened = client
+                    .batch_execute(&format!("LISTEN {}", quote_ident(&channel)))
+                    .await;
+                let _ = ready_tx.send(listened.map_err(Into::into));
+                let _ = reader.await;
+                drop(client);
+            });
+        })?;
+    ready_rx.await.context("the LISTEN thread ended")??;
+    Ok(counts)
 }
 
 /// Waits until `counter` has not moved for `quiet`, at most `max`.
@@ -97,7 +127,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     );
     let channel = format!("{}-ingest", opts.run_id);
     let baseline_channel = format!("{}-baseline", opts.run_id);
-    let (_listener, counts) = listen(
+    let counts = listen(
         opts,
         format!("\"channel\":\"{channel}\""),
         format!("\"channel\":\"{baseline_channel}\""),
