@@ -6,3 +6,10 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 
 /// On an audit record: the PostgreSQL channel the message was notified on.
 pub const NOTIFY_CHANNEL: &str = "Pgws-Notify-Channel";
+
+/// On a delivery: when the bridge received the notification from PostgreSQL, unix
+/// microseconds (decimal text); the gateway's database -> socket latency starts there.
+pub const LISTENED_AT: &str = "Pgws-Listened-At";
+
+/// W3C trace context (on NOTIFY requests, deliveries and audit records) when tracing is on.
+pub const TRACEPARENT: &str = "traceparent";

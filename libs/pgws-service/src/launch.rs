@@ -1,11 +1,12 @@
-//! The `main` every service shares: load settings, validate, init logs, run until a signal.
+//! The `main` every service shares: load settings, validate, init logs and traces, run until
+//! a signal, flush the traces.
 
 use std::future::Future;
 use std::process::ExitCode;
 
 use pgws_config::{ConfigError, Settings};
 
-use crate::{init_logs, wait_for_signal, Shutdown};
+use crate::{init_telemetry, wait_for_signal, Shutdown};
 
 /// Exit code for invalid configuration (EX_USAGE, as sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -30,7 +31,13 @@ where
         Ok(c) => c,
         Err(e) => return config_failure(service, &e),
     };
-    init_logs(&settings);
+    let telemetry = match init_telemetry(&settings, service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{service}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     for key in settings.unknown_keys() {
         tracing::warn!(key, "unknown setting ignored");
     }
@@ -54,6 +61,9 @@ where
         });
         run(config, shutdown).await
     });
+    // The runtime goes first: what its tasks still held is dropped, then the spans are flushed.
+    drop(runtime);
+    telemetry.shutdown();
     match result {
         Ok(()) => {
             tracing::info!("stopped");

@@ -1,5 +1,6 @@
 //! What every pgws service shares: the `main` skeleton, logs, the admin listener with
-//! health, readiness and Prometheus metrics, ordered shutdown and the NATS connection.
+//! health, readiness and Prometheus metrics, ordered shutdown, the NATS connection, and
+//! telemetry (logs, OpenTelemetry traces and their context in NATS headers).
 //!
 //! A service's `main.rs` is one call to [`run_main`]; its library takes its configuration and
 //! a [`Shutdown`] so tests run exactly what ships.
@@ -10,7 +11,7 @@ mod launch;
 mod metrics;
 mod nats;
 mod shutdown;
-mod telemetry;
+pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
 pub use audit::{audit_stream_config, ensure_audit_stream};
@@ -18,6 +19,6 @@ pub use launch::run_main;
 pub use metrics::Metrics;
 pub use nats::connect_nats;
 pub use shutdown::{wait_for_signal, Shutdown};
-pub use telemetry::init_logs;
+pub use telemetry::{init_telemetry, Telemetry};
 
 pub use prometheus_client;

@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::Client as Nats;
+use async_nats::{Client as Nats, HeaderMap};
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use pgws_config::DbConfig;
-use pgws_proto::{Envelope, Subjects};
+use pgws_proto::{headers, Envelope, Subjects};
+use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio::time::{interval_at, sleep, timeout, Instant, Interval, MissedTickBehavior};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, Notification};
@@ -38,6 +39,13 @@ const STANDBY_RETRY: Duration = Duration::from_secs(1);
 const USAGE_INTERVAL: Duration = Duration::from_secs(5);
 /// Time a closing session has to say goodbye, so PostgreSQL releases the lock at once.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Now, in unix microseconds.
+fn unix_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
 
 /// What readiness and the metrics see of the listener.
 #[derive(Debug, Default)]
@@ -233,14 +241,42 @@ impl Listener {
         }
         match Envelope::route(n.payload()) {
             Ok(channel) => {
+                // One trace per notification: received here, published to the gateways.
+                let span = tracing::info_span!(
+                    target: TRACE,
+                    "bridge.listen",
+                    otel.kind = "consumer",
+                    messaging.system = "postgresql",
+                    messaging.destination.name = %channel,
+                    messaging.message.body.size = n.payload().len(),
+                    otel.status_code = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                telemetry::mark(&span);
                 let subject = self.subjects.deliver(&channel);
+                let mut h = HeaderMap::new();
+                h.insert(headers::LISTENED_AT, unix_micros().to_string().as_str());
+                let publish = tracing::info_span!(
+                    target: TRACE,
+                    parent: &span,
+                    "bridge.publish",
+                    otel.kind = "producer",
+                    messaging.system = "nats",
+                    messaging.destination.name = %subject,
+                    otel.status_code = tracing::field::Empty,
+                );
+                telemetry::inject(&publish, &mut h);
                 let payload = Bytes::copy_from_slice(n.payload().as_bytes());
-                match self.nats.publish(subject, payload).await {
+                match self.nats.publish_with_headers(subject, h, payload).await {
                     Ok(()) => {
                         self.metrics.published.inc();
                     }
                     Err(e) => {
-                        tracing::warn!(channel, error = %e, "cannot publish a notification");
+                        publish.record("otel.status_code", "ERROR");
+                        span.record("otel.status_code", "ERROR");
+                        span.in_scope(|| {
+                            tracing::warn!(channel, error = %e, "cannot publish a notification");
+                        });
                     }
                 }
             }

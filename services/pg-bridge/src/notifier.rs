@@ -22,6 +22,7 @@ use anyhow::Context as _;
 use async_nats::{Client as Nats, Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt as _};
 use pgws_proto::{Notification, NotifyReply, Subjects};
+use pgws_service::telemetry::{self, TARGET as TRACE};
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
@@ -42,6 +43,32 @@ pub(crate) const UNAVAILABLE: &str = "database unavailable";
 pub(crate) struct Request {
     pub(crate) notifications: Vec<Notification>,
     pub(crate) reply: Option<Subject>,
+    /// `bridge.batch`, child of the gateway's publish span (a disabled span when traces are
+    /// not exported); it ends when the request has been answered.
+    pub(crate) span: tracing::Span,
+}
+
+impl Request {
+    /// The span of a request received with `headers`.
+    pub(crate) fn span(
+        notifications: usize,
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            target: TRACE,
+            "bridge.batch",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            notifications,
+            batch.requests = tracing::field::Empty,
+            batch.notifications = tracing::field::Empty,
+            batch.transactions = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::adopt(&span, headers);
+        span
+    }
 }
 
 /// The requests one worker executes together.
@@ -258,6 +285,7 @@ impl Intake {
                 None
             }
             Ok(request) => Some(Request {
+                span: Request::span(request.notifications.len(), message.headers.as_ref()),
                 notifications: request.notifications,
                 reply: message.reply,
             }),
@@ -267,6 +295,7 @@ impl Intake {
     async fn fail(&self, batch: Batch, reason: &str) {
         let failed = NotifyReply::failed(reason);
         for request in batch.requests {
+            request.span.record("otel.status_code", "ERROR");
             self.metrics.requests_failed.inc();
             reply(&self.nats, request.reply.as_ref(), &failed).await;
         }

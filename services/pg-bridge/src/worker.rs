@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::Client as Nats;
 use pgws_config::DbConfig;
 use pgws_proto::NotifyReply;
+use pgws_service::telemetry::TARGET as TRACE;
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, timeout};
@@ -155,6 +156,26 @@ impl Worker {
                 last[r] = k;
             }
         }
+        // `bridge.notify` per request: from here to the commit of its last transaction.
+        let mut notify_spans: Vec<tracing::Span> = batch
+            .requests
+            .iter()
+            .map(|r| {
+                r.span.record("batch.requests", batch.requests.len());
+                r.span.record("batch.notifications", batch.notifications);
+                r.span.record("batch.transactions", plan.len());
+                tracing::info_span!(
+                    target: TRACE,
+                    parent: &r.span,
+                    "bridge.notify",
+                    otel.kind = "client",
+                    db.system = "postgresql",
+                    db.operation.name = "NOTIFY",
+                    notifications = r.notifications.len(),
+                    otel.status_code = tracing::field::Empty,
+                )
+            })
+            .collect();
         let mut answered = 0;
         let mut failure: Option<String> = None;
         for (k, tx) in plan.iter().enumerate() {
@@ -186,6 +207,8 @@ impl Worker {
                 }
             }
             while answered < batch.requests.len() && last[answered] <= k {
+                // The request's NOTIFYs are committed: its span ends.
+                notify_spans[answered] = tracing::Span::none();
                 self.metrics.requests_ok.inc();
                 let to = batch.requests[answered].reply.as_ref();
                 reply(&self.nats, to, &NotifyReply::ok()).await;
@@ -202,7 +225,12 @@ impl Worker {
                 "notify transaction failed"
             );
             let failed = NotifyReply::failed(UNAVAILABLE);
-            for request in &batch.requests[answered..] {
+            for (request, span) in batch.requests[answered..]
+                .iter()
+                .zip(&notify_spans[answered..])
+            {
+                span.record("otel.status_code", "ERROR");
+                request.span.record("otel.status_code", "ERROR");
                 self.metrics.requests_failed.inc();
                 reply(&self.nats, request.reply.as_ref(), &failed).await;
             }

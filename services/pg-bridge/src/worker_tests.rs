@@ -57,6 +57,7 @@ fn request(channel: &str, payloads: &[&str], reply: &Subject) -> Request {
             })
             .collect(),
         reply: Some(reply.clone()),
+        span: tracing::Span::none(),
     }
 }
 

@@ -16,8 +16,10 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, Message};
 use futures::StreamExt;
 use pgws_config::DbConfig;
+use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio_postgres::{Client, Config as PgConfig, NoTls};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::RecorderMetrics;
 use crate::record::Batch;
@@ -243,6 +245,21 @@ async fn record_batch(
     metrics: &RecorderMetrics,
     token: &CancellationToken,
 ) -> bool {
+    // One span per batch, linked to the traces of (at most MAX_LINKS of) its records.
+    let span = tracing::info_span!(
+        target: TRACE,
+        "recorder.batch",
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.batch.message_count = messages.len(),
+        trace_id = tracing::field::Empty,
+    );
+    if telemetry::tracing_enabled() {
+        for m in messages.iter().take(MAX_LINKS) {
+            telemetry::link_remote(&span, m.headers.as_ref());
+        }
+        telemetry::mark(&span);
+    }
     let mut batch = Batch::default();
     for m in messages {
         let (stream, seq, delivered) = m
@@ -252,8 +269,13 @@ async fn record_batch(
         batch.redelivered |= delivered != 1;
         batch.push(&stream, seq, &m.payload, m.headers.as_ref());
     }
-    write_batch(db, mode, &batch, metrics, token).await
+    write_batch(db, mode, &batch, metrics, token)
+        .instrument(span)
+        .await
 }
+
+/// At most this many links from a batch's span to its records' traces.
+const MAX_LINKS: usize = 128;
 
 /// How many times a batch is retried after shutdown began (the grace period bounds it too).
 const RETRIES_IN_SHUTDOWN: u32 = 3;

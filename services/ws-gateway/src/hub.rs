@@ -13,7 +13,8 @@ use std::time::Duration;
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures::StreamExt;
-use pgws_proto::Subjects;
+use pgws_proto::{headers, Subjects};
+use pgws_service::telemetry::{self, TARGET as TRACE};
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -143,7 +144,7 @@ impl Hub {
             tokio::select! {
                 _ = state.stop.cancelled() => break,
                 msg = sub.next() => match msg {
-                    Some(msg) => self.fan_out(&state, msg.payload),
+                    Some(msg) => self.fan_out(&state, msg),
                     None => break,
                 },
             }
@@ -151,8 +152,29 @@ impl Hub {
         drop(sub.unsubscribe().await);
     }
 
-    fn fan_out(&self, state: &Channel, payload: Bytes) {
+    /// Queues one notification to every local reader of its channel: one span for the
+    /// notification (not one per socket), one shared buffer.
+    fn fan_out(&self, state: &Channel, msg: async_nats::Message) {
         self.metrics.notifications_in.inc();
+        let listened_at = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::LISTENED_AT))
+            .and_then(|v| v.as_str().parse::<u128>().ok());
+        let span = tracing::info_span!(
+            target: TRACE,
+            "gateway.fanout",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.destination.name = %msg.subject,
+            messaging.message.body.size = msg.payload.len(),
+            sockets = tracing::field::Empty,
+            slow_consumers = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::adopt(&span, msg.headers.as_ref());
+        let _entered = span.enter();
+        let payload = msg.payload;
         let len = payload.len() as u64;
         let Ok(text) = Utf8Bytes::try_from(payload) else {
             tracing::warn!("notification is not UTF-8; dropped");
@@ -160,13 +182,14 @@ impl Hub {
         };
         let message = Message::Text(text);
         let mut delivered = 0u64;
+        let mut slow = 0u64;
         if let Ok(subs) = state.subscribers.read() {
             for sub in subs.values() {
                 match sub.tx.try_send(message.clone()) {
                     Ok(()) => delivered += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         if !sub.kick.is_cancelled() {
-                            self.metrics.slow_consumers.inc();
+                            slow += 1;
                             sub.kick.cancel();
                         }
                     }
@@ -174,6 +197,17 @@ impl Hub {
                 }
             }
         }
+        if let Some(at) = listened_at {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            let micros = now.saturating_sub(at);
+            self.metrics.delivery_latency.observe(micros as f64 / 1e6);
+        }
+        span.record("sockets", delivered);
+        span.record("slow_consumers", slow);
+        tracing::debug!(sockets = delivered, slow, "notification fanned out");
+        self.metrics.slow_consumers.inc_by(slow);
         self.metrics.deliveries.inc_by(delivered);
         self.metrics.bytes_out.inc_by(delivered * len);
     }

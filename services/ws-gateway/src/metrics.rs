@@ -3,6 +3,7 @@
 use pgws_service::prometheus_client::metrics::counter::Counter;
 use pgws_service::prometheus_client::metrics::family::Family;
 use pgws_service::prometheus_client::metrics::gauge::Gauge;
+use pgws_service::prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use pgws_service::Metrics;
 
 type Labels = [(&'static str, &'static str); 1];
@@ -22,6 +23,7 @@ pub(crate) struct GatewayMetrics {
     pub(crate) notifications_in: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) channels: Gauge,
+    pub(crate) delivery_latency: Histogram,
 }
 
 impl GatewayMetrics {
@@ -87,6 +89,11 @@ impl GatewayMetrics {
                 "gateway_channels",
                 "Channels with at least one local reader (one NATS subscription each)",
                 Gauge::default(),
+            ),
+            delivery_latency: m.register(
+                "gateway_delivery_latency_seconds",
+                "From the bridge receiving a notification from PostgreSQL to its queueing to the sockets (needs agreeing clocks)",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ),
         }
     }

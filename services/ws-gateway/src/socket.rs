@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::uplink::MAX_PER_REQUEST;
+use pgws_service::telemetry::{self, TARGET as TRACE};
+
+use crate::uplink::{Pending, MAX_PER_REQUEST};
 use crate::Gateway;
 
 /// Close code postgres-websockets uses when the token expires.
@@ -46,10 +48,10 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
         mut rx,
         kick,
     } = session;
-    let mut pending: VecDeque<Notification> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
     if let Some(n) = meta_notification(&gw, &grant, ConnectionEvent::Open) {
-        pending.push_back(n);
+        pending.push_back(Pending::untraced(n));
     }
     let expiry = expiry_sleep(grant.expires_at);
     tokio::pin!(expiry);
@@ -146,7 +148,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
     drop(ws);
     // Everything accepted still goes to the database, the close event last.
     if let Some(n) = meta_notification(&gw, &grant, ConnectionEvent::Close) {
-        pending.push_back(n);
+        pending.push_back(Pending::untraced(n));
     }
     if let Some((fut, n)) = inflight.take() {
         if let Err(reason) = fut.await {
@@ -165,7 +167,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
 }
 
 /// The next request's notifications: the oldest pending, at most [`MAX_PER_REQUEST`].
-fn take_batch(pending: &mut VecDeque<Notification>) -> Vec<Notification> {
+fn take_batch(pending: &mut VecDeque<Pending>) -> Vec<Pending> {
     let n = pending.len().min(MAX_PER_REQUEST);
     pending.drain(..n).collect()
 }
@@ -241,7 +243,7 @@ fn accept(
     gw: &Gateway,
     grant: &Grant,
     text: &str,
-    pending: &mut VecDeque<Notification>,
+    pending: &mut VecDeque<Pending>,
 ) -> Option<Message> {
     if !grant.mode.can_write() {
         return Some(refuse(
@@ -258,6 +260,18 @@ fn accept(
         ));
     }
     let at = unix_now();
+    // One trace per client message: this span, the gateway's publish, the bridge's batch and
+    // NOTIFY. It ends when the message has been handed to the database (or given up).
+    let span = tracing::info_span!(
+        target: TRACE,
+        "gateway.receive",
+        otel.kind = "server",
+        messaging.system = "websocket",
+        messaging.destination.name = %grant.channels.join(","),
+        messaging.message.body.size = text.len(),
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::mark(&span);
     let mut notes = Vec::with_capacity(grant.channels.len());
     for channel in &grant.channels {
         let payload = Envelope::new(WEBSOCKET_MESSAGE, channel, text, &grant.claims, at).to_json();
@@ -268,10 +282,13 @@ fn accept(
             );
             return Some(refuse(gw, "too_large", &why));
         }
-        notes.push(Notification {
-            id: Some(gw.message_id()),
-            channel: gw.config.listen_channel.clone(),
-            payload,
+        notes.push(Pending {
+            note: Notification {
+                id: Some(gw.message_id()),
+                channel: gw.config.listen_channel.clone(),
+                payload,
+            },
+            span: span.clone(),
         });
     }
     gw.metrics.messages_in.inc();

@@ -19,11 +19,31 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use pgws_proto::{headers, Notification, NotifyReply, NotifyRequest};
+use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio::time::Instant;
+use tracing::{Instrument, Span};
 
 /// At most this many notifications per request (NATS payloads are limited to 1 MiB by default;
 /// 64 envelopes of at most 8 KB fit).
 pub(crate) const MAX_PER_REQUEST: usize = 64;
+
+/// An accepted notification waiting for its request, with the span of the frame it came from
+/// (disabled when traces are not exported).
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) note: Notification,
+    pub(crate) span: Span,
+}
+
+impl Pending {
+    /// A notification no trace follows (connection events).
+    pub(crate) fn untraced(note: Notification) -> Self {
+        Self {
+            note,
+            span: Span::none(),
+        }
+    }
+}
 
 /// Sends NOTIFY requests to the bridges.
 #[derive(Clone, Debug)]
@@ -58,46 +78,103 @@ impl Uplink {
 
     /// Hands `notifications` to a bridge; resolves when they are committed (`Ok`) or when the
     /// deadline passed (`Err` with the last reason).
-    pub(crate) fn send(
-        &self,
-        notifications: Vec<Notification>,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    pub(crate) fn send(&self, batch: Vec<Pending>) -> BoxFuture<'static, Result<(), String>> {
         let client = self.client.clone();
         let subject = self.subject.clone();
         let deadline = Instant::now() + self.deadline;
         let audit = self.audit.clone();
-        Box::pin(async move {
+        // `gateway.publish`: a child of the first message's span, linked to the others'.
+        let first = batch.first().map_or_else(Span::none, |p| p.span.clone());
+        let span = tracing::info_span!(
+            target: TRACE,
+            parent: &first,
+            "gateway.publish",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            messaging.batch.message_count = batch.len(),
+            attempts = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let mut frames = Vec::new();
+        let mut notifications = Vec::with_capacity(batch.len());
+        for p in batch {
+            if telemetry::tracing_enabled()
+                && frames.last().is_none_or(|s: &Span| s.id() != p.span.id())
+            {
+                if !frames.is_empty() {
+                    telemetry::link(&span, &p.span);
+                }
+                frames.push(p.span);
+            }
+            notifications.push(p.note);
+        }
+        let mut trace = async_nats::HeaderMap::new();
+        telemetry::inject(&span, &mut trace);
+        let result_span = span.clone();
+        let sending = async move {
+            // The frames' spans end when their messages are in the database (or given up).
+            let _frames = frames;
             if let Some(audit) = audit {
-                record(&audit, &notifications, deadline).await?;
+                record(&audit, &notifications, &trace, deadline).await?;
             }
             let body = serde_json::to_vec(&NotifyRequest { notifications })
                 .map_err(|e| format!("cannot encode request: {e}"))?;
             let body = bytes::Bytes::from(body);
             let mut backoff = Duration::from_millis(50);
+            let mut attempts = 0u32;
             loop {
                 let now = Instant::now();
                 if now >= deadline {
                     return Err("no bridge committed the message in time".to_owned());
                 }
+                attempts += 1;
+                Span::current().record("attempts", attempts);
                 let attempt = (deadline - now).min(Duration::from_secs(5));
-                let error = match tokio::time::timeout(
-                    attempt,
-                    client.request(subject.clone(), body.clone()),
-                )
-                .await
-                {
-                    Ok(Ok(reply)) => match serde_json::from_slice::<NotifyReply>(&reply.payload) {
-                        Ok(r) if r.ok => return Ok(()),
-                        Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
-                        Err(e) => format!("unreadable bridge reply: {e}"),
-                    },
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "bridge did not answer".to_owned(),
-                };
+                let error =
+                    match tokio::time::timeout(attempt, request(&client, &subject, &trace, &body))
+                        .await
+                    {
+                        Ok(Ok(reply)) => {
+                            match serde_json::from_slice::<NotifyReply>(&reply.payload) {
+                                Ok(r) if r.ok => return Ok(()),
+                                Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
+                                Err(e) => format!("unreadable bridge reply: {e}"),
+                            }
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "bridge did not answer".to_owned(),
+                    };
                 tracing::debug!(error, "notify request failed; retrying");
                 backoff = pause(backoff, deadline).await;
             }
-        })
+        };
+        Box::pin(
+            async move {
+                let result = sending.await;
+                if result.is_err() {
+                    result_span.record("otel.status_code", "ERROR");
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// One NATS request, with the trace context when there is one.
+async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    trace: &async_nats::HeaderMap,
+    body: &Bytes,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    if trace.is_empty() {
+        client.request(subject.to_owned(), body.clone()).await
+    } else {
+        client
+            .request_with_headers(subject.to_owned(), trace.clone(), body.clone())
+            .await
     }
 }
 
@@ -113,16 +190,18 @@ async fn pause(backoff: Duration, deadline: Instant) -> Duration {
 async fn record(
     audit: &Audit,
     notifications: &[Notification],
+    trace: &async_nats::HeaderMap,
     deadline: Instant,
 ) -> Result<(), String> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let error = match tokio::time::timeout_at(deadline, publish_all(audit, notifications)).await
-        {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(_) => "the audit stream did not acknowledge in time".to_owned(),
-        };
+        let error =
+            match tokio::time::timeout_at(deadline, publish_all(audit, notifications, trace)).await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => "the audit stream did not acknowledge in time".to_owned(),
+            };
         if Instant::now() >= deadline {
             return Err(format!("not recorded in the audit stream: {error}"));
         }
@@ -131,10 +210,14 @@ async fn record(
     }
 }
 
-async fn publish_all(audit: &Audit, notifications: &[Notification]) -> Result<(), String> {
+async fn publish_all(
+    audit: &Audit,
+    notifications: &[Notification],
+    trace: &async_nats::HeaderMap,
+) -> Result<(), String> {
     let mut acks = Vec::with_capacity(notifications.len());
     for n in notifications {
-        let mut h = async_nats::HeaderMap::new();
+        let mut h = trace.clone();
         if let Some(id) = &n.id {
             h.insert(headers::MSG_ID, id.as_str());
         }
