@@ -513,7 +513,8 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
             let otlp = service_env
                 .get("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .unwrap_or_else(|| panic!("{name}: OTEL_EXPORTER_OTLP_ENDPOINT"));
-            assert_eq!(otlp, "http://otel-collector:4317", "{name}");
+            // The services export OTLP over HTTP/protobuf: the collector's port 4318.
+            assert_eq!(otlp, "http://otel-collector:4318", "{name}");
             assert!(
                 strings(&compose.services[&name]["env_file"])
                     .contains(&"deploy/compose/pgws.env".to_owned())

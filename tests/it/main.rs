@@ -11,6 +11,8 @@ mod deploy;
 mod frames;
 mod listener;
 mod load;
+mod metrics;
 mod recorder;
 mod scale;
 mod static_files;
+mod telemetry;

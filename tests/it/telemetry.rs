@@ -1,0 +1,262 @@
+//! OpenTelemetry across the services: a real OTLP/HTTP receiver (protobuf, as a collector
+//! speaks it) in the test; one client message is one trace from the gateway through the
+//! bridge, one notification is one trace from the bridge to the gateway's fan-out, spans are
+//! flushed at shutdown, and log lines carry the trace id.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use pgws_tests::{eventually, unique, Stack};
+use prost::Message as _;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+
+/// One received span, flattened.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    name: String,
+    trace: Vec<u8>,
+    id: Vec<u8>,
+    parent: Vec<u8>,
+    attributes: Vec<(String, String)>,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn text(kv: &KeyValue) -> String {
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        Some(AnyValue::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
+
+type Spans = Arc<Mutex<Vec<Got>>>;
+
+/// `POST /v1/traces` with an `ExportTraceServiceRequest` body, answered with an empty
+/// `ExportTraceServiceResponse`.
+async fn receive(
+    State(spans): State<Spans>,
+    body: Bytes,
+) -> ([(&'static str, &'static str); 1], Vec<u8>) {
+    if let Ok(request) = ExportTraceServiceRequest::decode(body) {
+        let mut got = spans.lock().expect("spans");
+        for rs in request.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .map(text)
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push(Got {
+                        service: service.clone(),
+                        name: s.name,
+                        trace: s.trace_id,
+                        id: s.span_id,
+                        parent: s.parent_span_id,
+                        attributes: s
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), text(kv)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+    }
+    ([("content-type", "application/x-protobuf")], Vec::new())
+}
+
+async fn otlp_receiver() -> anyhow::Result<(SocketAddr, Spans)> {
+    let spans: Spans = Arc::default();
+    let app = axum::Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(Arc::clone(&spans));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, spans))
+}
+
+fn find<'a>(
+    spans: &'a [Got],
+    service: &str,
+    name: &str,
+    pred: impl Fn(&Got) -> bool,
+) -> Option<&'a Got> {
+    spans
+        .iter()
+        .find(|s| s.service == service && s.name == name && pred(s))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_message_and_a_notification_are_each_one_trace_across_the_services() -> anyhow::Result<()>
+{
+    let (addr, spans) = otlp_receiver().await?;
+    let endpoint = format!("http://{addr}");
+    // A long export delay: the spans reach the receiver because shutdown flushes them.
+    let mut stack = Stack::start_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
+        ("PGWS_LOG", "info,ws_gateway=debug"),
+    ])
+    .await?;
+    let channel = unique("traced-");
+    let mut ws = stack.connect(0, &channel, &json!({"mode": "rw"})).await?;
+    ws.send_text("follow me").await?;
+    // The message comes back as a notification: both traces happen.
+    let echo = ws.next_json(T).await?;
+    assert_eq!(echo["payload"], "follow me");
+    drop(ws);
+    for svc in stack.gateways.iter().chain(&stack.bridges) {
+        svc.signal("TERM")?;
+    }
+    for svc in stack.gateways.iter_mut().chain(&mut stack.bridges) {
+        assert!(svc.wait_exit(Duration::from_secs(30)).await?.success());
+    }
+    let complete = eventually(T, || {
+        let spans = spans.lock().expect("spans").clone();
+        let channel = channel.clone();
+        async move {
+            find(&spans, "ws-gateway", "gateway.fanout", |s| {
+                s.attr("messaging.destination.name")
+                    .is_some_and(|d| d.contains(&channel))
+            })
+            .is_some()
+                && find(&spans, "pg-bridge", "bridge.notify", |_| true).is_some()
+        }
+    })
+    .await;
+    let spans = spans.lock().expect("spans").clone();
+    assert!(
+        complete,
+        "spans missing; got {:#?}",
+        spans
+            .iter()
+            .map(|s| (&s.service, &s.name))
+            .collect::<Vec<_>>()
+    );
+
+    // Client message: gateway.receive -> gateway.publish -> bridge.batch -> bridge.notify.
+    let receive = find(&spans, "ws-gateway", "gateway.receive", |s| {
+        s.attr("messaging.destination.name") == Some(channel.as_str())
+    })
+    .expect("gateway.receive");
+    assert!(receive.parent.is_empty(), "the receive span is a root");
+    assert_eq!(receive.attr("messaging.message.body.size"), Some("9"));
+    let publish = find(&spans, "ws-gateway", "gateway.publish", |s| {
+        s.parent == receive.id
+    })
+    .expect("gateway.publish under gateway.receive");
+    assert_eq!(publish.trace, receive.trace);
+    let batch = find(&spans, "pg-bridge", "bridge.batch", |s| {
+        s.parent == publish.id
+    })
+    .expect("bridge.batch under gateway.publish");
+    assert_eq!(batch.trace, receive.trace);
+    assert_eq!(batch.attr("notifications"), Some("1"));
+    let notify = find(&spans, "pg-bridge", "bridge.notify", |s| {
+        s.parent == batch.id
+    })
+    .expect("bridge.notify under bridge.batch");
+    assert_eq!(notify.trace, receive.trace);
+    assert_eq!(notify.attr("db.system"), Some("postgresql"));
+
+    // Notification: bridge.listen -> bridge.publish -> gateway.fanout (one span, not per socket).
+    let listen = find(&spans, "pg-bridge", "bridge.listen", |s| {
+        s.attr("messaging.destination.name") == Some(channel.as_str())
+    })
+    .expect("bridge.listen");
+    assert!(listen.parent.is_empty(), "the listen span is a root");
+    assert_ne!(
+        listen.trace, receive.trace,
+        "a notification is a trace of its own"
+    );
+    let out = find(&spans, "pg-bridge", "bridge.publish", |s| {
+        s.parent == listen.id
+    })
+    .expect("bridge.publish under bridge.listen");
+    let fanout = find(&spans, "ws-gateway", "gateway.fanout", |s| {
+        s.parent == out.id
+    })
+    .expect("gateway.fanout under bridge.publish");
+    assert_eq!(fanout.trace, listen.trace);
+    assert_eq!(fanout.attr("sockets"), Some("1"));
+
+    // The gateway's log line for the fan-out names the notification's trace.
+    let log = stack.gateways[0].log();
+    let id = hex(&listen.trace);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("fanned out") && l.contains(&id)),
+        "no log line with trace_id={id}:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_otel_settings_nothing_is_exported_and_grpc_is_refused() -> anyhow::Result<()> {
+    // A gRPC protocol setting is a configuration error (exit 64) naming the variable.
+    let stack = Stack::new();
+    let mut env = stack.env();
+    env.push((
+        "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+        "http://127.0.0.1:4317".into(),
+    ));
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()));
+    let out = pgws_tests::Service::command(pgws_tests::ServiceKind::Bridge, &env)
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{stderr}");
+    // Without OTEL_* settings the services carry no trace context on NATS.
+    let stack = Stack::start().await?;
+    let nats = async_nats::connect(pgws_tests::nats_url()).await?;
+    let mut sub = nats.subscribe(format!("{}.>", stack.prefix)).await?;
+    nats.flush().await?;
+    let channel = unique("plain-");
+    let mut ws = stack.connect(0, &channel, &json!({"mode": "rw"})).await?;
+    ws.send_text("untraced").await?;
+    ws.next_json(T).await?;
+    let mut seen = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::StreamExt::next(&mut sub),
+    )
+    .await
+    {
+        seen += 1;
+        let traced = m
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("traceparent").is_some());
+        assert!(!traced, "a message on {} carries trace context", m.subject);
+    }
+    assert!(seen >= 2, "saw {seen} messages on the stack's subjects");
+    Ok(())
+}
