@@ -8,6 +8,7 @@ mod browser;
 mod chat;
 mod config;
 mod deploy;
+mod faults;
 mod frames;
 mod listener;
 mod load;

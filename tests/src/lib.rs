@@ -5,6 +5,7 @@
 //! The binaries are those of `cargo build --workspace` in the same target directory as the
 //! test executable. `TEST_LOG=1` prints the services' logs when a test ends.
 
+mod nats;
 mod pg;
 mod process;
 mod ws;
@@ -12,6 +13,7 @@ mod ws;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+pub use nats::PrivateNats;
 pub use pg::PrivatePg;
 pub use process::{Service, ServiceKind};
 use serde_json::Value;

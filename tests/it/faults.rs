@@ -1,0 +1,203 @@
+//! Faults injected for real: a NATS restart, a PostgreSQL restart, a client that never reads.
+//! Each test prints what it measured (`--nocapture`), the figures of `docs/reliability.md`.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgws_tests::{http_get, unique, PrivateNats, Stack, WsClient};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A session LISTENing on a channel, yielding each payload.
+pub(crate) struct PgWatch {
+    _client: tokio_postgres::Client,
+    rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl PgWatch {
+    pub(crate) async fn start(uri: &str, channel: &str) -> anyhow::Result<Self> {
+        let (client, mut conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(Ok(msg)) = futures::StreamExt::next(&mut stream).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                    drop(tx.send(n.payload().to_owned()));
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await?;
+        Ok(Self {
+            _client: client,
+            rx,
+        })
+    }
+
+    /// Waits for an envelope whose `payload` is `text`.
+    pub(crate) async fn expect_payload(&mut self, text: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            let v: Value = serde_json::from_str(&p).unwrap_or_default();
+            if v["payload"] == text {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Sends `{"channel": channel, "seq": n}` every `every` until stopped; returns how many.
+fn numbered_notifications(
+    stack: &Stack,
+    channel: &str,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    let (uri, listen, channel) = (
+        stack.db_uri(),
+        stack.listen_channel.clone(),
+        channel.to_owned(),
+    );
+    tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut db: Option<tokio_postgres::Client> = None;
+        while !stop.load(Ordering::Relaxed) {
+            if db.as_ref().is_none_or(|c| c.is_closed()) {
+                db = match tokio_postgres::connect(&uri, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        Some(c)
+                    }
+                    Err(_) => None,
+                };
+            }
+            if let Some(c) = &db {
+                let payload = json!({"channel": channel, "seq": sent}).to_string();
+                if c.execute("SELECT pg_notify($1, $2)", &[&listen, &payload])
+                    .await
+                    .is_ok()
+                {
+                    sent += 1;
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+        Ok(sent)
+    })
+}
+
+/// Reads a numbered stream for `period`: each frame's `seq`, with when it arrived.
+async fn read_numbered(ws: &mut WsClient, got: &mut Vec<(u64, Instant)>, period: Duration) {
+    let deadline = Instant::now() + period;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Ok(text) = ws.next_text(left).await else {
+            break;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+        if let Some(seq) = v["seq"].as_u64() {
+            got.push((seq, Instant::now()));
+        }
+    }
+}
+
+/// `(lost, duplicates)` of `sent` numbered messages given what arrived.
+fn losses(sent: u64, got: &[(u64, Instant)]) -> (u64, u64) {
+    let distinct: BTreeSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    (
+        sent - distinct.len() as u64,
+        got.len() as u64 - distinct.len() as u64,
+    )
+}
+
+async fn all_ready(stack: &Stack) -> bool {
+    for svc in stack.gateways.iter().chain(&stack.bridges) {
+        if !matches!(http_get(svc.admin, "/readyz").await, Ok((200, _))) {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_nats_restart_keeps_sockets_open_and_delivery_resumes() -> anyhow::Result<()> {
+    let mut nats = PrivateNats::start().await?;
+    let url = nats.url();
+    let mut stack = Stack::start_with(&[("PGWS_NATS_URL", &url)]).await?;
+    stack.add_bridge(&[]).await?;
+    let channel = unique("nats-");
+    let mut reader = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let mut writer = stack.connect(0, "writer", &json!({"mode": "w"})).await?;
+    let mut watch = PgWatch::start(&stack.db_uri(), &stack.listen_channel).await?;
+    writer.send_text("before").await?;
+    assert!(watch.expect_payload("before", T).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = numbered_notifications(&stack, &channel, Duration::from_millis(20), stop.clone());
+    let mut got = Vec::new();
+    read_numbered(&mut reader, &mut got, Duration::from_millis(500)).await;
+    assert!(!got.is_empty(), "nothing delivered before the fault");
+
+    nats.kill()?;
+    let killed = Instant::now();
+    // A client message sent while NATS is down waits for a bridge (PGWS_NOTIFY_TIMEOUT).
+    writer.send_text("during").await?;
+    let gw = stack.gateways[0].admin;
+    let unready = pgws_tests::eventually(Duration::from_secs(1), || async {
+        matches!(http_get(gw, "/readyz").await, Ok((503, _)))
+    })
+    .await;
+    assert!(unready, "the gateway stayed ready without NATS");
+    tokio::time::sleep(killed + Duration::from_secs(1) - Instant::now()).await;
+    nats.restart().await?;
+    let restarted = Instant::now();
+
+    let ready = pgws_tests::eventually(Duration::from_secs(15), || all_ready(&stack)).await;
+    let ready_after = restarted.elapsed();
+    assert!(ready, "services not ready again after the NATS restart");
+    // Delivery resumes on the socket opened before the fault.
+    let before = got.len();
+    read_numbered(&mut reader, &mut got, Duration::from_secs(2)).await;
+    let resumed = got[before..]
+        .iter()
+        .map(|(_, at)| *at)
+        .find(|at| *at > restarted);
+    let resumed_after = resumed.map(|at| at - restarted);
+    assert!(resumed.is_some(), "no delivery after the NATS restart");
+    // Client messages reach NOTIFY: the one sent during the outage and one sent after.
+    let during = watch
+        .expect_payload("during", Duration::from_secs(15))
+        .await;
+    let t = Instant::now();
+    writer.send_text("after").await?;
+    assert!(
+        watch.expect_payload("after", T).await,
+        "a message sent after the restart was lost"
+    );
+    let after_rtt = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.await??;
+    read_numbered(&mut reader, &mut got, Duration::from_millis(1000)).await;
+    let (lost, dups) = losses(sent, &got);
+    eprintln!(
+        "nats restart: down {:?}; ready again {ready_after:?} after restart; db->socket resumed {resumed_after:?} after restart; \
+         notifications sent {sent}, lost {lost}, duplicates {dups}; message sent while down reached NOTIFY: {during}; \
+         message after restart reached NOTIFY in {after_rtt:?}",
+        restarted - killed
+    );
+    assert!(
+        during,
+        "the message sent while NATS was down never reached NOTIFY"
+    );
+    assert_eq!(dups, 0, "duplicate deliveries");
+    Ok(())
+}
