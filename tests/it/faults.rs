@@ -201,3 +201,84 @@ async fn a_nats_restart_keeps_sockets_open_and_delivery_resumes() -> anyhow::Res
     assert_eq!(dups, 0, "duplicate deliveries");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_postgres_restart_keeps_the_bridge_and_sockets_and_delivery_resumes() -> anyhow::Result<()>
+{
+    let pg = pgws_tests::PrivatePg::start()?;
+    let uri = pg.uri();
+    let stack = Stack::start_with(&[("PGWS_DB_URI", &uri)]).await?;
+    let channel = unique("pgr-");
+    let mut reader = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = numbered_notifications(&stack, &channel, Duration::from_millis(20), stop.clone());
+    let mut got = Vec::new();
+    read_numbered(&mut reader, &mut got, Duration::from_millis(500)).await;
+    assert!(!got.is_empty(), "nothing delivered before the fault");
+
+    pg.stop()?;
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pg.restart()?;
+    let restarted = Instant::now();
+    let before = got.len();
+    let deadline = restarted + Duration::from_secs(15);
+    while Instant::now() < deadline && got[before..].is_empty() {
+        read_numbered(&mut reader, &mut got, Duration::from_millis(200)).await;
+    }
+    let resumed_after = got[before..].first().map(|(_, at)| *at - restarted);
+    assert!(
+        resumed_after.is_some(),
+        "no delivery after the PostgreSQL restart"
+    );
+    let bridge = &stack.bridges[0];
+    assert_eq!(http_get(bridge.admin, "/healthz").await?.0, 200);
+    let ready = pgws_tests::eventually(T, || all_ready(&stack)).await;
+    assert!(ready, "not ready again after the PostgreSQL restart");
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.await??;
+    read_numbered(&mut reader, &mut got, Duration::from_millis(500)).await;
+    let (lost, dups) = losses(sent, &got);
+    let reconnects = bridge
+        .metric("pgws_bridge_listener_reconnects_total")
+        .await
+        .unwrap_or(0.0);
+    eprintln!(
+        "postgres restart: down {:?}; db->socket resumed {resumed_after:?} after restart; \
+         notifications committed {sent}, lost {lost}, duplicates {dups}; listener reconnects {reconnects}",
+        restarted - stopped
+    );
+    assert_eq!(dups, 0, "duplicate deliveries");
+    assert!(reconnects >= 1.0, "the listener did not reconnect");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bridge_started_while_postgres_is_down_becomes_ready_when_it_comes_up(
+) -> anyhow::Result<()> {
+    let pg = pgws_tests::PrivatePg::start()?;
+    pg.stop()?;
+    let uri = pg.uri();
+    let mut stack = Stack::new();
+    stack.extra = vec![
+        ("PGWS_DB_URI".to_owned(), uri),
+        ("PGWS_RETRIES".to_owned(), "5".to_owned()),
+    ];
+    let bridge = pgws_tests::Service::start(pgws_tests::ServiceKind::Bridge, &stack.env()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = http_get(bridge.admin, "/readyz").await?;
+    assert_eq!(status, 503, "ready without a database: {body}");
+    pg.restart()?;
+    let up = Instant::now();
+    bridge.wait_ready().await?;
+    let ready_after = up.elapsed();
+    stack.bridges.push(bridge);
+    stack.add_gateway(&[]).await?;
+    stack.wait_flowing(0).await?;
+    eprintln!(
+        "bridge started with the database down: ready {ready_after:?} after PostgreSQL came up, \
+         delivering {:?} after",
+        up.elapsed()
+    );
+    Ok(())
+}

@@ -27,13 +27,13 @@ mod metrics;
 mod notifier;
 mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 pub use config::{
     BridgeConfig, DEFAULT_ADMIN_PORT, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE,
@@ -102,6 +102,13 @@ async fn serve(
         .context("cannot connect to NATS")?;
     *nats_slot = Some(nats.clone());
 
+    // Not ready until a NOTIFY connection is up, also while the first connection is tried.
+    let db_up: Arc<OnceLock<watch::Receiver<usize>>> = Arc::default();
+    let probe = Arc::clone(&db_up);
+    readiness.add("database", move || {
+        probe.get().is_some_and(|up| *up.borrow() > 0)
+    });
+
     let Some(first) = db::connect_first(&pg, config.db.retries, &shutdown.token).await? else {
         return Ok(());
     };
@@ -131,7 +138,7 @@ async fn serve(
         metrics: bridge_metrics,
     };
     let up = notifier.spawn(shutdown, fatal_tx);
-    readiness.add("database", move || *up.borrow() > 0);
+    drop(db_up.set(up));
 
     tokio::select! {
         _ = shutdown.token.cancelled() => Ok(()),
