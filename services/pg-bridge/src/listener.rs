@@ -200,12 +200,18 @@ impl Listener {
             i
         });
         let mut probe: Option<Probe> = None;
+        // When the connection last delivered something: a probe that times out while
+        // notifications keep arriving (its answer queued behind them) proves nothing.
+        let mut heard = Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Shutdown,
                 message = messages.next() => match message {
-                    Some(Ok(AsyncMessage::Notification(n))) => self.publish(&n).await,
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        heard = Instant::now();
+                        self.publish(&n).await;
+                    }
                     Some(Ok(AsyncMessage::Notice(n))) => {
                         tracing::debug!(message = n.message(), "listen connection notice");
                     }
@@ -218,6 +224,12 @@ impl Listener {
                     match outcome {
                         Outcome::Alive => {}
                         Outcome::Dead(reason) => return End::Lost(format!("listener check failed: {reason}")),
+                        Outcome::Silent(period) if heard.elapsed() < period => {
+                            tracing::debug!("listener check unanswered while notifications arrive");
+                        }
+                        Outcome::Silent(period) => {
+                            return End::Lost(format!("listener check failed: no answer within {period:?}"));
+                        }
                         Outcome::Usage(Ok(level)) => {
                             self.metrics.queue_usage.set(level);
                         }
@@ -336,6 +348,8 @@ where
 enum Outcome {
     Alive,
     Dead(String),
+    /// No answer within the period (the connection may only be busy delivering).
+    Silent(Duration),
     Usage(Result<f64, String>),
 }
 
@@ -347,7 +361,7 @@ fn check_probe(client: Arc<Client>, period: Duration) -> Probe {
         match timeout(period, client.simple_query("SELECT 1")).await {
             Ok(Ok(_)) => Outcome::Alive,
             Ok(Err(e)) => Outcome::Dead(e.to_string()),
-            Err(_) => Outcome::Dead(format!("no answer within {period:?}")),
+            Err(_) => Outcome::Silent(period),
         }
     })
 }
