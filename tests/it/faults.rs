@@ -282,3 +282,89 @@ async fn a_bridge_started_while_postgres_is_down_becomes_ready_when_it_comes_up(
     );
     Ok(())
 }
+
+/// `VmHWM` (peak resident set) and `VmRSS` of process `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() -> anyhow::Result<()>
+{
+    let stack = Stack::start().await?;
+    let pid = stack.gateways[0].pid().unwrap_or(0);
+    let channel = unique("stall-");
+    // Never read: the kernel's buffers fill, then the socket's send queue (1024 messages).
+    let _stalled = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let mut healthy = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let (peak_before, rss_before) = memory_kib(pid);
+    let db = stack.pg().await?;
+    let (per_tx, txs, size) = (500i64, 20i64, 5000i32);
+    let total = (per_tx * txs) as usize;
+    let reading = tokio::spawn(async move {
+        let mut next = 0i64;
+        let mut worst = Duration::ZERO;
+        let mut last = Instant::now();
+        while (next as usize) < total {
+            let text = healthy.next_text(T).await?;
+            let v: Value = serde_json::from_str(&text)?;
+            anyhow::ensure!(v["i"] == next, "healthy reader out of order at {next}");
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+            next += 1;
+        }
+        Ok((worst, Instant::now()))
+    });
+    let started = Instant::now();
+    for t in 0..txs {
+        db.execute(
+            "SELECT count(pg_notify($1, json_build_object('channel', $2::text, 'i', g, 'body', repeat('y', $3))::text))
+             FROM generate_series($4::bigint, $5::bigint) g",
+            &[&stack.listen_channel, &channel, &size, &(t * per_tx), &(t * per_tx + per_tx - 1)],
+        )
+        .await?;
+        // About 10,000 notifications/s: a high rate the gateway and NATS keep up with.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let committed = Instant::now();
+    let (worst_gap, done) = reading.await??;
+    let gw = &stack.gateways[0];
+    let kicked = pgws_tests::eventually(T, || async {
+        gw.metric("pgws_gateway_slow_consumer_disconnects_total")
+            .await
+            == Some(1.0)
+    })
+    .await;
+    let (peak, rss) = memory_kib(pid);
+    let mib = |k: u64| k as f64 / 1024.0;
+    eprintln!(
+        "non-reading client: {total} notifications of {size} B ({:.0} MiB) in {:?}; healthy reader got all, \
+         {:?} after the last commit, longest wait between frames {worst_gap:?}; \
+         gateway RSS {:.1} MiB before, peak {:.1} MiB, {:.1} MiB after; stalled socket disconnected: {kicked}",
+        mib(total as u64 * size as u64 / 1024),
+        committed - started,
+        done.saturating_duration_since(committed),
+        mib(rss_before),
+        mib(peak.max(peak_before)),
+        mib(rss)
+    );
+    assert!(
+        kicked,
+        "the non-reading socket was not disconnected as a slow consumer"
+    );
+    assert!(
+        peak.saturating_sub(rss_before) < 32 * 1024,
+        "gateway memory grew by {:.1} MiB",
+        mib(peak.saturating_sub(rss_before))
+    );
+    Ok(())
+}
