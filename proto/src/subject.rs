@@ -94,6 +94,12 @@ impl Subjects {
         format!("{}-recorder", encode_channel(self.prefix.as_str()))
     }
 
+    /// A bridge publishes a gap marker here (body: the reason, e.g. `listener`) when it
+    /// (re)gains LISTEN: notifications issued before that may have reached nobody.
+    pub fn gap(&self) -> String {
+        format!("{}.gap", self.prefix)
+    }
+
     /// Nobody subscribes here: a request to it comes back as "no responders" once the server
     /// has processed everything the client sent before, which makes it a server round trip.
     pub fn sync_probe(&self) -> String {

@@ -10,6 +10,7 @@ mod config;
 mod deploy;
 mod faults;
 mod frames;
+mod gaps;
 mod listener;
 mod load;
 mod metrics;

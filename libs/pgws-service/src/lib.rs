@@ -17,7 +17,7 @@ pub use admin::{serve_admin, Readiness};
 pub use audit::{audit_stream_config, ensure_audit_stream};
 pub use launch::run_main;
 pub use metrics::Metrics;
-pub use nats::connect_nats;
+pub use nats::{connect_nats, connect_nats_watched};
 pub use shutdown::{wait_for_signal, Shutdown};
 pub use telemetry::{init_telemetry, Telemetry};
 

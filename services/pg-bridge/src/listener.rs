@@ -7,7 +7,9 @@
 //! leadership moves to a standby within about a second of the leader's death; the old leader
 //! stops publishing the moment its connection ends, since it only publishes what that
 //! connection delivers. Notifications sent while no bridge listens are lost, as in
-//! postgres-websockets.
+//! postgres-websockets. So that clients can resync, the new leader publishes a gap marker
+//! (`<prefix>.gap`, body `listener`) each time it starts listening; gateways pass it on to the
+//! sockets that asked for gap signals.
 //!
 //! Bounds: one notification is published at a time; when NATS pushes back, reading stops and
 //! PostgreSQL's own NOTIFY queue absorbs the burst (its fill level is the
@@ -33,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{self, quote_ident, PgConnection};
 use crate::metrics::BridgeMetrics;
 
+/// The reason of the gap marker published when a bridge (re)gains LISTEN.
+pub(crate) const GAP_LISTENER: &str = "listener";
 /// How often a standby tries to take the lock.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// How often the leader samples `pg_notification_queue_usage()` (also its timeout).
@@ -191,6 +195,16 @@ impl Listener {
         self.set_leader(true);
         tracing::info!(channel = %self.channel, "leader");
         tracing::info!(channel = %self.channel, "listening");
+        if let Err(e) = self
+            .nats
+            .publish(
+                self.subjects.gap(),
+                Bytes::from_static(GAP_LISTENER.as_bytes()),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish the gap marker");
+        }
 
         let mut usage = interval_at(Instant::now(), USAGE_INTERVAL);
         usage.set_missed_tick_behavior(MissedTickBehavior::Delay);

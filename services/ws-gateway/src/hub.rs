@@ -5,6 +5,11 @@
 //! socket on the channel. Each socket's queue is bounded: a socket whose queue is full is a
 //! slow consumer and is disconnected (counted), so a reader that stops reading never grows the
 //! gateway's memory past that bound.
+//!
+//! Gap signals: sockets whose token asks for them (claim `"gaps": true`) get
+//! `{"event":"Gap","reason":"..."}` when database -> socket delivery may have been interrupted:
+//! a bridge (re)gained LISTEN (`<prefix>.gap`, reason `listener`), or this gateway's NATS
+//! connection came back (reason `nats`). Everyone else sees nothing new.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -42,6 +47,8 @@ pub(crate) struct Hub {
     client: async_nats::Client,
     subjects: Subjects,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
+    /// Sockets that asked for gap signals.
+    gap_watchers: RwLock<HashMap<u64, Subscriber>>,
     metrics: GatewayMetrics,
     shutdown: Shutdown,
 }
@@ -57,6 +64,7 @@ impl Hub {
             client,
             subjects,
             channels: Mutex::new(HashMap::new()),
+            gap_watchers: RwLock::new(HashMap::new()),
             metrics,
             shutdown,
         })
@@ -81,6 +89,74 @@ impl Hub {
         };
         let mut ready = state.ready.subscribe();
         drop(tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)).await);
+    }
+
+    /// Socket `id` gets gap signals until [`Hub::unwatch_gaps`].
+    pub(crate) fn watch_gaps(&self, id: u64, sub: Subscriber) {
+        if let Ok(mut w) = self.gap_watchers.write() {
+            w.insert(id, sub);
+        }
+    }
+
+    pub(crate) fn unwatch_gaps(&self, id: u64) {
+        if let Ok(mut w) = self.gap_watchers.write() {
+            w.remove(&id);
+        }
+    }
+
+    /// Queues `{"event":"Gap","reason":reason}` to every socket that asked for gap signals
+    /// (a socket whose queue is full is a slow consumer, as for notifications).
+    pub(crate) fn gap(&self, reason: &str) {
+        let json = serde_json::json!({"event": "Gap", "reason": reason}).to_string();
+        let message = Message::Text(Utf8Bytes::from(json));
+        let mut sent = 0u64;
+        if let Ok(watchers) = self.gap_watchers.read() {
+            for sub in watchers.values() {
+                match sub.tx.try_send(message.clone()) {
+                    Ok(()) => sent += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if !sub.kick.is_cancelled() {
+                            self.metrics.slow_consumers.inc();
+                            sub.kick.cancel();
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        tracing::info!(reason, sockets = sent, "gap signalled");
+    }
+
+    /// Forwards the bridges' gap markers, and signals a gap each time the NATS connection
+    /// comes back; runs until shutdown.
+    pub(crate) async fn relay_gaps(self: Arc<Self>, mut reconnects: watch::Receiver<u64>) {
+        let mut markers = match self.client.subscribe(self.subjects.gap()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe to gap markers");
+                return;
+            }
+        };
+        let token = self.shutdown.token.clone();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                changed = reconnects.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.gap("nats");
+                }
+                marker = markers.next() => match marker {
+                    Some(m) => {
+                        let reason = String::from_utf8_lossy(&m.payload);
+                        let reason: String = reason.chars().take(64).collect();
+                        self.gap(&reason);
+                    }
+                    None => break,
+                },
+            }
+        }
     }
 
     /// Removes socket `id` from `channel`; the last reader's departure ends the subscription.

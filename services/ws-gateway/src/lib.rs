@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pgws_auth::Grant;
-use pgws_service::{connect_nats, ensure_audit_stream, serve_admin, Metrics, Readiness, Shutdown};
+use pgws_service::{
+    connect_nats_watched, ensure_audit_stream, serve_admin, Metrics, Readiness, Shutdown,
+};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -33,6 +35,9 @@ use hub::{Hub, Subscriber};
 use metrics::GatewayMetrics;
 use socket::Session;
 use uplink::{Audit, Uplink};
+
+/// The token claim that asks for gap signals (`"gaps": true`).
+const GAPS_CLAIM: &str = "gaps";
 
 /// How long shutdown waits for sockets to hand over what they accepted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -60,6 +65,7 @@ pub(crate) struct Membership {
     pub(crate) gw: Arc<Gateway>,
     id: u64,
     channels: Vec<String>,
+    gaps: bool,
     protocol: &'static str,
 }
 
@@ -67,6 +73,9 @@ impl Drop for Membership {
     fn drop(&mut self) {
         for channel in &self.channels {
             self.gw.hub.leave(channel, self.id);
+        }
+        if self.gaps {
+            self.gw.hub.unwatch_gaps(self.id);
         }
         self.gw
             .metrics
@@ -109,12 +118,23 @@ impl Gateway {
         } else {
             Vec::new()
         };
+        // Opt-in: only sockets whose token asks for gap signals get them.
+        let gaps = !channels.is_empty()
+            && grant.claims.get(GAPS_CLAIM) == Some(&serde_json::Value::Bool(true));
         let membership = Membership {
             gw: Arc::clone(self),
             id,
             channels,
+            gaps,
             protocol,
         };
+        if gaps {
+            let sub = Subscriber {
+                tx: tx.clone(),
+                kick: kick.clone(),
+            };
+            self.hub.watch_gaps(id, sub);
+        }
         for channel in &membership.channels {
             let sub = Subscriber {
                 tx: tx.clone(),
@@ -136,7 +156,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     let registry = Metrics::new();
     let readiness = Readiness::new();
     let metrics = GatewayMetrics::register(&registry);
-    let client = connect_nats(&config.nats.url, "ws-gateway", &readiness)
+    let (client, reconnects) = connect_nats_watched(&config.nats.url, "ws-gateway", &readiness)
         .await
         .context("connecting to NATS")?;
     let tls = match &config.tls {
@@ -165,6 +185,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         metrics.clone(),
         shutdown.clone(),
     );
+    shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects));
     let audit = config.audit.enabled.then(|| Audit {
         js: async_nats::jetstream::new(client.clone()),
         subject: config.nats.subjects.audit(),
