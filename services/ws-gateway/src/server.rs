@@ -146,7 +146,7 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
         }
     };
     let mut upgrade = upgrade
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(8192)
         .max_message_size(crate::MAX_FRAME);
     if let Some(protocol) = creds
