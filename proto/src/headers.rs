@@ -4,6 +4,11 @@
 /// uses it, and the recorder stores it as the audit row's primary key.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
+/// On an audit record holding several envelopes (the messages of one NOTIFY request): their
+/// message ids, comma separated, in order; the body is the envelopes separated by `\n`, and
+/// `Nats-Msg-Id` is the first id. Absent on a record of one envelope.
+pub const MSG_IDS: &str = "Pgws-Msg-Ids";
+
 /// On an audit record: the PostgreSQL channel the message was notified on.
 pub const NOTIFY_CHANNEL: &str = "Pgws-Notify-Channel";
 

@@ -428,3 +428,51 @@ async fn write_rate() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_record_of_several_envelopes_makes_a_row_each_and_dead_letters_per_part() {
+    let test = TestDb::create().await;
+    let mut db = database(&test);
+    let at = now();
+    let good = |p: &str| envelope("chat", p, at);
+    let bad = r#"{"event":"E","channel":"c","payload":"p"}"#;
+    let body = [good("one"), bad.to_owned(), good("three"), bad.to_owned()].join("\n");
+    let mut h = headers(Some("m-1"));
+    h.insert(pgws_proto::headers::MSG_IDS, "m-1,m-2,m-3,m-4");
+    let mut batch = Batch::default();
+    batch.push("s", 5, body.as_bytes(), Some(&h));
+    let metrics = write(&mut db, &Mode::Table, &batch).await;
+    assert_eq!((metrics.rows.get(), metrics.dead_letters.get()), (2, 2));
+    // Redelivered: nothing new.
+    let again = Batch {
+        redelivered: true,
+        ..batch.clone()
+    };
+    let metrics = write(&mut db, &Mode::Table, &again).await;
+    assert_eq!(metrics.rows.get(), 0);
+    let check = test.client().await;
+    let rows = check
+        .query(
+            "SELECT id, payload FROM pgws_audit.messages ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let rows: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows,
+        [("m-1".into(), "one".into()), ("m-3".into(), "three".into())]
+    );
+    let dead = check
+        .query(
+            "SELECT stream_seq, part, msg_id FROM pgws_audit.dead_letters ORDER BY part",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    let dead: Vec<(i64, i32, String)> = dead
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(dead, [(5, 1, "m-2".into()), (5, 3, "m-4".into())]);
+}

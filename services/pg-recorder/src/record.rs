@@ -34,6 +34,8 @@ pub(crate) struct DeadLetter {
     /// The stream and sequence the record had (unique per stack).
     pub(crate) stream: String,
     pub(crate) stream_seq: i64,
+    /// The envelope's position in a record of several (0 otherwise, or for the whole record).
+    pub(crate) part: i32,
     pub(crate) msg_id: Option<String>,
     pub(crate) reason: String,
     pub(crate) data: String,
@@ -45,26 +47,73 @@ pub(crate) struct DeadLetter {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Batch {
     pub(crate) records: Vec<Record>,
-    /// Where each record was: `(stream, stream sequence)`, parallel to `records`.
-    pub(crate) positions: Vec<(String, u64)>,
+    /// Where each record was: `(stream, stream sequence, part)`, parallel to `records`.
+    pub(crate) positions: Vec<(String, u64, i32)>,
     pub(crate) dead: Vec<DeadLetter>,
     /// Some message of the batch was delivered before (a row for it may exist already).
     pub(crate) redelivered: bool,
 }
 
 impl Batch {
-    /// Parses one message and adds it to the records or to the dead letters.
+    /// Parses one stream message (one envelope, or several with `Pgws-Msg-Ids`) and adds each
+    /// envelope to the records or to the dead letters.
     pub(crate) fn push(&mut self, stream: &str, seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) {
+        let Some(ids) = hdrs.and_then(|h| h.get(headers::MSG_IDS)) else {
+            self.push_part(stream, seq, 0, data, hdrs);
+            return;
+        };
+        let ids: Vec<&str> = ids.as_str().split(',').collect();
+        let parts: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
+        if ids.len() != parts.len() || ids.iter().any(|id| id.is_empty()) {
+            let reason = format!(
+                "{} lists {} ids for {} envelopes",
+                headers::MSG_IDS,
+                ids.len(),
+                parts.len()
+            );
+            self.push_dead(dead_letter(stream, seq, data, hdrs, reason));
+            return;
+        }
+        let channel = hdrs
+            .and_then(|h| h.get(headers::NOTIFY_CHANNEL))
+            .map_or("", |v| v.as_str());
+        for (part, (id, body)) in ids.iter().zip(parts).enumerate() {
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, *id);
+            h.insert(headers::NOTIFY_CHANNEL, channel);
+            let part = i32::try_from(part).unwrap_or(i32::MAX);
+            self.push_part(stream, seq, part, body, Some(&h));
+        }
+    }
+
+    fn push_part(
+        &mut self,
+        stream: &str,
+        seq: u64,
+        part: i32,
+        data: &[u8],
+        hdrs: Option<&HeaderMap>,
+    ) {
         match parse(stream, seq, data, hdrs) {
             Ok(r) => {
                 self.records.push(r);
-                self.positions.push((stream.to_owned(), seq));
+                self.positions.push((stream.to_owned(), seq, part));
             }
-            Err(d) => {
-                tracing::warn!(seq, reason = d.reason, "dead letter");
-                self.dead.push(*d);
+            Err(mut d) => {
+                d.part = part;
+                self.push_dead(*d);
             }
         }
+    }
+
+    fn push_dead(&mut self, d: DeadLetter) {
+        tracing::warn!(
+            seq = d.stream_seq,
+            part = d.part,
+            reason = d.reason,
+            "dead letter"
+        );
+        self.dead.push(d);
     }
 
     /// Messages in the batch.
@@ -155,16 +204,7 @@ fn checked_parse(
             .map(|v| v.as_str().to_owned())
     };
     let msg_id = header(headers::MSG_ID);
-    let dead = |reason: String| {
-        Box::new(DeadLetter {
-            stream: stream.to_owned(),
-            stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
-            msg_id: msg_id.as_ref().map(|id| id.replace('\0', "\u{fffd}")),
-            reason,
-            data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
-            headers: headers_json(hdrs),
-        })
-    };
+    let dead = |reason: String| Box::new(dead_letter(stream, seq, data, hdrs, reason));
     let Some(id) = msg_id.clone().filter(|id| !id.is_empty()) else {
         return Err(dead(format!("no {} header", headers::MSG_ID)));
     };
@@ -216,6 +256,27 @@ fn checked_parse(
         notify_channel,
         envelope: text.to_owned(),
     })
+}
+
+/// A dead letter for the message at `seq` (part 0), with NULs made printable.
+fn dead_letter(
+    stream: &str,
+    seq: u64,
+    data: &[u8],
+    hdrs: Option<&HeaderMap>,
+    reason: String,
+) -> DeadLetter {
+    DeadLetter {
+        stream: stream.to_owned(),
+        stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
+        part: 0,
+        msg_id: hdrs
+            .and_then(|h| h.get(headers::MSG_ID))
+            .map(|id| id.as_str().replace('\0', "\u{fffd}")),
+        reason,
+        data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
+        headers: headers_json(hdrs),
+    }
 }
 
 fn has_nul(v: &Value) -> bool {
@@ -312,6 +373,46 @@ mod tests {
                 "{odd}"
             );
         }
+    }
+
+    #[test]
+    fn a_record_of_several_envelopes_is_split_in_order() {
+        let bad = r#"{"event":"E","channel":"c","payload":"p"}"#;
+        let body = format!("{GOOD}\n{bad}\n{GOOD}");
+        let mut h = hdrs(Some("a"));
+        h.insert(headers::MSG_IDS, "a,b,c");
+        let mut batch = Batch::default();
+        batch.push("s", 9, body.as_bytes(), Some(&h));
+        let ids: Vec<&str> = batch.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(
+            batch.positions,
+            [("s".to_owned(), 9, 0), ("s".to_owned(), 9, 2)]
+        );
+        assert!(batch
+            .records
+            .iter()
+            .all(|r| r.notify_channel == "listen" && r.envelope == GOOD));
+        assert_eq!(batch.dead.len(), 1);
+        let d = &batch.dead[0];
+        assert_eq!(
+            (d.stream_seq, d.part, d.msg_id.as_deref()),
+            (9, 1, Some("b"))
+        );
+        assert_eq!(d.reason, "no \"claims\" object");
+        assert_eq!(batch.len(), 3);
+
+        // Ids and envelopes that do not pair up: the whole record is one dead letter.
+        h.insert(headers::MSG_IDS, "a,b");
+        let mut batch = Batch::default();
+        batch.push("s", 10, body.as_bytes(), Some(&h));
+        assert!(batch.records.is_empty());
+        assert_eq!(batch.dead.len(), 1);
+        assert_eq!(
+            batch.dead[0].reason,
+            "Pgws-Msg-Ids lists 2 ids for 3 envelopes"
+        );
+        assert_eq!(batch.dead[0].part, 0);
     }
 
     #[test]

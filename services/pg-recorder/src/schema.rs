@@ -19,6 +19,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "dispatched_age",
         include_str!("migrations/002_dispatched_age.sql"),
     ),
+    (
+        3,
+        "dead_letter_parts",
+        include_str!("migrations/003_dead_letter_parts.sql"),
+    ),
 ];
 
 /// Applies the migrations the database does not have yet; returns how many it applied.

@@ -140,10 +140,10 @@ fn timestamp(unix: f64) -> SystemTime {
 }
 
 const INSERT_DEAD: &str =
-    "INSERT INTO pgws_audit.dead_letters (stream, stream_seq, msg_id, reason, data, headers)
-    SELECT stream, seq, id, reason, data, headers::jsonb
-    FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[])
-        AS t(stream, seq, id, reason, data, headers)
+    "INSERT INTO pgws_audit.dead_letters (stream, stream_seq, part, msg_id, reason, data, headers)
+    SELECT stream, seq, part, id, reason, data, headers::jsonb
+    FROM unnest($1::text[], $2::int8[], $7::int4[], $3::text[], $4::text[], $5::text[], $6::text[])
+        AS t(stream, seq, part, id, reason, data, headers)
     ON CONFLICT DO NOTHING";
 
 /// The dispatcher statement: records not seen before are claimed in the ledger, then the
@@ -191,7 +191,7 @@ pub(crate) async fn write_one_by_one(
     let mut outcome = Outcome::default();
     let mut more_dead: Vec<DeadLetter> = batch.dead.clone();
     let mut seen = HashSet::new();
-    for (record, (stream, seq)) in batch.records.iter().zip(&batch.positions) {
+    for (record, (stream, seq, part)) in batch.records.iter().zip(&batch.positions) {
         if mode.is_dispatcher() && !seen.insert(record.id.as_str()) {
             outcome.duplicates += 1;
             continue;
@@ -208,6 +208,7 @@ pub(crate) async fn write_one_by_one(
                 more_dead.push(DeadLetter {
                     stream: stream.clone(),
                     stream_seq: i64::try_from(*seq).unwrap_or(i64::MAX),
+                    part: *part,
                     msg_id: Some(record.id.clone()),
                     reason: format!(
                         "database refused it: {}",
@@ -317,9 +318,10 @@ async fn write_dead(
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     let data: Vec<&str> = dead.iter().map(|d| d.data.as_str()).collect();
     let headers: Vec<&str> = dead.iter().map(|d| d.headers.as_str()).collect();
+    let parts: Vec<i32> = dead.iter().map(|d| d.part).collect();
     tx.execute(
         INSERT_DEAD,
-        &[&streams, &seqs, &ids, &reasons, &data, &headers],
+        &[&streams, &seqs, &ids, &reasons, &data, &headers, &parts],
     )
     .await
 }

@@ -8,10 +8,11 @@
 //! fails is retried with backoff until `PGWS_NOTIFY_TIMEOUT`; then the client gets an error
 //! frame for each message in it.
 //!
-//! With the audit stream on (`PGWS_AUDIT`, the default), every notification is first published
-//! to JetStream with its message id (`Nats-Msg-Id`, so a retry inside the duplicate window is
-//! not stored twice) and the NOTIFY request goes out only once the stream acknowledged them
-//! all: a message is never in the database without being in the audit stream.
+//! With the audit stream on (`PGWS_AUDIT`, the default), the request's notifications are first
+//! published to JetStream (one record holding all of them when there are several, with every
+//! message id; `Nats-Msg-Id` makes a retry inside the duplicate window a no-op) and the NOTIFY
+//! request goes out only once the stream acknowledged them: a message is never in the database
+//! without being in the audit stream.
 
 use std::time::Duration;
 
@@ -185,6 +186,26 @@ async fn pause(backoff: Duration, deadline: Instant) -> Duration {
     (backoff * 2).min(Duration::from_secs(1))
 }
 
+/// The ids and the channel when `notifications` can be one audit record: several, each with
+/// an id, all on one channel, no payload holding a raw newline (envelopes never do).
+fn one_record(notifications: &[Notification]) -> Option<(Vec<&str>, &str)> {
+    let channel = notifications.first()?.channel.as_str();
+    if notifications.len() < 2 {
+        return None;
+    }
+    let mut ids = Vec::with_capacity(notifications.len());
+    for n in notifications {
+        let id =
+            n.id.as_deref()
+                .filter(|id| !id.is_empty() && !id.contains(','))?;
+        if n.channel != channel || n.payload.contains('\n') {
+            return None;
+        }
+        ids.push(id);
+    }
+    Some((ids, channel))
+}
+
 /// Publishes the audit records of `notifications` and waits for every acknowledgement,
 /// retrying (same ids, so the stream keeps one copy) until `deadline`.
 async fn record(
@@ -215,6 +236,26 @@ async fn publish_all(
     notifications: &[Notification],
     trace: &async_nats::HeaderMap,
 ) -> Result<(), String> {
+    if let Some((ids, channel)) = one_record(notifications) {
+        // The request's envelopes as one record (see the audit stream in proto/CONTRACT.md).
+        let mut h = trace.clone();
+        h.insert(headers::MSG_ID, ids[0]);
+        h.insert(headers::MSG_IDS, ids.join(",").as_str());
+        h.insert(headers::NOTIFY_CHANNEL, channel);
+        let mut body = Vec::with_capacity(notifications.iter().map(|n| n.payload.len() + 1).sum());
+        for (i, n) in notifications.iter().enumerate() {
+            if i > 0 {
+                body.push(b'\n');
+            }
+            body.extend_from_slice(n.payload.as_bytes());
+        }
+        let ack = audit
+            .js
+            .publish_with_headers(audit.subject.clone(), h, Bytes::from(body))
+            .await
+            .map_err(|e| e.to_string())?;
+        return ack.await.map(drop).map_err(|e| e.to_string());
+    }
     let mut acks = Vec::with_capacity(notifications.len());
     for n in notifications {
         let mut h = trace.clone();
