@@ -9,6 +9,7 @@ mod chat;
 mod config;
 mod deploy;
 mod faults;
+mod flood;
 mod frames;
 mod gaps;
 mod listener;
