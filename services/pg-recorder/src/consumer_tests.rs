@@ -98,7 +98,7 @@ async fn a_batch_written_twice_makes_each_row_once() {
     let row = check
         .query_one(
             "SELECT channel, event, payload, claims->>'mode', notify_channel,
-                    received_at = to_timestamp($1::float8)
+                    abs(extract(epoch FROM received_at)::float8 - $1::float8) < 0.000002
              FROM pgws_audit.messages WHERE id = 'id-7'",
             &[&batch.records[7].received_at],
         )
@@ -475,4 +475,36 @@ async fn a_record_of_several_envelopes_makes_a_row_each_and_dead_letters_per_par
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(dead, [(5, 1, "m-2".into()), (5, 3, "m-4".into())]);
+}
+
+#[tokio::test]
+async fn a_batch_copied_then_redelivered_meets_its_rows_to_the_microsecond() {
+    // Times with every kind of sub-microsecond remainder: the COPY path and the INSERT path
+    // must turn each into the same timestamp, or a redelivery would add a second row.
+    let test = TestDb::create().await;
+    let mut db = database(&test);
+    let mut batch = Batch::default();
+    for i in 0..1000u64 {
+        let at = 1_764_000_000.0 + i as f64 * 0.000_123_7;
+        let body = envelope("chat", "t", at);
+        batch.push(
+            "s",
+            i,
+            body.as_bytes(),
+            Some(&headers(Some(&format!("t-{i}")))),
+        );
+    }
+    let first = write(&mut db, &Mode::Table, &batch).await;
+    assert_eq!(first.rows.get(), 1000);
+    let again = Batch {
+        redelivered: true,
+        ..batch.clone()
+    };
+    let second = write(&mut db, &Mode::Table, &again).await;
+    assert_eq!((second.rows.get(), second.duplicates.get()), (0, 1000));
+    let check = test.client().await;
+    assert_eq!(
+        count(&check, "SELECT count(*) FROM pgws_audit.messages").await,
+        1000
+    );
 }

@@ -90,8 +90,8 @@ impl Mode {
 
 const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
         (id, channel, event, payload, claims, received_at, notify_channel)
-    SELECT id, channel, event, payload, claims::jsonb, to_timestamp(at), nc
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
+    SELECT id, channel, event, payload, claims::jsonb, at, nc
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
         AS t(id, channel, event, payload, claims, at, nc)
     ON CONFLICT DO NOTHING";
 
@@ -129,7 +129,8 @@ impl ToSql for JsonbText<'_> {
     to_sql_checked!();
 }
 
-/// Unix seconds as a timestamp, rounded to the microsecond as `to_timestamp` does.
+/// Unix seconds as a timestamp, rounded to the microsecond: the one conversion of
+/// `message_delivered_at` for every path that writes rows.
 fn timestamp(unix: f64) -> SystemTime {
     let micros = (unix * 1e6).round();
     if micros >= 0.0 {
@@ -272,7 +273,9 @@ async fn write_in(
             let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
             let payloads: Vec<&str> = records.iter().map(|r| r.payload.as_str()).collect();
             let claims: Vec<&str> = records.iter().map(|r| r.claims.as_str()).collect();
-            let at: Vec<f64> = records.iter().map(|r| r.received_at).collect();
+            // The same conversion as the COPY path: a row written one way and redelivered the
+            // other must meet its primary key (id, received_at) to the microsecond.
+            let at: Vec<SystemTime> = records.iter().map(|r| timestamp(r.received_at)).collect();
             let nc: Vec<&str> = records.iter().map(|r| r.notify_channel.as_str()).collect();
             tx.execute(
                 INSERT_ROWS,
