@@ -377,58 +377,6 @@ async fn the_batch_waits_for_the_database_and_is_written_when_it_comes() {
     assert!(db.up.load(Ordering::Relaxed));
 }
 
-/// The write rate of 100,000 records: `cargo test -p pg-recorder --release -- --ignored
-/// --nocapture write_rate`.
-#[tokio::test]
-#[ignore = "a measurement, not a test"]
-async fn write_rate() {
-    for batch_size in [1000, 5000, 100_000] {
-        let test = TestDb::create().await;
-        let mut db = database(&test);
-        let ids: Vec<String> = (0..100_000)
-            .map(|i| format!("0123456789abcdef-{i:x}"))
-            .collect();
-        let batches: Vec<Batch> = ids
-            .chunks(batch_size)
-            .enumerate()
-            .map(|(n, chunk)| {
-                let records: Vec<(&str, &str)> = chunk
-                    .iter()
-                    .map(|id| (id.as_str(), "a message of some 30 bytes...."))
-                    .collect();
-                batch_of(&records, (n * batch_size) as u64)
-            })
-            .collect();
-        // Connect, migrate and create the day's partition before timing.
-        write(
-            &mut db,
-            &Mode::Table,
-            &batch_of(&[("warm-up", "x")], u64::MAX / 2),
-        )
-        .await;
-        let started = Instant::now();
-        let metrics = RecorderMetrics::register(&Metrics::new());
-        for batch in &batches {
-            assert!(
-                write_batch(
-                    &mut db,
-                    &Mode::Table,
-                    batch,
-                    &metrics,
-                    &CancellationToken::new()
-                )
-                .await
-            );
-        }
-        let secs = started.elapsed().as_secs_f64();
-        assert_eq!(metrics.rows.get(), 100_000);
-        println!(
-            "batch {batch_size}: 100000 rows in {secs:.2} s = {:.0} rows/s",
-            100_000.0 / secs
-        );
-    }
-}
-
 #[tokio::test]
 async fn a_record_of_several_envelopes_makes_a_row_each_and_dead_letters_per_part() {
     let test = TestDb::create().await;

@@ -52,6 +52,16 @@ async fn publish_many(nats: &TestNats, run: &str, n: usize) {
     }
 }
 
+/// Cancels the recorder and asserts it returns `Ok` within 10 s.
+async fn stop_cleanly(shutdown: &Shutdown, recorder: tokio::task::JoinHandle<anyhow::Result<()>>) {
+    shutdown.token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), recorder)
+        .await
+        .expect("stops within 10 s")
+        .expect("joins")
+        .expect("clean exit");
+}
+
 #[tokio::test]
 async fn records_are_committed_then_leave_the_stream_and_shutdown_is_clean() {
     let (test, nats) = (TestDb::create().await, TestNats::new().await);
@@ -72,12 +82,7 @@ async fn records_are_committed_then_leave_the_stream_and_shutdown_is_clean() {
         .expect("dead letters")
         .get(0);
     assert_eq!(dead, 2);
-    shutdown.token.cancel();
-    tokio::time::timeout(Duration::from_secs(10), recorder)
-        .await
-        .expect("stops within 10 s")
-        .expect("joins")
-        .expect("clean exit");
+    stop_cleanly(&shutdown, recorder).await;
 }
 
 #[tokio::test]
@@ -101,12 +106,7 @@ async fn the_recorder_starts_while_postgres_is_down_and_catches_up() {
         in_stream(&nats).await == 0
     })
     .await;
-    shutdown.token.cancel();
-    tokio::time::timeout(Duration::from_secs(10), recorder)
-        .await
-        .expect("stops within 10 s")
-        .expect("joins")
-        .expect("clean exit");
+    stop_cleanly(&shutdown, recorder).await;
 }
 
 #[tokio::test]
@@ -117,12 +117,7 @@ async fn shutdown_mid_stream_acknowledges_exactly_what_it_committed() {
     let recorder = tokio::spawn(run(config(&test.uri, &nats, 100), shutdown.clone()));
     let db = connect(&test.uri).await;
     eventually("the first rows", || async { rows(&db).await > 0 }).await;
-    shutdown.token.cancel();
-    tokio::time::timeout(Duration::from_secs(10), recorder)
-        .await
-        .expect("stops within 10 s")
-        .expect("joins")
-        .expect("clean exit");
+    stop_cleanly(&shutdown, recorder).await;
     let recorded = rows(&db).await;
     assert!(recorded < 3000, "stopped mid-stream ({recorded})");
     // Every committed record was acknowledged (it left the stream), and no other was.

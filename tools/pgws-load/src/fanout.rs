@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::json;
 
 use crate::args::{Opts, Target};
 use crate::client;
@@ -130,13 +129,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.param("batch", opts.batch as u64);
     report.param("per_process", opts.per_process);
     let pids = client::server_pids(opts);
-    report.param(
-        "server_processes",
-        json!(pids
-            .iter()
-            .map(|p| json!({"pid": p, "name": procfs::comm(*p)}))
-            .collect::<Vec<_>>()),
-    );
+    report.servers(&pids);
     let publisher = Publisher::connect(opts).await?;
     let rss_before = procfs::total_rss_kib(&pids);
     let (fleet, opened) = Fleet::open(opts).await?;

@@ -21,13 +21,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.param("per_process", opts.per_process);
     report.param("concurrency", opts.concurrency as u64);
     let pids = client::server_pids(opts);
-    report.param(
-        "server_processes",
-        json!(pids
-            .iter()
-            .map(|p| json!({"pid": p, "name": procfs::comm(*p)}))
-            .collect::<Vec<_>>()),
-    );
+    report.servers(&pids);
     let rss_before = procfs::total_rss_kib(&pids);
     let (fleet, opened) = Fleet::open(opts).await?;
     tokio::time::sleep(Duration::from_secs_f64(opts.hold)).await;

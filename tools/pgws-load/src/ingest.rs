@@ -118,13 +118,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.param("baseline_connections", opts.baseline_connections as u64);
     report.param("listen_channel", opts.listen_channel.as_str());
     let pids = client::server_pids(opts);
-    report.param(
-        "server_processes",
-        json!(pids
-            .iter()
-            .map(|p| json!({"pid": p, "name": procfs::comm(*p)}))
-            .collect::<Vec<_>>()),
-    );
+    report.servers(&pids);
     let channel = format!("{}-ingest", opts.run_id);
     let baseline_channel = format!("{}-baseline", opts.run_id);
     let counts = listen(

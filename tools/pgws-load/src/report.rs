@@ -39,6 +39,15 @@ impl Report {
         self.params.insert(key.to_owned(), value.into());
     }
 
+    /// Adds the `server_processes` parameter: the measured processes' pids and names.
+    pub fn servers(&mut self, pids: &[u32]) {
+        let servers: Vec<Value> = pids
+            .iter()
+            .map(|p| json!({"pid": p, "name": crate::procfs::comm(*p)}))
+            .collect();
+        self.param("server_processes", servers);
+    }
+
     /// Adds a figure.
     pub fn figure(&mut self, key: &str, value: impl Into<Value>) {
         self.figures.insert(key.to_owned(), value.into());
