@@ -16,5 +16,42 @@ pub const NOTIFY_CHANNEL: &str = "Pgws-Notify-Channel";
 /// microseconds (decimal text); the gateway's database -> socket latency starts there.
 pub const LISTENED_AT: &str = "Pgws-Listened-At";
 
+fn unix_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+/// The [`LISTENED_AT`] value for now.
+pub fn listened_now() -> String {
+    unix_micros().to_string()
+}
+
+/// How long ago a [`LISTENED_AT`] value was (zero if it lies in the future); `None` when it
+/// is not a number.
+pub fn since_listened(value: &str) -> Option<std::time::Duration> {
+    let at: u128 = value.parse().ok()?;
+    let micros = unix_micros().saturating_sub(at);
+    Some(std::time::Duration::from_micros(
+        u64::try_from(micros).unwrap_or(u64::MAX),
+    ))
+}
+
 /// W3C trace context (on NOTIFY requests, deliveries and audit records) when tracing is on.
 pub const TRACEPARENT: &str = "traceparent";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listened_at_reads_back_as_an_age() {
+        let age = since_listened(&listened_now()).expect("a number");
+        assert!(age < std::time::Duration::from_secs(1), "{age:?}");
+        assert_eq!(since_listened("x"), None);
+        assert_eq!(
+            since_listened(&u128::MAX.to_string()),
+            Some(std::time::Duration::ZERO)
+        );
+    }
+}

@@ -184,12 +184,8 @@ pub fn adopt(span: &Span, headers: Option<&HeaderMap>) {
     if !tracing_enabled() {
         return;
     }
-    if let Some(h) = headers {
-        let mut h = h.clone();
-        let cx = TraceContextPropagator::new().extract(&NatsHeaders(&mut h));
-        if cx.span().span_context().is_valid() {
-            drop(span.set_parent(cx));
-        }
+    if let Some(cx) = headers.and_then(remote) {
+        drop(span.set_parent(cx));
     }
     mark(span);
 }
@@ -197,26 +193,31 @@ pub fn adopt(span: &Span, headers: Option<&HeaderMap>) {
 /// Links `span` to the span `other` (for work done for several traces at once).
 pub fn link(span: &Span, other: &Span) {
     if tracing_enabled() {
-        let cx = other.context();
-        let sc = cx.span().span_context().clone();
-        if sc.is_valid() {
-            span.add_link(sc);
-        }
+        add_link(span, &other.context());
     }
 }
 
 /// Links `span` to the trace context found in `headers` (a batch serving several traces).
 pub fn link_remote(span: &Span, headers: Option<&HeaderMap>) {
-    if let (true, Some(h)) = (tracing_enabled(), headers) {
-        let mut h = h.clone();
-        let cx = TraceContextPropagator::new().extract(&NatsHeaders(&mut h));
-        let sc = cx.span().span_context().clone();
-        if sc.is_valid() {
-            span.add_link(sc);
-        }
+    if let (true, Some(cx)) = (tracing_enabled(), headers.and_then(remote)) {
+        add_link(span, &cx);
     }
 }
 
+/// The valid trace context in `headers`, if any.
+fn remote(headers: &HeaderMap) -> Option<opentelemetry::Context> {
+    let cx = TraceContextPropagator::new().extract(&ReadHeaders(headers));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+fn add_link(span: &Span, cx: &opentelemetry::Context) {
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
+/// NATS headers as the propagator writes them.
 struct NatsHeaders<'a>(&'a mut HeaderMap);
 
 impl Injector for NatsHeaders<'_> {
@@ -225,7 +226,10 @@ impl Injector for NatsHeaders<'_> {
     }
 }
 
-impl Extractor for NatsHeaders<'_> {
+/// NATS headers as the propagator reads them.
+struct ReadHeaders<'a>(&'a HeaderMap);
+
+impl Extractor for ReadHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(|v| v.as_str())
     }
@@ -305,7 +309,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         NatsHeaders(&mut h).set("traceparent", tp.to_owned());
-        let cx = TraceContextPropagator::new().extract(&NatsHeaders(&mut h));
+        let cx = TraceContextPropagator::new().extract(&ReadHeaders(&h));
         let sc = cx.span().span_context().clone();
         assert_eq!(
             sc.trace_id().to_string(),

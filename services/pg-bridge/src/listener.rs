@@ -44,13 +44,6 @@ const USAGE_INTERVAL: Duration = Duration::from_secs(5);
 /// Time a closing session has to say goodbye, so PostgreSQL releases the lock at once.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Now, in unix microseconds.
-fn unix_micros() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros())
-}
-
 /// What readiness and the metrics see of the listener.
 #[derive(Debug, Default)]
 pub(crate) struct ListenerState {
@@ -281,7 +274,7 @@ impl Listener {
                 telemetry::mark(&span);
                 let subject = self.subjects.deliver(&channel);
                 let mut h = HeaderMap::new();
-                h.insert(headers::LISTENED_AT, unix_micros().to_string().as_str());
+                h.insert(headers::LISTENED_AT, headers::listened_now().as_str());
                 let publish = tracing::info_span!(
                     target: TRACE,
                     parent: &span,

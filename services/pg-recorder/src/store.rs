@@ -132,12 +132,8 @@ impl ToSql for JsonbText<'_> {
 /// Unix seconds as a timestamp, rounded to the microsecond: the one conversion of
 /// `message_delivered_at` for every path that writes rows.
 fn timestamp(unix: f64) -> SystemTime {
-    let micros = (unix * 1e6).round();
-    if micros >= 0.0 {
-        UNIX_EPOCH + Duration::from_micros(micros as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros((-micros) as u64)
-    }
+    // Both parsers keep `message_delivered_at` between 1970 and 9999.
+    UNIX_EPOCH + Duration::from_micros((unix * 1e6).round().max(0.0) as u64)
 }
 
 const INSERT_DEAD: &str =

@@ -236,7 +236,7 @@ impl Hub {
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::LISTENED_AT))
-            .and_then(|v| v.as_str().parse::<u128>().ok());
+            .map(|v| v.as_str());
         let span = tracing::info_span!(
             target: TRACE,
             "gateway.fanout",
@@ -273,12 +273,8 @@ impl Hub {
                 }
             }
         }
-        if let Some(at) = listened_at {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros());
-            let micros = now.saturating_sub(at);
-            self.metrics.delivery_latency.observe(micros as f64 / 1e6);
+        if let Some(age) = listened_at.and_then(headers::since_listened) {
+            self.metrics.delivery_latency.observe(age.as_secs_f64());
         }
         span.record("sockets", delivered);
         span.record("slow_consumers", slow);

@@ -112,7 +112,6 @@ impl Uplink {
         }
         let mut trace = async_nats::HeaderMap::new();
         telemetry::inject(&span, &mut trace);
-        let result_span = span.clone();
         let sending = async move {
             // The frames' spans end when their messages are in the database (or given up).
             let _frames = frames;
@@ -154,7 +153,7 @@ impl Uplink {
             async move {
                 let result = sending.await;
                 if result.is_err() {
-                    result_span.record("otel.status_code", "ERROR");
+                    Span::current().record("otel.status_code", "ERROR");
                 }
                 result
             }
