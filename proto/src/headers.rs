@@ -37,6 +37,18 @@ pub fn since_listened(value: &str) -> Option<std::time::Duration> {
     ))
 }
 
+/// On a message fanned out to sockets (wspubsub frames): `binary` when the payload goes out as
+/// a binary websocket frame; absent: a text frame.
+pub const FRAME: &str = "Pgws-Frame";
+
+/// The [`FRAME`] value of a binary frame.
+pub const FRAME_BINARY: &str = "binary";
+
+/// On a message to a fan-out subject: close every socket reading that subject with this close
+/// frame instead of delivering anything, `<code> <reason>` (the leader bridge closes a
+/// wspubsub topic whose publisher did not come back within the grace period).
+pub const CLOSE: &str = "Pgws-Close";
+
 /// W3C trace context (on NOTIFY requests, deliveries and audit records) when tracing is on.
 pub const TRACEPARENT: &str = "traceparent";
 

@@ -3,16 +3,22 @@
 //! Everything that crosses NATS is described here and nowhere else: the subject names (all
 //! derived from one prefix, so several stacks can share a NATS server), the reversible mapping
 //! from PostgreSQL channel names to subject tokens, the postgres-websockets message envelope
-//! and the NOTIFY request the gateways send to the bridges. `CONTRACT.md` next to this crate
+//! the NOTIFY request the gateways send to the bridges, and the stack-wide state kept by the
+//! leader bridge (direct channels to LISTEN, wspubsub topics) and the API-key checks. `CONTRACT.md` next to this crate
 //! documents the same thing for people.
 
 mod envelope;
 pub mod headers;
 mod notify;
+mod stack;
 mod subject;
 
 pub use envelope::{ConnectionEvent, Envelope, EnvelopeError, WEBSOCKET_MESSAGE};
 pub use notify::{Notification, NotifyReply, NotifyRequest};
+pub use stack::{
+    Ack, KeyCheck, Presence, RegistryOp, RegistryReply, RegistryRequest, Topic,
+    PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
+};
 pub use subject::{decode_channel, encode_channel, Prefix, PrefixError, Subjects, TokenError};
 
 /// PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (default build).
@@ -26,3 +32,12 @@ pub const DEFAULT_LISTEN_CHANNEL: &str = "postgres-websockets-listener";
 
 /// The default `PGWS_NATS_PREFIX`.
 pub const DEFAULT_PREFIX: &str = "pgws";
+
+/// Longest wspubsub domain (the seed's `apikeys.domain` is `varchar(64)`), in bytes.
+pub const MAX_DOMAIN: usize = 64;
+
+/// Longest wspubsub topic name, in bytes.
+pub const MAX_TOPIC: usize = 128;
+
+/// Longest API key accepted (the seed's `apikeys.apikey` is `varchar(36)`), in bytes.
+pub const MAX_APIKEY: usize = 64;

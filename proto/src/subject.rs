@@ -77,6 +77,34 @@ impl Subjects {
         format!("{}.deliver.{}", self.prefix, encode_channel(channel))
     }
 
+    /// The leader bridge publishes the payload of each NOTIFY on the direct channel `channel`
+    /// here, verbatim (postgrest-ws direct channels).
+    pub fn direct(&self, channel: &str) -> String {
+        format!("{}.direct.{}", self.prefix, encode_channel(channel))
+    }
+
+    /// The leader bridge's registry of direct channels and wspubsub topics
+    /// ([`crate::RegistryRequest`], request/reply).
+    pub fn registry(&self) -> String {
+        format!("{}.registry", self.prefix)
+    }
+
+    /// API-key checks ([`crate::KeyCheck`], request/reply, any bridge: queue group
+    /// [`Subjects::bridge_queue`]).
+    pub fn apikey(&self) -> String {
+        format!("{}.apikey", self.prefix)
+    }
+
+    /// A wspubsub topic's frames, from its publisher's gateway to the subscribers' gateways.
+    pub fn topic(&self, topic: &crate::Topic) -> String {
+        format!(
+            "{}.topic.{}.{}",
+            self.prefix,
+            encode_channel(&topic.domain),
+            encode_channel(&topic.topic)
+        )
+    }
+
     /// Gateways publish every accepted client message envelope (and connection event) here,
     /// captured by the JetStream stream [`Subjects::audit_stream`].
     pub fn audit(&self) -> String {
@@ -214,6 +242,12 @@ mod tests {
         assert_eq!(encode_channel(""), "_");
         assert_eq!(subjects().deliver("chat"), "pgws.deliver.chat");
         assert_eq!(subjects().audit(), "pgws.audit");
+        assert_eq!(subjects().direct("a b"), "pgws.direct.a_20b");
+        let t = crate::Topic {
+            domain: "ex.com".into(),
+            topic: "news".into(),
+        };
+        assert_eq!(subjects().topic(&t), "pgws.topic.ex_2Ecom.news");
         assert_eq!(subjects().audit_stream(), "pgws-audit");
         let dotted = Subjects::new(Prefix::new("a.b").expect("valid"));
         let underscored = Subjects::new(Prefix::new("a_2Eb").expect("valid"));

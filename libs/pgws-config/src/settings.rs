@@ -45,6 +45,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "recorder_batch_wait",
     "recorder_dispatcher",
     "recorder_retention_days",
+    "direct_channels",
+    "audit_channel",
+    "pubsub_grace",
+    "pubsub_keys_table",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

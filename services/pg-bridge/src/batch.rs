@@ -1,4 +1,5 @@
-//! The pure part of NOTIFY handling: checking a request and planning its transactions.
+//! The pure part of NOTIFY handling: checking a request, the requests a worker executes
+//! together, and planning their transactions.
 //!
 //! Kept apart from the I/O so the two rules that matter are unit tested on their own:
 //! a bad request is refused before it can share (and fail) a transaction with good ones, and
@@ -9,7 +10,63 @@
 
 use std::collections::HashSet;
 
+use async_nats::Subject;
 use pgws_proto::{Notification, NotifyRequest, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL};
+use pgws_service::telemetry::{self, TARGET as TRACE};
+use tokio::sync::oneshot;
+
+/// The reason sent back when nothing can execute a request now.
+pub(crate) const UNAVAILABLE: &str = "database unavailable";
+
+/// One valid request waiting for its transaction(s).
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) notifications: Vec<Notification>,
+    pub(crate) reply: Option<Subject>,
+    /// `bridge.batch`, child of the gateway's publish span (a disabled span when traces are
+    /// not exported); it ends when the request has been answered.
+    pub(crate) span: tracing::Span,
+}
+
+impl Request {
+    /// The span of a request received with `headers`.
+    pub(crate) fn span(
+        notifications: usize,
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            target: TRACE,
+            "bridge.batch",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            notifications,
+            batch.requests = tracing::field::Empty,
+            batch.notifications = tracing::field::Empty,
+            batch.transactions = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::adopt(&span, headers);
+        span
+    }
+}
+
+/// The requests one worker executes together.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) requests: Vec<Request>,
+    pub(crate) notifications: usize,
+}
+
+impl Batch {
+    pub(crate) fn push(&mut self, request: Request) {
+        self.notifications += request.notifications.len();
+        self.requests.push(request);
+    }
+}
+
+/// A free worker: sending it a batch hands the batch over.
+pub(crate) type Offer = oneshot::Sender<Batch>;
 
 /// Why a NOTIFY request was refused; the text is sent back in the reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

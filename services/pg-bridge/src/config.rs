@@ -36,7 +36,16 @@ pub struct BridgeConfig {
     /// `PGWS_BATCH_SIZE`: most notifications gathered into one batch (>= 1); a single request
     /// larger than this is still executed whole, alone in its batch.
     pub batch_size: usize,
+    /// `PGWS_PUBSUB_GRACE` (seconds, default 10): how long a wspubsub topic whose publisher
+    /// left waits for a new one before its subscribers are closed.
+    pub pubsub_grace: Duration,
+    /// `PGWS_PUBSUB_KEYS_TABLE` (default `apikeys`, may be `schema.table`): where wspubsub
+    /// API keys are checked.
+    pub pubsub_keys_table: String,
 }
+
+/// Default `PGWS_PUBSUB_GRACE`, seconds.
+pub(crate) const DEFAULT_PUBSUB_GRACE: u64 = 10;
 
 impl BridgeConfig {
     /// Reads and validates the settings, reporting every problem at once.
@@ -82,6 +91,15 @@ impl BridgeConfig {
             p.push("PGWS_BATCH_SIZE: must be at least 1");
         }
 
+        let grace: u64 = p.parse_or("pubsub_grace", DEFAULT_PUBSUB_GRACE);
+        let pubsub_keys_table = p.text_or("pubsub_keys_table", "apikeys");
+        if pubsub_keys_table.is_empty()
+            || pubsub_keys_table.contains('\0')
+            || pubsub_keys_table.split('.').any(str::is_empty)
+        {
+            p.push("PGWS_PUBSUB_KEYS_TABLE: a table name, or schema.table");
+        }
+
         p.finish(Self {
             db,
             nats,
@@ -90,6 +108,8 @@ impl BridgeConfig {
             check_listener_interval,
             pool_size,
             batch_size,
+            pubsub_grace: Duration::from_secs(grace),
+            pubsub_keys_table,
         })
     }
 }

@@ -5,9 +5,13 @@
 //! - **NOTIFY** ([`notifier`](crate::notifier)): every bridge serves `<prefix>.notify` as a
 //!   queue group, executing the requests' `pg_notify` calls in batched transactions on a pool
 //!   of `PGWS_POOL_SIZE` connections and replying after commit.
-//! - **LISTEN** ([`listener`](crate::listener)): one bridge at a time, elected with a
-//!   PostgreSQL advisory lock held by its LISTEN session, publishes every notification of
-//!   `PGWS_LISTEN_CHANNEL` to `<prefix>.deliver.<channel>`.
+//! - **LISTEN** ([`listener`](crate::listener)): one bridge at a time, elected
+//!   ([`leader`](crate::leader)) with a PostgreSQL advisory lock held by its LISTEN session,
+//!   publishes every notification of `PGWS_LISTEN_CHANNEL` to `<prefix>.deliver.<channel>`,
+//!   LISTENs on the direct channels the gateways report and publishes their notifications
+//!   to `<prefix>.direct.<channel>`, and keeps the wspubsub topic registry
+//!   ([`registry`](crate::registry)).
+//! - **API keys** ([`keys`](crate::keys)): every bridge answers wspubsub key checks.
 //!
 //! Differences from postgres-websockets, on purpose: a lost LISTEN connection is always
 //! re-established (1 s doubling up to 32 s, forever) instead of ending the process; a
@@ -20,11 +24,15 @@
 //! or the leader with its LISTEN connection up) and `database` (some NOTIFY connection up).
 
 mod batch;
+mod bus;
 mod config;
 mod db;
+mod keys;
+mod leader;
 mod listener;
 mod metrics;
 mod notifier;
+mod registry;
 mod worker;
 
 use std::sync::{Arc, OnceLock};
@@ -39,7 +47,9 @@ pub use config::{
     BridgeConfig, DEFAULT_ADMIN_PORT, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE,
 };
 
-use listener::{Listener, ListenerState};
+use keys::Keys;
+use leader::{Election, LeaderState};
+use listener::Listener;
 use metrics::BridgeMetrics;
 use notifier::Notifier;
 
@@ -114,21 +124,40 @@ async fn serve(
     };
     tracing::info!("database connected");
 
-    let state = Arc::new(ListenerState::default());
+    let state = Arc::new(LeaderState::default());
     let ready = state.clone();
     readiness.add("listener", move || ready.ready());
-    let listener = Listener {
+    let election = Election {
         pg: pg.clone(),
-        channel: config.listen_channel.clone(),
-        check_interval: config.check_listener_interval,
+        key: config.nats.subjects.leader_lock_key(),
+        metrics: bridge_metrics.clone(),
+        state,
+        duty: Listener {
+            channel: config.listen_channel.clone(),
+            check_interval: config.check_listener_interval,
+            subjects: config.nats.subjects.clone(),
+            nats: nats.clone(),
+            metrics: bridge_metrics.clone(),
+            grace: config.pubsub_grace,
+        },
+    };
+    shutdown.spawn(election.run(first, shutdown.token.clone()));
+
+    let (fatal_tx, mut fatal_rx) = mpsc::channel(1);
+    let keys = Keys {
+        pg: pg.clone(),
+        table: config.pubsub_keys_table.clone(),
         subjects: config.nats.subjects.clone(),
         nats: nats.clone(),
         metrics: bridge_metrics.clone(),
-        state,
+        shutdown: shutdown.clone(),
     };
-    shutdown.spawn(listener.run(first, shutdown.token.clone()));
-
-    let (fatal_tx, mut fatal_rx) = mpsc::channel(1);
+    let (keys_fatal, token) = (fatal_tx.clone(), shutdown.token.clone());
+    shutdown.spawn(async move {
+        if let Err(e) = keys.run(token).await {
+            let _ = keys_fatal.try_send(e);
+        }
+    });
     let notifier = Notifier {
         pg,
         subjects: config.nats.subjects.clone(),

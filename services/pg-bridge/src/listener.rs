@@ -1,192 +1,112 @@
-//! The LISTEN leader: one bridge at a time turns PostgreSQL notifications into NATS messages.
+//! The leader's duty: turn PostgreSQL notifications into NATS messages, LISTENing on a set of
+//! channels that changes at run time, and keep the stack's registry.
 //!
-//! Every bridge keeps a dedicated connection that tries `pg_try_advisory_lock(key)` (the key
-//! derives from the NATS prefix) every second. The holder runs `LISTEN` on the listen channel
-//! and publishes each notification's payload, verbatim, to the delivery subject of the
-//! payload's `channel` field. PostgreSQL releases the lock when that session ends, so
-//! leadership moves to a standby within about a second of the leader's death; the old leader
-//! stops publishing the moment its connection ends, since it only publishes what that
-//! connection delivers. Notifications sent while no bridge listens are lost, as in
-//! postgres-websockets. So that clients can resync, the new leader publishes a gap marker
-//! (`<prefix>.gap`, body `listener`) each time it starts listening; gateways pass it on to the
-//! sockets that asked for gap signals.
+//! - `PGWS_LISTEN_CHANNEL` (postgres-websockets): each notification's payload is published,
+//!   verbatim, to the delivery subject of the payload's `channel` field.
+//! - Direct channels (postgrest-ws): the gateways report the ones their sockets read
+//!   ([`crate::registry`]); the leader LISTENs on each while some gateway needs it, UNLISTENs
+//!   after, and publishes each notification's payload verbatim to `<prefix>.direct.<channel>`.
+//!   A report is answered once its channels are LISTENed, so a socket's handshake completes
+//!   only when what is notified after it will reach it.
+//! - wspubsub topics: claims, releases and lookups are answered from the registry; an orphan
+//!   topic whose grace period ended gets a close message on its subject.
+//!
+//! Notifications sent while no bridge listens are lost, as in postgres-websockets. So that
+//! clients can resync, the leader publishes a gap marker (`<prefix>.gap`, body `listener`) each
+//! time it starts listening; gateways pass it on to the sockets that asked for gap signals,
+//! and report their state again at once, which rebuilds the registry of a new leader.
 //!
 //! Bounds: one notification is published at a time; when NATS pushes back, reading stops and
 //! PostgreSQL's own NOTIFY queue absorbs the burst (its fill level is the
-//! `bridge_notification_queue_usage` gauge). At most one probe query is in flight.
+//! `bridge_notification_queue_usage` gauge). At most one probe query and one LISTEN/UNLISTEN
+//! statement are in flight; registry requests wait in their NATS subscription.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client as Nats, HeaderMap};
+use async_nats::{Client as Nats, HeaderMap, Subject};
 use bytes::Bytes;
-use futures::{Stream, StreamExt as _};
-use pgws_config::DbConfig;
-use pgws_proto::{headers, Envelope, Subjects};
+use futures::future::BoxFuture;
+use futures::StreamExt as _;
+use pgws_proto::{headers, Envelope, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic};
 use pgws_service::telemetry::{self, TARGET as TRACE};
-use tokio::time::{interval_at, sleep, timeout, Instant, Interval, MissedTickBehavior};
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config, Notification};
+use tokio::time::{interval_at, sleep_until, timeout, Instant, Interval, MissedTickBehavior};
+use tokio_postgres::{AsyncMessage, Client, Notification};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, quote_ident, PgConnection};
+use crate::bus::reply;
+use crate::db::quote_ident;
+use crate::leader::{drive, Duty, End, Messages};
 use crate::metrics::BridgeMetrics;
+use crate::registry::{Changes, Registry};
 
 /// The reason of the gap marker published when a bridge (re)gains LISTEN.
 pub(crate) const GAP_LISTENER: &str = "listener";
-/// How often a standby tries to take the lock.
-const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// How often the leader samples `pg_notification_queue_usage()` (also its timeout).
 const USAGE_INTERVAL: Duration = Duration::from_secs(5);
-/// Time a closing session has to say goodbye, so PostgreSQL releases the lock at once.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The close frame of a wspubsub topic whose publisher did not come back in time.
+pub(crate) const TOPIC_CLOSED: &str =
+    "4004 topic closed: its publisher left and none took over within the grace period";
 
-/// What readiness and the metrics see of the listener.
-#[derive(Debug, Default)]
-pub(crate) struct ListenerState {
-    leader: AtomicBool,
-    connected: AtomicBool,
-}
-
-impl ListenerState {
-    /// Ready unless this bridge is the leader without its LISTEN connection.
-    pub(crate) fn ready(&self) -> bool {
-        !self.leader.load(Ordering::Acquire) || self.connected.load(Ordering::Acquire)
-    }
-}
-
-/// How a session ended.
-#[derive(Debug)]
-enum End {
-    Shutdown,
-    Lost(String),
-}
-
-/// The listener's settings and handles; [`Listener::run`] is its task.
+/// The leader's settings and handles.
 #[derive(Debug)]
 pub(crate) struct Listener {
-    pub(crate) pg: Config,
     pub(crate) channel: String,
     pub(crate) check_interval: Option<Duration>,
     pub(crate) subjects: Subjects,
     pub(crate) nats: Nats,
     pub(crate) metrics: BridgeMetrics,
-    pub(crate) state: Arc<ListenerState>,
+    /// How long an orphan wspubsub topic waits for a new publisher (`PGWS_PUBSUB_GRACE`).
+    pub(crate) grace: Duration,
 }
 
+impl Duty for Listener {
+    fn lead<'a>(
+        &'a self,
+        client: &'a Arc<Client>,
+        messages: &'a mut Messages,
+        token: &'a CancellationToken,
+    ) -> BoxFuture<'a, End> {
+        Box::pin(self.listen(client, messages, token))
+    }
+}
+
+/// LISTEN/UNLISTEN statements waiting to run, and the registry requests answered once they
+/// ran.
+#[derive(Default)]
+struct Queued {
+    sql: Vec<String>,
+    replies: Vec<Subject>,
+}
+
+type Statement = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
 impl Listener {
-    /// Runs sessions on `first`, then on new connections (1 s doubling up to 32 s between
-    /// attempts, forever), until `token` is cancelled.
-    pub(crate) async fn run(self, first: (Client, PgConnection), token: CancellationToken) {
-        let mut next = Some(first);
-        let mut attempt = 0;
-        loop {
-            let (client, connection) = match next.take() {
-                Some(pair) => pair,
-                None => {
-                    let result = tokio::select! {
-                        _ = token.cancelled() => return,
-                        r = db::connect(&self.pg) => r,
-                    };
-                    match result {
-                        Ok(pair) => {
-                            self.metrics.listener_reconnects.inc();
-                            tracing::info!("listen connection re-established");
-                            attempt = 0;
-                            pair
-                        }
-                        Err(e) => {
-                            tracing::warn!(attempt, error = %e, "listen connection failed");
-                            if !pause(&token, DbConfig::backoff(attempt)).await {
-                                return;
-                            }
-                            attempt += 1;
-                            continue;
-                        }
-                    }
-                }
-            };
-            self.set_connected(true);
-            let end = self.session(client, connection, &token).await;
-            self.set_leader(false);
-            self.set_connected(false);
-            match end {
-                End::Shutdown => {
-                    tracing::info!("listener stopped");
-                    return;
-                }
-                End::Lost(reason) => {
-                    tracing::warn!(reason, "listen connection lost");
-                    if !pause(&token, DbConfig::backoff(attempt)).await {
-                        return;
-                    }
-                    attempt += 1;
-                }
-            }
-        }
-    }
-
-    /// One connection's life: standby, then leader; closed cleanly at shutdown.
-    async fn session(
-        &self,
-        client: Client,
-        mut connection: PgConnection,
-        token: &CancellationToken,
-    ) -> End {
-        let client = Arc::new(client);
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        let end = self.lead(&client, &mut messages, token).await;
-        drop(client);
-        if matches!(end, End::Shutdown) {
-            // The last client is gone: the connection says goodbye and ends the stream.
-            let goodbye = async { while messages.next().await.is_some() {} };
-            let _ = timeout(CLOSE_TIMEOUT, goodbye).await;
-        }
-        end
-    }
-
-    async fn lead<S>(
+    async fn listen(
         &self,
         client: &Arc<Client>,
-        messages: &mut S,
+        messages: &mut Messages,
         token: &CancellationToken,
-    ) -> End
-    where
-        S: Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin,
-    {
-        let key = self.subjects.leader_lock_key();
-        let mut told = false;
-        loop {
-            let params: [&(dyn ToSql + Sync); 1] = [&key];
-            let lock = client.query_one("SELECT pg_try_advisory_lock($1)", &params);
-            match drive(messages, token, lock).await {
-                Ok(Ok(row)) => match row.try_get::<_, bool>(0) {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => return End::Lost(e.to_string()),
-                },
-                Ok(Err(e)) => return End::Lost(e.to_string()),
-                Err(end) => return end,
-            }
-            if !told {
-                tracing::info!("standby: another bridge is the leader");
-                told = true;
-            }
-            if let Err(end) = drive(messages, token, sleep(STANDBY_RETRY)).await {
-                return end;
-            }
-        }
+    ) -> End {
         let listen = format!("LISTEN {}", quote_ident(&self.channel));
         match drive(messages, token, client.batch_execute(&listen)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return End::Lost(e.to_string()),
             Err(end) => return end,
         }
-        self.set_leader(true);
-        tracing::info!(channel = %self.channel, "leader");
+        let mut requests = match drive(
+            messages,
+            token,
+            self.nats.subscribe(self.subjects.registry()),
+        )
+        .await
+        {
+            Ok(Ok(sub)) => sub,
+            Ok(Err(e)) => return End::Lost(format!("cannot serve the registry: {e}")),
+            Err(end) => return end,
+        };
         tracing::info!(channel = %self.channel, "listening");
         if let Err(e) = self
             .nats
@@ -198,6 +118,9 @@ impl Listener {
         {
             tracing::warn!(error = %e, "cannot publish the gap marker");
         }
+        let mut registry = Registry::new(self.grace, Instant::now());
+        let mut queued = Queued::default();
+        let mut statement: Option<(Statement, Vec<Subject>)> = None;
 
         let mut usage = interval_at(Instant::now(), USAGE_INTERVAL);
         usage.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -211,13 +134,26 @@ impl Listener {
         // notifications keep arriving (its answer queued behind them) proves nothing.
         let mut heard = Instant::now();
         loop {
+            if statement.is_none() {
+                if !queued.sql.is_empty() {
+                    let sql = std::mem::take(&mut queued.sql).join("; ");
+                    let c = Arc::clone(client);
+                    let run: Statement = Box::pin(async move { c.batch_execute(&sql).await });
+                    statement = Some((run, std::mem::take(&mut queued.replies)));
+                } else {
+                    for to in queued.replies.drain(..) {
+                        reply(&self.nats, Some(&to), &RegistryReply::Ok).await;
+                    }
+                }
+            }
+            let deadline = registry.next_deadline();
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Shutdown,
                 message = messages.next() => match message {
                     Some(Ok(AsyncMessage::Notification(n))) => {
                         heard = Instant::now();
-                        self.publish(&n).await;
+                        self.publish(&n, &registry).await;
                     }
                     Some(Ok(AsyncMessage::Notice(n))) => {
                         tracing::debug!(message = n.message(), "listen connection notice");
@@ -225,6 +161,24 @@ impl Listener {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return End::Lost(e.to_string()),
                     None => return End::Lost("connection closed".to_owned()),
+                },
+                done = ran(&mut statement), if statement.is_some() => {
+                    let waiting = statement.take().map(|(_, w)| w).unwrap_or_default();
+                    if let Err(e) = done {
+                        return End::Lost(format!("LISTEN failed: {e}"));
+                    }
+                    self.metrics.direct_channels.set(registry.channels().count() as i64);
+                    for to in waiting {
+                        reply(&self.nats, Some(&to), &RegistryReply::Ok).await;
+                    }
+                },
+                request = requests.next() => match request {
+                    Some(m) => self.serve(m, &mut registry, &mut queued).await,
+                    None => return End::Lost("the registry subscription ended".to_owned()),
+                },
+                _ = wake(deadline), if deadline.is_some() => {
+                    let changes = registry.expire(Instant::now());
+                    self.apply(changes, &mut queued).await;
                 },
                 outcome = in_flight(&mut probe), if probe.is_some() => {
                     probe = None;
@@ -254,100 +208,134 @@ impl Listener {
         }
     }
 
-    async fn publish(&self, n: &Notification) {
-        if n.channel() != self.channel {
-            return;
+    /// Answers one registry request; a report waits for its LISTENs.
+    async fn serve(&self, m: async_nats::Message, registry: &mut Registry, queued: &mut Queued) {
+        let request: RegistryRequest = match serde_json::from_slice(&m.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid registry request ignored");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let answer = match request.op {
+            RegistryOp::Report { presence } => {
+                let changes = registry.report(&request.gateway, presence, now);
+                self.apply(changes, queued).await;
+                if let Some(to) = m.reply {
+                    queued.replies.push(to);
+                }
+                return;
+            }
+            RegistryOp::Claim { topic } => registry.claim(&request.gateway, topic, now),
+            RegistryOp::Release { topic } => registry.release(&request.gateway, &topic, now),
+            RegistryOp::Lookup { topic } => registry.lookup(&topic, now),
+        };
+        reply(&self.nats, m.reply.as_ref(), &answer).await;
+    }
+
+    /// Queues the LISTEN/UNLISTEN statements of `changes` and closes ended topics.
+    async fn apply(&self, changes: Changes, queued: &mut Queued) {
+        // The listen channel is LISTENed for good; a direct channel of the same name (refused
+        // by the gateways) must not UNLISTEN it.
+        let own = |c: &String| *c != self.channel;
+        for c in changes.listen.iter().filter(|c| own(c)) {
+            tracing::debug!(channel = %c, "listen on a direct channel");
+            queued.sql.push(format!("LISTEN {}", quote_ident(c)));
         }
-        match Envelope::route(n.payload()) {
-            Ok(channel) => {
-                // One trace per notification: received here, published to the gateways.
-                let span = tracing::info_span!(
-                    target: TRACE,
-                    "bridge.listen",
-                    otel.kind = "consumer",
-                    messaging.system = "postgresql",
-                    messaging.destination.name = %channel,
-                    messaging.message.body.size = n.payload().len(),
-                    otel.status_code = tracing::field::Empty,
-                    trace_id = tracing::field::Empty,
-                );
-                telemetry::mark(&span);
-                let subject = self.subjects.deliver(&channel);
-                let mut h = HeaderMap::new();
-                h.insert(headers::LISTENED_AT, headers::listened_now().as_str());
-                let publish = tracing::info_span!(
-                    target: TRACE,
-                    parent: &span,
-                    "bridge.publish",
-                    otel.kind = "producer",
-                    messaging.system = "nats",
-                    messaging.destination.name = %subject,
-                    otel.status_code = tracing::field::Empty,
-                );
-                telemetry::inject(&publish, &mut h);
-                let payload = Bytes::copy_from_slice(n.payload().as_bytes());
-                match self.nats.publish_with_headers(subject, h, payload).await {
-                    Ok(()) => {
-                        self.metrics.published.inc();
-                    }
-                    Err(e) => {
-                        publish.record("otel.status_code", "ERROR");
-                        span.record("otel.status_code", "ERROR");
-                        span.in_scope(|| {
-                            tracing::warn!(channel, error = %e, "cannot publish a notification");
-                        });
-                    }
+        for c in changes.unlisten.iter().filter(|c| own(c)) {
+            tracing::debug!(channel = %c, "unlisten a direct channel");
+            queued.sql.push(format!("UNLISTEN {}", quote_ident(c)));
+        }
+        for topic in changes.closed {
+            self.close_topic(&topic).await;
+        }
+    }
+
+    async fn close_topic(&self, topic: &Topic) {
+        tracing::info!(domain = %topic.domain, topic = %topic.topic, "topic closed: no publisher within the grace period");
+        let mut h = HeaderMap::new();
+        h.insert(headers::CLOSE, TOPIC_CLOSED);
+        if let Err(e) = self
+            .nats
+            .publish_with_headers(self.subjects.topic(topic), h, Bytes::new())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot close a topic");
+        }
+    }
+
+    /// Publishes a notification: by its envelope's `channel` on the listen channel, verbatim
+    /// on a direct channel.
+    async fn publish(&self, n: &Notification, registry: &Registry) {
+        let (subject, channel) = if n.channel() == self.channel {
+            match Envelope::route(n.payload()) {
+                Ok(channel) => (self.subjects.deliver(&channel), channel),
+                Err(e) => {
+                    self.metrics.unroutable.inc();
+                    tracing::debug!(error = %e, "unroutable notification ignored");
+                    return;
                 }
             }
+        } else if registry.is_listened(n.channel()) {
+            (self.subjects.direct(n.channel()), n.channel().to_owned())
+        } else {
+            // UNLISTENed meanwhile: nobody reads it any more.
+            return;
+        };
+        // One trace per notification: received here, published to the gateways.
+        let span = tracing::info_span!(
+            target: TRACE,
+            "bridge.listen",
+            otel.kind = "consumer",
+            messaging.system = "postgresql",
+            messaging.destination.name = %channel,
+            messaging.message.body.size = n.payload().len(),
+            otel.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::mark(&span);
+        let mut h = HeaderMap::new();
+        h.insert(headers::LISTENED_AT, headers::listened_now().as_str());
+        let publish = tracing::info_span!(
+            target: TRACE,
+            parent: &span,
+            "bridge.publish",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::inject(&publish, &mut h);
+        let payload = Bytes::copy_from_slice(n.payload().as_bytes());
+        match self.nats.publish_with_headers(subject, h, payload).await {
+            Ok(()) => {
+                self.metrics.published.inc();
+            }
             Err(e) => {
-                self.metrics.unroutable.inc();
-                tracing::debug!(error = %e, "unroutable notification ignored");
+                publish.record("otel.status_code", "ERROR");
+                span.record("otel.status_code", "ERROR");
+                span.in_scope(|| {
+                    tracing::warn!(channel, error = %e, "cannot publish a notification");
+                });
             }
         }
     }
+}
 
-    fn set_leader(&self, on: bool) {
-        self.state.leader.store(on, Ordering::Release);
-        self.metrics.leader.set(i64::from(on));
-        if !on {
-            // Only the leader samples the queue; a stale value would mislead a max() query.
-            self.metrics.queue_usage.set(0.0);
-        }
-    }
-
-    fn set_connected(&self, on: bool) {
-        self.state.connected.store(on, Ordering::Release);
-        self.metrics.listener_connected.set(i64::from(on));
+async fn ran(
+    statement: &mut Option<(Statement, Vec<Subject>)>,
+) -> Result<(), tokio_postgres::Error> {
+    match statement {
+        Some((run, _)) => run.await,
+        None => std::future::pending().await,
     }
 }
 
-/// Waits `delay` unless shutdown comes first (then false).
-async fn pause(token: &CancellationToken, delay: Duration) -> bool {
-    tokio::select! {
-        _ = token.cancelled() => false,
-        _ = sleep(delay) => true,
-    }
-}
-
-/// Awaits `work` while driving the connection; `Err` when the connection ends or shutdown
-/// comes first.
-async fn drive<S, F>(messages: &mut S, token: &CancellationToken, work: F) -> Result<F::Output, End>
-where
-    S: Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin,
-    F: Future,
-{
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            _ = token.cancelled() => return Err(End::Shutdown),
-            out = &mut work => return Ok(out),
-            message = messages.next() => match message {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(End::Lost(e.to_string())),
-                None => return Err(End::Lost("connection closed".to_owned())),
-            },
-        }
+async fn wake(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

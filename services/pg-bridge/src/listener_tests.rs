@@ -5,11 +5,17 @@ use std::time::Duration;
 use pgws_proto::Prefix;
 use pgws_service::{Metrics, Shutdown};
 
+use std::sync::atomic::Ordering;
+
+use pgws_proto::Presence;
+
 use super::*;
+use crate::db;
+use crate::leader::{Election, LeaderState};
 use crate::test_support::{client, eventually, unique, DB_URI, NATS_URL, WAIT};
 
 struct Bridge {
-    state: Arc<ListenerState>,
+    state: Arc<LeaderState>,
     metrics: BridgeMetrics,
     token: CancellationToken,
     app: String,
@@ -29,19 +35,24 @@ async fn start(
     let mut pg = db::pg_config(DB_URI).expect("uri");
     pg.application_name(&app);
     let first = db::connect(&pg).await.expect("connects");
-    let state = Arc::new(ListenerState::default());
+    let state = Arc::new(LeaderState::default());
     let metrics = BridgeMetrics::register(&Metrics::new());
-    let listener = Listener {
+    let election = Election {
         pg,
-        channel: channel.to_owned(),
-        check_interval: check,
-        subjects: subjects.clone(),
-        nats,
+        key: subjects.leader_lock_key(),
         metrics: metrics.clone(),
         state: state.clone(),
+        duty: Listener {
+            channel: channel.to_owned(),
+            check_interval: check,
+            subjects: subjects.clone(),
+            nats,
+            metrics: metrics.clone(),
+            grace: Duration::from_secs(1),
+        },
     };
     let token = shutdown.token.child_token();
-    shutdown.spawn(listener.run(first, token.clone()));
+    shutdown.spawn(election.run(first, token.clone()));
     Bridge {
         state,
         metrics,
@@ -134,4 +145,60 @@ async fn one_leader_delivers_and_leadership_moves() {
     assert!(shutdown.drain(WAIT).await, "listeners stop");
     assert!(!is_leader(&b));
     assert_eq!(b.metrics.listener_connected.get(), 0);
+}
+
+async fn report(nats: &async_nats::Client, subjects: &Subjects, channels: &[&str]) {
+    let request = RegistryRequest {
+        gateway: "g1".into(),
+        op: RegistryOp::Report {
+            presence: Presence {
+                channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+                ..Presence::default()
+            },
+        },
+    };
+    let body = serde_json::to_vec(&request).expect("encodes");
+    let answer = timeout(WAIT, nats.request(subjects.registry(), body.into()))
+        .await
+        .expect("answered in time")
+        .expect("a leader answers");
+    let reply: RegistryReply = serde_json::from_slice(&answer.payload).expect("reply");
+    assert_eq!(reply, RegistryReply::Ok);
+}
+
+#[tokio::test]
+async fn direct_channels_are_listened_while_reported() {
+    let shutdown = Shutdown::new();
+    let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
+    let channel = unique("listen");
+    let direct = unique("direct");
+    let nats = async_nats::connect(NATS_URL).await.expect("NATS");
+    let mut deliveries = nats.subscribe(subjects.direct(&direct)).await.expect("sub");
+    nats.flush().await.expect("flush");
+    let db = client().await;
+    let a = start(&shutdown, &subjects, &channel, None).await;
+    eventually("a leads", || is_leader(&a)).await;
+
+    // Answered only once LISTEN ran: a NOTIFY right after the answer is delivered.
+    report(&nats, &subjects, &[&direct, &channel]).await;
+    notify(&db, &direct, "not json at all").await;
+    assert_eq!(next(&mut deliveries).await, "not json at all");
+    assert_eq!(a.metrics.direct_channels.get(), 2);
+
+    // Not reported any more: UNLISTENed, and the listen channel still delivers.
+    report(&nats, &subjects, &[]).await;
+    notify(&db, &direct, "after").await;
+    assert!(
+        timeout(Duration::from_millis(500), deliveries.next())
+            .await
+            .is_err(),
+        "nothing after UNLISTEN"
+    );
+    let mut room = nats.subscribe(subjects.deliver("r")).await.expect("sub");
+    nats.flush().await.expect("flush");
+    notify(&db, &channel, r#"{"channel":"r"}"#).await;
+    assert_eq!(next(&mut room).await, r#"{"channel":"r"}"#);
+
+    shutdown.token.cancel();
+    assert!(shutdown.drain(WAIT).await, "listeners stop");
 }

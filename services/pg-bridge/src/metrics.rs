@@ -40,6 +40,10 @@ pub(crate) struct BridgeMetrics {
     pub(crate) listener_reconnects: Counter,
     /// `pg_notification_queue_usage()` as last seen by the leader (0..1).
     pub(crate) queue_usage: Gauge<f64, AtomicU64>,
+    /// Direct channels the leader LISTENs on for the gateways.
+    pub(crate) direct_channels: Gauge,
+    /// API-key checks answered, by outcome (valid, refused, error).
+    pub(crate) key_checks: Family<Outcome, Counter>,
 }
 
 impl BridgeMetrics {
@@ -100,6 +104,16 @@ impl BridgeMetrics {
                 "Fraction of PostgreSQL's NOTIFY queue in use, as seen by the leader",
                 Gauge::default(),
             ),
+            direct_channels: metrics.register(
+                "bridge_direct_channels",
+                "Direct channels the leader LISTENs on because some gateway's sockets read them",
+                Gauge::default(),
+            ),
+            key_checks: metrics.register(
+                "bridge_key_checks",
+                "wspubsub API-key checks answered, by outcome (valid, refused, error)",
+                Family::default(),
+            ),
         }
     }
 }
@@ -127,6 +141,7 @@ mod tests {
             "pgws_bridge_listener_connected 0",
             "pgws_bridge_listener_reconnects_total",
             "pgws_bridge_notification_queue_usage 0.25",
+            "pgws_bridge_direct_channels 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -19,75 +19,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::{Client as Nats, Message, Subject, Subscriber};
+use async_nats::{Client as Nats, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt as _};
-use pgws_proto::{Notification, NotifyReply, Subjects};
-use pgws_service::telemetry::{self, TARGET as TRACE};
+use pgws_proto::{NotifyReply, Subjects};
 use pgws_service::Shutdown;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::validate;
+use crate::batch::{validate, Batch, Offer, Request, UNAVAILABLE};
+use crate::bus::reply;
 use crate::metrics::BridgeMetrics;
 use crate::worker::Worker;
 
 /// Time an unsubscribed subscription has to hand over its buffered requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The reason sent back when nothing can execute a request now.
-pub(crate) const UNAVAILABLE: &str = "database unavailable";
-
-/// One valid request waiting for its transaction(s).
-#[derive(Debug)]
-pub(crate) struct Request {
-    pub(crate) notifications: Vec<Notification>,
-    pub(crate) reply: Option<Subject>,
-    /// `bridge.batch`, child of the gateway's publish span (a disabled span when traces are
-    /// not exported); it ends when the request has been answered.
-    pub(crate) span: tracing::Span,
-}
-
-impl Request {
-    /// The span of a request received with `headers`.
-    pub(crate) fn span(
-        notifications: usize,
-        headers: Option<&async_nats::HeaderMap>,
-    ) -> tracing::Span {
-        let span = tracing::info_span!(
-            target: TRACE,
-            "bridge.batch",
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            notifications,
-            batch.requests = tracing::field::Empty,
-            batch.notifications = tracing::field::Empty,
-            batch.transactions = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
-        telemetry::adopt(&span, headers);
-        span
-    }
-}
-
-/// The requests one worker executes together.
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    pub(crate) requests: Vec<Request>,
-    pub(crate) notifications: usize,
-}
-
-impl Batch {
-    pub(crate) fn push(&mut self, request: Request) {
-        self.notifications += request.notifications.len();
-        self.requests.push(request);
-    }
-}
-
-/// A free worker: sending it a batch hands the batch over.
-pub(crate) type Offer = oneshot::Sender<Batch>;
-
 /// What the NOTIFY side needs; [`Notifier::spawn`] starts it.
 #[derive(Debug)]
 pub(crate) struct Notifier {
@@ -299,21 +246,6 @@ impl Intake {
             self.metrics.requests_failed.inc();
             reply(&self.nats, request.reply.as_ref(), &failed).await;
         }
-    }
-}
-
-/// Sends `body` to `to` when the request asked for a reply.
-pub(crate) async fn reply(nats: &Nats, to: Option<&Subject>, body: &NotifyReply) {
-    let Some(to) = to else { return };
-    let bytes = match serde_json::to_vec(body) {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode a notify reply");
-            return;
-        }
-    };
-    if let Err(e) = nats.publish(to.clone(), bytes.into()).await {
-        tracing::warn!(error = %e, "cannot send a notify reply");
     }
 }
 

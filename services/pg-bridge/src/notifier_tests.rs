@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pgws_proto::{NotifyRequest, Prefix};
+use pgws_proto::{Notification, NotifyRequest, Prefix};
 use pgws_service::Metrics;
 
 use super::*;

@@ -22,10 +22,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::plan;
+use crate::batch::{plan, Batch, Offer, UNAVAILABLE};
+use crate::bus::reply;
 use crate::db;
 use crate::metrics::BridgeMetrics;
-use crate::notifier::{reply, Batch, Offer, UNAVAILABLE};
 
 /// Many NOTIFYs in one statement; `unnest` keeps the arrays' order.
 const NOTIFY_SQL: &str =

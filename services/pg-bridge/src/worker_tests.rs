@@ -9,7 +9,7 @@ use pgws_service::{Metrics, Shutdown};
 use tokio::sync::watch;
 
 use super::*;
-use crate::notifier::{Batch, Request};
+use crate::batch::Request;
 use crate::test_support::{client, eventually, listen, take, unique, DB_URI, NATS_URL, WAIT};
 
 struct Setup {
@@ -121,7 +121,7 @@ async fn a_lost_connection_fails_the_batch() {
     s.worker.execute(batch).await;
     let reply = next_reply(&mut s.replies).await;
     assert!(!reply.ok);
-    assert_eq!(reply.error.as_deref(), Some(crate::notifier::UNAVAILABLE));
+    assert_eq!(reply.error.as_deref(), Some(crate::batch::UNAVAILABLE));
     assert_eq!(s.metrics.requests_failed.get(), 1);
     assert_eq!(s.metrics.notify_errors.get(), 1);
 }

@@ -1,0 +1,166 @@
+//! The messages that keep stack-wide state: which direct channels the gateways need LISTENed
+//! (presence reports to the leader bridge), wspubsub topic ownership (claims to the leader),
+//! and API-key checks (any bridge).
+//!
+//! The leader bridge holds the state in memory and rebuilds it after a failover from the
+//! gateways' next presence reports (each report is a gateway's whole state, so applying one
+//! twice changes nothing, and a gateway that stops reporting expires).
+
+use serde::{Deserialize, Serialize};
+
+/// How often a gateway reports its presence, in seconds, even when nothing changed.
+pub const PRESENCE_INTERVAL_SECS: u64 = 5;
+
+/// A gateway that has not reported for this many seconds is gone: its direct channels are
+/// released and the topics it published lose their publisher.
+pub const PRESENCE_EXPIRY_SECS: u64 = 3 * PRESENCE_INTERVAL_SECS;
+
+/// A wspubsub topic: `/ws/pub/<apikey>/<domain>/<topic>`, `/ws/sub/<domain>/<topic>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Topic {
+    /// The API key's domain.
+    pub domain: String,
+    /// The topic's name inside the domain.
+    pub topic: String,
+}
+
+/// One gateway's whole state, as the leader needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Direct channels some socket of the gateway reads.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Topics a publisher socket of the gateway holds.
+    #[serde(default)]
+    pub published: Vec<Topic>,
+    /// Topics some subscriber socket of the gateway is on.
+    #[serde(default)]
+    pub subscribed: Vec<Topic>,
+}
+
+/// A request on [`crate::Subjects::registry`], answered by the leader bridge with a
+/// [`RegistryReply`]. A gateway sends its requests one at a time, in order, so the leader sees
+/// its reports and claims in the order the gateway made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryRequest {
+    /// The gateway's instance id (random per process).
+    pub gateway: String,
+    /// What it asks.
+    #[serde(flatten)]
+    pub op: RegistryOp,
+}
+
+/// What a gateway asks of the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RegistryOp {
+    /// The gateway's whole state (on every change, every [`PRESENCE_INTERVAL_SECS`], and when
+    /// a new leader announced itself). Answered once its direct channels are LISTENed.
+    Report {
+        /// The state.
+        presence: Presence,
+    },
+    /// A publisher wants the topic (new, or taken over within the grace period).
+    Claim {
+        /// The topic.
+        topic: Topic,
+    },
+    /// The gateway's publisher left the topic: the grace period starts.
+    Release {
+        /// The topic.
+        topic: Topic,
+    },
+    /// Does the topic exist (a publisher holds it, or it is within its grace period)?
+    Lookup {
+        /// The topic.
+        topic: Topic,
+    },
+}
+
+/// The leader's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryReply {
+    /// Applied; claim granted (to this gateway); the topic exists (lookup).
+    Ok,
+    /// Another gateway's publisher holds the topic.
+    Taken,
+    /// No such topic.
+    Absent,
+    /// A leader that just took over does not know the stack's topics yet: ask again shortly.
+    Retry,
+}
+
+/// Body of a request on [`crate::Subjects::apikey`]: may this key publish in this domain?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCheck {
+    /// The publisher's API key.
+    pub apikey: String,
+    /// The domain of the topic.
+    pub domain: String,
+}
+
+/// A bridge's answer to a [`KeyCheck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The key is active for the domain.
+    pub ok: bool,
+    /// Set when the bridge could not answer (database down): not a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Ack {
+    /// A yes (or no) answer.
+    pub fn answer(ok: bool) -> Self {
+        Self { ok, error: None }
+    }
+
+    /// The bridge could not answer.
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_requests_are_tagged() {
+        let claim = RegistryRequest {
+            gateway: "g".into(),
+            op: RegistryOp::Claim {
+                topic: Topic {
+                    domain: "d".into(),
+                    topic: "t".into(),
+                },
+            },
+        };
+        let json = serde_json::to_string(&claim).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"gateway":"g","op":"claim","topic":{"domain":"d","topic":"t"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<RegistryRequest>(&json).expect("decodes"),
+            claim
+        );
+        assert_eq!(
+            serde_json::to_string(&RegistryReply::Taken).expect("encodes"),
+            r#""taken""#
+        );
+        let r: RegistryRequest =
+            serde_json::from_str(r#"{"gateway":"g","op":"report","presence":{}}"#)
+                .expect("decodes");
+        assert_eq!(
+            r.op,
+            RegistryOp::Report {
+                presence: Presence::default()
+            }
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! API-key checks for wspubsub publishers, a request service every bridge serves.
+//!
+//! The gateway holds no database credentials, so it asks the bridges (queue group
+//! `<prefix>.bridge` on `<prefix>.apikey`) whether a key may publish in a domain:
+//! `SELECT 1 FROM <PGWS_PUBSUB_KEYS_TABLE> WHERE apikey = $1 AND domain = $2 AND active`,
+//! the query of wspubsub. Nothing is cached: a key made inactive stops the next publisher's
+//! handshake. A bridge that cannot reach the database answers `unavailable` (the gateway
+//! refuses the handshake with 503, not 403).
+//!
+//! Bounds: one connection per bridge (re-opened on the next request after it failed),
+//! at most [`CONCURRENCY`] checks in flight; the rest wait in the NATS subscription.
+
+use std::sync::Arc;
+
+use async_nats::Client as Nats;
+use futures::StreamExt as _;
+use pgws_proto::{Ack, KeyCheck, Subjects, MAX_APIKEY, MAX_DOMAIN};
+use pgws_service::Shutdown;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, Config};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::reply;
+use crate::db::{self, quote_ident};
+use crate::metrics::BridgeMetrics;
+
+/// Checks in flight per bridge.
+const CONCURRENCY: usize = 16;
+
+/// The key-check service; [`Keys::run`] is its task.
+pub(crate) struct Keys {
+    pub(crate) pg: Config,
+    /// `PGWS_PUBSUB_KEYS_TABLE`, possibly schema-qualified.
+    pub(crate) table: String,
+    pub(crate) subjects: Subjects,
+    pub(crate) nats: Nats,
+    pub(crate) metrics: BridgeMetrics,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl Keys {
+    /// Serves key checks until `token` is cancelled.
+    pub(crate) async fn run(self, token: CancellationToken) -> anyhow::Result<()> {
+        let sub = self
+            .nats
+            .queue_subscribe(self.subjects.apikey(), self.subjects.bridge_queue())
+            .await?;
+        let sql = format!(
+            "SELECT 1 FROM {} WHERE apikey = $1 AND domain = $2 AND active",
+            qualified(&self.table)
+        );
+        let conn: Arc<Mutex<Option<Arc<Client>>>> = Arc::default();
+        let this = &self;
+        let serving = sub.for_each_concurrent(CONCURRENCY, |m| {
+            let (conn, sql) = (Arc::clone(&conn), sql.as_str());
+            async move {
+                let answer = match serde_json::from_slice::<KeyCheck>(&m.payload) {
+                    Ok(check) => this.check(&conn, sql, &check).await,
+                    Err(e) => Ack::unavailable(format!("invalid key check: {e}")),
+                };
+                let outcome = match (&answer.error, answer.ok) {
+                    (Some(_), _) => "error",
+                    (None, true) => "valid",
+                    (None, false) => "refused",
+                };
+                this.metrics
+                    .key_checks
+                    .get_or_create(&[("outcome", outcome)])
+                    .inc();
+                reply(&this.nats, m.reply.as_ref(), &answer).await;
+            }
+        });
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = serving => anyhow::bail!("the key-check subscription ended"),
+        }
+        Ok(())
+    }
+
+    async fn check(&self, conn: &Mutex<Option<Arc<Client>>>, sql: &str, check: &KeyCheck) -> Ack {
+        if check.apikey.len() > MAX_APIKEY || check.domain.len() > MAX_DOMAIN {
+            return Ack::answer(false);
+        }
+        let client = {
+            let mut slot = conn.lock().await;
+            match slot.as_ref().filter(|c| !c.is_closed()) {
+                Some(c) => Arc::clone(c),
+                None => match db::connect(&self.pg).await {
+                    Ok((client, connection)) => {
+                        self.shutdown.spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::warn!(error = %e, "key-check connection lost");
+                            }
+                        });
+                        Arc::clone(slot.insert(Arc::new(client)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key-check connection failed");
+                        return Ack::unavailable("database unavailable");
+                    }
+                },
+            }
+        };
+        match client.query_opt(sql, &[&check.apikey, &check.domain]).await {
+            Ok(row) => Ack::answer(row.is_some()),
+            Err(e) => {
+                tracing::warn!(error = %e, "key check failed");
+                Ack::unavailable("key check failed")
+            }
+        }
+    }
+}
+
+/// `schema.table` or `table` as quoted SQL.
+fn qualified(table: &str) -> String {
+    table
+        .split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_quoted_part_by_part() {
+        assert_eq!(qualified("apikeys"), "\"apikeys\"");
+        assert_eq!(qualified("auth.api keys"), "\"auth\".\"api keys\"");
+    }
+}

@@ -1,0 +1,383 @@
+//! The stack-wide state the leader keeps, without I/O: which direct channels some gateway
+//! needs (reference-counted by gateway, so the leader LISTENs exactly while one uses a
+//! channel) and who publishes each wspubsub topic.
+//!
+//! Each gateway reports its whole state ([`Presence`]), so a report replaces what the gateway
+//! said before and applying it twice changes nothing; a gateway silent for
+//! [`PRESENCE_EXPIRY_SECS`] is dropped. A topic whose publisher left (released, or its gateway
+//! expired) is an orphan for the grace period: a new publisher may take it over, its
+//! subscribers stay; after that it is closed. A leader that just took over knows nothing until
+//! the gateways report again, so for [`Registry::settle`] it answers `Retry` where an answer
+//! would depend on what it does not know yet.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pgws_proto::{
+    Presence, RegistryReply, Topic, MAX_PG_CHANNEL, PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
+};
+use tokio::time::Instant;
+
+/// What a new leader waits for before answering from its own knowledge: one presence period
+/// and a margin, by which every live gateway has reported.
+pub(crate) fn settle() -> Duration {
+    Duration::from_secs(PRESENCE_INTERVAL_SECS + 1)
+}
+
+/// What the leader must do after a change of the registry.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    /// Channels that now have their first gateway: `LISTEN`.
+    pub(crate) listen: Vec<String>,
+    /// Channels that lost their last gateway: `UNLISTEN`.
+    pub(crate) unlisten: Vec<String>,
+    /// Orphan topics whose grace period ended: close their subscribers.
+    pub(crate) closed: Vec<Topic>,
+}
+
+impl Changes {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.listen.is_empty() && self.unlisten.is_empty() && self.closed.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct GatewayState {
+    channels: HashSet<String>,
+    seen: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Holder {
+    Publisher(String),
+    Orphan { until: Instant },
+}
+
+/// The leader's registry.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    gateways: HashMap<String, GatewayState>,
+    /// For each direct channel, how many gateways need it.
+    refs: HashMap<String, usize>,
+    topics: HashMap<Topic, Holder>,
+    grace: Duration,
+    /// Until then, answers that depend on the whole stack's state are `Retry`.
+    settled_at: Instant,
+}
+
+impl Registry {
+    /// An empty registry of a leader that took over at `now`.
+    pub(crate) fn new(grace: Duration, now: Instant) -> Self {
+        Self {
+            gateways: HashMap::new(),
+            refs: HashMap::new(),
+            topics: HashMap::new(),
+            grace,
+            settled_at: now + settle(),
+        }
+    }
+
+    /// The direct channels to LISTEN on.
+    pub(crate) fn channels(&self) -> impl Iterator<Item = &str> {
+        self.refs.keys().map(String::as_str)
+    }
+
+    /// Whether `channel` is a direct channel some gateway needs.
+    pub(crate) fn is_listened(&self, channel: &str) -> bool {
+        self.refs.contains_key(channel)
+    }
+
+    /// Replaces the state of `gateway` with `presence`.
+    pub(crate) fn report(&mut self, gateway: &str, presence: Presence, now: Instant) -> Changes {
+        let mut changes = Changes::default();
+        let wanted: HashSet<String> = presence
+            .channels
+            .into_iter()
+            .filter(|c| valid_channel(c))
+            .collect();
+        let state = self
+            .gateways
+            .entry(gateway.to_owned())
+            .or_insert_with(|| GatewayState {
+                channels: HashSet::new(),
+                seen: now,
+            });
+        state.seen = now;
+        let added: Vec<String> = wanted.difference(&state.channels).cloned().collect();
+        let removed: Vec<String> = state.channels.difference(&wanted).cloned().collect();
+        state.channels = wanted;
+        for c in added {
+            self.hold(c, &mut changes);
+        }
+        for c in removed {
+            self.drop_ref(&c, &mut changes);
+        }
+        let published: HashSet<&Topic> = presence.published.iter().collect();
+        for topic in &presence.published {
+            match self.topics.get(topic) {
+                Some(Holder::Publisher(owner)) if owner != gateway => {
+                    tracing::warn!(
+                        domain = %topic.domain,
+                        topic = %topic.topic,
+                        "two gateways report the same publisher topic; the first keeps it"
+                    );
+                }
+                _ => {
+                    self.topics
+                        .insert(topic.clone(), Holder::Publisher(gateway.to_owned()));
+                }
+            }
+        }
+        // Topics this gateway held and no longer reports lost their publisher.
+        let until = now + self.grace;
+        for (topic, holder) in &mut self.topics {
+            if matches!(holder, Holder::Publisher(owner) if owner == gateway)
+                && !published.contains(topic)
+            {
+                *holder = Holder::Orphan { until };
+            }
+        }
+        // Subscribers on a topic nobody knows (its close was missed, or this leader is new):
+        // an orphan, closed after the grace period unless a publisher comes.
+        if now >= self.settled_at {
+            for topic in presence.subscribed {
+                self.topics.entry(topic).or_insert(Holder::Orphan { until });
+            }
+        }
+        changes
+    }
+
+    /// A publisher on `gateway` wants `topic`.
+    pub(crate) fn claim(&mut self, gateway: &str, topic: Topic, now: Instant) -> RegistryReply {
+        self.touch(gateway, now);
+        match self.topics.get(&topic) {
+            Some(Holder::Publisher(owner)) if owner != gateway => RegistryReply::Taken,
+            None if now < self.settled_at => RegistryReply::Retry,
+            _ => {
+                self.topics
+                    .insert(topic, Holder::Publisher(gateway.to_owned()));
+                RegistryReply::Ok
+            }
+        }
+    }
+
+    /// The publisher of `topic` on `gateway` left.
+    pub(crate) fn release(&mut self, gateway: &str, topic: &Topic, now: Instant) -> RegistryReply {
+        self.touch(gateway, now);
+        if let Some(holder) = self.topics.get_mut(topic) {
+            if matches!(holder, Holder::Publisher(owner) if owner == gateway) {
+                *holder = Holder::Orphan {
+                    until: now + self.grace,
+                };
+            }
+        }
+        RegistryReply::Ok
+    }
+
+    /// Whether `topic` exists.
+    pub(crate) fn lookup(&self, topic: &Topic, now: Instant) -> RegistryReply {
+        match self.topics.get(topic) {
+            Some(_) => RegistryReply::Ok,
+            None if now < self.settled_at => RegistryReply::Retry,
+            None => RegistryReply::Absent,
+        }
+    }
+
+    /// Drops gateways silent for too long and closes orphans whose grace period ended.
+    pub(crate) fn expire(&mut self, now: Instant) -> Changes {
+        let mut changes = Changes::default();
+        let expiry = Duration::from_secs(PRESENCE_EXPIRY_SECS);
+        let gone: Vec<String> = self
+            .gateways
+            .iter()
+            .filter(|(_, g)| now.duration_since(g.seen) >= expiry)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            tracing::info!(gateway = %id, "gateway stopped reporting; its channels and topics are released");
+            if let Some(state) = self.gateways.remove(&id) {
+                for c in state.channels {
+                    self.drop_ref(&c, &mut changes);
+                }
+            }
+            let until = now + self.grace;
+            for holder in self.topics.values_mut() {
+                if matches!(holder, Holder::Publisher(owner) if *owner == id) {
+                    *holder = Holder::Orphan { until };
+                }
+            }
+        }
+        self.topics.retain(|topic, holder| match holder {
+            Holder::Orphan { until } if *until <= now => {
+                changes.closed.push(topic.clone());
+                false
+            }
+            _ => true,
+        });
+        changes
+    }
+
+    /// When [`Registry::expire`] next has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let expiry = Duration::from_secs(PRESENCE_EXPIRY_SECS);
+        let gateways = self.gateways.values().map(|g| g.seen + expiry);
+        let orphans = self.topics.values().filter_map(|h| match h {
+            Holder::Orphan { until } => Some(*until),
+            Holder::Publisher(_) => None,
+        });
+        gateways.chain(orphans).min()
+    }
+
+    fn touch(&mut self, gateway: &str, now: Instant) {
+        if let Some(g) = self.gateways.get_mut(gateway) {
+            g.seen = now;
+        }
+    }
+
+    fn hold(&mut self, channel: String, changes: &mut Changes) {
+        let n = self.refs.entry(channel.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            changes.listen.push(channel);
+        }
+    }
+
+    fn drop_ref(&mut self, channel: &str, changes: &mut Changes) {
+        if let Some(n) = self.refs.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(channel);
+                changes.unlisten.push(channel.to_owned());
+            }
+        }
+    }
+}
+
+/// A name PostgreSQL accepts as a channel (and that `LISTEN` quoting keeps intact).
+fn valid_channel(c: &str) -> bool {
+    !c.is_empty() && c.len() <= MAX_PG_CHANNEL && !c.contains('\0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    fn topic(t: &str) -> Topic {
+        Topic {
+            domain: "d".into(),
+            topic: t.into(),
+        }
+    }
+
+    fn presence(channels: &[&str], published: &[&str], subscribed: &[&str]) -> Presence {
+        Presence {
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            published: published.iter().map(|t| topic(t)).collect(),
+            subscribed: subscribed.iter().map(|t| topic(t)).collect(),
+        }
+    }
+
+    fn settled() -> (Registry, Instant) {
+        let t0 = Instant::now();
+        (Registry::new(GRACE, t0), t0 + settle())
+    }
+
+    #[test]
+    fn channels_are_counted_by_gateway() {
+        let (mut r, now) = settled();
+        let c = r.report("g1", presence(&["a", "b"], &[], &[]), now);
+        let mut listen = c.listen.clone();
+        listen.sort();
+        assert_eq!(listen, vec!["a", "b"]);
+        assert!(r.report("g2", presence(&["a"], &[], &[]), now).is_empty());
+        // Reporting the same state again changes nothing.
+        assert!(r.report("g2", presence(&["a"], &[], &[]), now).is_empty());
+        let c = r.report("g1", presence(&[], &[], &[]), now);
+        assert_eq!(c.unlisten, vec!["b"]);
+        let c = r.report("g2", presence(&[], &[], &[]), now);
+        assert_eq!(c.unlisten, vec!["a"]);
+        assert_eq!(r.channels().count(), 0);
+    }
+
+    #[test]
+    fn invalid_channel_names_are_ignored() {
+        let (mut r, now) = settled();
+        let long = "x".repeat(64);
+        let c = r.report("g", presence(&["", &long, "a\0b", "ok"], &[], &[]), now);
+        assert_eq!(c.listen, vec!["ok"]);
+    }
+
+    #[test]
+    fn a_silent_gateway_expires() {
+        let (mut r, now) = settled();
+        r.report("g1", presence(&["a"], &["t"], &[]), now);
+        r.report("g2", presence(&["a"], &[], &[]), now);
+        let later = now + Duration::from_secs(PRESENCE_EXPIRY_SECS - 1);
+        r.report("g2", presence(&["a"], &[], &[]), later);
+        let c = r.expire(now + Duration::from_secs(PRESENCE_EXPIRY_SECS));
+        assert!(c.is_empty(), "g2 still needs a: {c:?}");
+        // g1's topic is an orphan: it still exists, another gateway may take it.
+        assert_eq!(r.lookup(&topic("t"), later), RegistryReply::Ok);
+        let c = r.expire(later + Duration::from_secs(PRESENCE_EXPIRY_SECS));
+        assert_eq!(c.unlisten, vec!["a"]);
+    }
+
+    #[test]
+    fn one_publisher_per_topic_and_takeover_within_grace() {
+        let (mut r, now) = settled();
+        assert_eq!(r.claim("g1", topic("t"), now), RegistryReply::Ok);
+        assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Taken);
+        assert_eq!(r.release("g2", &topic("t"), now), RegistryReply::Ok);
+        assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Taken);
+        r.release("g1", &topic("t"), now);
+        assert_eq!(r.lookup(&topic("t"), now), RegistryReply::Ok);
+        let within = now + GRACE - Duration::from_millis(1);
+        assert!(r.expire(within).closed.is_empty());
+        assert_eq!(r.claim("g2", topic("t"), within), RegistryReply::Ok);
+        assert!(r.expire(now + GRACE * 2).closed.is_empty());
+    }
+
+    #[test]
+    fn an_orphan_closes_after_the_grace_period() {
+        let (mut r, now) = settled();
+        r.claim("g1", topic("t"), now);
+        r.release("g1", &topic("t"), now);
+        assert_eq!(r.next_deadline(), Some(now + GRACE));
+        assert_eq!(r.expire(now + GRACE).closed, vec![topic("t")]);
+        assert_eq!(r.lookup(&topic("t"), now + GRACE), RegistryReply::Absent);
+    }
+
+    #[test]
+    fn a_report_without_a_held_topic_releases_it() {
+        let (mut r, now) = settled();
+        r.report("g1", presence(&[], &["t"], &[]), now);
+        assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Taken);
+        r.report("g1", presence(&[], &[], &[]), now);
+        assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Ok);
+    }
+
+    #[test]
+    fn a_new_leader_asks_to_retry_until_it_knows_the_stack() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(GRACE, t0);
+        assert_eq!(r.lookup(&topic("t"), t0), RegistryReply::Retry);
+        assert_eq!(r.claim("g2", topic("t"), t0), RegistryReply::Retry);
+        // A report rebuilds the publisher: known answers come at once.
+        r.report("g1", presence(&[], &["t"], &[]), t0);
+        assert_eq!(r.lookup(&topic("t"), t0), RegistryReply::Ok);
+        assert_eq!(r.claim("g2", topic("t"), t0), RegistryReply::Taken);
+        let later = t0 + settle();
+        assert_eq!(r.lookup(&topic("u"), later), RegistryReply::Absent);
+    }
+
+    #[test]
+    fn subscribers_of_an_unknown_topic_are_closed_after_the_grace_period() {
+        let (mut r, now) = settled();
+        r.report("g1", presence(&[], &[], &["t"]), now);
+        assert_eq!(r.lookup(&topic("t"), now), RegistryReply::Ok);
+        assert_eq!(r.expire(now + GRACE).closed, vec![topic("t")]);
+    }
+}
