@@ -71,6 +71,13 @@ impl Authorizer {
         requested_channel: Option<&str>,
         now: u64,
     ) -> Result<Grant, Rejection> {
+        self.verify(token, now)?.grant(requested_channel)
+    }
+
+    /// Validates the token (signature, `exp`, `nbf`, `mode`) without the channel rules, for
+    /// protocols whose channel rules differ (postgrest-ws: a `channel` claim wins over the
+    /// path).
+    pub fn verify(&self, token: &str, now: u64) -> Result<Verified, Rejection> {
         // As in the reference, an empty token stands for an empty claims set (so the client
         // hears "Missing mode"), not for a malformed token.
         let (claims, expires_at) = if token.is_empty() {
@@ -81,16 +88,43 @@ impl Authorizer {
             (claims, expires_at)
         };
         let mode = parse_mode(&claims)?;
+        Ok(Verified {
+            mode,
+            claims,
+            expires_at,
+        })
+    }
+}
+
+/// A valid token, before the channel rules.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// Read and/or write.
+    pub mode: Mode,
+    /// All claims of the token as sent.
+    pub claims: Map<String, Value>,
+    /// The `exp` claim as unix seconds (rounded up), if present.
+    pub expires_at: Option<u64>,
+}
+
+impl Verified {
+    /// The `channel` claim, when it is a string.
+    pub fn channel_claim(&self) -> Option<&str> {
+        claims::channel_claim(&self.claims)
+    }
+
+    /// Applies the postgres-websockets channel rules ([`allowed_channels`]).
+    pub fn grant(self, requested_channel: Option<&str>) -> Result<Grant, Rejection> {
         let channels = allowed_channels(
-            claims::channel_claim(&claims),
-            &claims::channels_claim(&claims),
+            claims::channel_claim(&self.claims),
+            &claims::channels_claim(&self.claims),
             requested_channel,
         )?;
         Ok(Grant {
-            mode,
+            mode: self.mode,
             channels,
-            claims,
-            expires_at,
+            claims: self.claims,
+            expires_at: self.expires_at,
         })
     }
 }

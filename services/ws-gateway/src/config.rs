@@ -9,6 +9,8 @@ use pgws_auth::Authorizer;
 use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
+use crate::DirectChannels;
+
 /// Everything the gateway needs; built by [`GatewayConfig::from_settings`].
 #[derive(Clone)]
 pub struct GatewayConfig {
@@ -20,6 +22,11 @@ pub struct GatewayConfig {
     pub listen_channel: String,
     /// Where connection events go (`PGWS_META_CHANNEL`); none when unset.
     pub meta_channel: Option<String>,
+    /// Channels served as postgrest-ws direct channels (`PGWS_DIRECT_CHANNELS`).
+    pub direct: DirectChannels,
+    /// Where every client message that makes a NOTIFY is also NOTIFYed, in the same
+    /// transaction (`PGWS_AUDIT_CHANNEL`); none when unset.
+    pub audit_channel: Option<String>,
     /// Static files for non-websocket requests (`PGWS_ROOT_PATH`).
     pub root_path: Option<PathBuf>,
     /// Certificate and key files (`PGWS_CERTIFICATE_FILE`, `PGWS_KEY_FILE`).
@@ -83,6 +90,39 @@ impl GatewayConfig {
             ));
         }
         let meta_channel = p.text("meta_channel");
+        let direct = DirectChannels::parse(&p.text_or("direct_channels", ""));
+        let audit_channel = p.text("audit_channel");
+        let invalid = |c: &str| c.is_empty() || c.len() > MAX_PG_CHANNEL || c.contains('\0');
+        for c in direct.names().chain(audit_channel.as_deref()) {
+            if invalid(c) {
+                p.push(format!(
+                    "PGWS_DIRECT_CHANNELS / PGWS_AUDIT_CHANNEL: {c:?} is not a PostgreSQL channel name (1 to {MAX_PG_CHANNEL} bytes)"
+                ));
+            }
+        }
+        for reserved in [Some(listen_channel.as_str()), meta_channel.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            if direct.names().any(|c| c == reserved) {
+                p.push(format!(
+                    "PGWS_DIRECT_CHANNELS: {reserved:?} is the listen or meta channel"
+                ));
+            }
+            if audit_channel.as_deref() == Some(reserved) {
+                p.push(format!(
+                    "PGWS_AUDIT_CHANNEL: {reserved:?} is the listen or meta channel"
+                ));
+            }
+        }
+        if let Some(a) = audit_channel
+            .as_deref()
+            .filter(|a| direct.names().any(|c| c == *a))
+        {
+            p.push(format!(
+                "PGWS_AUDIT_CHANNEL: {a:?} is also a direct channel"
+            ));
+        }
         let root_path = p.text("root_path").map(PathBuf::from);
         if let Some(root) = &root_path {
             if !root.is_dir() {
@@ -130,6 +170,8 @@ impl GatewayConfig {
             authorizer: Arc::new(a),
             listen_channel,
             meta_channel,
+            direct,
+            audit_channel,
             root_path,
             tls,
             nats,

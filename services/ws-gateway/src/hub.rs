@@ -1,10 +1,13 @@
-//! Local channel membership and fan-out.
+//! Local subscriptions and fan-out, for every protocol.
 //!
-//! One NATS subscription per channel that has local readers. A notification is turned into a
-//! websocket message once and that message (a reference-counted buffer) is queued to every
-//! socket on the channel. Each socket's queue is bounded: a socket whose queue is full is a
-//! slow consumer and is disconnected (counted), so a reader that stops reading never grows the
-//! gateway's memory past that bound.
+//! Sockets read subjects (a postgres-websockets channel's delivery subject, a direct channel's,
+//! a wspubsub topic's). One NATS subscription per subject that has local readers. A message is
+//! turned into a websocket frame once (text, or binary when the `Pgws-Frame: binary` header
+//! says so) and that frame (a reference-counted buffer) is queued to every socket on the
+//! subject. Each socket's queue is bounded: a socket whose queue is full is a slow consumer and
+//! is disconnected (counted), so a reader that stops reading never grows the gateway's memory
+//! past that bound. A message with a `Pgws-Close` header closes every socket of its subject
+//! with that close frame instead.
 //!
 //! Gap signals: sockets whose token asks for them (claim `"gaps": true`) get
 //! `{"event":"Gap","reason":"..."}` when database -> socket delivery may have been interrupted:
@@ -12,7 +15,7 @@
 //! connection came back (reason `nats`). Everyone else sees nothing new.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -26,14 +29,76 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
 
-/// How long a handshake waits for a new channel's subscription to reach NATS.
+/// The close code used when a `Pgws-Close` header carries no valid code.
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// How long a handshake waits for a new subject's subscription to reach NATS.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Close code of a slow consumer.
+const CLOSE_POLICY: u16 = 1008;
+
+/// How a socket is told to close, from outside its task: a close frame to send, or (cancelled
+/// without one) shutdown.
+#[derive(Debug, Clone)]
+pub(crate) struct Kick {
+    token: CancellationToken,
+    why: Arc<OnceLock<(u16, String)>>,
+}
+
+impl Kick {
+    /// A kick that shutdown also triggers.
+    pub(crate) fn new(shutdown: &CancellationToken) -> Self {
+        Self {
+            token: shutdown.child_token(),
+            why: Arc::default(),
+        }
+    }
+
+    /// Closes the socket with `code` and `reason` (the first reason given wins).
+    pub(crate) fn close(&self, code: u16, reason: impl Into<String>) {
+        let _ = self.why.set((code, reason.into()));
+        self.token.cancel();
+    }
+
+    pub(crate) fn is_kicked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub(crate) async fn kicked(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// The close frame asked for; `None` after a kick means shutdown.
+    pub(crate) fn reason(&self) -> Option<&(u16, String)> {
+        self.why.get()
+    }
+}
 
 /// A socket as the hub sees it: where to queue messages, and how to kick it.
 #[derive(Debug, Clone)]
 pub(crate) struct Subscriber {
     pub(crate) tx: mpsc::Sender<Message>,
-    pub(crate) kick: CancellationToken,
+    pub(crate) kick: Kick,
+}
+
+impl Subscriber {
+    /// Queues `message`; a full queue disconnects the socket as a slow consumer. True when
+    /// queued, false otherwise; `slow` counts the sockets newly kicked.
+    fn offer(&self, message: Message, slow: &mut u64) -> bool {
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.kick.is_kicked() {
+                    *slow += 1;
+                    self.kick
+                        .close(CLOSE_POLICY, "slow consumer: send queue full");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
 }
 
 struct Channel {
@@ -42,7 +107,7 @@ struct Channel {
     stop: CancellationToken,
 }
 
-/// The channels with local readers.
+/// The subjects with local readers.
 pub(crate) struct Hub {
     client: async_nats::Client,
     subjects: Subjects,
@@ -70,17 +135,17 @@ impl Hub {
         })
     }
 
-    /// Adds socket `id` to `channel`, subscribing on NATS if it is the channel's first local
+    /// Adds socket `id` to `subject`, subscribing on NATS if it is the subject's first local
     /// reader; resolves once the subscription is known to the server (bounded wait), so that a
-    /// socket receives everything notified after its handshake.
-    pub(crate) async fn join(self: &Arc<Self>, channel: &str, id: u64, sub: Subscriber) {
+    /// socket receives everything published after its handshake.
+    pub(crate) async fn join(self: &Arc<Self>, subject: &str, id: u64, sub: Subscriber) {
         let state = {
             let Ok(mut channels) = self.channels.lock() else {
                 return;
             };
             let state = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| self.open(channel))
+                .entry(subject.to_owned())
+                .or_insert_with(|| self.open(subject))
                 .clone();
             if let Ok(mut subs) = state.subscribers.write() {
                 subs.insert(id, sub);
@@ -109,27 +174,24 @@ impl Hub {
     pub(crate) fn gap(&self, reason: &str) {
         let json = serde_json::json!({"event": "Gap", "reason": reason}).to_string();
         let message = Message::Text(Utf8Bytes::from(json));
-        let mut sent = 0u64;
+        let (mut sent, mut slow) = (0u64, 0u64);
         if let Ok(watchers) = self.gap_watchers.read() {
             for sub in watchers.values() {
-                match sub.tx.try_send(message.clone()) {
-                    Ok(()) => sent += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        if !sub.kick.is_cancelled() {
-                            self.metrics.slow_consumers.inc();
-                            sub.kick.cancel();
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                }
+                sent += u64::from(sub.offer(message.clone(), &mut slow));
             }
         }
+        self.metrics.slow_consumers.inc_by(slow);
         tracing::info!(reason, sockets = sent, "gap signalled");
     }
 
     /// Forwards the bridges' gap markers, and signals a gap each time the NATS connection
-    /// comes back; runs until shutdown.
-    pub(crate) async fn relay_gaps(self: Arc<Self>, mut reconnects: watch::Receiver<u64>) {
+    /// comes back; each is also a reason to report this gateway's state to the leader again
+    /// (`resync`). Runs until shutdown.
+    pub(crate) async fn relay_gaps(
+        self: Arc<Self>,
+        mut reconnects: watch::Receiver<u64>,
+        resync: impl Fn(),
+    ) {
         let mut markers = match self.client.subscribe(self.subjects.gap()).await {
             Ok(sub) => sub,
             Err(e) => {
@@ -145,12 +207,14 @@ impl Hub {
                     if changed.is_err() {
                         break;
                     }
+                    resync();
                     self.gap("nats");
                 }
                 marker = markers.next() => match marker {
                     Some(m) => {
                         let reason = String::from_utf8_lossy(&m.payload);
                         let reason: String = reason.chars().take(64).collect();
+                        resync();
                         self.gap(&reason);
                     }
                     None => break,
@@ -159,12 +223,12 @@ impl Hub {
         }
     }
 
-    /// Removes socket `id` from `channel`; the last reader's departure ends the subscription.
-    pub(crate) fn leave(&self, channel: &str, id: u64) {
+    /// Removes socket `id` from `subject`; the last reader's departure ends the subscription.
+    pub(crate) fn leave(&self, subject: &str, id: u64) {
         let Ok(mut channels) = self.channels.lock() else {
             return;
         };
-        let Some(state) = channels.get(channel) else {
+        let Some(state) = channels.get(subject) else {
             return;
         };
         let empty = match state.subscribers.write() {
@@ -176,12 +240,12 @@ impl Hub {
         };
         if empty {
             state.stop.cancel();
-            channels.remove(channel);
+            channels.remove(subject);
             self.metrics.channels.dec();
         }
     }
 
-    fn open(self: &Arc<Self>, channel: &str) -> Arc<Channel> {
+    fn open(self: &Arc<Self>, subject: &str) -> Arc<Channel> {
         let (ready, _) = watch::channel(false);
         let state = Arc::new(Channel {
             subscribers: RwLock::new(HashMap::new()),
@@ -190,7 +254,7 @@ impl Hub {
         });
         self.metrics.channels.inc();
         let hub = Arc::clone(self);
-        let subject = self.subjects.deliver(channel);
+        let subject = subject.to_owned();
         let pump_state = Arc::clone(&state);
         self.shutdown
             .spawn(async move { hub.pump(subject, pump_state).await });
@@ -228,8 +292,8 @@ impl Hub {
         drop(sub.unsubscribe().await);
     }
 
-    /// Queues one notification to every local reader of its channel: one span for the
-    /// notification (not one per socket), one shared buffer.
+    /// Queues one message to every local reader of its subject: one span for the message (not
+    /// one per socket), one shared buffer.
     fn fan_out(&self, state: &Channel, msg: async_nats::Message) {
         self.metrics.notifications_in.inc();
         let listened_at = msg
@@ -250,27 +314,42 @@ impl Hub {
         );
         telemetry::adopt(&span, msg.headers.as_ref());
         let _entered = span.enter();
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if let Some(close) = header(headers::CLOSE) {
+            let (code, reason) = close.split_once(' ').unwrap_or((close.as_str(), ""));
+            let code = code.parse().unwrap_or(CLOSE_GOING_AWAY);
+            let reason: String = reason.chars().take(120).collect();
+            if let Ok(subs) = state.subscribers.read() {
+                for sub in subs.values() {
+                    sub.kick.close(code, reason.clone());
+                }
+            }
+            return;
+        }
+        let binary = header(headers::FRAME).is_some_and(|f| f == headers::FRAME_BINARY);
         let payload = msg.payload;
         let len = payload.len() as u64;
-        let Ok(text) = Utf8Bytes::try_from(payload) else {
-            tracing::warn!("notification is not UTF-8; dropped");
-            return;
+        let message = if binary {
+            Message::Binary(payload)
+        } else {
+            match Utf8Bytes::try_from(payload) {
+                Ok(text) => Message::Text(text),
+                Err(_) => {
+                    tracing::warn!("text frame is not UTF-8; dropped");
+                    return;
+                }
+            }
         };
-        let message = Message::Text(text);
         let mut delivered = 0u64;
         let mut slow = 0u64;
         if let Ok(subs) = state.subscribers.read() {
             for sub in subs.values() {
-                match sub.tx.try_send(message.clone()) {
-                    Ok(()) => delivered += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        if !sub.kick.is_cancelled() {
-                            slow += 1;
-                            sub.kick.cancel();
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                }
+                delivered += u64::from(sub.offer(message.clone(), &mut slow));
             }
         }
         if let Some(age) = listened_at.and_then(headers::since_listened) {

@@ -5,15 +5,23 @@
 //! and fans out what the bridges publish for a channel to the local sockets on it. It never
 //! connects to PostgreSQL.
 //!
-//! Code map: [`config`] reads settings; `handshake` finds the token; `server` accepts
-//! connections and upgrades; `socket` runs one websocket; `hub` holds channel membership and
-//! fans out; `uplink` sends client messages to the bridges; `metrics` counts.
+//! It speaks several protocols on one port, each a module of `protocol` on one socket core:
+//! postgres-websockets (the default), postgrest-ws direct channels and wspubsub topics.
+//!
+//! Code map: [`config`] reads settings; `server` accepts connections and upgrades; `protocol`
+//! routes a handshake to its module (`handshake` finds a token); `session` registers an
+//! accepted socket; `socket` runs one websocket; `hub` holds subscriptions and fans out;
+//! `uplink` sends client messages to the bridges; `presence` keeps the leader bridge informed
+//! (direct channels, topics); `metrics` counts.
 
 mod config;
 mod handshake;
 mod hub;
 mod metrics;
+mod presence;
+mod protocol;
 mod server;
+mod session;
 mod socket;
 mod uplink;
 
@@ -22,22 +30,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pgws_auth::Grant;
 use pgws_service::{
     connect_nats_watched, ensure_audit_stream, serve_admin, Metrics, Readiness, Shutdown,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 pub use config::GatewayConfig;
+pub use protocol::direct::DirectChannels;
 
-use hub::{Hub, Subscriber};
+use hub::Hub;
 use metrics::GatewayMetrics;
-use socket::Session;
+use presence::Presence;
 use uplink::{Audit, Uplink};
-
-/// The token claim that asks for gap signals (`"gaps": true`).
-const GAPS_CLAIM: &str = "gaps";
 
 /// How long shutdown waits for sockets to hand over what they accepted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -51,6 +55,8 @@ pub(crate) struct Gateway {
     pub(crate) config: GatewayConfig,
     pub(crate) hub: Arc<Hub>,
     pub(crate) uplink: Uplink,
+    pub(crate) presence: Presence,
+    pub(crate) client: async_nats::Client,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) shutdown: Shutdown,
     next_id: AtomicU64,
@@ -59,94 +65,11 @@ pub(crate) struct Gateway {
     next_message: AtomicU64,
 }
 
-/// A socket's channel memberships; leaving them happens on drop, so a handshake whose upgrade
-/// never completes leaves no trace.
-pub(crate) struct Membership {
-    pub(crate) gw: Arc<Gateway>,
-    id: u64,
-    channels: Vec<String>,
-    gaps: bool,
-    protocol: &'static str,
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        for channel in &self.channels {
-            self.gw.hub.leave(channel, self.id);
-        }
-        if self.gaps {
-            self.gw.hub.unwatch_gaps(self.id);
-        }
-        self.gw
-            .metrics
-            .connections_open
-            .get_or_create(&[("protocol", self.protocol)])
-            .dec();
-    }
-}
-
-/// An accepted handshake, before its upgrade completes.
-pub(crate) struct Accepted {
-    pub(crate) membership: Membership,
-    pub(crate) session: Session,
-}
-
 impl Gateway {
     /// A new message id, unique across gateways and restarts (random instance id + counter).
     pub(crate) fn message_id(&self) -> String {
         let n = self.next_message.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}-{n:x}", self.instance)
-    }
-
-    /// Registers an authorised socket: joins its channels (when it may read) and waits until
-    /// their subscriptions are live.
-    pub(crate) async fn accept(self: &Arc<Self>, grant: Grant) -> Accepted {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.send_queue);
-        let kick = self.shutdown.token.child_token();
-        let protocol = "postgres-websockets";
-        self.metrics
-            .connections_open
-            .get_or_create(&[("protocol", protocol)])
-            .inc();
-        self.metrics
-            .connections_total
-            .get_or_create(&[("protocol", protocol)])
-            .inc();
-        let channels = if grant.mode.can_read() {
-            grant.channels.clone()
-        } else {
-            Vec::new()
-        };
-        // Opt-in: only sockets whose token asks for gap signals get them.
-        let gaps = !channels.is_empty()
-            && grant.claims.get(GAPS_CLAIM) == Some(&serde_json::Value::Bool(true));
-        let membership = Membership {
-            gw: Arc::clone(self),
-            id,
-            channels,
-            gaps,
-            protocol,
-        };
-        if gaps {
-            let sub = Subscriber {
-                tx: tx.clone(),
-                kick: kick.clone(),
-            };
-            self.hub.watch_gaps(id, sub);
-        }
-        for channel in &membership.channels {
-            let sub = Subscriber {
-                tx: tx.clone(),
-                kick: kick.clone(),
-            };
-            self.hub.join(channel, id, sub).await;
-        }
-        drop(tx);
-        Accepted {
-            membership,
-            session: Session { grant, rx, kick },
-        }
     }
 }
 
@@ -185,7 +108,17 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         metrics.clone(),
         shutdown.clone(),
     );
-    shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects));
+    let instance: u64 = rand::random();
+    let spawner = shutdown.clone();
+    let presence = Presence::start(
+        client.clone(),
+        &config.nats.subjects,
+        format!("{instance:016x}"),
+        shutdown.token.clone(),
+        move |task| spawner.spawn(task),
+    );
+    let resync = presence.clone();
+    shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects, move || resync.resync()));
     let audit = config.audit.enabled.then(|| Audit {
         js: async_nats::jetstream::new(client.clone()),
         subject: config.nats.subjects.audit(),
@@ -210,15 +143,18 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         config.nats.subjects.notify(),
         config.notify_timeout,
         audit,
+        config.audit_channel.clone(),
     );
     let gw = Arc::new(Gateway {
         config,
         hub,
         uplink,
+        presence,
+        client: client.clone(),
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),
-        instance: rand::random(),
+        instance,
         next_message: AtomicU64::new(0),
     });
     server::serve(

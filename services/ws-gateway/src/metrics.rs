@@ -27,6 +27,13 @@ pub(crate) struct GatewayMetrics {
 }
 
 impl GatewayMetrics {
+    /// Counts a client frame refused for `reason`.
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.messages_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
     /// Registers the gateway's metrics in `m`.
     pub(crate) fn register(m: &Metrics) -> Self {
         Self {
@@ -57,7 +64,7 @@ impl GatewayMetrics {
             ),
             messages_refused: m.register(
                 "gateway_client_messages_refused",
-                "Frames refused with an error frame, by reason",
+                "Client frames refused (an error frame, a close, or ignored, as the protocol says), by reason",
                 Family::default(),
             ),
             notify_failed: m.register(

@@ -1,5 +1,5 @@
 //! The public listener: plain TCP or TLS, HTTP/1.1 with upgrades. A websocket upgrade on any
-//! path is a websocket; other requests get the static folder (`PGWS_ROOT_PATH`, no path
+//! path goes to the protocol router (`protocol::admit`); other requests get the static folder (`PGWS_ROOT_PATH`, no path
 //! traversal: `tower-http`'s `ServeDir`) or a plain 200.
 
 use std::io::BufReader;
@@ -14,14 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use pgws_auth::Rejection;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
-use crate::handshake::credentials;
+use crate::protocol::{self, Refusal};
 use crate::{socket, Gateway};
 
 /// Loads the certificate chain and key into a TLS acceptor.
@@ -119,60 +118,41 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 
 async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
-    let creds = credentials(parts.uri.path(), parts.uri.query(), &parts.headers);
     let upgrade =
         match axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-    let Some(token) = creds.token.as_deref() else {
-        return refuse(&gw, "missing_token", "Error: missing token");
-    };
-    let grant = match gw
-        .config
-        .authorizer
-        .authorize(token, creds.channel.as_deref(), unix_secs())
-    {
-        Ok(g) => g,
-        Err(rejection) => {
-            let reason = match rejection {
-                Rejection::Expired => "expired",
-                Rejection::MissingMode => "missing_mode",
-                Rejection::InvalidMode => "invalid_mode",
-                Rejection::NoAllowedChannels => "no_allowed_channels",
-                Rejection::Invalid(_) => "invalid_token",
-            };
-            return refuse(&gw, reason, &rejection.to_string());
-        }
+    let accepted = match protocol::admit(&gw, &parts).await {
+        Ok(accepted) => accepted,
+        Err(refusal) => return refuse(&gw, refusal),
     };
     let mut upgrade = upgrade
         .read_buffer_size(1024)
         .write_buffer_size(8192)
         .max_message_size(crate::MAX_FRAME);
-    if let Some(protocol) = creds
-        .protocol
+    if let Some(protocol) = protocol::selected_protocol(&parts)
         .as_deref()
         .and_then(|p| HeaderValue::from_str(p).ok())
     {
         upgrade.set_selected_protocol(protocol);
     }
-    let session = gw.accept(grant).await;
     let owner = gw.shutdown.tracker.token();
     upgrade.on_upgrade(move |ws| async move {
         let _owned = owner;
-        let membership = session.membership;
-        socket::run(Arc::clone(&membership.gw), ws, session.session).await;
+        let membership = accepted.membership;
+        socket::run(Arc::clone(&membership.gw), ws, accepted.session).await;
         drop(membership);
     })
 }
 
-fn refuse(gw: &Gateway, reason: &'static str, body: &str) -> Response {
+fn refuse(gw: &Gateway, refusal: Refusal) -> Response {
     gw.metrics
         .handshakes_refused
-        .get_or_create(&[("reason", reason)])
+        .get_or_create(&[("reason", refusal.reason)])
         .inc();
-    tracing::debug!(reason, "handshake refused");
-    (StatusCode::BAD_REQUEST, body.to_owned()).into_response()
+    tracing::debug!(reason = refusal.reason, "handshake refused");
+    (refusal.status, refusal.body).into_response()
 }
 
 async fn static_files(gw: &Gateway, req: Request) -> Response {
@@ -183,11 +163,4 @@ async fn static_files(gw: &Gateway, req: Request) -> Response {
         },
         None => (StatusCode::OK, "").into_response(),
     }
-}
-
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }

@@ -33,14 +33,32 @@ pub(crate) const MAX_PER_REQUEST: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub(crate) note: Notification,
+    /// What the audit stream records when it is not the notified payload (a direct channel's
+    /// message is recorded as a postgres-websockets envelope).
+    pub(crate) record: Option<String>,
+    /// A client message: also NOTIFYed on `PGWS_AUDIT_CHANNEL`, when set, in the same
+    /// transaction.
+    pub(crate) echo: bool,
     pub(crate) span: Span,
 }
 
 impl Pending {
-    /// A notification no trace follows (connection events).
+    /// A client message's notification.
+    pub(crate) fn message(note: Notification, span: Span) -> Self {
+        Self {
+            note,
+            record: None,
+            echo: true,
+            span,
+        }
+    }
+
+    /// A notification no trace follows and no audit channel repeats (connection events).
     pub(crate) fn untraced(note: Notification) -> Self {
         Self {
             note,
+            record: None,
+            echo: false,
             span: Span::none(),
         }
     }
@@ -53,6 +71,8 @@ pub(crate) struct Uplink {
     subject: String,
     deadline: Duration,
     audit: Option<Audit>,
+    /// `PGWS_AUDIT_CHANNEL`.
+    audit_channel: Option<String>,
 }
 
 /// Where audit records go.
@@ -68,12 +88,24 @@ impl Uplink {
         subject: String,
         deadline: Duration,
         audit: Option<Audit>,
+        audit_channel: Option<String>,
     ) -> Self {
         Self {
             client,
             subject,
             deadline,
             audit,
+            audit_channel,
+        }
+    }
+
+    /// Most notifications of one socket in one request (halved when each is repeated on the
+    /// audit channel, so a request stays within NATS' payload limit).
+    pub(crate) fn per_request(&self) -> usize {
+        if self.audit_channel.is_some() {
+            MAX_PER_REQUEST / 2
+        } else {
+            MAX_PER_REQUEST
         }
     }
 
@@ -99,6 +131,9 @@ impl Uplink {
         );
         let mut frames = Vec::new();
         let mut notifications = Vec::with_capacity(batch.len());
+        // What the audit stream records, when some notification is recorded in another form.
+        let mut records: Option<Vec<Notification>> = None;
+        let mut echoes = Vec::with_capacity(batch.len());
         for p in batch {
             if telemetry::tracing_enabled()
                 && frames.last().is_none_or(|s: &Span| s.id() != p.span.id())
@@ -108,15 +143,30 @@ impl Uplink {
                 }
                 frames.push(p.span);
             }
+            if let Some(body) = p.record {
+                let records = records.get_or_insert_with(|| notifications.clone());
+                records.push(Notification {
+                    payload: body,
+                    ..p.note.clone()
+                });
+            } else if let Some(records) = &mut records {
+                records.push(p.note.clone());
+            }
+            echoes.push(p.echo);
             notifications.push(p.note);
         }
+        let audit_channel = self.audit_channel.clone();
         let mut trace = async_nats::HeaderMap::new();
         telemetry::inject(&span, &mut trace);
         let sending = async move {
             // The frames' spans end when their messages are in the database (or given up).
             let _frames = frames;
             if let Some(audit) = audit {
-                record(&audit, &notifications, &trace, deadline).await?;
+                let recorded = records.as_deref().unwrap_or(&notifications);
+                record(&audit, recorded, &trace, deadline).await?;
+            }
+            if let Some(channel) = audit_channel {
+                notifications = with_echoes(notifications, &echoes, &channel);
             }
             let body = serde_json::to_vec(&NotifyRequest { notifications })
                 .map_err(|e| format!("cannot encode request: {e}"))?;
@@ -160,6 +210,27 @@ impl Uplink {
             .instrument(span),
         )
     }
+}
+
+/// Each client message followed by its copy on the audit channel: adjacent, so the bridge
+/// keeps the pair in one transaction (it only splits a transaction where a (channel, payload)
+/// pair repeats, and a repeated copy implies its message repeated just before).
+fn with_echoes(
+    notifications: Vec<Notification>,
+    echoes: &[bool],
+    channel: &str,
+) -> Vec<Notification> {
+    let mut out = Vec::with_capacity(notifications.len() * 2);
+    for (n, echo) in notifications.into_iter().zip(echoes) {
+        let copy = echo.then(|| Notification {
+            id: None,
+            channel: channel.to_owned(),
+            payload: n.payload.clone(),
+        });
+        out.push(n);
+        out.extend(copy);
+    }
+    out
 }
 
 /// One NATS request, with the trace context when there is one.

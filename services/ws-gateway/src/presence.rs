@@ -1,0 +1,270 @@
+//! This gateway's dealings with the leader bridge's registry: which direct channels its
+//! sockets read (so the leader LISTENs on them), which wspubsub topics its publishers hold and
+//! its subscribers read.
+//!
+//! One task talks to the leader, one request at a time, so the leader sees this gateway's
+//! reports and claims in the order they were made. A report is the gateway's whole state; it
+//! goes out when a direct channel gets its first or loses its last local socket, every
+//! [`PRESENCE_INTERVAL_SECS`] (the leader forgets a gateway silent for longer than
+//! `PRESENCE_EXPIRY_SECS`), and at once when a new leader announces itself (gap marker) or
+//! the NATS connection came back. A socket joining a direct channel waits (bounded) until a
+//! report holding the channel was answered, that is until the leader LISTENs on it.
+//!
+//! Bounds: commands wait in an unbounded queue, but each socket sends at most two per
+//! registration (one when it registers, one when it leaves), so the queue is bounded by the
+//! number of sockets; each request waits at most [`REQUEST_TIMEOUT`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgws_proto::{
+    Presence as State, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
+    PRESENCE_INTERVAL_SECS,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// How long one request to the leader may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a socket registered with the leader; forgotten when the socket ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Registration {
+    /// A socket reads this direct channel.
+    Direct(String),
+    /// A publisher socket holds this topic.
+    Published(Topic),
+    /// A subscriber socket reads this topic.
+    Subscribed(Topic),
+}
+
+enum Command {
+    Add(Registration, Option<oneshot::Sender<()>>),
+    Remove(Registration),
+    Ask(RegistryOp, oneshot::Sender<Result<RegistryReply, String>>),
+    Resync,
+}
+
+/// The handle sockets use; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Presence {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl Presence {
+    /// Starts the task; it ends when `token` is cancelled.
+    pub(crate) fn start(
+        client: async_nats::Client,
+        subjects: &Subjects,
+        gateway: String,
+        token: CancellationToken,
+        spawn: impl FnOnce(futures::future::BoxFuture<'static, ()>),
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = Task {
+            client,
+            subject: subjects.registry(),
+            gateway,
+            channels: BTreeMap::new(),
+            published: BTreeSet::new(),
+            subscribed: BTreeMap::new(),
+        };
+        spawn(Box::pin(task.run(rx, token)));
+        Self { tx }
+    }
+
+    /// Registers `what`; for a direct channel, resolves once the leader LISTENs on it (or the
+    /// leader did not answer in time).
+    pub(crate) async fn add(&self, what: Registration) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Command::Add(what, Some(done))).is_ok() {
+            drop(wait.await);
+        }
+    }
+
+    /// Forgets `what` (a socket ended).
+    pub(crate) fn remove(&self, what: Registration) {
+        drop(self.tx.send(Command::Remove(what)));
+    }
+
+    /// Asks the leader a topic question; `Err` when no leader answered.
+    pub(crate) async fn ask(&self, op: RegistryOp) -> Result<RegistryReply, String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Command::Ask(op, done))
+            .map_err(|_| "the gateway is shutting down".to_owned())?;
+        wait.await
+            .map_err(|_| "the gateway is shutting down".to_owned())?
+    }
+
+    /// Reports the state again now (a new leader, or NATS came back).
+    pub(crate) fn resync(&self) {
+        drop(self.tx.send(Command::Resync));
+    }
+}
+
+struct Task {
+    client: async_nats::Client,
+    subject: String,
+    gateway: String,
+    /// Local sockets per direct channel.
+    channels: BTreeMap<String, usize>,
+    published: BTreeSet<Topic>,
+    /// Local subscriber sockets per topic.
+    subscribed: BTreeMap<Topic, usize>,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, token: CancellationToken) {
+        let mut heartbeat = interval(Duration::from_secs(PRESENCE_INTERVAL_SECS));
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                _ = token.cancelled() => return,
+                _ = heartbeat.tick() => {
+                    self.report().await;
+                    continue;
+                }
+                command = rx.recv() => match command {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            // Everything already queued goes in one report.
+            let mut commands = vec![first];
+            while let Ok(c) = rx.try_recv() {
+                commands.push(c);
+            }
+            let mut changed = false;
+            let mut waiting = Vec::new();
+            for command in commands {
+                match command {
+                    Command::Add(what, done) => {
+                        changed |= self.apply(&what, true);
+                        waiting.extend(done);
+                    }
+                    Command::Remove(what) => {
+                        if let Registration::Published(topic) = &what {
+                            // Not in the next report either: a lost release is still a release.
+                            self.published.remove(topic);
+                            let op = RegistryOp::Release {
+                                topic: topic.clone(),
+                            };
+                            if let Err(e) = self.request(op).await {
+                                tracing::debug!(error = e, "topic release not confirmed");
+                            }
+                        } else {
+                            changed |= self.apply(&what, false);
+                        }
+                    }
+                    Command::Ask(op, done) => {
+                        let claim = match &op {
+                            RegistryOp::Claim { topic } => Some(topic.clone()),
+                            _ => None,
+                        };
+                        let answer = self.request(op).await;
+                        if let (Some(topic), Ok(RegistryReply::Ok)) = (claim, &answer) {
+                            self.published.insert(topic);
+                        }
+                        drop(done.send(answer));
+                    }
+                    Command::Resync => changed = true,
+                }
+            }
+            if changed {
+                self.report().await;
+            }
+            for done in waiting {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Updates the local counts; true when the leader must hear of it.
+    fn apply(&mut self, what: &Registration, add: bool) -> bool {
+        match what {
+            Registration::Direct(channel) => count(&mut self.channels, channel, add),
+            Registration::Subscribed(topic) => count(&mut self.subscribed, topic, add),
+            Registration::Published(topic) => {
+                if add {
+                    self.published.insert(topic.clone())
+                } else {
+                    self.published.remove(topic)
+                }
+            }
+        }
+    }
+
+    async fn report(&self) {
+        let presence = State {
+            channels: self.channels.keys().cloned().collect(),
+            published: self.published.iter().cloned().collect(),
+            subscribed: self.subscribed.keys().cloned().collect(),
+        };
+        if let Err(e) = self.request(RegistryOp::Report { presence }).await {
+            tracing::debug!(error = e, "presence report not answered");
+        }
+    }
+
+    async fn request(&self, op: RegistryOp) -> Result<RegistryReply, String> {
+        let request = RegistryRequest {
+            gateway: self.gateway.clone(),
+            op,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+        let sent = self.client.request(self.subject.clone(), Bytes::from(body));
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, sent)
+            .await
+            .map_err(|_| "the leader bridge did not answer".to_owned())?
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => "no leader bridge".to_owned(),
+                _ => e.to_string(),
+            })?;
+        serde_json::from_slice(&answer.payload).map_err(|e| format!("unreadable answer: {e}"))
+    }
+}
+
+/// Counts a local socket in or out of `key`; true when `key` appeared or disappeared.
+fn count<K: Ord + Clone>(map: &mut BTreeMap<K, usize>, key: &K, add: bool) -> bool {
+    if add {
+        let n = map.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n == 1
+    } else {
+        match map.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                map.remove(key);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_change_only_at_the_first_and_last_socket() {
+        let mut m = BTreeMap::new();
+        assert!(count(&mut m, &"a", true));
+        assert!(!count(&mut m, &"a", true));
+        assert!(!count(&mut m, &"a", false));
+        assert!(count(&mut m, &"a", false));
+        assert!(!count(&mut m, &"a", false));
+        assert!(m.is_empty());
+    }
+}

@@ -1,0 +1,222 @@
+//! postgrest-ws direct channels (`PGWS_DIRECT_CHANNELS`): a socket on a direct channel
+//! receives the raw payload of every `NOTIFY <channel>` (any sender, byte for byte, as a text
+//! frame), and each text it sends (mode `w` or `rw`) becomes exactly one
+//! `pg_notify('<channel>', '{"userClaims":{<claims>},"payload":"<text>"}')` on the channel
+//! itself. The leader bridge LISTENs on the channel while some socket of the stack reads it;
+//! the handshake completes once it does.
+//!
+//! Nothing but payloads ever reaches such a socket, so there are no error frames: a read-only
+//! socket's text is ignored (postgrest-ws did the same), and a message that cannot be NOTIFYed
+//! (too large, NUL, not UTF-8, or no bridge in time) closes the socket with a close frame that
+//! says why. The audit stream records each message as a postgres-websockets envelope of the
+//! channel, so audit rows look the same for every protocol.
+
+use axum::http::StatusCode;
+use pgws_auth::Verified;
+use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEBSOCKET_MESSAGE};
+use pgws_service::telemetry::{self, TARGET as TRACE};
+use serde_json::{Map, Value};
+
+use super::pgws::unix_now;
+use super::{Action, Admission, Frame, Protocol, Refusal};
+use crate::presence::Registration;
+use crate::uplink::Pending;
+use crate::Gateway;
+
+const CLOSE_UNSUPPORTED: u16 = 1003;
+const CLOSE_INVALID: u16 = 1007;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_SERVER_ERROR: u16 = 1011;
+
+/// Which channels are direct (`PGWS_DIRECT_CHANNELS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DirectChannels {
+    /// None: every channel is postgres-websockets (the default).
+    #[default]
+    None,
+    /// These channels.
+    Some(std::collections::HashSet<String>),
+    /// `*`: every channel.
+    All,
+}
+
+impl DirectChannels {
+    /// Parses a comma list of channel names, or `*`.
+    pub fn parse(text: &str) -> Self {
+        let names: std::collections::HashSet<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if names.contains("*") {
+            Self::All
+        } else if names.is_empty() {
+            Self::None
+        } else {
+            Self::Some(names)
+        }
+    }
+
+    /// Whether `channel` is served directly.
+    pub fn contains(&self, channel: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::Some(names) => names.contains(channel),
+            Self::All => true,
+        }
+    }
+
+    /// The listed names (none for `*`).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let names = match self {
+            Self::Some(names) => Some(names.iter().map(String::as_str)),
+            _ => None,
+        };
+        names.into_iter().flatten()
+    }
+}
+
+/// A socket on a direct channel.
+pub(crate) struct Direct {
+    channel: String,
+    claims: Map<String, Value>,
+    writes: bool,
+}
+
+/// What the core needs for a socket on the direct channel `channel`.
+pub(crate) fn admission(
+    gw: &Gateway,
+    verified: Verified,
+    channel: String,
+) -> Result<Admission, Refusal> {
+    if channel.is_empty() || channel.len() > MAX_PG_CHANNEL || channel.contains('\0') {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            format!("Error: a channel name is 1 to {MAX_PG_CHANNEL} bytes without NUL"),
+        ));
+    }
+    let config = &gw.config;
+    let reserved = [
+        Some(config.listen_channel.as_str()),
+        config.meta_channel.as_deref(),
+        config.audit_channel.as_deref(),
+    ];
+    if reserved.contains(&Some(channel.as_str())) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "reserved_channel",
+            "Error: this channel is reserved by the server",
+        ));
+    }
+    let reads = verified.mode.can_read();
+    let (subjects, registrations) = if reads {
+        (
+            vec![config.nats.subjects.direct(&channel)],
+            vec![Registration::Direct(channel.clone())],
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(Admission {
+        label: "direct",
+        subjects,
+        registrations,
+        gaps: false,
+        expires_at: verified.expires_at,
+        opening: None,
+        protocol: Box::new(Direct {
+            channel,
+            writes: verified.mode.can_write(),
+            claims: verified.claims,
+        }),
+    })
+}
+
+impl Protocol for Direct {
+    fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
+        let text = match &frame {
+            Frame::Text(text) => text.as_str(),
+            Frame::Binary(data) => match std::str::from_utf8(data) {
+                Ok(text) => text,
+                Err(_) => {
+                    gw.metrics.refused("binary_not_utf8");
+                    return Action::Close(
+                        CLOSE_UNSUPPORTED,
+                        "binary frames must hold UTF-8 text".to_owned(),
+                    );
+                }
+            },
+        };
+        if !self.writes {
+            gw.metrics.refused("read_only");
+            return Action::None;
+        }
+        if text.contains('\0') {
+            gw.metrics.refused("nul_character");
+            return Action::Close(
+                CLOSE_INVALID,
+                "PostgreSQL text cannot hold NUL characters".to_owned(),
+            );
+        }
+        // seed 000's body: every claim of the token, and the text.
+        let body = serde_json::json!({"userClaims": &self.claims, "payload": text}).to_string();
+        if body.len() > MAX_NOTIFY_PAYLOAD {
+            gw.metrics.refused("too_large");
+            return Action::Close(
+                CLOSE_TOO_BIG,
+                format!("message too large for NOTIFY (at most {MAX_NOTIFY_PAYLOAD} bytes)"),
+            );
+        }
+        let span = tracing::info_span!(
+            target: TRACE,
+            "gateway.receive",
+            otel.kind = "server",
+            messaging.system = "websocket",
+            messaging.destination.name = %self.channel,
+            messaging.message.body.size = text.len(),
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::mark(&span);
+        let record = Envelope::new(
+            WEBSOCKET_MESSAGE,
+            &self.channel,
+            text,
+            &self.claims,
+            unix_now(),
+        )
+        .to_json();
+        let note = Notification {
+            id: Some(gw.message_id()),
+            channel: self.channel.clone(),
+            payload: body,
+        };
+        gw.metrics.messages_in.inc();
+        gw.metrics.bytes_in.inc_by(text.len() as u64);
+        let mut pending = Pending::message(note, span);
+        pending.record = Some(record);
+        Action::Notify(vec![pending])
+    }
+
+    fn undelivered(&self, _n: usize, _reason: &str) -> Action {
+        Action::Close(
+            CLOSE_SERVER_ERROR,
+            "a message could not be delivered to the database".to_owned(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_setting_is_a_list_or_a_star() {
+        assert_eq!(DirectChannels::parse(""), DirectChannels::None);
+        let some = DirectChannels::parse("chat, news ,");
+        assert!(some.contains("chat") && some.contains("news") && !some.contains("x"));
+        assert!(DirectChannels::parse("a,*").contains("anything"));
+        assert!(!DirectChannels::None.contains("chat"));
+    }
+}

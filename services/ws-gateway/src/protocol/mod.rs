@@ -1,0 +1,194 @@
+//! Protocol modules: what differs between the protocols the gateway speaks.
+//!
+//! The router ([`admit`]) sends each upgrade to a module by its path; the module parses the
+//! URL, authorises (a JWT at once, an API key through a bridge), and says what the socket
+//! reads ([`Admission`]). Then the socket core (`socket`, `session`, `hub`, `uplink`) runs it
+//! the same way for every protocol: burst writes, pings, the slow-consumer and back-pressure
+//! policies, expiry, shutdown, metrics and traces. While the socket runs, the module only turns
+//! client frames into [`Action`]s.
+//!
+//! - [`pgws`]: postgres-websockets, the default (`/<channel>/<jwt>`, `/<jwt>`, ...).
+//! - [`direct`]: postgrest-ws direct channels, on the same URLs, for the channels of
+//!   `PGWS_DIRECT_CHANNELS`.
+//! - [`pubsub`]: wspubsub publishers (`/ws/pub/<apikey>/<domain>/<topic>`) and subscribers
+//!   (`/ws/sub/<domain>/<topic>`).
+//!
+//! A new protocol is a new module here and a line in [`admit`].
+
+pub(crate) mod direct;
+pub(crate) mod pgws;
+pub(crate) mod pubsub;
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use pgws_auth::Rejection;
+
+use crate::handshake::{credentials, Credentials};
+use crate::presence::Registration;
+use crate::session::Accepted;
+use crate::uplink::Pending;
+use crate::Gateway;
+
+/// A data frame from the client.
+pub(crate) enum Frame {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+}
+
+/// What the core does with a client frame.
+pub(crate) enum Action {
+    /// Nothing (ignored, or only counted).
+    None,
+    /// Notifications for the database, in order.
+    Notify(Vec<Pending>),
+    /// A frame for everyone reading `subject` (wspubsub); awaited, so a publisher faster than
+    /// NATS is slowed down, not buffered.
+    Publish {
+        subject: String,
+        payload: Bytes,
+        binary: bool,
+    },
+    /// A frame back to the client.
+    Reply(Message),
+    /// Close the socket with this close frame.
+    Close(u16, String),
+}
+
+/// A socket's protocol once its handshake was accepted.
+pub(crate) trait Protocol: Send + 'static {
+    /// Turns a client frame into work for the core.
+    fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action;
+
+    /// What the client is told when `n` of its messages could not be handed to the database.
+    fn undelivered(&self, n: usize, reason: &str) -> Action;
+
+    /// A notification for the database when the socket ends (the meta channel's
+    /// `ConnectionClose`).
+    fn closing(&mut self, _gw: &Gateway) -> Option<Pending> {
+        None
+    }
+}
+
+/// What a module asks of the core for an authorised socket.
+pub(crate) struct Admission {
+    /// The `protocol` label of the connection metrics.
+    pub(crate) label: &'static str,
+    /// Fan-out subjects the socket reads.
+    pub(crate) subjects: Vec<String>,
+    /// What the leader must know while the socket lives; a direct channel is LISTENed before
+    /// the handshake completes.
+    pub(crate) registrations: Vec<Registration>,
+    /// The socket gets gap signals.
+    pub(crate) gaps: bool,
+    /// When the token expires (unix seconds): the socket is closed with 3001.
+    pub(crate) expires_at: Option<u64>,
+    /// A notification sent first (the meta channel's `ConnectionOpen`).
+    pub(crate) opening: Option<Pending>,
+    pub(crate) protocol: Box<dyn Protocol>,
+}
+
+/// A refused handshake: the status and the body the client gets, and the metric's reason.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) reason: &'static str,
+    pub(crate) body: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(status: StatusCode, reason: &'static str, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            body: body.into(),
+        }
+    }
+
+    /// HTTP 400 with the reference's text for a refused token.
+    pub(crate) fn token(rejection: &Rejection) -> Self {
+        let reason = match rejection {
+            Rejection::Expired => "expired",
+            Rejection::MissingMode => "missing_mode",
+            Rejection::InvalidMode => "invalid_mode",
+            Rejection::NoAllowedChannels => "no_allowed_channels",
+            Rejection::Invalid(_) => "invalid_token",
+        };
+        Self::new(StatusCode::BAD_REQUEST, reason, rejection.to_string())
+    }
+}
+
+/// The router: authorises the handshake of `parts` with the module its path belongs to and
+/// registers the socket.
+pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, Refusal> {
+    let path = parts.uri.path();
+    if let Some(rest) = path.strip_prefix("/ws/pub/") {
+        return pubsub::publisher(gw, rest).await;
+    }
+    if let Some(rest) = path.strip_prefix("/ws/sub/") {
+        return pubsub::subscriber(gw, rest).await;
+    }
+    let creds = credentials(path, parts.uri.query(), &parts.headers);
+    let admission = channel_socket(gw, &creds)?;
+    Ok(gw.accept(admission).await)
+}
+
+/// The subprotocol to answer for a handshake at `parts` (a token offered there).
+pub(crate) fn selected_protocol(parts: &Parts) -> Option<String> {
+    credentials(parts.uri.path(), parts.uri.query(), &parts.headers).protocol
+}
+
+/// A socket on channels: postgres-websockets, or direct when its channel is one of
+/// `PGWS_DIRECT_CHANNELS`. As in postgrest-ws, a `channel` claim naming a direct channel wins
+/// over the path; otherwise the postgres-websockets rules pick the socket's channels.
+fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusal> {
+    let Some(token) = creds.token.as_deref() else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "missing_token",
+            "Error: missing token",
+        ));
+    };
+    let verified = gw
+        .config
+        .authorizer
+        .verify(token, unix_secs())
+        .map_err(|r| Refusal::token(&r))?;
+    let direct = &gw.config.direct;
+    if let Some(channel) = verified.channel_claim().filter(|c| direct.contains(c)) {
+        let channel = channel.to_owned();
+        return direct::admission(gw, verified, channel);
+    }
+    let grant = verified
+        .grant(creds.channel.as_deref())
+        .map_err(|r| Refusal::token(&r))?;
+    if !grant.channels.iter().any(|c| direct.contains(c)) {
+        return Ok(pgws::admission(gw, grant));
+    }
+    match <[String; 1]>::try_from(grant.channels) {
+        Ok([channel]) => {
+            let verified = pgws_auth::Verified {
+                mode: grant.mode,
+                claims: grant.claims,
+                expires_at: grant.expires_at,
+            };
+            direct::admission(gw, verified, channel)
+        }
+        Err(_) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "mixed_channels",
+            "Error: a direct channel cannot share a socket with other channels",
+        )),
+    }
+}
+
+/// Unix time in seconds.
+pub(crate) fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,237 @@
+//! wspubsub: an API-key pub/sub hub.
+//!
+//! - `/ws/pub/<apikey>/<domain>/<topic>`: a bridge checks the key against the `apikeys` table
+//!   (refused: 403, and nothing is created), then the leader's registry grants the topic (one
+//!   publisher per topic across the stack; a second gets 409). Its frames, text and binary, go
+//!   verbatim and in order to every subscriber on every gateway.
+//! - `/ws/sub/<domain>/<topic>`: no key; a topic without a publisher (nor one within its grace
+//!   period) is refused with 404. Subscribers' frames are ignored.
+//!
+//! When the publisher leaves, another may take the topic over within `PGWS_PUBSUB_GRACE`; the
+//! subscribers stay connected meanwhile, and after it the leader closes them (close code 4004).
+//! A connection belongs to one topic.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use percent_encoding::percent_decode_str;
+use pgws_proto::{
+    Ack, KeyCheck, RegistryOp, RegistryReply, Topic, MAX_APIKEY, MAX_DOMAIN, MAX_TOPIC,
+};
+
+use super::{Action, Admission, Frame, Protocol, Refusal};
+use crate::presence::Registration;
+use crate::session::Accepted;
+use crate::Gateway;
+use std::sync::Arc;
+
+/// How long a handshake waits for a bridge's answer (a leader that just took over asks to
+/// retry for a few seconds).
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// Pause between retries.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The publisher of a topic.
+struct Publisher {
+    subject: String,
+}
+
+/// A subscriber (its frames are ignored).
+struct Subscriber;
+
+impl Protocol for Publisher {
+    fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
+        let (payload, binary) = match frame {
+            Frame::Text(text) => (Bytes::from(text), false),
+            Frame::Binary(data) => (data, true),
+        };
+        gw.metrics.messages_in.inc();
+        gw.metrics.bytes_in.inc_by(payload.len() as u64);
+        Action::Publish {
+            subject: self.subject.clone(),
+            payload,
+            binary,
+        }
+    }
+
+    fn undelivered(&self, _n: usize, _reason: &str) -> Action {
+        Action::None
+    }
+}
+
+impl Protocol for Subscriber {
+    fn frame(&mut self, gw: &Gateway, _frame: Frame) -> Action {
+        gw.metrics.refused("subscriber_frame");
+        Action::None
+    }
+
+    fn undelivered(&self, _n: usize, _reason: &str) -> Action {
+        Action::None
+    }
+}
+
+/// `/ws/pub/<apikey>/<domain>/<topic>` (`rest` is what follows `/ws/pub/`).
+pub(crate) async fn publisher(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted, Refusal> {
+    let [apikey, domain, topic] = segments(rest)?;
+    if apikey.is_empty() || apikey.len() > MAX_APIKEY {
+        return Err(forbidden());
+    }
+    let topic = topic_of(domain, topic)?;
+    check_key(gw, apikey, &topic.domain).await?;
+    let op = RegistryOp::Claim {
+        topic: topic.clone(),
+    };
+    match ask(gw, op).await? {
+        RegistryReply::Ok => {}
+        RegistryReply::Taken => {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "topic_taken",
+                "this topic already has a publisher",
+            ))
+        }
+        other => return Err(unavailable(&format!("unexpected answer {other:?}"))),
+    }
+    // Granted: the registration hands the topic back when the socket ends.
+    Ok(gw
+        .accept(Admission {
+            label: "wspubsub-pub",
+            subjects: Vec::new(),
+            registrations: vec![Registration::Published(topic.clone())],
+            gaps: false,
+            expires_at: None,
+            opening: None,
+            protocol: Box::new(Publisher {
+                subject: gw.config.nats.subjects.topic(&topic),
+            }),
+        })
+        .await)
+}
+
+/// `/ws/sub/<domain>/<topic>` (`rest` is what follows `/ws/sub/`).
+pub(crate) async fn subscriber(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted, Refusal> {
+    let [domain, topic] = segments(rest)?;
+    let topic = topic_of(domain, topic)?;
+    // Subscribed first, then asked: a topic closed in between closes this socket too.
+    let accepted = gw
+        .accept(Admission {
+            label: "wspubsub-sub",
+            subjects: vec![gw.config.nats.subjects.topic(&topic)],
+            registrations: vec![Registration::Subscribed(topic.clone())],
+            gaps: false,
+            expires_at: None,
+            opening: None,
+            protocol: Box::new(Subscriber),
+        })
+        .await;
+    match ask(gw, RegistryOp::Lookup { topic }).await? {
+        RegistryReply::Ok => Ok(accepted),
+        _ => Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "no_topic",
+            "no such topic: it has no publisher",
+        )),
+    }
+}
+
+/// Exactly `N` non-empty, percent-decoded path segments.
+fn segments<const N: usize>(rest: &str) -> Result<[&str; N], Refusal> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let parts: [&str; N] = parts.try_into().map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "use /ws/pub/<apikey>/<domain>/<topic> or /ws/sub/<domain>/<topic>",
+        )
+    })?;
+    Ok(parts)
+}
+
+fn decode(segment: &str) -> String {
+    percent_decode_str(segment).decode_utf8_lossy().into_owned()
+}
+
+fn topic_of(domain: &str, topic: &str) -> Result<Topic, Refusal> {
+    let (domain, topic) = (decode(domain), decode(topic));
+    if domain.is_empty() || domain.len() > MAX_DOMAIN || topic.is_empty() || topic.len() > MAX_TOPIC
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            format!("a domain is 1 to {MAX_DOMAIN} bytes and a topic 1 to {MAX_TOPIC} bytes"),
+        ));
+    }
+    Ok(Topic { domain, topic })
+}
+
+fn forbidden() -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "invalid_apikey",
+        "invalid or inactive API key for this domain",
+    )
+}
+
+fn unavailable(why: &str) -> Refusal {
+    tracing::warn!(why, "wspubsub handshake could not be answered");
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the server cannot check this now; try again",
+    )
+}
+
+/// Asks a bridge whether `apikey` may publish in `domain`.
+async fn check_key(gw: &Gateway, apikey: &str, domain: &str) -> Result<(), Refusal> {
+    let check = KeyCheck {
+        apikey: decode(apikey),
+        domain: domain.to_owned(),
+    };
+    let body = serde_json::to_vec(&check).map_err(|e| unavailable(&e.to_string()))?;
+    let subject = gw.config.nats.subjects.apikey();
+    let sent = gw.client.request(subject, Bytes::from(body));
+    let answer = tokio::time::timeout(ANSWER_WAIT, sent)
+        .await
+        .map_err(|_| unavailable("no bridge answered the key check"))?
+        .map_err(|e| unavailable(&e.to_string()))?;
+    let ack: Ack =
+        serde_json::from_slice(&answer.payload).map_err(|e| unavailable(&e.to_string()))?;
+    match (ack.ok, ack.error) {
+        (_, Some(e)) => Err(unavailable(&e)),
+        (true, None) => Ok(()),
+        (false, None) => Err(forbidden()),
+    }
+}
+
+/// Asks the leader's registry, retrying while a new leader settles or none answers.
+async fn ask(gw: &Gateway, op: RegistryOp) -> Result<RegistryReply, Refusal> {
+    let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+    loop {
+        let last = match gw.presence.ask(op.clone()).await {
+            Ok(RegistryReply::Retry) => "the leader bridge is settling".to_owned(),
+            Ok(reply) => return Ok(reply),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+            return Err(unavailable(&last));
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_have_exactly_their_segments() {
+        assert!(segments::<3>("k/d/t").is_ok());
+        assert!(segments::<3>("k/d").is_err());
+        assert!(segments::<3>("k/d/t/x").is_err());
+        assert!(segments::<2>("d/t").is_ok());
+        assert!(topic_of("d", "").is_err());
+        assert!(topic_of(&"d".repeat(65), "t").is_err());
+        assert_eq!(topic_of("a%20b", "t").expect("valid").domain, "a b");
+    }
+}

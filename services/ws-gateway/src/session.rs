@@ -1,0 +1,113 @@
+//! An accepted socket's place in the gateway: its fan-out subscriptions, what the leader knows
+//! of it, its queue and its kick, and the connection metrics. All of it is released when the
+//! [`Membership`] drops, so a handshake whose upgrade never completes leaves no trace.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::Message;
+use tokio::sync::mpsc;
+
+use crate::hub::{Kick, Subscriber};
+use crate::presence::Registration;
+use crate::protocol::{Admission, Protocol};
+use crate::uplink::Pending;
+use crate::Gateway;
+
+/// A socket's registrations, released on drop.
+pub(crate) struct Membership {
+    pub(crate) gw: Arc<Gateway>,
+    id: u64,
+    subjects: Vec<String>,
+    registrations: Vec<Registration>,
+    gaps: bool,
+    label: &'static str,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        for subject in &self.subjects {
+            self.gw.hub.leave(subject, self.id);
+        }
+        for r in self.registrations.drain(..) {
+            self.gw.presence.remove(r);
+        }
+        if self.gaps {
+            self.gw.hub.unwatch_gaps(self.id);
+        }
+        self.gw
+            .metrics
+            .connections_open
+            .get_or_create(&[("protocol", self.label)])
+            .dec();
+    }
+}
+
+/// What the socket task runs.
+pub(crate) struct Session {
+    pub(crate) protocol: Box<dyn Protocol>,
+    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) kick: Kick,
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) opening: Option<Pending>,
+}
+
+/// An accepted handshake, before its upgrade completes.
+pub(crate) struct Accepted {
+    pub(crate) membership: Membership,
+    pub(crate) session: Session,
+}
+
+impl Gateway {
+    /// Registers an authorised socket: joins its subjects and waits until their subscriptions
+    /// are live, then registers it with the leader (a direct channel: until it is LISTENed).
+    pub(crate) async fn accept(self: &Arc<Self>, admission: Admission) -> Accepted {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.send_queue);
+        let kick = Kick::new(&self.shutdown.token);
+        let label = admission.label;
+        self.metrics
+            .connections_open
+            .get_or_create(&[("protocol", label)])
+            .inc();
+        self.metrics
+            .connections_total
+            .get_or_create(&[("protocol", label)])
+            .inc();
+        let membership = Membership {
+            gw: Arc::clone(self),
+            id,
+            subjects: admission.subjects,
+            registrations: admission.registrations.clone(),
+            gaps: admission.gaps,
+            label,
+        };
+        let subscriber = Subscriber {
+            tx,
+            kick: kick.clone(),
+        };
+        if membership.gaps {
+            self.hub.watch_gaps(id, subscriber.clone());
+        }
+        for subject in &membership.subjects {
+            self.hub.join(subject, id, subscriber.clone()).await;
+        }
+        drop(subscriber);
+        for r in admission.registrations {
+            // A publisher's topic is already granted: only the others need the leader now.
+            if !matches!(r, Registration::Published(_)) {
+                self.presence.add(r).await;
+            }
+        }
+        Accepted {
+            membership,
+            session: Session {
+                protocol: admission.protocol,
+                rx,
+                kick,
+                expires_at: admission.expires_at,
+                opening: admission.opening,
+            },
+        }
+    }
+}
