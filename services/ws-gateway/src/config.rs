@@ -92,7 +92,9 @@ impl GatewayConfig {
         let meta_channel = p.text("meta_channel");
         let root_path = p.text("root_path").map(PathBuf::from);
         if let Some(root) = &root_path {
-            if !root.is_dir() {
+            // A missing folder is only a warning (`server::router`): postgres-websockets starts
+            // without it, and its `sample-env` names a folder of its own checkout.
+            if root.exists() && !root.is_dir() {
                 p.push(format!("PGWS_ROOT_PATH: {root:?} is not a directory"));
             }
         }
