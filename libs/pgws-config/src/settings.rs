@@ -331,6 +331,22 @@ mod tests {
     }
 
     #[test]
+    fn flags_ignore_case() {
+        // postgres-websockets' `sample-env` has `PGWS_JWT_SECRET_BASE64=False` (Haskell's `Bool`).
+        for (text, value) in [
+            ("False", false),
+            ("TRUE", true),
+            ("Yes", true),
+            ("off", false),
+        ] {
+            let s = Settings::from_pairs(&[("PGWS_JWT_SECRET_BASE64", text)]).expect("loads");
+            let mut p = Problems::new(&s);
+            assert_eq!(p.flag("jwt_secret_base64"), value, "{text}");
+            p.finish(()).expect(text);
+        }
+    }
+
+    #[test]
     fn toml_file_is_below_environment() {
         let dir = std::env::temp_dir().join(format!("pgws-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");

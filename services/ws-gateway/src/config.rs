@@ -1,6 +1,5 @@
 //! The gateway's configuration, validated at start with every problem listed.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +8,14 @@ use pgws_auth::Authorizer;
 use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
+use crate::listen::ListenAddr;
 use crate::DirectChannels;
 
 /// Everything the gateway needs; built by [`GatewayConfig::from_settings`].
 #[derive(Clone)]
 pub struct GatewayConfig {
     /// Websocket and static-file listener (`PGWS_HOST`, `PGWS_PORT`).
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// Token validation (`PGWS_JWT_SECRET`, `PGWS_JWT_SECRET_BASE64`).
     pub authorizer: Arc<Authorizer>,
     /// The PostgreSQL channel client messages are notified on (`PGWS_LISTEN_CHANNEL`).
@@ -64,8 +64,14 @@ impl GatewayConfig {
     /// Reads and validates the gateway's settings.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let mut p = Problems::new(settings);
-        let host: IpAddr = p.parse_or("host", IpAddr::from([0, 0, 0, 0]));
         let port: u16 = p.parse_or("port", 3000);
+        let listen = match p.text("host") {
+            None => ListenAddr::any_ipv4(port),
+            Some(host) => ListenAddr::parse(&host, port).unwrap_or_else(|e| {
+                p.push(format!("PGWS_HOST: invalid value {host:?}: {e}"));
+                ListenAddr::any_ipv4(port)
+            }),
+        };
         let base64 = p.flag("jwt_secret_base64");
         let authorizer = match p.secret("jwt_secret") {
             Some(secret) => match Authorizer::from_secret(&secret, base64) {
@@ -125,7 +131,9 @@ impl GatewayConfig {
         }
         let root_path = p.text("root_path").map(PathBuf::from);
         if let Some(root) = &root_path {
-            if !root.is_dir() {
+            // A missing folder is only a warning (`server::router`): postgres-websockets starts
+            // without it, and its `sample-env` names a folder of its own checkout.
+            if root.exists() && !root.is_dir() {
                 p.push(format!("PGWS_ROOT_PATH: {root:?} is not a directory"));
             }
         }
@@ -166,7 +174,7 @@ impl GatewayConfig {
             }
         }
         let config = authorizer.map(|a| Self {
-            listen: SocketAddr::new(host, port),
+            listen,
             authorizer: Arc::new(a),
             listen_channel,
             meta_channel,

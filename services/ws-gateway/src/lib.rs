@@ -17,6 +17,7 @@
 mod config;
 mod handshake;
 mod hub;
+mod listen;
 mod metrics;
 mod presence;
 mod protocol;
@@ -90,8 +91,9 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin.addr))?;
     tracing::info!(addr = %admin.local_addr()?, "admin listening");
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = config
+        .listen
+        .bind()
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "websocket listening");
 

@@ -48,6 +48,14 @@ pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAccepto
 
 /// The router: every path, websocket or not, goes to [`handle`].
 pub(crate) fn router(gw: Arc<Gateway>) -> Router {
+    // As in postgres-websockets, a static folder that does not exist does not stop the
+    // gateway: non-websocket requests get 404 until it does.
+    if let Some(root) = gw.config.root_path.as_deref().filter(|r| !r.exists()) {
+        tracing::warn!(
+            root_path = %root.display(),
+            "PGWS_ROOT_PATH does not exist: no static files are served"
+        );
+    }
     Router::new().fallback(handle).with_state(gw)
 }
 
