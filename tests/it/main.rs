@@ -8,6 +8,7 @@ mod browser;
 mod chat;
 mod config;
 mod deploy;
+mod direct;
 mod faults;
 mod flood;
 mod frames;

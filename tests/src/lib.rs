@@ -17,6 +17,7 @@ pub use nats::PrivateNats;
 pub use pg::PrivatePg;
 pub use process::{Service, ServiceKind};
 use serde_json::Value;
+pub use tokio_tungstenite::tungstenite::Message as Frame;
 pub use ws::{http_get, WsClient};
 
 /// The machine's PostgreSQL (override with `PGWS_TEST_DB_URI`).
@@ -63,6 +64,42 @@ pub async fn pg() -> anyhow::Result<tokio_postgres::Client> {
         .context("connecting to PostgreSQL")?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// A session LISTENing on `channels`; each notification arrives as (channel, payload, backend
+/// pid), in order.
+pub async fn listen(
+    channels: &[&str],
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String, i32)>,
+)> {
+    let (client, mut conn) = tokio_postgres::connect(&db_uri(), tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let item = (
+                    n.channel().to_owned(),
+                    n.payload().to_owned(),
+                    n.process_id(),
+                );
+                if tx.send(item).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    for c in channels {
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", c.replace('"', "\"\"")))
+            .await
+            .context("LISTEN")?;
+    }
+    Ok((client, rx))
 }
 
 /// One stack: its own NATS prefix and listen channel, with gateways and bridges added as the

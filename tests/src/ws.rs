@@ -81,6 +81,22 @@ impl WsClient {
         }
     }
 
+    /// The next text or binary frame, skipping pings, within `timeout`.
+    pub async fn next_data(&mut self, timeout: Duration) -> anyhow::Result<Message> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("no message in time")?
+                .context("socket closed")??;
+            match msg {
+                Message::Text(_) | Message::Binary(_) => return Ok(msg),
+                Message::Close(c) => bail!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
     /// The next text frame parsed as JSON.
     pub async fn next_json(&mut self, timeout: Duration) -> anyhow::Result<serde_json::Value> {
         let text = self.next_text(timeout).await?;
