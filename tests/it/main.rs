@@ -16,6 +16,7 @@ mod gaps;
 mod listener;
 mod load;
 mod metrics;
+mod pubsub;
 mod recorder;
 mod scale;
 mod static_files;

@@ -61,6 +61,9 @@ pub(crate) struct Registry {
     /// For each direct channel, how many gateways need it.
     refs: HashMap<String, usize>,
     topics: HashMap<Topic, Holder>,
+    /// Topics closed recently, and when: subscribers a gateway still reports on them are
+    /// being closed, not missed.
+    closed: HashMap<Topic, Instant>,
     grace: Duration,
     /// Until then, answers that depend on the whole stack's state are `Retry`.
     settled_at: Instant,
@@ -73,6 +76,7 @@ impl Registry {
             gateways: HashMap::new(),
             refs: HashMap::new(),
             topics: HashMap::new(),
+            closed: HashMap::new(),
             grace,
             settled_at: now + settle(),
         }
@@ -142,7 +146,9 @@ impl Registry {
         // an orphan, closed after the grace period unless a publisher comes.
         if now >= self.settled_at {
             for topic in presence.subscribed {
-                self.topics.entry(topic).or_insert(Holder::Orphan { until });
+                if !self.closed.contains_key(&topic) {
+                    self.topics.entry(topic).or_insert(Holder::Orphan { until });
+                }
             }
         }
         changes
@@ -208,13 +214,19 @@ impl Registry {
                 }
             }
         }
+        let mut closed = Vec::new();
         self.topics.retain(|topic, holder| match holder {
             Holder::Orphan { until } if *until <= now => {
-                changes.closed.push(topic.clone());
+                closed.push(topic.clone());
                 false
             }
             _ => true,
         });
+        for topic in &closed {
+            self.closed.insert(topic.clone(), now);
+        }
+        self.closed.retain(|_, at| now.duration_since(*at) < expiry);
+        changes.closed = closed;
         changes
     }
 
@@ -226,7 +238,8 @@ impl Registry {
             Holder::Orphan { until } => Some(*until),
             Holder::Publisher(_) => None,
         });
-        gateways.chain(orphans).min()
+        let tombstones = self.closed.values().map(|at| *at + expiry);
+        gateways.chain(orphans).chain(tombstones).min()
     }
 
     fn touch(&mut self, gateway: &str, now: Instant) {
@@ -378,6 +391,21 @@ mod tests {
         let (mut r, now) = settled();
         r.report("g1", presence(&[], &[], &["t"]), now);
         assert_eq!(r.lookup(&topic("t"), now), RegistryReply::Ok);
-        assert_eq!(r.expire(now + GRACE).closed, vec![topic("t")]);
+        let closed_at = now + GRACE;
+        assert_eq!(r.expire(closed_at).closed, vec![topic("t")]);
+        // Its subscribers are being closed: reporting them does not bring the topic back...
+        r.report("g1", presence(&[], &[], &["t"]), closed_at);
+        assert_eq!(r.lookup(&topic("t"), closed_at), RegistryReply::Absent);
+        // ...unless they are still there long after (the close was missed).
+        let later = closed_at + Duration::from_secs(PRESENCE_EXPIRY_SECS);
+        r.expire(later);
+        r.report("g1", presence(&[], &[], &["t"]), later);
+        assert_eq!(r.lookup(&topic("t"), later), RegistryReply::Ok);
+        // A publisher may always open it again.
+        let (mut r, now) = settled();
+        r.claim("g1", topic("t"), now);
+        r.release("g1", &topic("t"), now);
+        r.expire(now + GRACE);
+        assert_eq!(r.claim("g2", topic("t"), now + GRACE), RegistryReply::Ok);
     }
 }

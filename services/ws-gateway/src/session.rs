@@ -43,6 +43,15 @@ impl Drop for Membership {
     }
 }
 
+impl Membership {
+    /// Registers `what` with the leader after the handshake's checks (a subscriber, once its
+    /// topic was found); released with the rest.
+    pub(crate) async fn register(&mut self, what: Registration) {
+        self.registrations.push(what.clone());
+        self.gw.presence.add(what).await;
+    }
+}
+
 /// What the socket task runs.
 pub(crate) struct Session {
     pub(crate) protocol: Box<dyn Protocol>,

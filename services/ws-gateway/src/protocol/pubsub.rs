@@ -113,20 +113,31 @@ pub(crate) async fn publisher(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted,
 pub(crate) async fn subscriber(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted, Refusal> {
     let [domain, topic] = segments(rest)?;
     let topic = topic_of(domain, topic)?;
-    // Subscribed first, then asked: a topic closed in between closes this socket too.
-    let accepted = gw
+    // Subscribed first, then asked: a topic closed in between closes this socket too. Only
+    // a found topic is registered (the leader takes a registered topic it does not know for
+    // one whose close was missed).
+    let mut accepted = gw
         .accept(Admission {
             label: "wspubsub-sub",
             subjects: vec![gw.config.nats.subjects.topic(&topic)],
-            registrations: vec![Registration::Subscribed(topic.clone())],
+            registrations: Vec::new(),
             gaps: false,
             expires_at: None,
             opening: None,
             protocol: Box::new(Subscriber),
         })
         .await;
-    match ask(gw, RegistryOp::Lookup { topic }).await? {
-        RegistryReply::Ok => Ok(accepted),
+    let lookup = RegistryOp::Lookup {
+        topic: topic.clone(),
+    };
+    match ask(gw, lookup).await? {
+        RegistryReply::Ok => {
+            accepted
+                .membership
+                .register(Registration::Subscribed(topic))
+                .await;
+            Ok(accepted)
+        }
         _ => Err(Refusal::new(
             StatusCode::NOT_FOUND,
             "no_topic",

@@ -1,0 +1,178 @@
+//! wspubsub topics: API-key publishers, subscribers on every gateway, one publisher per topic,
+//! the grace period, seen from websocket clients.
+
+use std::time::{Duration, Instant};
+
+use pgws_tests::{unique, Frame, Stack, WsClient};
+
+const T: Duration = Duration::from_secs(10);
+const KEY: &str = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
+
+/// A stack with its own `apikeys` table (the seed's DDL) holding one key, active for
+/// `domain`, and `extra` settings; one bridge, `gateways` gateways.
+async fn pubsub_stack(
+    gateways: usize,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Stack, String, String)> {
+    let table = unique("apikeys_");
+    let domain = unique("dom-");
+    let db = pgws_tests::pg().await?;
+    db.batch_execute(&format!(
+        r#"create table "{table}" (
+            "id" serial primary key,
+            "domain" varchar(64) not null,
+            "username" varchar(254) not null,
+            "apikey" varchar(36) not null,
+            "insert_ts" timestamp not null default now(),
+            "active" boolean not null default false
+        );
+        create unique index on "{table}" ("domain");
+        create unique index on "{table}" ("apikey");"#
+    ))
+    .await?;
+    db.execute(
+        &format!(r#"insert into "{table}" (domain, username, apikey, active) values ($1, 'hello@world.com', $2, true)"#),
+        &[&domain, &KEY],
+    )
+    .await?;
+    let mut stack = Stack::new();
+    stack.extra = [("PGWS_PUBSUB_KEYS_TABLE", table.as_str())]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    stack.add_bridge(&[]).await?;
+    for _ in 0..gateways {
+        stack.add_gateway(&[]).await?;
+    }
+    stack.wait_flowing(0).await?;
+    Ok((stack, table, domain))
+}
+
+async fn publisher(
+    stack: &Stack,
+    i: usize,
+    key: &str,
+    domain: &str,
+    topic: &str,
+) -> anyhow::Result<WsClient> {
+    WsClient::connect(&format!(
+        "{}/ws/pub/{key}/{domain}/{topic}",
+        stack.ws_url(i)
+    ))
+    .await
+}
+
+async fn subscriber(
+    stack: &Stack,
+    i: usize,
+    domain: &str,
+    topic: &str,
+) -> anyhow::Result<WsClient> {
+    WsClient::connect(&format!("{}/ws/sub/{domain}/{topic}", stack.ws_url(i))).await
+}
+
+/// The HTTP status of a refused handshake.
+fn status(result: anyhow::Result<WsClient>) -> String {
+    match result {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn publisher_frames_reach_every_subscriber_verbatim() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(2, &[]).await?;
+    let mut publ = publisher(&stack, 0, KEY, &domain, "news").await?;
+    let mut near = subscriber(&stack, 0, &domain, "news").await?;
+    let mut far = subscriber(&stack, 1, &domain, "news").await?;
+    let mut other = subscriber(&stack, 1, &domain, "news").await?;
+    publ.send_text("one").await?;
+    publ.send_binary(&[0, 159, 146, 150, 255]).await?;
+    publ.send_text("{\"three\":3}").await?;
+    for ws in [&mut near, &mut far, &mut other] {
+        assert_eq!(ws.next_data(T).await?, Frame::text("one"));
+        assert_eq!(
+            ws.next_data(T).await?,
+            Frame::binary(vec![0u8, 159, 146, 150, 255])
+        );
+        assert_eq!(ws.next_data(T).await?, Frame::text("{\"three\":3}"));
+    }
+    // Subscribers' frames are ignored: nobody receives them.
+    far.send_text("from a subscriber").await?;
+    for ws in [&mut near, &mut other, &mut publ] {
+        assert!(ws.next_data(Duration::from_millis(500)).await.is_err());
+    }
+    // Many frames stay in order.
+    for i in 0..200 {
+        publ.send_text(&i.to_string()).await?;
+    }
+    for i in 0..200 {
+        assert_eq!(far.next_text(T).await?, i.to_string());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_topics_and_publishers_are_checked() -> anyhow::Result<()> {
+    let (stack, table, domain) = pubsub_stack(2, &[]).await?;
+    // No publisher: 404.
+    let refused = status(subscriber(&stack, 0, &domain, "t").await);
+    assert!(refused.contains("404"), "{refused}");
+    // Unknown key, key of another domain: 403, and nothing is created.
+    let refused = status(publisher(&stack, 0, "nope", &domain, "t").await);
+    assert!(refused.contains("403"), "{refused}");
+    let refused = status(publisher(&stack, 0, KEY, "another", "t").await);
+    assert!(refused.contains("403"), "{refused}");
+    let refused = status(subscriber(&stack, 0, &domain, "t").await);
+    assert!(refused.contains("404"), "{refused}");
+    // A malformed path is a 400.
+    let refused =
+        status(WsClient::connect(&format!("{}/ws/pub/{KEY}/{domain}", stack.ws_url(0))).await);
+    assert!(refused.contains("400"), "{refused}");
+
+    // One publisher per topic across gateways: the second gets 409, the first keeps it.
+    let mut first = publisher(&stack, 0, KEY, &domain, "t").await?;
+    let refused = status(publisher(&stack, 1, KEY, &domain, "t").await);
+    assert!(refused.contains("409"), "{refused}");
+    let mut sub = subscriber(&stack, 1, &domain, "t").await?;
+    first.send_text("still mine").await?;
+    assert_eq!(sub.next_text(T).await?, "still mine");
+
+    // A key made inactive stops new publishers at once.
+    let db = stack.pg().await?;
+    db.execute(&format!(r#"update "{table}" set active = false"#), &[])
+        .await?;
+    let refused = status(publisher(&stack, 1, KEY, &domain, "other").await);
+    assert!(refused.contains("403"), "{refused}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_topic_waits_for_a_new_publisher_then_closes() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(2, &[("PGWS_PUBSUB_GRACE", "2")]).await?;
+    let publ = publisher(&stack, 0, KEY, &domain, "g").await?;
+    let mut sub = subscriber(&stack, 1, &domain, "g").await?;
+    // The publisher leaves; within the grace period another takes the topic over and the
+    // subscriber, still connected, hears it.
+    drop(publ);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut next = publisher(&stack, 1, KEY, &domain, "g").await?;
+    next.send_text("took over").await?;
+    assert_eq!(sub.next_text(T).await?, "took over");
+    // It leaves too and nobody comes: after the grace period the subscriber is closed with a
+    // close frame that says why, and the topic is gone.
+    drop(next);
+    let left = Instant::now();
+    let (code, reason) = sub.expect_close(T).await?;
+    let waited = left.elapsed();
+    assert_eq!(code, 4004, "{reason}");
+    assert!(reason.contains("publisher"), "{reason}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "closed after {waited:?} (grace 2 s)"
+    );
+    let refused = status(subscriber(&stack, 0, &domain, "g").await);
+    assert!(refused.contains("404"), "{refused}");
+    Ok(())
+}
