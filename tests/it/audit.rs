@@ -149,3 +149,29 @@ async fn a_full_audit_stream_refuses_new_messages_with_an_error() -> anyhow::Res
     assert_eq!(full.len(), accepted);
     Ok(())
 }
+
+#[tokio::test]
+async fn direct_channel_messages_are_audited_as_envelopes() -> anyhow::Result<()> {
+    let direct = pgws_tests::unique("direct-");
+    let stack = Stack::start_with(&[("PGWS_DIRECT_CHANNELS", &direct)]).await?;
+    let claims = json!({"mode": "rw", "user": "ann"});
+    let mut ws = stack.connect(0, &direct, &claims).await?;
+    ws.send_text("one").await?;
+    ws.send_text("two").await?;
+    // Both NOTIFYed (the socket reads its own channel), so both were recorded before.
+    for _ in 0..2 {
+        ws.next_text(T).await?;
+    }
+    let (recorded, _) = records(&stack, 2).await?;
+    let mine: Vec<_> = recorded.iter().filter(|(_, _, c)| *c == direct).collect();
+    assert_eq!(mine.len(), 2, "{recorded:?}");
+    for ((envelope, id, _), text) in mine.into_iter().zip(["one", "two"]) {
+        assert!(!id.is_empty());
+        assert_eq!(envelope["event"], "WebsocketMessage");
+        assert_eq!(envelope["channel"], direct.as_str());
+        assert_eq!(envelope["payload"], text);
+        assert_eq!(envelope["claims"]["user"], "ann");
+        assert!(envelope["claims"]["message_delivered_at"].is_number());
+    }
+    Ok(())
+}
