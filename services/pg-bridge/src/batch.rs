@@ -244,6 +244,26 @@ mod tests {
     }
 
     #[test]
+    fn a_message_and_its_audit_copy_share_a_transaction() {
+        // Each message followed by its copy on the audit channel, as a gateway sends them with
+        // PGWS_AUDIT_CHANNEL; repeats within and across requests, from sockets on two channels.
+        let pair = |c: &str, p: &str| vec![n(c, p), n("audit", p)];
+        let reqs = vec![
+            [pair("a", "x"), pair("a", "y"), pair("a", "x")].concat(),
+            [pair("b", "x"), pair("a", "y")].concat(),
+            [pair("a", "x"), pair("a", "x")].concat(),
+        ];
+        for tx in plan_of(&reqs) {
+            for w in tx.chunks(2) {
+                let (first, second) = (&reqs[w[0].0][w[0].1], &reqs[w[1].0][w[1].1]);
+                assert_ne!(first.channel, "audit", "a copy starts a transaction: {tx:?}");
+                assert_eq!(second.channel, "audit");
+                assert_eq!(first.payload, second.payload);
+            }
+        }
+    }
+
+    #[test]
     fn empty_requests_take_no_transaction() {
         assert!(plan_of(&[vec![], vec![]]).is_empty());
     }
