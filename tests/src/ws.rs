@@ -69,14 +69,9 @@ impl WsClient {
     pub async fn next_text(&mut self, timeout: Duration) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .context("no message in time")?
-                .context("socket closed")??;
-            match msg {
-                Message::Text(t) => return Ok(t.as_str().to_owned()),
-                Message::Close(c) => bail!("closed: {c:?}"),
-                _ => continue,
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Message::Text(t) = self.next_data(left).await? {
+                return Ok(t.as_str().to_owned());
             }
         }
     }

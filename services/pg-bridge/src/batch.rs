@@ -256,7 +256,10 @@ mod tests {
         for tx in plan_of(&reqs) {
             for w in tx.chunks(2) {
                 let (first, second) = (&reqs[w[0].0][w[0].1], &reqs[w[1].0][w[1].1]);
-                assert_ne!(first.channel, "audit", "a copy starts a transaction: {tx:?}");
+                assert_ne!(
+                    first.channel, "audit",
+                    "a copy starts a transaction: {tx:?}"
+                );
                 assert_eq!(second.channel, "audit");
                 assert_eq!(first.payload, second.payload);
             }

@@ -27,6 +27,12 @@ pub(crate) struct GatewayMetrics {
 }
 
 impl GatewayMetrics {
+    /// Counts an accepted client frame of `len` bytes.
+    pub(crate) fn accepted(&self, len: usize) {
+        self.messages_in.inc();
+        self.bytes_in.inc_by(len as u64);
+    }
+
     /// Counts a client frame refused for `reason`.
     pub(crate) fn refused(&self, reason: &'static str) {
         self.messages_refused

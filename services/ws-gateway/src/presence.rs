@@ -128,7 +128,15 @@ impl Task {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
-                _ = token.cancelled() => return,
+                _ = token.cancelled() => {
+                    // Shutting down: the leader releases this gateway's channels and starts
+                    // the grace period of its topics now, not after the presence expiry.
+                    self.channels.clear();
+                    self.published.clear();
+                    self.subscribed.clear();
+                    self.report().await;
+                    return;
+                }
                 _ = heartbeat.tick() => {
                     self.report().await;
                     continue;

@@ -14,11 +14,10 @@
 use axum::http::StatusCode;
 use pgws_auth::Verified;
 use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEBSOCKET_MESSAGE};
-use pgws_service::telemetry::{self, TARGET as TRACE};
 use serde_json::{Map, Value};
 
 use super::pgws::unix_now;
-use super::{Action, Admission, Frame, Protocol, Refusal};
+use super::{receive_span, Action, Admission, Frame, Protocol, Refusal};
 use crate::presence::Registration;
 use crate::uplink::Pending;
 use crate::Gateway;
@@ -136,18 +135,12 @@ pub(crate) fn admission(
 
 impl Protocol for Direct {
     fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
-        let text = match &frame {
-            Frame::Text(text) => text.as_str(),
-            Frame::Binary(data) => match std::str::from_utf8(data) {
-                Ok(text) => text,
-                Err(_) => {
-                    gw.metrics.refused("binary_not_utf8");
-                    return Action::Close(
-                        CLOSE_UNSUPPORTED,
-                        "binary frames must hold UTF-8 text".to_owned(),
-                    );
-                }
-            },
+        let Some(text) = frame.as_text() else {
+            gw.metrics.refused("binary_not_utf8");
+            return Action::Close(
+                CLOSE_UNSUPPORTED,
+                "binary frames must hold UTF-8 text".to_owned(),
+            );
         };
         if !self.writes {
             gw.metrics.refused("read_only");
@@ -169,16 +162,7 @@ impl Protocol for Direct {
                 format!("message too large for NOTIFY (at most {MAX_NOTIFY_PAYLOAD} bytes)"),
             );
         }
-        let span = tracing::info_span!(
-            target: TRACE,
-            "gateway.receive",
-            otel.kind = "server",
-            messaging.system = "websocket",
-            messaging.destination.name = %self.channel,
-            messaging.message.body.size = text.len(),
-            trace_id = tracing::field::Empty,
-        );
-        telemetry::mark(&span);
+        let span = receive_span(&self.channel, text.len());
         let record = Envelope::new(
             WEBSOCKET_MESSAGE,
             &self.channel,
@@ -192,8 +176,7 @@ impl Protocol for Direct {
             channel: self.channel.clone(),
             payload: body,
         };
-        gw.metrics.messages_in.inc();
-        gw.metrics.bytes_in.inc_by(text.len() as u64);
+        gw.metrics.accepted(text.len());
         let mut pending = Pending::message(note, span);
         pending.record = Some(record);
         Action::Notify(vec![pending])

@@ -26,6 +26,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use pgws_auth::Rejection;
+use pgws_service::telemetry::{self, TARGET as TRACE};
 
 use crate::handshake::{credentials, Credentials};
 use crate::presence::Registration;
@@ -37,6 +38,16 @@ use crate::Gateway;
 pub(crate) enum Frame {
     Text(Utf8Bytes),
     Binary(Bytes),
+}
+
+impl Frame {
+    /// The frame's text: a text frame, or a binary frame holding UTF-8.
+    pub(crate) fn as_text(&self) -> Option<&str> {
+        match self {
+            Frame::Text(text) => Some(text.as_str()),
+            Frame::Binary(data) => std::str::from_utf8(data).ok(),
+        }
+    }
 }
 
 /// What the core does with a client frame.
@@ -183,6 +194,22 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
             "Error: a direct channel cannot share a socket with other channels",
         )),
     }
+}
+
+/// The span of one client message (`gateway.receive`): the first of its trace, ended when the
+/// message has been handed to the database (or given up). Disabled when traces are off.
+pub(crate) fn receive_span(destination: &str, size: usize) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TRACE,
+        "gateway.receive",
+        otel.kind = "server",
+        messaging.system = "websocket",
+        messaging.destination.name = %destination,
+        messaging.message.body.size = size,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::mark(&span);
+    span
 }
 
 /// Unix time in seconds.

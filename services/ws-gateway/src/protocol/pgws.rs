@@ -3,14 +3,12 @@
 //! each frame it sends becomes one envelope per channel, NOTIFYed on the listen channel.
 //! Refused frames get an error frame `{"event":"Error","error":...}` and the socket stays.
 
+use super::{receive_span, Action, Admission, Frame, Protocol};
+use crate::uplink::Pending;
+use crate::Gateway;
 use axum::extract::ws::{Message, Utf8Bytes};
 use pgws_auth::Grant;
 use pgws_proto::{ConnectionEvent, Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
-use pgws_service::telemetry::{self, TARGET as TRACE};
-
-use super::{Action, Admission, Frame, Protocol};
-use crate::uplink::Pending;
-use crate::Gateway;
 
 /// The token claim that asks for gap signals (`"gaps": true`).
 const GAPS_CLAIM: &str = "gaps";
@@ -45,16 +43,13 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
 
 impl Protocol for Pgws {
     fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
-        let refused = match frame {
-            Frame::Text(text) => self.accept(gw, text.as_str()),
-            Frame::Binary(data) => match std::str::from_utf8(&data) {
-                Ok(text) => self.accept(gw, text),
-                Err(_) => Err(refuse(
-                    gw,
-                    "binary_not_utf8",
-                    "binary frames must hold UTF-8 text (NOTIFY payloads are text)",
-                )),
-            },
+        let refused = match frame.as_text() {
+            Some(text) => self.accept(gw, text),
+            None => Err(refuse(
+                gw,
+                "binary_not_utf8",
+                "binary frames must hold UTF-8 text (NOTIFY payloads are text)",
+            )),
         };
         refused.unwrap_or_else(Action::Reply)
     }
@@ -90,17 +85,8 @@ impl Pgws {
         }
         let at = unix_now();
         // One trace per client message: this span, the gateway's publish, the bridge's batch
-        // and NOTIFY. It ends when the message has been handed to the database (or given up).
-        let span = tracing::info_span!(
-            target: TRACE,
-            "gateway.receive",
-            otel.kind = "server",
-            messaging.system = "websocket",
-            messaging.destination.name = %grant.channels.join(","),
-            messaging.message.body.size = text.len(),
-            trace_id = tracing::field::Empty,
-        );
-        telemetry::mark(&span);
+        // and NOTIFY.
+        let span = receive_span(&grant.channels.join(","), text.len());
         let mut notes = Vec::with_capacity(grant.channels.len());
         for channel in &grant.channels {
             let payload =
@@ -119,8 +105,7 @@ impl Pgws {
             };
             notes.push(Pending::message(note, span.clone()));
         }
-        gw.metrics.messages_in.inc();
-        gw.metrics.bytes_in.inc_by(text.len() as u64);
+        gw.metrics.accepted(text.len());
         Ok(Action::Notify(notes))
     }
 }

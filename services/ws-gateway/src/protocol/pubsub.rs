@@ -46,8 +46,7 @@ impl Protocol for Publisher {
             Frame::Text(text) => (Bytes::from(text), false),
             Frame::Binary(data) => (data, true),
         };
-        gw.metrics.messages_in.inc();
-        gw.metrics.bytes_in.inc_by(payload.len() as u64);
+        gw.metrics.accepted(payload.len());
         Action::Publish {
             subject: self.subject.clone(),
             payload,
