@@ -176,3 +176,28 @@ async fn a_topic_waits_for_a_new_publisher_then_closes() -> anyhow::Result<()> {
     assert!(refused.contains("404"), "{refused}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_subscriber_that_does_not_read_is_a_slow_consumer() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(1, &[("PGWS_SEND_QUEUE", "256")]).await?;
+    let mut publ = publisher(&stack, 0, KEY, &domain, "flood").await?;
+    let mut stalled = subscriber(&stack, 0, &domain, "flood").await?;
+    let mut reader = subscriber(&stack, 0, &domain, "flood").await?;
+    let frame = "x".repeat(1024);
+    // 20 MB in steps of 50 frames that the reader takes in before the next step, so only
+    // the stalled subscriber falls behind.
+    for _ in 0..400 {
+        for _ in 0..50 {
+            publ.send_text(&frame).await?;
+        }
+        for _ in 0..50 {
+            reader.next_text(T).await?;
+        }
+    }
+    // The subscriber that never read is disconnected with 1008 (it sees the close once it
+    // reads past what the network held), and the one that read got everything.
+    let (code, reason) = stalled.expect_close(T).await?;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("slow consumer"), "{reason}");
+    Ok(())
+}
