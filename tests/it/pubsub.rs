@@ -14,6 +14,14 @@ async fn pubsub_stack(
     gateways: usize,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<(Stack, String, String)> {
+    pubsub_stack_of(1, gateways, extra).await
+}
+
+async fn pubsub_stack_of(
+    bridges: usize,
+    gateways: usize,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Stack, String, String)> {
     let table = unique("apikeys_");
     let domain = unique("dom-");
     let db = pgws_tests::pg().await?;
@@ -41,7 +49,9 @@ async fn pubsub_stack(
         .chain(extra)
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    stack.add_bridge(&[]).await?;
+    for _ in 0..bridges {
+        stack.add_bridge(&[]).await?;
+    }
     for _ in 0..gateways {
         stack.add_gateway(&[]).await?;
     }
@@ -199,5 +209,40 @@ async fn a_subscriber_that_does_not_read_is_a_slow_consumer() -> anyhow::Result<
     let (code, reason) = stalled.expect_close(T).await?;
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("slow consumer"), "{reason}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn topics_survive_a_leader_failover() -> anyhow::Result<()> {
+    let (mut stack, _table, domain) = pubsub_stack_of(2, 2, &[]).await?;
+    let mut publ = publisher(&stack, 0, KEY, &domain, "live").await?;
+    let mut sub = subscriber(&stack, 1, &domain, "live").await?;
+    publ.send_text("before").await?;
+    assert_eq!(sub.next_text(T).await?, "before");
+    let mut leader = None;
+    for (i, bridge) in stack.bridges.iter().enumerate() {
+        if bridge.metric("pgws_bridge_leader").await == Some(1.0) {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("one bridge leads");
+    stack.bridges[leader].signal("KILL")?;
+    stack.bridges.remove(leader);
+    let started = Instant::now();
+    // Frames do not pass through a bridge: they keep flowing.
+    publ.send_text("during").await?;
+    assert_eq!(sub.next_text(T).await?, "during");
+    // The new leader learns the topic from the gateways: a second publisher is still refused,
+    // and a new subscriber still finds the topic.
+    let refused = status(publisher(&stack, 1, KEY, &domain, "live").await);
+    assert!(refused.contains("409"), "{refused}");
+    let mut late = subscriber(&stack, 0, &domain, "live").await?;
+    println!(
+        "registry answered {:?} after the leader died",
+        started.elapsed()
+    );
+    publ.send_text("after").await?;
+    assert_eq!(sub.next_text(T).await?, "after");
+    assert_eq!(late.next_text(T).await?, "after");
     Ok(())
 }
