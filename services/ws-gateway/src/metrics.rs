@@ -100,7 +100,7 @@ impl GatewayMetrics {
             ),
             channels: m.register(
                 "gateway_channels",
-                "Channels with at least one local reader (one NATS subscription each)",
+                "Fan-out subjects (channels, direct channels, wspubsub topics) with at least one local reader (one NATS subscription each)",
                 Gauge::default(),
             ),
             delivery_latency: m.register(
