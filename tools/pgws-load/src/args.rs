@@ -1,6 +1,7 @@
-//! The command line: `pgws-load <idle|fanout|ingest> [--option value]...`, with defaults taken
-//! from the stack's own settings (`PGWS_JWT_SECRET`, `PGWS_DB_URI`, `PGWS_LISTEN_CHANNEL`,
-//! `PGWS_NATS_URL`) so that `set -a; . deploy/sample.env; set +a` is all a run needs.
+//! The command line: `pgws-load <idle|fanout|pubsub|ingest> [--option value]...`, with
+//! defaults taken from the stack's own settings (`PGWS_JWT_SECRET`, `PGWS_DB_URI`,
+//! `PGWS_LISTEN_CHANNEL`, `PGWS_NATS_URL`) so that `set -a; . deploy/sample.env; set +a` is
+//! all a run needs.
 
 use std::path::PathBuf;
 
@@ -16,12 +17,17 @@ modes:
   fanout  --channels C --subscribers K --rate R --seconds S
                                                 C*K sockets; R notifications/s spread over the
                                                 C channels; deliveries/s, latency, losses
+  pubsub  --topics T --subscribers K --rate R --seconds S
+                                                the same over wspubsub topics: a key of its
+                                                own in apikeys, one publishing socket per
+                                                topic, T*K subscribers; R frames/s in all
   ingest  --sockets N --seconds S               write-mode sockets send as fast as allowed;
                                                 messages/s reaching NOTIFY, and the
                                                 one-NOTIFY-per-transaction baseline
 
 options:
-  --target pgws|nats|node   server under test (idle, fanout; default pgws)
+  --target pgws|nats|node   server under test (idle, fanout; pubsub: pgws or nats, whose
+                            publishers speak NATS over websockets too; default pgws)
   --gateways URL,...        websocket base URLs, sockets spread round-robin
                             (default $PGWS_URL or ws://127.0.0.1:3000)
   --gateway-pid PID,...     processes whose RSS and CPU are reported (default: the
@@ -39,6 +45,7 @@ options:
   --batch N                 most notifications per publishing transaction (default 2000)
   --drain SECS              longest wait for deliveries after publishing (default 15)
   --settle SECS             pause after connecting before measuring (default 1)
+  --binary                  pubsub: the publishers send binary frames (default text)
 ";
 
 /// What to run.
@@ -50,6 +57,8 @@ pub enum Mode {
     Fanout,
     /// Client messages to NOTIFY.
     Ingest,
+    /// Fan-out of wspubsub topics (or NATS subjects) from websocket publishers.
+    Pubsub,
 }
 
 impl Mode {
@@ -59,6 +68,7 @@ impl Mode {
             Self::Idle => "idle",
             Self::Fanout => "fanout",
             Self::Ingest => "ingest",
+            Self::Pubsub => "pubsub",
         }
     }
 }
@@ -96,9 +106,9 @@ pub struct Opts {
     pub gateways: Vec<String>,
     /// Sockets (idle, ingest).
     pub sockets: u64,
-    /// Channels (fan-out; idle spreads its sockets over them too).
+    /// Channels (fan-out; idle spreads its sockets over them too), or topics (pubsub).
     pub channels: u64,
-    /// Subscribers per channel (fan-out).
+    /// Subscribers per channel or topic (fan-out, pubsub).
     pub subscribers: u64,
     /// Notifications per second (fan-out).
     pub rate: f64,
@@ -134,6 +144,8 @@ pub struct Opts {
     pub drain: f64,
     /// Pause after connecting, seconds.
     pub settle: f64,
+    /// The pubsub publishers send binary frames.
+    pub binary: bool,
     /// Child process: the range of global socket indices it opens.
     pub child: Option<(u64, u64)>,
     /// Names of this run's channels derive from it (shared with child processes).
@@ -177,6 +189,7 @@ impl Opts {
             "idle" => Mode::Idle,
             "fanout" => Mode::Fanout,
             "ingest" => Mode::Ingest,
+            "pubsub" => Mode::Pubsub,
             "-h" | "--help" | "help" => return Ok(None),
             other => bail!("unknown mode {other:?}"),
         };
@@ -209,6 +222,7 @@ impl Opts {
             batch: 2000,
             drain: 15.0,
             settle: 1.0,
+            binary: false,
             child: None,
             run_id: format!(
                 "load{:x}",
@@ -225,6 +239,10 @@ impl Opts {
             if key == "-h" || key == "--help" {
                 return Ok(None);
             }
+            if key == "--binary" {
+                o.binary = true;
+                continue;
+            }
             let value = it
                 .next()
                 .with_context(|| format!("{key} needs a value"))?
@@ -240,7 +258,7 @@ impl Opts {
                 }
                 "--gateways" | "--gateway" => o.gateways = list(value),
                 "--sockets" => o.sockets = num(key, value)?,
-                "--channels" => o.channels = num(key, value)?,
+                "--channels" | "--topics" => o.channels = num(key, value)?,
                 "--subscribers" => o.subscribers = num(key, value)?,
                 "--rate" => o.rate = num(key, value)?,
                 "--seconds" => o.seconds = num(key, value)?,
@@ -279,7 +297,7 @@ impl Opts {
                 bail!("gateway URL {g:?} must start with ws://");
             }
         }
-        if o.mode == Mode::Fanout {
+        if matches!(o.mode, Mode::Fanout | Mode::Pubsub) {
             o.sockets = o.channels * o.subscribers;
         }
         if o.sockets == 0 || o.channels == 0 {
@@ -287,6 +305,9 @@ impl Opts {
         }
         if o.mode == Mode::Ingest && o.target != Target::Pgws {
             bail!("ingest measures pgws only (the peers have no NOTIFY path)");
+        }
+        if o.mode == Mode::Pubsub && o.target == Target::Node {
+            bail!("pubsub measures pgws and nats (the node server has no pub/sub endpoint)");
         }
         if o.rate <= 0.0 || o.seconds <= 0.0 {
             bail!("--rate and --seconds must be positive");
@@ -310,8 +331,35 @@ impl Opts {
         }
     }
 
+    /// The wspubsub domain of this run (a row of its own in `apikeys`).
+    pub fn domain(&self) -> String {
+        format!("{}.pgws-load", self.run_id)
+    }
+
     /// The gateway of global socket index `g` (round-robin).
     pub fn gateway_of(&self, g: u64) -> usize {
         (g % self.gateways.len() as u64) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> anyhow::Result<Opts> {
+        let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        Ok(Opts::parse(&argv)?.expect("not help"))
+    }
+
+    #[test]
+    fn pubsub_counts_topics_times_subscribers() {
+        let o = parse("pubsub --topics 3 --subscribers 4 --binary --rate 10").unwrap();
+        assert_eq!((o.mode, o.channels, o.sockets), (Mode::Pubsub, 3, 12));
+        assert!(o.binary);
+        assert_eq!(o.rate, 10.0);
+        assert!(o.domain().starts_with(&o.run_id));
+        assert!(!parse("fanout --channels 2").unwrap().binary);
+        assert!(parse("pubsub --target node").is_err());
+        assert!(parse("pubsub --target nats").is_ok());
     }
 }

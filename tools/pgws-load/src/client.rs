@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::args::{Opts, Target};
+use crate::args::{Mode, Opts, Target};
 use crate::nats;
 use crate::stats::RxStats;
 
@@ -54,6 +54,24 @@ pub async fn resolve(base: &str) -> anyhow::Result<Endpoint> {
         base: base.to_owned(),
         addr,
     })
+}
+
+/// Resolves every `--gateways` URL, in order.
+pub async fn resolve_all(opts: &Opts) -> anyhow::Result<Vec<Endpoint>> {
+    let mut eps = Vec::with_capacity(opts.gateways.len());
+    for g in &opts.gateways {
+        eps.push(resolve(g).await?);
+    }
+    Ok(eps)
+}
+
+/// A PostgreSQL connection to `--db-uri`, driven by a task of its own.
+pub async fn postgres(opts: &Opts) -> anyhow::Result<tokio_postgres::Client> {
+    let (db, conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(conn);
+    Ok(db)
 }
 
 /// The source address of global socket index `g`: 127.0.0.2, .3, ... every
@@ -135,9 +153,37 @@ pub struct Subscribed {
     parser: Option<nats::Parser>,
 }
 
+/// Sends the NATS opening (`CONNECT`, `SUB` to `subject` if given, `PING`) on `ws`, a
+/// websocket to nats-server, and reads until its `PONG`.
+pub async fn nats_handshake(ws: &mut Ws, subject: Option<&str>) -> anyhow::Result<nats::Parser> {
+    ws.send(Message::binary(nats::opening_frame(subject)))
+        .await?;
+    let mut parser = nats::Parser::default();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("no PONG from nats-server")?;
+        let data = match msg {
+            Some(Ok(Message::Binary(b))) => b.to_vec(),
+            Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => bail!("nats websocket: {e}"),
+            None => bail!("nats websocket closed"),
+        };
+        let fed = parser.feed(&data, |_| {});
+        if let Some(e) = fed.error {
+            bail!("nats-server: {e}");
+        }
+        if fed.pongs > 0 {
+            return Ok(parser);
+        }
+    }
+}
+
 /// Opens global socket `g` of a receiving fleet and subscribes it to its channel: pgws
-/// `/<channel>/<jwt>` (the handshake completes once subscribed), node `/<channel>/<jwt>`,
-/// nats `CONNECT` + `SUB` + `PING`, waiting for the `PONG`.
+/// `/<channel>/<jwt>` (the handshake completes once subscribed), wspubsub (mode `pubsub`)
+/// `/ws/sub/<domain>/<topic>`, node `/<channel>/<jwt>`, nats `CONNECT` + `SUB` + `PING`,
+/// waiting for the `PONG`.
 pub async fn subscribe(
     opts: &Opts,
     eps: &[Endpoint],
@@ -147,45 +193,23 @@ pub async fn subscribe(
     let ep = &eps[opts.gateway_of(g)];
     let channel = opts.channel_name(opts.channel_of(g));
     let source = source_of(g, &ep.addr);
-    match opts.target {
-        Target::Pgws | Target::Node => {
-            let ws = open(ep, &format!("/{channel}/{token}"), source, small_config()).await?;
-            Ok(Subscribed { ws, parser: None })
-        }
-        Target::Nats => {
-            let mut ws = open(ep, "/", source, small_config()).await?;
-            ws.send(Message::binary(nats::subscribe_frame(&channel)))
-                .await?;
-            let mut parser = nats::Parser::default();
-            loop {
-                let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
-                    .await
-                    .context("no PONG from nats-server")?;
-                let data = match msg {
-                    Some(Ok(Message::Binary(b))) => b.to_vec(),
-                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => bail!("nats websocket: {e}"),
-                    None => bail!("nats websocket closed"),
-                };
-                let fed = parser.feed(&data, |_| {});
-                if let Some(e) = fed.error {
-                    bail!("nats-server: {e}");
-                }
-                if fed.pongs > 0 {
-                    return Ok(Subscribed {
-                        ws,
-                        parser: Some(parser),
-                    });
-                }
-            }
-        }
-    }
+    let path = match (opts.target, opts.mode) {
+        (Target::Nats, _) => "/".to_owned(),
+        (Target::Pgws, Mode::Pubsub) => format!("/ws/sub/{}/{channel}", opts.domain()),
+        _ => format!("/{channel}/{token}"),
+    };
+    let mut ws = open(ep, &path, source, small_config()).await?;
+    let parser = match opts.target {
+        Target::Nats => Some(nats_handshake(&mut ws, Some(&channel)).await?),
+        Target::Pgws | Target::Node => None,
+    };
+    Ok(Subscribed { ws, parser })
 }
 
 /// Reads until the socket ends, recording every timestamped payload; answers NATS pings.
 pub async fn receive(sub: Subscribed, stats: Arc<RxStats>, shard: usize) {
     let Subscribed { mut ws, mut parser } = sub;
+    let mut last = None;
     while let Some(msg) = ws.next().await {
         let data = match msg {
             Ok(Message::Text(t)) => t.into(),
@@ -194,9 +218,9 @@ pub async fn receive(sub: Subscribed, stats: Arc<RxStats>, shard: usize) {
             Err(_) => break,
         };
         match parser.as_mut() {
-            None => stats.record(shard, &data),
+            None => stats.record(shard, &data, &mut last),
             Some(p) => {
-                let fed = p.feed(&data, |m| stats.record(shard, m));
+                let fed = p.feed(&data, |m| stats.record(shard, m, &mut last));
                 for _ in 0..fed.pings {
                     if ws.send(Message::binary(&b"PONG\r\n"[..])).await.is_err() {
                         break;

@@ -4,15 +4,20 @@
 //! `SELECT pg_notify($1, p) FROM unnest($2::text[]) p`), nats by NATS publishes. Reports
 //! deliveries per second, latency from just before the publishing statement to receipt,
 //! and deliveries lost.
+//!
+//! `pubsub` is the same run over wspubsub topics (or NATS subjects), fed by one publishing
+//! websocket per topic (see [`crate::pubsub`]); latency is from just before the frames are
+//! written.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::args::{Opts, Target};
+use crate::args::{Mode, Opts, Target};
 use crate::client;
 use crate::fleet::Fleet;
 use crate::procfs;
+use crate::pubsub::Publishers;
 use crate::report::{round, Report};
 use crate::stats::{self, micros};
 
@@ -22,16 +27,17 @@ enum Publisher {
         stmt: tokio_postgres::Statement,
     },
     Nats(async_nats::Client),
+    Ws(Publishers),
 }
 
 impl Publisher {
     async fn connect(opts: &Opts) -> anyhow::Result<Self> {
+        if opts.mode == Mode::Pubsub {
+            return Ok(Self::Ws(Publishers::connect(opts).await?));
+        }
         match opts.target {
             Target::Pgws | Target::Node => {
-                let (db, conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls)
-                    .await
-                    .context("connecting to PostgreSQL")?;
-                tokio::spawn(conn);
+                let db = client::postgres(opts).await?;
                 let stmt = db
                     .prepare("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
                     .await?;
@@ -45,8 +51,13 @@ impl Publisher {
         }
     }
 
-    /// Sends one batch: `(channel name, payload)` pairs.
-    async fn send(&self, opts: &Opts, batch: Vec<(String, String)>) -> anyhow::Result<()> {
+    /// Sends one batch: `(channel, payload)` pairs; `names` are the channels' names.
+    async fn send(
+        &self,
+        opts: &Opts,
+        names: &[String],
+        batch: Vec<(usize, String)>,
+    ) -> anyhow::Result<()> {
         match self {
             Self::Pg { db, stmt } => {
                 let payloads: Vec<String> = batch.into_iter().map(|(_, p)| p).collect();
@@ -55,11 +66,12 @@ impl Publisher {
                     .context("pg_notify")?;
             }
             Self::Nats(client) => {
-                for (subject, payload) in batch {
-                    client.publish(subject, payload.into()).await?;
+                for (c, payload) in batch {
+                    client.publish(names[c].clone(), payload.into()).await?;
                 }
                 client.flush().await?;
             }
+            Self::Ws(publishers) => publishers.send(names, batch).await?,
         }
         Ok(())
     }
@@ -90,18 +102,15 @@ async fn publish(opts: &Opts, publisher: &Publisher) -> anyhow::Result<Published
         }
         let n = (due - sent).min(opts.batch as u64);
         let t = micros();
-        let batch: Vec<(String, String)> = (sent..sent + n)
+        let batch: Vec<(usize, String)> = (sent..sent + n)
             .map(|i| {
                 let c = (i % opts.channels) as usize;
                 per_channel[c] += 1;
                 let name = &names[c];
-                (
-                    name.clone(),
-                    format!(r#"{{"channel":"{name}","i":{i},"t":{t}}}"#),
-                )
+                (c, format!(r#"{{"channel":"{name}","i":{i},"t":{t}}}"#))
             })
             .collect();
-        publisher.send(opts, batch).await?;
+        publisher.send(opts, &names, batch).await?;
         sent += n;
         batches += 1;
     }
@@ -117,8 +126,12 @@ async fn publish(opts: &Opts, publisher: &Publisher) -> anyhow::Result<Published
 /// Runs `fanout`.
 pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let mut report = Report::new(opts);
-    report.param("channels", opts.channels);
-    report.param("subscribers_per_channel", opts.subscribers);
+    let unit = match opts.mode {
+        Mode::Pubsub => "topic",
+        _ => "channel",
+    };
+    report.param(&format!("{unit}s"), opts.channels);
+    report.param(&format!("subscribers_per_{unit}"), opts.subscribers);
     report.param("sockets", opts.sockets);
     report.param("rate_per_s", opts.rate);
     report.param("seconds", opts.seconds);
@@ -127,17 +140,43 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         opts.rate * opts.subscribers as f64,
     );
     report.param("batch", opts.batch as u64);
+    if opts.mode == Mode::Pubsub {
+        report.param("frames", if opts.binary { "binary" } else { "text" });
+        if opts.target == Target::Pgws {
+            report.param("domain", opts.domain());
+        }
+    }
     report.param("per_process", opts.per_process);
     let pids = client::server_pids(opts);
     report.servers(&pids);
     let publisher = Publisher::connect(opts).await?;
-    let rss_before = procfs::total_rss_kib(&pids);
+    let measured = measure(opts, &publisher, &pids, &mut report).await;
+    if let Publisher::Ws(publishers) = publisher {
+        publishers.finish(Some(&mut report)).await;
+    }
+    let received = measured?;
+    report.finish(opts.json.as_deref())?;
+    if received == 0 {
+        anyhow::bail!("nothing was delivered");
+    }
+    Ok(())
+}
+
+/// Opens the fleet, publishes, waits for the deliveries and adds the figures to `report`;
+/// returns the deliveries.
+async fn measure(
+    opts: &Opts,
+    publisher: &Publisher,
+    pids: &[u32],
+    report: &mut Report,
+) -> anyhow::Result<u64> {
+    let rss_before = procfs::total_rss_kib(pids);
     let (fleet, opened) = Fleet::open(opts).await?;
-    let rss_open = procfs::total_rss_kib(&pids);
+    let rss_open = procfs::total_rss_kib(pids);
     tokio::time::sleep(Duration::from_secs_f64(opts.settle)).await;
 
-    let cpu_before = procfs::total_cpu_secs(&pids);
-    let published = publish(opts, &publisher).await?;
+    let cpu_before = procfs::total_cpu_secs(pids);
+    let published = publish(opts, publisher).await?;
     let per_channel = published.per_channel.clone();
     let channels = opts.channels;
     let expected_for = move |(a, b): (u64, u64)| -> u64 {
@@ -147,7 +186,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let finished = fleet
         .finish(expected_for, Duration::from_secs_f64(opts.drain))
         .await?;
-    let cpu_after = procfs::total_cpu_secs(&pids);
+    let cpu_after = procfs::total_cpu_secs(pids);
 
     let window = (finished.last_rx_us.saturating_sub(published.start_us) as f64 / 1e6)
         .max(opts.seconds)
@@ -177,6 +216,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         expected.saturating_sub(finished.received),
     );
     report.figure("sockets_closed_early", finished.closed);
+    report.figure("out_of_order", finished.out_of_order);
     report.figure("delivery_secs", round(window, 3));
     report.figure(
         "deliveries_per_s",
@@ -201,9 +241,5 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         );
     }
     report.figure("load_cpu_secs", round(finished.cpu_secs, 2));
-    report.finish(opts.json.as_deref())?;
-    if finished.received == 0 {
-        anyhow::bail!("nothing was delivered");
-    }
-    Ok(())
+    Ok(finished.received)
 }

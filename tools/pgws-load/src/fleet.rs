@@ -49,6 +49,8 @@ pub struct Finished {
     pub last_rx_us: u64,
     /// Sockets that ended early.
     pub closed: u64,
+    /// Deliveries that came after a later one on the same socket.
+    pub out_of_order: u64,
     /// CPU seconds of the processes holding the sockets (this one included).
     pub cpu_secs: f64,
     /// RSS of the processes holding the sockets, KiB.
@@ -64,11 +66,7 @@ pub struct Local {
 
 /// Opens sockets `range` in this process.
 pub async fn open_local(opts: &Opts, range: (u64, u64)) -> anyhow::Result<(Local, Opened)> {
-    let mut eps = Vec::new();
-    for g in &opts.gateways {
-        eps.push(client::resolve(g).await?);
-    }
-    let eps: Arc<Vec<Endpoint>> = Arc::new(eps);
+    let eps: Arc<Vec<Endpoint>> = Arc::new(client::resolve_all(opts).await?);
     let token = client::token(opts, &json!({"mode": "r"}))?;
     let stats = Arc::new(RxStats::default());
     let started = Instant::now();
@@ -145,6 +143,7 @@ impl Local {
             hist: self.stats.merged(),
             last_rx_us: self.stats.last_rx_us.load(Ordering::Relaxed),
             closed,
+            out_of_order: self.stats.out_of_order.load(Ordering::Relaxed),
             cpu_secs: procfs::cpu_secs(me).unwrap_or(0.0),
             rss_kib: procfs::rss_kib(me).unwrap_or(0),
         }
@@ -264,6 +263,7 @@ impl Fleet {
                     hist: stats::histogram(),
                     last_rx_us: 0,
                     closed: 0,
+                    out_of_order: 0,
                     cpu_secs: procfs::cpu_secs(std::process::id()).unwrap_or(0.0),
                     rss_kib: procfs::rss_kib(std::process::id()).unwrap_or(0),
                 };
@@ -271,6 +271,7 @@ impl Fleet {
                     let d = c.message("done").await?;
                     all.received += d["received"].as_u64().unwrap_or(0);
                     all.closed += d["closed"].as_u64().unwrap_or(0);
+                    all.out_of_order += d["out_of_order"].as_u64().unwrap_or(0);
                     all.last_rx_us = all.last_rx_us.max(d["last_rx_us"].as_u64().unwrap_or(0));
                     all.cpu_secs += d["cpu_secs"].as_f64().unwrap_or(0.0);
                     all.rss_kib += d["rss_kib"].as_u64().unwrap_or(0);
@@ -322,6 +323,7 @@ pub async fn serve_child(opts: &Opts) -> anyhow::Result<()> {
         json!({"done": {
             "received": f.received,
             "closed": f.closed,
+            "out_of_order": f.out_of_order,
             "last_rx_us": f.last_rx_us,
             "cpu_secs": f.cpu_secs,
             "rss_kib": f.rss_kib,

@@ -129,10 +129,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     .await?;
 
     // --- the sockets
-    let mut eps = Vec::new();
-    for g in &opts.gateways {
-        eps.push(client::resolve(g).await?);
-    }
+    let eps = client::resolve_all(opts).await?;
     let token = client::token(opts, &json!({"mode": "w"}))?;
     let connect_start = Instant::now();
     let mut sockets = Vec::new();
@@ -209,9 +206,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     // --- the baseline: one NOTIFY per transaction
     let mut clients = Vec::new();
     for _ in 0..opts.baseline_connections.max(1) {
-        let (db, conn) = tokio_postgres::connect(&opts.db_uri, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        clients.push(db);
+        clients.push(client::postgres(opts).await?);
     }
     let b_stop = Arc::new(AtomicBool::new(false));
     let mut b_tasks = Vec::new();

@@ -1,6 +1,7 @@
 //! The load tool of the pgws stack: drives the real gateway (or a peer: nats-server's own
-//! websocket endpoint, a Node.js server) with idle sockets, fan-out from `pg_notify`, or
-//! client ingest, and reports figures with the parameters and the machine, as text and JSON.
+//! websocket endpoint, a Node.js server) with idle sockets, fan-out from `pg_notify`, fan-out
+//! of wspubsub topics from publishing sockets, or client ingest, and reports figures with the
+//! parameters and the machine, as text and JSON.
 //!
 //! Counts above one process's share of open files are spread over child processes of this
 //! same binary (re-executed with `--child A:B`), whose reports are summed.
@@ -14,6 +15,7 @@ pub mod ingest;
 pub mod machine;
 pub mod nats;
 pub mod procfs;
+pub mod pubsub;
 pub mod report;
 pub mod stats;
 
@@ -51,7 +53,7 @@ pub fn run() -> ExitCode {
         }
         match opts.mode {
             Mode::Idle => idle::run(&opts).await,
-            Mode::Fanout => fanout::run(&opts).await,
+            Mode::Fanout | Mode::Pubsub => fanout::run(&opts).await,
             Mode::Ingest => ingest::run(&opts).await,
         }
     });

@@ -1,6 +1,6 @@
-//! Just enough of the NATS client protocol to subscribe over nats-server's websocket
-//! endpoint: `CONNECT`, `SUB`, `PING`/`PONG`, and `MSG` frames parsed across websocket
-//! message boundaries.
+//! Just enough of the NATS client protocol to subscribe and publish over nats-server's
+//! websocket endpoint: `CONNECT`, `SUB`, `PUB`, `PING`/`PONG`, and `MSG` frames parsed across
+//! websocket message boundaries.
 
 /// What a chunk of server bytes held, besides the messages handed to the callback.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -19,14 +19,25 @@ pub struct Parser {
     buf: Vec<u8>,
 }
 
-/// The client's opening: `CONNECT`, one `SUB` to `subject` and a `PING` whose `PONG` says
-/// the subscription is in place.
-pub fn subscribe_frame(subject: &str) -> Vec<u8> {
+/// The client's opening: `CONNECT`, one `SUB` to `subject` if given, and a `PING` whose
+/// `PONG` says the connection (and the subscription) is in place.
+pub fn opening_frame(subject: Option<&str>) -> Vec<u8> {
+    let sub = subject
+        .map(|s| format!("SUB {s} 1\r\n"))
+        .unwrap_or_default();
     format!(
         "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"name\":\"pgws-load\"}}\r\n\
-         SUB {subject} 1\r\nPING\r\n"
+         {sub}PING\r\n"
     )
     .into_bytes()
+}
+
+/// One `PUB` of `payload` to `subject`.
+pub fn publish_frame(subject: &str, payload: &[u8]) -> Vec<u8> {
+    let mut frame = format!("PUB {subject} {}\r\n", payload.len()).into_bytes();
+    frame.extend_from_slice(payload);
+    frame.extend_from_slice(b"\r\n");
+    frame
 }
 
 fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
@@ -96,5 +107,17 @@ mod tests {
             assert_eq!(a.pings + b.pings, 1);
             assert_eq!(a.pongs + b.pongs, 1);
         }
+    }
+
+    #[test]
+    fn frames_are_protocol_lines() {
+        let open = String::from_utf8(opening_frame(Some("a.b"))).unwrap();
+        assert!(open.starts_with("CONNECT {") && open.ends_with("\r\nSUB a.b 1\r\nPING\r\n"));
+        let open = String::from_utf8(opening_frame(None)).unwrap();
+        assert!(open.ends_with("}\r\nPING\r\n"), "{open}");
+        assert_eq!(
+            publish_frame("a.b", b"hello"),
+            b"PUB a.b 5\r\nhello\r\n".to_vec()
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! What receiving sockets record: a latency histogram (microseconds from the timestamp in the
-//! payload to receipt), delivery counts, the time of the last receipt; and how histograms
+//! payload to receipt), delivery counts, the time of the last receipt, deliveries that came
+//! after a later one of the same socket (by the sequence number `"i"`); and how histograms
 //! travel from child processes (HdrHistogram V2 serialisation, base64).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,8 @@ pub struct RxStats {
     pub last_rx_us: AtomicU64,
     /// Sockets that ended before they were told to.
     pub closed: AtomicU64,
+    /// Frames whose sequence number was below one received before on the same socket.
+    pub out_of_order: AtomicU64,
 }
 
 impl Default for RxStats {
@@ -45,26 +48,49 @@ impl Default for RxStats {
             received: AtomicU64::new(0),
             last_rx_us: AtomicU64::new(0),
             closed: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
         }
     }
 }
 
-/// The number after the first `"t":` in `payload`.
+/// The number after the first `"<key>":` in `payload` (`key` a single byte).
+fn number(payload: &[u8], key: u8) -> Option<u64> {
+    let at = payload
+        .windows(4)
+        .position(|w| w == [b'"', key, b'"', b':'])?
+        + 4;
+    let digits = &payload[at..];
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    (n > 0).then(|| {
+        digits[..n]
+            .iter()
+            .fold(0u64, |n, b| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// The number after the first `"t":` in `payload` (a send time, unix µs).
 pub fn timestamp(payload: &[u8]) -> Option<u64> {
-    let at = payload.windows(4).position(|w| w == b"\"t\":")? + 4;
-    let digits = payload[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .fold(0u64, |n, b| n * 10 + u64::from(b - b'0'));
-    (digits > 0).then_some(digits)
+    number(payload, b't').filter(|t| *t > 0)
+}
+
+/// The number after the first `"i":` in `payload` (a sequence number).
+pub fn sequence(payload: &[u8]) -> Option<u64> {
+    number(payload, b'i')
 }
 
 impl RxStats {
-    /// Records a received payload if it carries a timestamp.
-    pub fn record(&self, shard: usize, payload: &[u8]) {
+    /// Records a received payload if it carries a timestamp; `last` is the socket's highest
+    /// sequence number so far.
+    pub fn record(&self, shard: usize, payload: &[u8], last: &mut Option<u64>) {
         let Some(sent) = timestamp(payload) else {
             return;
         };
+        if let Some(i) = sequence(payload) {
+            if last.is_some_and(|l| i < l) {
+                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            *last = (*last).max(Some(i));
+        }
         let now = micros();
         if let Ok(mut h) = self.shards[shard % SHARDS].lock() {
             h.saturating_record(now.saturating_sub(sent).max(1));
@@ -132,6 +158,19 @@ mod tests {
             Some(1_234_567)
         );
         assert_eq!(timestamp(br#"{"channel":"a"}"#), None);
+        assert_eq!(sequence(br#"{"channel":"a","i":0,"t":1}"#), Some(0));
+        assert_eq!(sequence(br#"{"channel":"a","i":12,"t":1}"#), Some(12));
+    }
+
+    #[test]
+    fn counts_deliveries_out_of_order() {
+        let s = RxStats::default();
+        let mut last = None;
+        for i in [0, 2, 1, 3] {
+            s.record(0, format!(r#"{{"i":{i},"t":1}}"#).as_bytes(), &mut last);
+        }
+        assert_eq!(s.received.load(Ordering::Relaxed), 4);
+        assert_eq!(s.out_of_order.load(Ordering::Relaxed), 1);
     }
 
     #[test]
