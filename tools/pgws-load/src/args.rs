@@ -37,6 +37,8 @@ options:
   --secret S                JWT HMAC secret (default $PGWS_JWT_SECRET)
   --db-uri URI              PostgreSQL (default $PGWS_DB_URI)
   --listen-channel NAME     the NOTIFY channel (default $PGWS_LISTEN_CHANNEL)
+  --keys-table NAME         pubsub: the API-key table, may be schema.table (default
+                            $PGWS_PUBSUB_KEYS_TABLE or apikeys)
   --nats-url URL            NATS for --target nats publishing (default $PGWS_NATS_URL)
   --per-process N           most sockets per process before child processes are used
                             (default 19000; a process may hold 20,000 open files)
@@ -130,6 +132,8 @@ pub struct Opts {
     pub db_uri: String,
     /// NOTIFY channel.
     pub listen_channel: String,
+    /// The wspubsub API-key table (`table` or `schema.table`).
+    pub keys_table: String,
     /// NATS URL for publishing to the nats target.
     pub nats_url: String,
     /// Most sockets in one process.
@@ -215,6 +219,7 @@ impl Opts {
             ),
             db_uri: env_or("PGWS_DB_URI", "postgres://postgres@127.0.0.1:5432/postgres"),
             listen_channel: env_or("PGWS_LISTEN_CHANNEL", "postgres-websockets-listener"),
+            keys_table: env_or("PGWS_PUBSUB_KEYS_TABLE", "apikeys"),
             nats_url: env_or("PGWS_NATS_URL", "nats://127.0.0.1:4222"),
             per_process: 19_000,
             concurrency: 256,
@@ -274,6 +279,7 @@ impl Opts {
                 "--secret" => o.secret = value.to_owned(),
                 "--db-uri" => o.db_uri = value.to_owned(),
                 "--listen-channel" => o.listen_channel = value.to_owned(),
+                "--keys-table" => o.keys_table = value.to_owned(),
                 "--nats-url" => o.nats_url = value.to_owned(),
                 "--per-process" => o.per_process = num(key, value)?,
                 "--concurrency" => o.concurrency = num(key, value)?,

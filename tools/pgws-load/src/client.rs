@@ -74,6 +74,11 @@ pub async fn postgres(opts: &Opts) -> anyhow::Result<tokio_postgres::Client> {
     Ok(db)
 }
 
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// The source address of global socket index `g`: 127.0.0.2, .3, ... every
 /// [`PER_SOURCE_ADDRESS`] sockets. Only for loopback gateways; others use any address.
 pub fn source_of(g: u64, to: &SocketAddr) -> Option<IpAddr> {

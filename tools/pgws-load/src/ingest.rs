@@ -26,10 +26,6 @@ struct Counts {
     baseline: AtomicU64,
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// LISTENs on the listen channel and counts notifications of the two tagged channels. The
 /// connection runs on a thread and runtime of its own, so that the sending sockets cannot
 /// delay reading notifications (the count is of what reached NOTIFY, not of what this
@@ -79,7 +75,7 @@ async fn listen(
                     }
                 });
                 let listened = client
-                    .batch_execute(&format!("LISTEN {}", quote_ident(&channel)))
+                    .batch_execute(&format!("LISTEN {}", client::quote_ident(&channel)))
                     .await;
                 let _ = ready_tx.send(listened.map_err(Into::into));
                 let _ = reader.await;

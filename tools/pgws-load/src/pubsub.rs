@@ -1,10 +1,11 @@
 //! The publishing side of `pubsub`, the fan-out of wspubsub topics; the rest of the mode (the
 //! fleet of subscribers, the steady publishing loop, the report) is `fanout`'s.
 //!
-//! pgws: the run gets a key of its own in `apikeys` (the table is created with its seed DDL
-//! if absent; one active row for the domain `<run id>.pgws-load`, deleted at the end), then one
-//! publishing socket per topic, `/ws/pub/<key>/<domain>/<topic>`, opened before any subscriber
-//! (a topic without its publisher answers 404). nats: one websocket per topic to nats-server's
+//! pgws: the run gets a key of its own in `apikeys` (`--keys-table`, the stack's
+//! `PGWS_PUBSUB_KEYS_TABLE`; the table is created with wspubsub's seed DDL if absent; one
+//! active row for the domain `<run id>.pgws-load`, deleted at the end), then one publishing
+//! socket per topic, `/ws/pub/<key>/<domain>/<topic>`, opened before any subscriber (a topic
+//! without its publisher answers 404). nats: one websocket per topic to nats-server's
 //! websocket endpoint, speaking NATS (`CONNECT`, then one `PUB` per websocket frame), so that
 //! both servers read their publishers' frames from websockets. Every frame carries `fanout`'s
 //! payload, `{"channel":"<topic>","i":<sequence>,"t":<unix µs>}`, as text or (`--binary`)
@@ -27,8 +28,8 @@ use crate::client::{self, Ws};
 use crate::nats;
 use crate::report::Report;
 
-/// The seed DDL of the key table, run when it is absent.
-const APIKEYS_DDL: &str = "CREATE TABLE IF NOT EXISTS apikeys (
+/// The seed DDL of the key table (after its name), run when it is absent.
+const APIKEYS_COLUMNS: &str = "(
     id serial primary key,
     domain varchar(64) not null unique,
     username varchar(254) not null,
@@ -54,9 +55,10 @@ impl Seen {
     }
 }
 
-/// The run's row of `apikeys`, and the connection that removes it.
+/// The run's row of the key table, and the connection that removes it.
 struct Key {
     db: tokio_postgres::Client,
+    table: String,
     domain: String,
 }
 
@@ -64,30 +66,37 @@ impl Key {
     /// Creates the table if absent and inserts an active key for the run's domain.
     async fn provision(opts: &Opts) -> anyhow::Result<(Self, String)> {
         let db = client::postgres(opts).await?;
-        db.batch_execute(APIKEYS_DDL)
-            .await
-            .context("creating the apikeys table")?;
+        let table: Vec<String> = opts
+            .keys_table
+            .split('.')
+            .map(client::quote_ident)
+            .collect();
+        let table = table.join(".");
+        db.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} {APIKEYS_COLUMNS}"
+        ))
+        .await
+        .with_context(|| format!("creating the key table {table}"))?;
         let domain = opts.domain();
         let row = db
             .query_one(
-                "INSERT INTO apikeys (domain, username, apikey, active) \
-                 VALUES ($1, 'pgws-load', gen_random_uuid()::text, true) RETURNING apikey",
+                &format!(
+                    "INSERT INTO {table} (domain, username, apikey, active) \
+                     VALUES ($1, 'pgws-load', gen_random_uuid()::text, true) RETURNING apikey"
+                ),
                 &[&domain],
             )
             .await
-            .context("inserting the run's key into apikeys")?;
-        Ok((Self { db, domain }, row.get(0)))
+            .with_context(|| format!("inserting the run's key into {table}"))?;
+        Ok((Self { db, table, domain }, row.get(0)))
     }
 
     async fn remove(self) {
-        let removed = self
-            .db
-            .execute("DELETE FROM apikeys WHERE domain = $1", &[&self.domain])
-            .await;
-        if let Err(e) = removed {
+        let sql = format!("DELETE FROM {} WHERE domain = $1", self.table);
+        if let Err(e) = self.db.execute(&sql, &[&self.domain]).await {
             eprintln!(
-                "pgws-load: the key of {} stays in apikeys: {e}",
-                self.domain
+                "pgws-load: the key of {} stays in {}: {e}",
+                self.domain, self.table
             );
         }
     }
