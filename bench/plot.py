@@ -80,6 +80,35 @@ def ratios(reports):
             f"  best deliveries/s: pgws {best['pgws']:.0f}, nats {best['nats']:.0f}, node {best['node']:.0f};"
             f" pgws/nats {ratio(best['pgws'], best['nats'])}, pgws/node {ratio(best['pgws'], best['node'])}"
         )
+    pub = {
+        t: {
+            (r["params"]["topics"], r["params"]["subscribers_per_topic"], r["params"]["rate_per_s"]): r
+            for r in of(reports, "pubsub", t)
+        }
+        for t in ["pgws", "nats"]
+    }
+    if any(pub.values()):
+        lines.append("pubsub: wspubsub fan-out, pgws vs nats-server (publishers on websockets in both)")
+        lines.append(
+            f"  {'topics x subs':>14} {'rate':>6} {'offered':>9} {'pgws':>9} {'nats':>9} {'pgws/nats':>10}"
+            f"  {'p50 ms':>13} {'p99 ms':>15} {'cpu us/delivery':>17} {'cpu pgws/nats':>14}  lost"
+        )
+        for key in sorted(set(pub["pgws"]) | set(pub["nats"])):
+            rs = {t: pub[t].get(key) for t in ["pgws", "nats"]}
+            v = lambda t, k: fig(rs[t], k) if rs[t] else None
+            q = lambda t, k: (v(t, "latency") or {}).get(k)
+            offered = next(r for r in rs.values() if r)["params"]["offered_deliveries_per_s"]
+            cell = lambda x, w, p=0: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+            lines.append(
+                f"  {f'{key[0]} x {key[1]}':>14} {key[2]:>6g} {offered:>9.0f}"
+                f" {cell(v('pgws', 'deliveries_per_s'), 9)} {cell(v('nats', 'deliveries_per_s'), 9)}"
+                f" {ratio(v('pgws', 'deliveries_per_s'), v('nats', 'deliveries_per_s')):>10}"
+                f"  {q('pgws', 'p50_ms')!s:>6} / {q('nats', 'p50_ms')!s:<5}"
+                f" {q('pgws', 'p99_ms')!s:>7} / {q('nats', 'p99_ms')!s:<6}"
+                f" {v('pgws', 'server_cpu_us_per_delivery')!s:>8} / {v('nats', 'server_cpu_us_per_delivery')!s:<6}"
+                f" {ratio(v('pgws', 'server_cpu_us_per_delivery'), v('nats', 'server_cpu_us_per_delivery')):>14}"
+                f"  {v('pgws', 'lost_deliveries')} / {v('nats', 'lost_deliveries')}"
+            )
     for r in of(reports, "ingest"):
         lines.append(
             f"ingest ({r['params']['sockets']} sockets): {fig(r, 'ingest_msgs_per_s'):.0f} msgs/s reaching NOTIFY,"

@@ -13,10 +13,15 @@
 #           (pgws only): latency at a moderate delivery rate spread over many channels
 #   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
+#   pubsub  (not in the default PHASES: about 6 minutes more) wspubsub fan-out on pgws and the
+#           same on nats-server's websocket endpoint (publishers there speak NATS over a
+#           websocket too): 1 topic of PUBSUB_SOCKETS subscribers at PUBSUB_RATES frames/s,
+#           then PUBSUB_TOPICS topics of PUBSUB_TOPIC_SUBSCRIBERS at PUBSUB_TOPIC_RATES
 # then prints the ratios (pgws / nats, pgws / node).
 #
 # Usage: scripts/bench-load.sh [OUT_DIR]      (default bench/results/<unix time>)
-# Env:   PHASES (default "idle fanout mixed ingest"; add "big" or set BIG=1), SECONDS_EACH (10),
+# Env:   PHASES (default "idle fanout mixed ingest"; add "big" or set BIG=1, "pubsub" alone:
+#        PHASES=pubsub scripts/bench-load.sh OUT_DIR), SECONDS_EACH (10),
 #        LOAD_ARGS (extra pgws-load options for every run), and the counts named below
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +42,11 @@ MIXED_RATES=${MIXED_RATES:-1000 2500 5000 10000}
 INGEST_SOCKETS=${INGEST_SOCKETS:-100}
 BIG_SOCKETS=${BIG_SOCKETS:-100000}
 BIG_GATEWAYS=${BIG_GATEWAYS:-6}
+PUBSUB_SOCKETS=${PUBSUB_SOCKETS:-10000}
+PUBSUB_RATES=${PUBSUB_RATES:-1 5 20 50}
+PUBSUB_TOPICS=${PUBSUB_TOPICS:-100}
+PUBSUB_TOPIC_SUBSCRIBERS=${PUBSUB_TOPIC_SUBSCRIBERS:-100}
+PUBSUB_TOPIC_RATES=${PUBSUB_TOPIC_RATES:-100 500 1000 2000}
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
 bash scripts/ensure-services.sh >/dev/null
@@ -209,6 +219,20 @@ for phase in $PHASES; do
       start_target pgws
       load pgws "ingest-pgws-$INGEST_SOCKETS" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
       stop_target pgws
+      ;;
+    pubsub)
+      for target in pgws nats; do
+        start_target "$target"
+        for shape in "1 $PUBSUB_SOCKETS $PUBSUB_RATES" \
+          "$PUBSUB_TOPICS $PUBSUB_TOPIC_SUBSCRIBERS $PUBSUB_TOPIC_RATES"; do
+          read -r topics subs rates <<<"$shape"
+          for r in $rates; do
+            load "$target" "pubsub-$target-${topics}x$subs-r$r" pubsub --topics "$topics" \
+              --subscribers "$subs" --rate "$r" --seconds "$SECS" || true
+          done
+        done
+        stop_target "$target"
+      done
       ;;
     big)
       urls=()
