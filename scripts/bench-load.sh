@@ -149,9 +149,9 @@ url() { # target -> websocket base URL
     node) echo "ws://127.0.0.1:$NODE_PORT" ;;
   esac
 }
-pid_of() { # target -> pid of its server
+pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is set)
   case $1 in
-    pgws) echo "${PID[gw0]}" ;;
+    pgws) echo "${PID[gw0]}${BUS_PID:+,$BUS_PID}" ;;
     nats) echo "${PID[nats]}" ;;
     node) echo "${PID[node]}" ;;
   esac
@@ -221,6 +221,10 @@ for phase in $PHASES; do
       stop_target pgws
       ;;
     pubsub)
+      # wspubsub frames travel publisher -> gateway -> NATS -> gateway -> subscribers: the
+      # stack's NATS is measured with the gateway (nats-server does it all in one process).
+      BUS_PID=$(ss -Hltnp "sport = :${PGWS_NATS_URL##*:}" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
+      [[ -n $BUS_PID ]] || say "the stack's NATS process was not found: gateway CPU only"
       for target in pgws nats; do
         start_target "$target"
         for shape in "1 $PUBSUB_SOCKETS $PUBSUB_RATES" \
@@ -233,6 +237,7 @@ for phase in $PHASES; do
         done
         stop_target "$target"
       done
+      BUS_PID=
       ;;
     big)
       urls=()
