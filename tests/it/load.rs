@@ -1,5 +1,5 @@
 //! The load tool keeps working: `pgws-load` (the workspace binary next to the services) runs
-//! its three modes for a second or two with small counts against a stack started here, and
+//! its four modes for a second or two with small counts against a stack started here, and
 //! its JSON reports hold sane figures. Nothing here is about speed.
 
 use std::path::PathBuf;
@@ -69,37 +69,55 @@ fn num(report: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("figure {key} missing in {report}"))
 }
 
-#[tokio::test]
-async fn the_load_tool_runs_its_three_modes() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
-
-    let fanout = run(
-        &stack,
-        "fanout",
-        &[
-            "fanout",
-            "--channels",
-            "2",
-            "--subscribers",
-            "5",
-            "--rate",
-            "50",
-            "--seconds",
-            "2",
-        ],
-    )
-    .await?;
-    assert_eq!(fanout["mode"], "fanout");
-    assert_eq!(num(&fanout, "opened"), 10.0);
-    assert_eq!(num(&fanout, "published"), 100.0);
-    let deliveries = num(&fanout, "deliveries");
-    assert!(deliveries > 0.0, "{fanout}");
-    assert!(deliveries <= num(&fanout, "expected_deliveries"));
-    assert!(num(&fanout, "deliveries_per_s") > 0.0);
-    let latency = &fanout["figures"]["latency"];
+/// What a fan-out report (`fanout` or `pubsub`) of 10 sockets and 100 messages holds.
+fn assert_fanned_out(report: &Value) {
+    assert_eq!(num(report, "opened"), 10.0, "{report}");
+    assert_eq!(num(report, "published"), 100.0);
+    let deliveries = num(report, "deliveries");
+    assert!(deliveries > 0.0, "{report}");
+    assert!(deliveries <= num(report, "expected_deliveries"));
+    assert!(num(report, "deliveries_per_s") > 0.0);
+    let latency = &report["figures"]["latency"];
     for q in ["p50_ms", "p99_ms", "p99_9_ms"] {
         assert!(latency[q].as_f64().is_some_and(|v| v > 0.0), "{latency}");
     }
+}
+
+#[tokio::test]
+async fn the_load_tool_runs_its_four_modes() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+
+    // 2 channels (topics) of 5 sockets, 100 messages.
+    let shape = ["--subscribers", "5", "--rate", "50", "--seconds", "2"];
+    let fanout = run(
+        &stack,
+        "fanout",
+        &[&["fanout", "--channels", "2"], &shape[..]].concat(),
+    )
+    .await?;
+    assert_eq!(fanout["mode"], "fanout");
+    assert_fanned_out(&fanout);
+
+    // wspubsub: the tool provisions its own key, publishes over websockets, and every frame
+    // reaches every subscriber of its topic in order.
+    let pubsub = run(
+        &stack,
+        "pubsub",
+        &[&["pubsub", "--topics", "2", "--binary"], &shape[..]].concat(),
+    )
+    .await?;
+    assert_eq!(pubsub["mode"], "pubsub");
+    assert_fanned_out(&pubsub);
+    assert_eq!(num(&pubsub, "publishers"), 2.0);
+    assert_eq!(num(&pubsub, "publishers_closed"), 0.0);
+    assert_eq!(num(&pubsub, "out_of_order"), 0.0, "{pubsub}");
+    let domain = pubsub["params"]["domain"].as_str().unwrap_or_default();
+    let left = stack
+        .pg()
+        .await?
+        .query("SELECT 1 FROM apikeys WHERE domain = $1", &[&domain])
+        .await?;
+    assert!(left.is_empty(), "the run's key stays in apikeys");
 
     let idle = run(
         &stack,
