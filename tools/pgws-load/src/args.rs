@@ -46,6 +46,8 @@ options:
   --baseline-connections N  connections of the ingest baseline (default 4)
   --batch N                 most notifications per publishing transaction (default 2000)
   --drain SECS              longest wait for deliveries after publishing (default 15)
+  --quiet SECS              the wait also ends after this long without a delivery
+                            (default 2)
   --settle SECS             pause after connecting before measuring (default 1)
   --binary                  pubsub: the publishers send binary frames (default text)
 ";
@@ -146,6 +148,8 @@ pub struct Opts {
     pub batch: usize,
     /// Longest wait for deliveries after publishing, seconds.
     pub drain: f64,
+    /// The drain also ends after this long without a delivery, seconds.
+    pub quiet: f64,
     /// Pause after connecting, seconds.
     pub settle: f64,
     /// The pubsub publishers send binary frames.
@@ -226,6 +230,7 @@ impl Opts {
             baseline_connections: 4,
             batch: 2000,
             drain: 15.0,
+            quiet: 2.0,
             settle: 1.0,
             binary: false,
             child: None,
@@ -286,6 +291,7 @@ impl Opts {
                 "--baseline-connections" => o.baseline_connections = num(key, value)?,
                 "--batch" => o.batch = num(key, value)?,
                 "--drain" => o.drain = num(key, value)?,
+                "--quiet" => o.quiet = num(key, value)?,
                 "--settle" => o.settle = num(key, value)?,
                 "--run-id" => o.run_id = value.to_owned(),
                 "--child" => {

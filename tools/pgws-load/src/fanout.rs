@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use crate::args::{Mode, Opts, Target};
 use crate::client;
-use crate::fleet::Fleet;
+use crate::fleet::{Drain, Fleet};
 use crate::procfs;
 use crate::pubsub::Publishers;
 use crate::report::{round, Report};
@@ -140,6 +140,8 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
         opts.rate * opts.subscribers as f64,
     );
     report.param("batch", opts.batch as u64);
+    report.param("drain_secs", opts.drain);
+    report.param("quiet_secs", opts.quiet);
     if opts.mode == Mode::Pubsub {
         report.param("frames", if opts.binary { "binary" } else { "text" });
         if opts.target == Target::Pgws {
@@ -183,9 +185,7 @@ async fn measure(
         (a..b).map(|g| per_channel[(g % channels) as usize]).sum()
     };
     let expected = expected_for((0, opts.sockets));
-    let finished = fleet
-        .finish(expected_for, Duration::from_secs_f64(opts.drain))
-        .await?;
+    let finished = fleet.finish(expected_for, Drain::of(opts)).await?;
     let cpu_after = procfs::total_cpu_secs(pids);
 
     let window = (finished.last_rx_us.saturating_sub(published.start_us) as f64 / 1e6)

@@ -57,6 +57,25 @@ pub struct Finished {
     pub rss_kib: u64,
 }
 
+/// How long a fleet waits for its deliveries once the publishing is over.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    /// At most this long (`--drain`).
+    pub longest: Duration,
+    /// And no longer than this without a new delivery (`--quiet`).
+    pub quiet: Duration,
+}
+
+impl Drain {
+    /// The drain of `opts`.
+    pub fn of(opts: &Opts) -> Self {
+        Self {
+            longest: Duration::from_secs_f64(opts.drain),
+            quiet: Duration::from_secs_f64(opts.quiet),
+        }
+    }
+}
+
 /// Sockets held by this process.
 pub struct Local {
     range: (u64, u64),
@@ -117,10 +136,9 @@ impl Local {
         self.stats.received.load(Ordering::Relaxed)
     }
 
-    /// Waits for `expected` deliveries (at most `drain`, and no longer than 2 s without a
-    /// new one), then closes the sockets.
-    pub async fn finish(self, expected: u64, drain: Duration) -> Finished {
-        let deadline = Instant::now() + drain;
+    /// Waits for `expected` deliveries as `drain` says, then closes the sockets.
+    pub async fn finish(self, expected: u64, drain: Drain) -> Finished {
+        let deadline = Instant::now() + drain.longest;
         let mut last = self.received();
         let mut last_change = Instant::now();
         while self.received() < expected && Instant::now() < deadline {
@@ -129,7 +147,7 @@ impl Local {
             if now != last {
                 last = now;
                 last_change = Instant::now();
-            } else if last_change.elapsed() > Duration::from_secs(2) {
+            } else if last_change.elapsed() > drain.quiet {
                 break;
             }
         }
@@ -245,7 +263,7 @@ impl Fleet {
     pub async fn finish(
         self,
         expected: impl Fn((u64, u64)) -> u64,
-        drain: Duration,
+        drain: Drain,
     ) -> anyhow::Result<Finished> {
         match self {
             Self::Local(local) => {
@@ -315,9 +333,7 @@ pub async fn serve_child(opts: &Opts) -> anyhow::Result<()> {
             None => break 0,
         }
     };
-    let f = local
-        .finish(expected, Duration::from_secs_f64(opts.drain))
-        .await;
+    let f = local.finish(expected, Drain::of(opts)).await;
     println!(
         "{}",
         json!({"done": {

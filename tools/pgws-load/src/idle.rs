@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::args::Opts;
 use crate::client;
-use crate::fleet::Fleet;
+use crate::fleet::{Drain, Fleet};
 use crate::procfs;
 use crate::report::{round, Report};
 
@@ -26,7 +26,7 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let (fleet, opened) = Fleet::open(opts).await?;
     tokio::time::sleep(Duration::from_secs_f64(opts.hold)).await;
     let rss_after = procfs::total_rss_kib(&pids);
-    let finished = fleet.finish(|_| 0, Duration::from_secs(1)).await?;
+    let finished = fleet.finish(|_| 0, Drain::of(opts)).await?;
 
     report.figure("opened", opened.opened);
     report.figure("failed", opened.failed);
