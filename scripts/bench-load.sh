@@ -16,7 +16,9 @@
 #   pubsub  (not in the default PHASES: about 6 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
 #           websocket too): 1 topic of PUBSUB_SOCKETS subscribers at PUBSUB_RATES frames/s,
-#           then PUBSUB_TOPICS topics of PUBSUB_TOPIC_SUBSCRIBERS at PUBSUB_TOPIC_RATES
+#           then PUBSUB_TOPICS topics of PUBSUB_TOPIC_SUBSCRIBERS at PUBSUB_TOPIC_RATES; a run
+#           waits PUBSUB_QUIET s without a delivery before it counts the rest as lost (at
+#           2M deliveries/s nats-server pauses its deliveries for 2-3 s)
 # then prints the ratios (pgws / nats, pgws / node).
 #
 # Usage: scripts/bench-load.sh [OUT_DIR]      (default bench/results/<unix time>)
@@ -47,6 +49,7 @@ PUBSUB_RATES=${PUBSUB_RATES:-1 5 20 50}
 PUBSUB_TOPICS=${PUBSUB_TOPICS:-100}
 PUBSUB_TOPIC_SUBSCRIBERS=${PUBSUB_TOPIC_SUBSCRIBERS:-100}
 PUBSUB_TOPIC_RATES=${PUBSUB_TOPIC_RATES:-100 500 1000 2000}
+PUBSUB_QUIET=${PUBSUB_QUIET:-10} # seconds without a delivery that end a run's drain
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
 bash scripts/ensure-services.sh >/dev/null
@@ -232,7 +235,7 @@ for phase in $PHASES; do
           read -r topics subs rates <<<"$shape"
           for r in $rates; do
             load "$target" "pubsub-$target-${topics}x$subs-r$r" pubsub --topics "$topics" \
-              --subscribers "$subs" --rate "$r" --seconds "$SECS" || true
+              --subscribers "$subs" --rate "$r" --seconds "$SECS" --quiet "$PUBSUB_QUIET" || true
           done
         done
         stop_target "$target"
