@@ -13,7 +13,7 @@
 #           (pgws only): latency at a moderate delivery rate spread over many channels
 #   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
-#   pubsub  (not in the default PHASES: about 6 minutes more) wspubsub fan-out on pgws and the
+#   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
 #           websocket too): 1 topic of PUBSUB_SOCKETS subscribers at PUBSUB_RATES frames/s,
 #           then PUBSUB_TOPICS topics of PUBSUB_TOPIC_SUBSCRIBERS at PUBSUB_TOPIC_RATES; a run
@@ -45,10 +45,10 @@ INGEST_SOCKETS=${INGEST_SOCKETS:-100}
 BIG_SOCKETS=${BIG_SOCKETS:-100000}
 BIG_GATEWAYS=${BIG_GATEWAYS:-6}
 PUBSUB_SOCKETS=${PUBSUB_SOCKETS:-10000}
-PUBSUB_RATES=${PUBSUB_RATES:-1 5 20 50}
+PUBSUB_RATES=${PUBSUB_RATES:-1 5 20 50 100 200}
 PUBSUB_TOPICS=${PUBSUB_TOPICS:-100}
 PUBSUB_TOPIC_SUBSCRIBERS=${PUBSUB_TOPIC_SUBSCRIBERS:-100}
-PUBSUB_TOPIC_RATES=${PUBSUB_TOPIC_RATES:-100 500 1000 2000}
+PUBSUB_TOPIC_RATES=${PUBSUB_TOPIC_RATES:-100 500 1000 2000 5000}
 PUBSUB_QUIET=${PUBSUB_QUIET:-10} # seconds without a delivery that end a run's drain
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
