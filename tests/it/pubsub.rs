@@ -246,3 +246,22 @@ async fn topics_survive_a_leader_failover() -> anyhow::Result<()> {
     assert_eq!(late.next_text(T).await?, "after");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_gateway_that_stops_hands_its_topics_back_at_once() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(2, &[("PGWS_PUBSUB_GRACE", "2")]).await?;
+    let _publ = publisher(&stack, 0, KEY, &domain, "bye").await?;
+    let mut sub = subscriber(&stack, 1, &domain, "bye").await?;
+    // A stopping gateway tells the leader, so the grace period starts now, not after the
+    // 15 s a silent gateway takes to be forgotten.
+    let stopped = Instant::now();
+    stack.gateways[0].signal("TERM")?;
+    let (code, reason) = sub.expect_close(Duration::from_secs(30)).await?;
+    let waited = stopped.elapsed();
+    assert_eq!(code, 4004, "{reason}");
+    assert!(
+        waited < Duration::from_secs(pgws_proto::PRESENCE_EXPIRY_SECS),
+        "closed after {waited:?}"
+    );
+    Ok(())
+}
