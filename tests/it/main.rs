@@ -9,6 +9,7 @@ mod chat;
 mod config;
 mod deploy;
 mod direct;
+mod edge;
 mod faults;
 mod flood;
 mod frames;

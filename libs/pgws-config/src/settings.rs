@@ -49,6 +49,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "audit_channel",
     "pubsub_grace",
     "pubsub_keys_table",
+    "handshake_timeout",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -48,6 +48,9 @@ pub struct GatewayConfig {
     /// How long a client message may wait for a bridge before the client gets an error
     /// (`PGWS_NOTIFY_TIMEOUT`, seconds).
     pub notify_timeout: Duration,
+    /// How long a connection may take for its TLS handshake, its request headers, and its
+    /// websocket handshake each (`PGWS_HANDSHAKE_TIMEOUT`, seconds).
+    pub handshake_timeout: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -98,9 +101,8 @@ impl GatewayConfig {
         let meta_channel = p.text("meta_channel");
         let direct = DirectChannels::parse(&p.text_or("direct_channels", ""));
         let audit_channel = p.text("audit_channel");
-        let invalid = |c: &str| c.is_empty() || c.len() > MAX_PG_CHANNEL || c.contains('\0');
         for c in direct.names().chain(audit_channel.as_deref()) {
-            if invalid(c) {
+            if !crate::protocol::valid_channel(c) {
                 p.push(format!(
                     "PGWS_DIRECT_CHANNELS / PGWS_AUDIT_CHANNEL: {c:?} is not a PostgreSQL channel name (1 to {MAX_PG_CHANNEL} bytes)"
                 ));
@@ -163,11 +165,13 @@ impl GatewayConfig {
         let max_pending: usize = p.parse_or("max_pending", 256);
         let ping: u64 = p.parse_or("ping_interval", 30);
         let notify_timeout: u64 = p.parse_or("notify_timeout", 10);
+        let handshake_timeout: u64 = p.parse_or("handshake_timeout", 10);
         for (name, v) in [
             ("PGWS_SEND_QUEUE", send_queue as u64),
             ("PGWS_MAX_PENDING", max_pending as u64),
             ("PGWS_PING_INTERVAL", ping),
             ("PGWS_NOTIFY_TIMEOUT", notify_timeout),
+            ("PGWS_HANDSHAKE_TIMEOUT", handshake_timeout),
         ] {
             if v == 0 {
                 p.push(format!("{name}: must be at least 1"));
@@ -189,6 +193,7 @@ impl GatewayConfig {
             max_pending,
             ping_interval: Duration::from_secs(ping),
             notify_timeout: Duration::from_secs(notify_timeout),
+            handshake_timeout: Duration::from_secs(handshake_timeout),
         });
         match (p.finish(()), config) {
             (Ok(()), Some(c)) => Ok(c),

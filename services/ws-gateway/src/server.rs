@@ -5,6 +5,7 @@
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
@@ -12,7 +13,7 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
@@ -83,16 +84,21 @@ pub(crate) async fn serve(
         drop(tcp.set_nodelay(true));
         let service = TowerToHyperService::new(router.clone());
         let tls = tls.clone();
+        let limit = gw.config.handshake_timeout;
         gw.shutdown.spawn(async move {
             let result = match tls {
-                Some(tls) => match tls.accept(tcp).await {
-                    Ok(stream) => serve_conn(TokioIo::new(stream), service).await,
-                    Err(e) => {
+                Some(tls) => match tokio::time::timeout(limit, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_conn(TokioIo::new(stream), service, limit).await,
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
                 },
-                None => serve_conn(TokioIo::new(tcp), service).await,
+                None => serve_conn(TokioIo::new(tcp), service, limit).await,
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -101,11 +107,19 @@ pub(crate) async fn serve(
     }
 }
 
-async fn serve_conn<I>(io: I, service: TowerToHyperService<Router>) -> Result<(), hyper::Error>
+/// Serves HTTP/1.1 on one connection; a request whose headers take longer than
+/// `header_timeout` to arrive ends the connection (slow clients hold nothing for long).
+async fn serve_conn<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    header_timeout: Duration,
+) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(io, service)
         .with_upgrades()
         .await
@@ -131,13 +145,26 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-    let accepted = match protocol::admit(&gw, &parts).await {
-        Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&gw, refusal),
+    // The handshake's own waits are bounded; this bounds them together.
+    let admitted = tokio::time::timeout(gw.config.handshake_timeout, protocol::admit(&gw, &parts));
+    let accepted = match admitted.await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(refusal)) => return refuse(&gw, refusal),
+        Err(_) => {
+            let refusal = Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "handshake_timeout",
+                "the handshake could not complete in time; try again",
+            );
+            return refuse(&gw, refusal);
+        }
     };
+    // A frame longer than the message limit is refused from its header (close 1009), before
+    // its payload is read.
     let mut upgrade = upgrade
         .read_buffer_size(1024)
         .write_buffer_size(8192)
+        .max_frame_size(crate::MAX_FRAME)
         .max_message_size(crate::MAX_FRAME);
     if let Some(protocol) = protocol::selected_protocol(&parts)
         .as_deref()

@@ -28,6 +28,7 @@ use crate::Gateway;
 /// Close code postgres-websockets uses when the token expires.
 const CLOSE_JWT_EXPIRED: u16 = 3001;
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
 /// How long a close frame may take to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How long a socket closed by shutdown is still read for what its client sent before it saw
@@ -114,6 +115,10 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "socket read failed");
+                        if too_big(e) {
+                            gw.metrics.refused("too_big");
+                            send_close(&mut ws, CLOSE_TOO_BIG, "message too big").await;
+                        }
                         break;
                     }
                 };
@@ -154,6 +159,13 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
             tracing::warn!(reason, messages = n, "client messages lost after close");
         }
     }
+}
+
+/// A frame or message over the limit (refused from the frame's header, before its payload).
+fn too_big(e: axum::Error) -> bool {
+    e.into_inner()
+        .downcast::<tungstenite::Error>()
+        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)))
 }
 
 /// Does what the protocol asked for a client frame; false when the socket is done (closed, or

@@ -17,7 +17,7 @@ use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEB
 use serde_json::{Map, Value};
 
 use super::pgws::unix_now;
-use super::{receive_span, Action, Admission, Frame, Protocol, Refusal};
+use super::{receive_span, valid_channel, Action, Admission, Frame, Protocol, Refusal};
 use crate::presence::Registration;
 use crate::uplink::Pending;
 use crate::Gateway;
@@ -89,7 +89,7 @@ pub(crate) fn admission(
     verified: Verified,
     channel: String,
 ) -> Result<Admission, Refusal> {
-    if channel.is_empty() || channel.len() > MAX_PG_CHANNEL || channel.contains('\0') {
+    if !valid_channel(&channel) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "invalid_channel",

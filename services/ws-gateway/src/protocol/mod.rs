@@ -26,6 +26,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use pgws_auth::Rejection;
+use pgws_proto::MAX_PG_CHANNEL;
 use pgws_service::telemetry::{self, TARGET as TRACE};
 
 use crate::handshake::{credentials, Credentials};
@@ -176,6 +177,15 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
     let grant = verified
         .grant(creds.channel.as_deref())
         .map_err(|r| Refusal::token(&r))?;
+    // A channel is a PostgreSQL identifier; bounding it also bounds every subject built
+    // from it (NATS refuses long control lines, and would drop this gateway's connection).
+    if grant.channels.iter().any(|c| !valid_channel(c)) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            format!("Error: a channel name is 1 to {MAX_PG_CHANNEL} bytes without NUL"),
+        ));
+    }
     if !grant.channels.iter().any(|c| direct.contains(c)) {
         return Ok(pgws::admission(gw, grant));
     }
@@ -194,6 +204,11 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
             "Error: a direct channel cannot share a socket with other channels",
         )),
     }
+}
+
+/// A channel name PostgreSQL accepts: 1 to 63 bytes, no NUL.
+pub(crate) fn valid_channel(channel: &str) -> bool {
+    !channel.is_empty() && channel.len() <= MAX_PG_CHANNEL && !channel.contains('\0')
 }
 
 /// The span of one client message (`gateway.receive`): the first of its trace, ended when the
