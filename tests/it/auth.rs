@@ -153,3 +153,54 @@ async fn jwks_from_a_file_and_base64_secrets_work_end_to_end() -> anyhow::Result
         .starts_with("refused 400: Error: "));
     Ok(())
 }
+
+#[tokio::test]
+async fn audience_issuer_and_clock_skew_can_be_required() -> anyhow::Result<()> {
+    // A flowing stack, and a second gateway with the requirements.
+    let mut stack = Stack::start().await?;
+    let strict = stack
+        .add_gateway(&[
+            ("PGWS_JWT_AUD", "pgws"),
+            ("PGWS_JWT_ISS", "https://auth.example"),
+            ("PGWS_JWT_LEEWAY", "30"),
+        ])
+        .await?;
+    let base = stack.ws_url(strict);
+    let url = |claims: serde_json::Value| format!("{base}/chat/{}", token(&claims));
+    let iss = "https://auth.example";
+    let cases = [
+        (
+            json!({"mode": "r", "iss": iss, "aud": "other"}),
+            "refused 400: Error: JWT not in audience",
+        ),
+        (
+            json!({"mode": "r", "aud": "pgws"}),
+            "refused 400: Error: JWT issuer not accepted",
+        ),
+        (
+            json!({"mode": "r", "iss": "https://evil.example"}),
+            "refused 400: Error: JWT issuer not accepted",
+        ),
+        (
+            json!({"mode": "r", "iss": iss, "exp": now() - 60}),
+            "refused 400: Token expired",
+        ),
+    ];
+    for (claims, expected) in cases {
+        assert_eq!(refusal(&url(claims.clone())).await, expected, "{claims}");
+    }
+    // Within the leeway: a token that expired 10 s ago or becomes valid in 10 s; an `aud`
+    // array naming us; no `aud` at all (PostgREST's rule).
+    for claims in [
+        json!({"mode": "r", "iss": iss, "aud": "pgws", "exp": now() - 10}),
+        json!({"mode": "r", "iss": iss, "aud": ["x", "pgws"], "nbf": now() + 10}),
+        json!({"mode": "r", "iss": iss}),
+    ] {
+        let mut ws = WsClient::connect(&url(claims.clone())).await?;
+        let db = stack.pg().await?;
+        let payload = json!({"channel": "chat", "n": 1}).to_string();
+        stack.notify(&db, &payload).await?;
+        assert_eq!(ws.next_text(T).await?, payload, "{claims}");
+    }
+    Ok(())
+}

@@ -112,24 +112,64 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, 
     }
 }
 
-/// Applies `exp` and `nbf` at `now` (unix seconds, no leeway), both optional: expired when
-/// `exp <= now`, not yet valid when `nbf > now`. Returns `exp` rounded up to whole seconds,
-/// so that "expired" is exactly `expires_at <= now`.
-pub(crate) fn check_times(claims: &Map<String, Value>, now: u64) -> Result<Option<u64>, Rejection> {
+/// Applies `exp` and `nbf` at `now` (unix seconds), both optional, with `leeway` seconds of
+/// clock skew allowed both ways: expired when `exp + leeway <= now`, not yet valid when
+/// `nbf - leeway > now`. Returns `exp + leeway` rounded up to whole seconds (when the socket
+/// is closed), so that "expired" is exactly `expires_at <= now`.
+pub(crate) fn check_times(
+    claims: &Map<String, Value>,
+    now: u64,
+    leeway: u64,
+) -> Result<Option<u64>, Rejection> {
     // `u64 -> f64` is exact for any realistic clock (below 2^53 seconds).
     #[allow(clippy::cast_precision_loss)]
-    let now_f = now as f64;
-    let exp = numeric_date(claims, "exp")?;
+    let (now_f, leeway_f) = (now as f64, leeway as f64);
+    let exp = numeric_date(claims, "exp")?.map(|exp| exp + leeway_f);
     if exp.is_some_and(|exp| exp <= now_f) {
         return Err(Rejection::Expired);
     }
-    if numeric_date(claims, "nbf")?.is_some_and(|nbf| nbf > now_f) {
+    if numeric_date(claims, "nbf")?.is_some_and(|nbf| nbf - leeway_f > now_f) {
         return Err(Rejection::Invalid("token not yet valid (nbf)".to_owned()));
     }
     numeric_date(claims, "iat")?;
     // exp > now >= 0 here, so the cast (saturating for huge values) loses nothing that matters.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     Ok(exp.map(|exp| exp.ceil() as u64))
+}
+
+/// PostgREST's `jwt-aud` rule: with an audience configured, a token whose `aud` (a string or
+/// an array of strings) does not name it is refused; a token without `aud` is accepted.
+pub(crate) fn check_audience(
+    claims: &Map<String, Value>,
+    audience: Option<&str>,
+) -> Result<(), Rejection> {
+    let Some(wanted) = audience else {
+        return Ok(());
+    };
+    let named = match claims.get("aud") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::String(aud)) => aud == wanted,
+        Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(wanted)),
+        Some(_) => false,
+    };
+    if named {
+        Ok(())
+    } else {
+        Err(Rejection::Invalid("JWT not in audience".to_owned()))
+    }
+}
+
+/// With an issuer configured, the token's `iss` must be present and equal to it.
+pub(crate) fn check_issuer(
+    claims: &Map<String, Value>,
+    issuer: Option<&str>,
+) -> Result<(), Rejection> {
+    match issuer {
+        Some(wanted) if claims.get("iss").and_then(Value::as_str) != Some(wanted) => {
+            Err(Rejection::Invalid("JWT issuer not accepted".to_owned()))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -247,47 +287,78 @@ mod tests {
     #[test]
     fn times() {
         let now = 1_000;
-        assert_eq!(check_times(&map(json!({})), now), Ok(None));
+        assert_eq!(check_times(&map(json!({})), now, 0), Ok(None));
         assert_eq!(
-            check_times(&map(json!({"exp": 1_001})), now),
+            check_times(&map(json!({"exp": 1_001})), now, 0),
             Ok(Some(1_001))
         );
         assert_eq!(
-            check_times(&map(json!({"exp": 1_000})), now),
+            check_times(&map(json!({"exp": 1_000})), now, 0),
             Err(Rejection::Expired)
         );
         assert_eq!(
-            check_times(&map(json!({"exp": -5})), now),
+            check_times(&map(json!({"exp": -5})), now, 0),
             Err(Rejection::Expired)
         );
         assert_eq!(
-            check_times(&map(json!({"exp": 1_000.5})), now),
+            check_times(&map(json!({"exp": 1_000.5})), now, 0),
             Ok(Some(1_001))
         );
         assert_eq!(
-            check_times(&map(json!({"exp": 999.5})), now),
+            check_times(&map(json!({"exp": 999.5})), now, 0),
             Err(Rejection::Expired)
         );
-        assert_eq!(check_times(&map(json!({"nbf": 1_000})), now), Ok(None));
+        assert_eq!(check_times(&map(json!({"nbf": 1_000})), now, 0), Ok(None));
         assert_eq!(
-            check_times(&map(json!({"nbf": 1_001})), now),
+            check_times(&map(json!({"nbf": 1_001})), now, 0),
             Err(Rejection::Invalid("token not yet valid (nbf)".to_owned()))
         );
         assert_eq!(
-            check_times(&map(json!({"exp": "tomorrow"})), now),
+            check_times(&map(json!({"exp": "tomorrow"})), now, 0),
             Err(Rejection::Invalid("invalid exp claim".to_owned()))
         );
         assert_eq!(
-            check_times(&map(json!({"nbf": null, "exp": null})), now),
+            check_times(&map(json!({"nbf": null, "exp": null})), now, 0),
             Ok(None)
         );
         assert_eq!(
-            check_times(&map(json!({"nbf": "soon"})), now),
+            check_times(&map(json!({"nbf": "soon"})), now, 0),
             Err(Rejection::Invalid("invalid nbf claim".to_owned()))
         );
         assert_eq!(
-            check_times(&map(json!({"iat": "x"})), now),
+            check_times(&map(json!({"iat": "x"})), now, 0),
             Err(Rejection::Invalid("invalid iat claim".to_owned()))
         );
+    }
+
+    #[test]
+    fn leeway_stretches_exp_and_nbf() {
+        let now = 1_000;
+        assert_eq!(
+            check_times(&map(json!({"exp": 995})), now, 10),
+            Ok(Some(1_005))
+        );
+        assert_eq!(
+            check_times(&map(json!({"exp": 990})), now, 10),
+            Err(Rejection::Expired)
+        );
+        assert!(check_times(&map(json!({"nbf": 1_010})), now, 10).is_ok());
+        assert!(check_times(&map(json!({"nbf": 1_011})), now, 10).is_err());
+    }
+
+    #[test]
+    fn audience_and_issuer() {
+        let aud = Some("pgws");
+        assert!(check_audience(&map(json!({})), aud).is_ok());
+        assert!(check_audience(&map(json!({"aud": "pgws"})), aud).is_ok());
+        assert!(check_audience(&map(json!({"aud": ["x", "pgws"]})), aud).is_ok());
+        assert!(check_audience(&map(json!({"aud": "other"})), aud).is_err());
+        assert!(check_audience(&map(json!({"aud": 5})), aud).is_err());
+        assert!(check_audience(&map(json!({"aud": "other"})), None).is_ok());
+        let iss = Some("https://auth.example");
+        assert!(check_issuer(&map(json!({"iss": "https://auth.example"})), iss).is_ok());
+        assert!(check_issuer(&map(json!({"iss": "https://evil"})), iss).is_err());
+        assert!(check_issuer(&map(json!({})), iss).is_err());
+        assert!(check_issuer(&map(json!({})), None).is_ok());
     }
 }

@@ -52,6 +52,18 @@ pub struct Grant {
 #[derive(Debug, Clone)]
 pub struct Authorizer {
     keys: keys::KeyRing,
+    policy: Policy,
+}
+
+/// What a valid token must also satisfy beyond its signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Seconds of clock skew allowed on `exp` and `nbf` (`PGWS_JWT_LEEWAY`).
+    pub leeway: u64,
+    /// PostgREST's `jwt-aud`: a token with an `aud` claim must name this (`PGWS_JWT_AUD`).
+    pub audience: Option<String>,
+    /// The token's `iss` must be this (`PGWS_JWT_ISS`).
+    pub issuer: Option<String>,
 }
 
 impl Authorizer {
@@ -60,7 +72,14 @@ impl Authorizer {
     pub fn from_secret(secret: &str, base64: bool) -> Result<Authorizer, SecretError> {
         Ok(Authorizer {
             keys: keys::parse_secret(secret, base64)?,
+            policy: Policy::default(),
         })
+    }
+
+    /// The same keys with `policy` applied to every token.
+    pub fn with_policy(mut self, policy: Policy) -> Authorizer {
+        self.policy = policy;
+        self
     }
 
     /// Validates the token and applies the claims rules. `now` is unix seconds (injected so
@@ -84,7 +103,10 @@ impl Authorizer {
             (Map::new(), None)
         } else {
             let claims = verify::verify(&self.keys, token)?;
-            let expires_at = claims::check_times(&claims, now)?;
+            let policy = &self.policy;
+            let expires_at = claims::check_times(&claims, now, policy.leeway)?;
+            claims::check_audience(&claims, policy.audience.as_deref())?;
+            claims::check_issuer(&claims, policy.issuer.as_deref())?;
             (claims, expires_at)
         };
         let mode = parse_mode(&claims)?;

@@ -50,6 +50,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "pubsub_grace",
     "pubsub_keys_table",
     "handshake_timeout",
+    "jwt_leeway",
+    "jwt_aud",
+    "jwt_iss",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgws_auth::Authorizer;
+use pgws_auth::{Authorizer, Policy};
 use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
@@ -76,9 +76,14 @@ impl GatewayConfig {
             }),
         };
         let base64 = p.flag("jwt_secret_base64");
+        let policy = Policy {
+            leeway: p.parse_or("jwt_leeway", 0),
+            audience: p.text("jwt_aud"),
+            issuer: p.text("jwt_iss"),
+        };
         let authorizer = match p.secret("jwt_secret") {
             Some(secret) => match Authorizer::from_secret(&secret, base64) {
-                Ok(a) => Some(a),
+                Ok(a) => Some(a.with_policy(policy)),
                 Err(e) => {
                     p.push(format!("PGWS_JWT_SECRET: {e}"));
                     None
