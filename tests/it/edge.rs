@@ -132,3 +132,93 @@ async fn a_frame_over_the_limit_is_refused_from_its_header() -> anyhow::Result<(
     assert!(started.elapsed() < Duration::from_secs(2));
     Ok(())
 }
+
+/// A stack with a flowing default gateway (0) and a second gateway with `extra` (1).
+async fn with_limited_gateway(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
+    let mut stack = Stack::start().await?;
+    stack.add_gateway(extra).await?;
+    Ok(stack)
+}
+
+async fn refused(url: &str, headers: &[(&str, &str)]) -> String {
+    match WsClient::connect_with(url, headers).await {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn browsers_connect_only_from_allowed_origins() -> anyhow::Result<()> {
+    let stack = with_limited_gateway(&[(
+        "PGWS_ALLOWED_ORIGINS",
+        "https://app.example,http://localhost:3000",
+    )])
+    .await?;
+    let url = format!("{}/chat/{}", stack.ws_url(1), token(&json!({"mode": "r"})));
+    let evil = refused(&url, &[("Origin", "https://evil.example")]).await;
+    assert_eq!(evil, "refused 403: origin not allowed");
+    WsClient::connect_with(&url, &[("Origin", "https://app.example")]).await?;
+    // Not a browser: no Origin header, nothing to check.
+    WsClient::connect(&url).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped() -> anyhow::Result<()> {
+    let stack = with_limited_gateway(&[("PGWS_MAX_CONNECTIONS_PER_ADDRESS", "3")]).await?;
+    let url = format!("{}/chat/{}", stack.ws_url(1), token(&json!({"mode": "r"})));
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(WsClient::connect(&url).await?);
+    }
+    assert_eq!(
+        refused(&url, &[]).await,
+        "refused 429: too many connections from this address"
+    );
+    // A closed socket frees its place.
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(ws) = WsClient::connect(&url).await {
+            again = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.is_some(), "the freed place was not given back");
+    // Other gateways are not concerned.
+    stack.connect(0, "chat", &json!({"mode": "r"})).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_socket_over_its_message_rate_is_closed_and_keeps_what_was_accepted() -> anyhow::Result<()>
+{
+    let stack = with_limited_gateway(&[("PGWS_MAX_MESSAGE_RATE", "5")]).await?;
+    let (_l, mut rx) = pgws_tests::listen(&[&stack.listen_channel]).await?;
+    let url = format!("{}/rated/{}", stack.ws_url(1), token(&json!({"mode": "w"})));
+    let mut ws = WsClient::connect(&url).await?;
+    for i in 0..20 {
+        if ws.send_text(&format!("m{i}")).await.is_err() {
+            break;
+        }
+    }
+    let (code, reason) = ws.expect_close(T).await?;
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("rate"), "{reason}");
+    // The burst of 5 was accepted and reaches NOTIFY, in order; nothing after it.
+    for i in 0..5 {
+        let (_, payload, _) = tokio::time::timeout(T, rx.recv())
+            .await?
+            .expect("listening");
+        let envelope: serde_json::Value = serde_json::from_str(&payload)?;
+        assert_eq!(envelope["payload"], format!("m{i}"));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err(),
+        "a message over the rate was notified"
+    );
+    Ok(())
+}

@@ -53,6 +53,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "jwt_leeway",
     "jwt_aud",
     "jwt_iss",
+    "max_connections_per_address",
+    "allowed_origins",
+    "max_message_rate",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -8,6 +8,7 @@ use pgws_auth::{Authorizer, Policy};
 use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
+use crate::limits::Origins;
 use crate::listen::ListenAddr;
 use crate::DirectChannels;
 
@@ -51,6 +52,13 @@ pub struct GatewayConfig {
     /// How long a connection may take for its TLS handshake, its request headers, and its
     /// websocket handshake each (`PGWS_HANDSHAKE_TIMEOUT`, seconds).
     pub handshake_timeout: Duration,
+    /// Open websockets per source address (`PGWS_MAX_CONNECTIONS_PER_ADDRESS`); none: no limit.
+    pub max_connections_per_address: Option<usize>,
+    /// The `Origin`s a browser may connect from (`PGWS_ALLOWED_ORIGINS`); default any.
+    pub allowed_origins: Origins,
+    /// Messages per second a socket may send, bursts of as many
+    /// (`PGWS_MAX_MESSAGE_RATE`); none: no limit.
+    pub max_message_rate: Option<u32>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -171,12 +179,23 @@ impl GatewayConfig {
         let ping: u64 = p.parse_or("ping_interval", 30);
         let notify_timeout: u64 = p.parse_or("notify_timeout", 10);
         let handshake_timeout: u64 = p.parse_or("handshake_timeout", 10);
+        let max_connections_per_address: Option<usize> = p.parse("max_connections_per_address");
+        let max_message_rate: Option<u32> = p.parse("max_message_rate");
+        let allowed_origins = Origins::parse(&p.text_or("allowed_origins", ""));
         for (name, v) in [
             ("PGWS_SEND_QUEUE", send_queue as u64),
             ("PGWS_MAX_PENDING", max_pending as u64),
             ("PGWS_PING_INTERVAL", ping),
             ("PGWS_NOTIFY_TIMEOUT", notify_timeout),
             ("PGWS_HANDSHAKE_TIMEOUT", handshake_timeout),
+            (
+                "PGWS_MAX_CONNECTIONS_PER_ADDRESS",
+                max_connections_per_address.map_or(1, |n| n as u64),
+            ),
+            (
+                "PGWS_MAX_MESSAGE_RATE",
+                max_message_rate.map_or(1, u64::from),
+            ),
         ] {
             if v == 0 {
                 p.push(format!("{name}: must be at least 1"));
@@ -199,6 +218,9 @@ impl GatewayConfig {
             ping_interval: Duration::from_secs(ping),
             notify_timeout: Duration::from_secs(notify_timeout),
             handshake_timeout: Duration::from_secs(handshake_timeout),
+            max_connections_per_address,
+            allowed_origins,
+            max_message_rate,
         });
         match (p.finish(()), config) {
             (Ok(()), Some(c)) => Ok(c),

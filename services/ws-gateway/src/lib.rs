@@ -12,11 +12,12 @@
 //! routes a handshake to its module (`handshake` finds a token); `session` registers an
 //! accepted socket; `socket` runs one websocket; `hub` holds subscriptions and fans out;
 //! `uplink` sends client messages to the bridges; `presence` keeps the leader bridge informed
-//! (direct channels, topics); `metrics` counts.
+//! (direct channels, topics); `limits` bounds what one client may take; `metrics` counts.
 
 mod config;
 mod handshake;
 mod hub;
+mod limits;
 mod listen;
 mod metrics;
 mod presence;
@@ -58,6 +59,8 @@ pub(crate) struct Gateway {
     pub(crate) uplink: Uplink,
     pub(crate) presence: Presence,
     pub(crate) client: async_nats::Client,
+    /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
+    pub(crate) per_address: Arc<limits::PerAddress>,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) shutdown: Shutdown,
     next_id: AtomicU64,
@@ -147,12 +150,14 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         audit,
         config.audit_channel.clone(),
     );
+    let per_address = limits::PerAddress::new(config.max_connections_per_address);
     let gw = Arc::new(Gateway {
         config,
         hub,
         uplink,
         presence,
         client: client.clone(),
+        per_address,
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),

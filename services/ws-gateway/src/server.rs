@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::services::ServeDir;
 
+use crate::limits::Peer;
 use crate::protocol::{self, Refusal};
 use crate::{socket, Gateway};
 
@@ -69,7 +70,7 @@ pub(crate) async fn serve(
 ) {
     let token = gw.shutdown.token.clone();
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = token.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -82,7 +83,13 @@ pub(crate) async fn serve(
             },
         };
         drop(tcp.set_nodelay(true));
-        let service = TowerToHyperService::new(router.clone());
+        let peer = Peer(peer.ip());
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer);
+                req
+            },
+        ));
         let tls = tls.clone();
         let limit = gw.config.handshake_timeout;
         gw.shutdown.spawn(async move {
@@ -109,13 +116,12 @@ pub(crate) async fn serve(
 
 /// Serves HTTP/1.1 on one connection; a request whose headers take longer than
 /// `header_timeout` to arrive ends the connection (slow clients hold nothing for long).
-async fn serve_conn<I>(
-    io: I,
-    service: TowerToHyperService<Router>,
-    header_timeout: Duration,
-) -> Result<(), hyper::Error>
+async fn serve_conn<I, S>(io: I, service: S, header_timeout: Duration) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
 {
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -145,6 +151,29 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
+    let origin = parts
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if !gw.config.allowed_origins.allows(origin) {
+        let refusal = Refusal::new(StatusCode::FORBIDDEN, "origin", "origin not allowed");
+        return refuse(&gw, refusal);
+    }
+    // Held as long as the socket lives (with the handshake before it).
+    let slot = match parts.extensions.get::<Peer>() {
+        Some(peer) if gw.per_address.enabled() => match gw.per_address.acquire(peer.0) {
+            Some(slot) => Some(slot),
+            None => {
+                let refusal = Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "per_address",
+                    "too many connections from this address",
+                );
+                return refuse(&gw, refusal);
+            }
+        },
+        _ => None,
+    };
     // The handshake's own waits are bounded; this bounds them together.
     let admitted = tokio::time::timeout(gw.config.handshake_timeout, protocol::admit(&gw, &parts));
     let accepted = match admitted.await {
@@ -174,7 +203,7 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
     }
     let owner = gw.shutdown.tracker.token();
     upgrade.on_upgrade(move |ws| async move {
-        let _owned = owner;
+        let _owned = (owner, slot);
         let membership = accepted.membership;
         socket::run(Arc::clone(&membership.gw), ws, accepted.session).await;
         drop(membership);

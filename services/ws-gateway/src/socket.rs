@@ -20,6 +20,7 @@ use pgws_proto::headers;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
 use crate::session::Session;
 use crate::uplink::Pending;
@@ -29,6 +30,7 @@ use crate::Gateway;
 const CLOSE_JWT_EXPIRED: u16 = 3001;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_POLICY: u16 = 1008;
 /// How long a close frame may take to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How long a socket closed by shutdown is still read for what its client sent before it saw
@@ -47,6 +49,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
     let mut pending: VecDeque<Pending> = opening.into_iter().collect();
     let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
     let per_request = gw.uplink.per_request();
+    let mut rate = gw.config.max_message_rate.map(Rate::new);
     let expiry = expiry_sleep(expires_at);
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(gw.config.ping_interval);
@@ -122,6 +125,14 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                         break;
                     }
                 };
+                if rate.as_mut().is_some_and(|r| !r.take()) {
+                    // What was accepted before still goes to the database (below the loop).
+                    gw.metrics.refused("rate_limit");
+                    if open {
+                        send_close(&mut ws, CLOSE_POLICY, "message rate limit exceeded").await;
+                    }
+                    break;
+                }
                 let action = match protocol.frame(&gw, frame) {
                     // After our close frame no frame may be sent: refusals are only counted.
                     Action::Reply(_) | Action::Close(..) if !open => Action::None,
