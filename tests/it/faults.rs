@@ -306,7 +306,7 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() ->
     let pid = stack.gateways[0].pid().unwrap_or(0);
     let channel = unique("stall-");
     // Never read: the kernel's buffers fill, then the socket's send queue (1024 messages).
-    let _stalled = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let mut stalled = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
     let mut healthy = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
     let (peak_before, rss_before) = memory_kib(pid);
     let db = stack.pg().await?;
@@ -346,7 +346,25 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() ->
             == Some(1.0)
     })
     .await;
+    // The gateway gives the socket up while its client still does not read (its task and
+    // queue go), and the client, once it reads, finds the end after what the network held.
+    let open = || async {
+        gw.metric("pgws_gateway_connections_open{protocol=\"postgres-websockets\"}")
+            .await
+    };
+    // (The healthy reader's socket closed when its task ended.)
+    let released = pgws_tests::eventually(Duration::from_secs(5), || async {
+        open().await == Some(0.0)
+    })
+    .await;
     let (peak, rss) = memory_kib(pid);
+    let ended = stalled.expect_end(T).await?;
+    eprintln!("stalled client: found the end after what the network held: {ended:?}");
+    assert!(
+        released,
+        "the gateway kept the non-reading socket ({:?} open)",
+        open().await
+    );
     let mib = |k: u64| k as f64 / 1024.0;
     eprintln!(
         "non-reading client: {total} notifications of {size} B ({:.0} MiB) in {:?}; healthy reader got all, \

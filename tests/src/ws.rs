@@ -106,6 +106,30 @@ impl WsClient {
             .context("socket closed")??)
     }
 
+    /// Reads until the socket ends: `Some` close frame's code and reason, or `None` when the
+    /// connection ended without one (the server gave up a client that did not read).
+    pub async fn expect_end(&mut self, timeout: Duration) -> anyhow::Result<Option<(u16, String)>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("the socket did not end in time")?;
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Ok(Some((
+                        u16::from(frame.code),
+                        frame.reason.as_str().to_owned(),
+                    )))
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Ok(Some((u16::from(CloseCode::Status), String::new())))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ok(None),
+            }
+        }
+    }
+
     /// Waits for the server's close frame and returns its code and reason.
     pub async fn expect_close(&mut self, timeout: Duration) -> anyhow::Result<(u16, String)> {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -22,6 +22,7 @@ pub(crate) struct GatewayMetrics {
     pub(crate) bytes_out: Counter,
     pub(crate) notifications_in: Counter,
     pub(crate) slow_consumers: Counter,
+    pub(crate) abandoned: Counter,
     pub(crate) channels: Gauge,
     pub(crate) delivery_latency: Histogram,
 }
@@ -96,6 +97,11 @@ impl GatewayMetrics {
             slow_consumers: m.register(
                 "gateway_slow_consumer_disconnects",
                 "Sockets disconnected because their send queue was full",
+                Counter::default(),
+            ),
+            abandoned: m.register(
+                "gateway_abandoned_sockets",
+                "Sockets dropped without a close frame because their client stopped reading while a write was blocked",
                 Counter::default(),
             ),
             channels: m.register(

@@ -20,6 +20,7 @@ use pgws_proto::headers;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::hub::Kick;
 use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
 use crate::session::Session;
@@ -91,7 +92,20 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                     receiving = false;
                     continue;
                 };
-                if write_burst(&mut ws, &mut rx, first).await.is_err() {
+                // A socket kicked while its write is blocked (its client stopped reading) gets
+                // one more CLOSE_WAIT, then is dropped: its task and queue go at once, not
+                // when the client reads again.
+                let write = write_burst(&mut ws, &mut rx, first);
+                tokio::pin!(write);
+                let written = tokio::select! {
+                    r = &mut write => r.is_ok(),
+                    _ = closed_by(&kick) => matches!(
+                        tokio::time::timeout(CLOSE_WAIT, &mut write).await,
+                        Ok(Ok(()))
+                    ),
+                };
+                if !written {
+                    gw.metrics.abandoned.inc();
                     break;
                 }
             }
@@ -169,6 +183,15 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
             gw.metrics.notify_failed.inc_by(n as u64);
             tracing::warn!(reason, messages = n, "client messages lost after close");
         }
+    }
+}
+
+/// Resolves when the socket is told to close with a close frame (not on shutdown, whose writes
+/// are given their time).
+async fn closed_by(kick: &Kick) {
+    kick.kicked().await;
+    if kick.reason().is_none() {
+        std::future::pending::<()>().await;
     }
 }
 
