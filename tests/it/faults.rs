@@ -388,3 +388,70 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn services_authenticate_to_nats_and_a_gateway_cannot_forge_deliveries() -> anyhow::Result<()>
+{
+    let mut stack = Stack::new();
+    let p = stack.prefix.clone();
+    // Each service its own user with only the subjects it needs (proto/CONTRACT.md).
+    let conf = format!(
+        r#"
+authorization {{
+  users = [
+    {{ user: gateway, password: "gw-secret", permissions: {{
+        publish: {{ allow: ["{p}.notify", "{p}.registry", "{p}.apikey", "{p}.topic.>", "{p}.audit", "{p}.sync", "$JS.API.>", "_INBOX.>"] }}
+        subscribe: {{ allow: ["_INBOX.>", "{p}.deliver.>", "{p}.direct.>", "{p}.topic.>", "{p}.gap"] }}
+    }} }}
+    {{ user: bridge, password: "bridge-secret", permissions: {{
+        publish: {{ allow: ["{p}.deliver.>", "{p}.direct.>", "{p}.topic.>", "{p}.gap", "_INBOX.>"] }}
+        subscribe: {{ allow: ["{p}.notify", "{p}.registry", "{p}.apikey", "_INBOX.>"] }}
+    }} }}
+  ]
+}}
+"#
+    );
+    let nats = PrivateNats::start_with(&conf).await?;
+    stack.extra = vec![("PGWS_NATS_URL".into(), nats.url())];
+    stack
+        .add_bridge(&[
+            ("PGWS_NATS_USER", "bridge"),
+            ("PGWS_NATS_PASSWORD", "bridge-secret"),
+        ])
+        .await?;
+    stack
+        .add_gateway(&[
+            ("PGWS_NATS_USER", "gateway"),
+            ("PGWS_NATS_PASSWORD", "gw-secret"),
+        ])
+        .await?;
+    stack.wait_flowing(0).await?;
+    let mut ws = stack.connect(0, "chat", &json!({"mode": "rw"})).await?;
+    ws.send_text("through the bus").await?;
+    assert_eq!(ws.next_json(T).await?["payload"], "through the bus");
+    // Whoever holds the gateway's credentials cannot publish a delivery: the server refuses
+    // it, and the socket only gets what the database notified.
+    let forger =
+        async_nats::ConnectOptions::with_user_and_password("gateway".into(), "gw-secret".into())
+            .connect(nats.url())
+            .await?;
+    forger
+        .publish(
+            format!("{p}.deliver.chat"),
+            r#"{"channel":"chat","forged":true}"#.into(),
+        )
+        .await?;
+    forger.flush().await?;
+    let db = stack.pg().await?;
+    let real = json!({"channel": "chat", "real": true}).to_string();
+    stack.notify(&db, &real).await?;
+    assert_eq!(
+        ws.next_text(T).await?,
+        real,
+        "a forged delivery got through"
+    );
+    // Without the password a service cannot connect at all.
+    let outsider = async_nats::ConnectOptions::new().connect(nats.url()).await;
+    assert!(outsider.is_err(), "an anonymous client connected");
+    Ok(())
+}

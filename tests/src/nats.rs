@@ -12,6 +12,8 @@ use anyhow::{bail, Context};
 pub struct PrivateNats {
     child: Option<Child>,
     dir: PathBuf,
+    /// A configuration file (`-c`), when started with one.
+    conf: Option<PathBuf>,
     /// Its port on 127.0.0.1.
     pub port: u16,
 }
@@ -27,12 +29,25 @@ fn binary() -> &'static str {
 impl PrivateNats {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with("").await
+    }
+
+    /// Starts a server with `conf` as its configuration file (e.g. an `authorization` block).
+    pub async fn start_with(conf: &str) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(crate::unique("pgws-nats-"));
         std::fs::create_dir_all(&dir)?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = if conf.is_empty() {
+            None
+        } else {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, conf)?;
+            Some(path)
+        };
         let mut nats = Self {
             child: None,
             dir,
+            conf,
             port,
         };
         nats.restart().await?;
@@ -57,7 +72,11 @@ impl PrivateNats {
     /// accepts connections.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(conf) = &self.conf {
+            command.arg("-c").arg(conf);
+        }
+        let child = command
             .args([
                 "-a",
                 "127.0.0.1",

@@ -9,5 +9,5 @@
 mod sections;
 mod settings;
 
-pub use sections::{AdminConfig, AuditConfig, DbConfig, NatsConfig};
+pub use sections::{AdminConfig, AuditConfig, DbConfig, NatsAuth, NatsConfig};
 pub use settings::{ConfigError, Problems, Settings, KNOWN_KEYS};

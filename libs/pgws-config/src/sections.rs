@@ -1,19 +1,120 @@
 //! The configuration sections several services share: NATS, the admin listener, PostgreSQL.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use pgws_proto::{Prefix, Subjects, DEFAULT_PREFIX};
 
 use crate::Problems;
 
-/// `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`.
+/// `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`, and how to authenticate (`PGWS_NATS_USER` ...).
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
     /// Server URL(s), comma separated.
     pub url: String,
     /// Every subject, stream and consumer name derives from this.
     pub subjects: Subjects,
+    /// Credentials and TLS for the connection.
+    pub auth: NatsAuth,
+}
+
+/// How a service authenticates to NATS: at most one of user and password, token, NKey seed or
+/// credentials file; TLS with an extra root certificate and a client certificate.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// `PGWS_NATS_USER` and `PGWS_NATS_PASSWORD` (`@path` accepted).
+    pub user: Option<(String, String)>,
+    /// `PGWS_NATS_TOKEN` (`@path` accepted).
+    pub token: Option<String>,
+    /// `PGWS_NATS_NKEY`: an NKey seed (`@path` accepted).
+    pub nkey: Option<String>,
+    /// `PGWS_NATS_CREDS`: a `.creds` file (JWT and NKey seed).
+    pub creds: Option<PathBuf>,
+    /// `PGWS_NATS_TLS`: require TLS (also implied by a `tls://` URL or the files below).
+    pub tls: bool,
+    /// `PGWS_NATS_TLS_CA`: a root certificate (PEM) to trust besides the system's.
+    pub tls_ca: Option<PathBuf>,
+    /// `PGWS_NATS_TLS_CERT` and `PGWS_NATS_TLS_KEY`: a client certificate and its key (PEM).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("token", &self.token.is_some())
+            .field("nkey", &self.nkey.is_some())
+            .field("creds", &self.creds)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsAuth {
+    fn read(p: &mut Problems<'_>) -> Self {
+        let user = p.text("nats_user");
+        let password = p.secret("nats_password");
+        let token = p.secret("nats_token");
+        let nkey = p.secret("nats_nkey");
+        let creds = p.text("nats_creds").map(PathBuf::from);
+        let methods = [
+            user.is_some(),
+            token.is_some(),
+            nkey.is_some(),
+            creds.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            p.push("PGWS_NATS_USER, PGWS_NATS_TOKEN, PGWS_NATS_NKEY and PGWS_NATS_CREDS: set at most one");
+        }
+        let user = match (user, password) {
+            (Some(u), Some(pw)) => Some((u, pw)),
+            (Some(_), None) => {
+                p.push("PGWS_NATS_USER is set but PGWS_NATS_PASSWORD is not");
+                None
+            }
+            (None, Some(_)) => {
+                p.push("PGWS_NATS_PASSWORD is set but PGWS_NATS_USER is not");
+                None
+            }
+            (None, None) => None,
+        };
+        let tls_ca = p.text("nats_tls_ca").map(PathBuf::from);
+        let tls_client = match (p.text("nats_tls_cert"), p.text("nats_tls_key")) {
+            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (None, None) => None,
+            _ => {
+                p.push("PGWS_NATS_TLS_CERT and PGWS_NATS_TLS_KEY go together");
+                None
+            }
+        };
+        let files = creds
+            .iter()
+            .map(|f| ("PGWS_NATS_CREDS", f))
+            .chain(tls_ca.iter().map(|f| ("PGWS_NATS_TLS_CA", f)))
+            .chain(
+                tls_client
+                    .iter()
+                    .flat_map(|(c, k)| [("PGWS_NATS_TLS_CERT", c), ("PGWS_NATS_TLS_KEY", k)]),
+            );
+        let missing: Vec<String> = files
+            .filter(|(_, f)| !f.is_file())
+            .map(|(name, f)| format!("{name}: no such file {f:?}"))
+            .collect();
+        for m in missing {
+            p.push(m);
+        }
+        let tls = p.flag("nats_tls") || tls_ca.is_some() || tls_client.is_some();
+        Self {
+            user,
+            token,
+            nkey,
+            creds,
+            tls,
+            tls_ca,
+            tls_client,
+        }
+    }
 }
 
 impl NatsConfig {
@@ -28,9 +129,11 @@ impl NatsConfig {
                 Prefix::new(DEFAULT_PREFIX).unwrap_or_else(|_| unreachable!("default is valid"))
             }
         };
+        let auth = NatsAuth::read(p);
         Self {
             url,
             subjects: Subjects::new(prefix),
+            auth,
         }
     }
 }

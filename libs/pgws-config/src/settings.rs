@@ -56,6 +56,15 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_connections_per_address",
     "allowed_origins",
     "max_message_rate",
+    "nats_user",
+    "nats_password",
+    "nats_token",
+    "nats_nkey",
+    "nats_creds",
+    "nats_tls",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -1,34 +1,64 @@
 //! The NATS connection every service opens: named, retrying forever in the background, so a
 //! service starts while NATS is down and becomes ready when it comes up. Subscriptions are
 //! restored by the client after a reconnect; [`connect_nats_watched`] also counts reconnects,
-//! for services that tell their clients something may have been missed meanwhile.
+//! for services that tell their clients something may have been missed meanwhile. Credentials
+//! (user and password, token, NKey, credentials file) and TLS come from `PGWS_NATS_*`.
 
+use anyhow::Context as _;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event};
+use pgws_config::{NatsAuth, NatsConfig};
 use tokio::sync::watch;
 
 use crate::Readiness;
 
-/// Connects to `url` (comma-separated for a cluster) and registers the `nats` readiness check.
+/// Connects to `config.url` (comma-separated for a cluster) with its credentials and TLS, and
+/// registers the `nats` readiness check.
 pub async fn connect_nats(
-    url: &str,
+    config: &NatsConfig,
     name: &str,
     readiness: &Readiness,
-) -> Result<Client, async_nats::ConnectError> {
-    Ok(connect_nats_watched(url, name, readiness).await?.0)
+) -> anyhow::Result<Client> {
+    Ok(connect_nats_watched(config, name, readiness).await?.0)
+}
+
+/// The options for `auth`.
+async fn options(auth: &NatsAuth) -> anyhow::Result<ConnectOptions> {
+    let mut options = match (&auth.user, &auth.token, &auth.nkey, &auth.creds) {
+        (Some((user, password)), ..) => {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        (_, Some(token), ..) => ConnectOptions::with_token(token.clone()),
+        (_, _, Some(seed), _) => ConnectOptions::with_nkey(seed.clone()),
+        (.., Some(creds)) => ConnectOptions::with_credentials_file(creds.clone())
+            .await
+            .with_context(|| format!("reading the NATS credentials file {creds:?}"))?,
+        _ => ConnectOptions::new(),
+    };
+    if auth.tls {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &auth.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
 }
 
 /// Like [`connect_nats`], with the number of times the connection came back after it was
 /// lost (the first connection does not count).
 pub async fn connect_nats_watched(
-    url: &str,
+    config: &NatsConfig,
     name: &str,
     readiness: &Readiness,
-) -> Result<(Client, watch::Receiver<u64>), async_nats::ConnectError> {
+) -> anyhow::Result<(Client, watch::Receiver<u64>)> {
     let (reconnects_tx, reconnects) = watch::channel(0u64);
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-    let client = ConnectOptions::new()
+    let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
+    let client = options(&config.auth)
+        .await?
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)

@@ -107,7 +107,7 @@ async fn serve(
         }
     });
 
-    let nats = connect_nats(&config.nats.url, "pg-bridge", &readiness)
+    let nats = connect_nats(&config.nats, "pg-bridge", &readiness)
         .await
         .context("cannot connect to NATS")?;
     *nats_slot = Some(nats.clone());

@@ -72,7 +72,7 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin.addr))?;
     tracing::info!(addr = %admin.local_addr()?, "admin listening");
-    let client = connect_nats(&config.nats.url, "pg-recorder", &readiness)
+    let client = connect_nats(&config.nats, "pg-recorder", &readiness)
         .await
         .context("connecting to NATS")?;
     let db_up = Arc::new(AtomicBool::new(false));

@@ -83,7 +83,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     let registry = Metrics::new();
     let readiness = Readiness::new();
     let metrics = GatewayMetrics::register(&registry);
-    let (client, reconnects) = connect_nats_watched(&config.nats.url, "ws-gateway", &readiness)
+    let (client, reconnects) = connect_nats_watched(&config.nats, "ws-gateway", &readiness)
         .await
         .context("connecting to NATS")?;
     let tls = match &config.tls {
