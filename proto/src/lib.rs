@@ -27,6 +27,12 @@ pub const MAX_NOTIFY_PAYLOAD: usize = 7999;
 /// PostgreSQL truncates identifiers at 63 bytes; `pg_notify` refuses longer channel names.
 pub const MAX_PG_CHANNEL: usize = 63;
 
+/// Whether PostgreSQL accepts `channel` as a channel name: 1 to [`MAX_PG_CHANNEL`] bytes, no
+/// NUL. Bounding a channel also bounds every subject built from it.
+pub fn valid_channel(channel: &str) -> bool {
+    !channel.is_empty() && channel.len() <= MAX_PG_CHANNEL && !channel.contains('\0')
+}
+
 /// The default `PGWS_LISTEN_CHANNEL`, as in postgres-websockets.
 pub const DEFAULT_LISTEN_CHANNEL: &str = "postgres-websockets-listener";
 

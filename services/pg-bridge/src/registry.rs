@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pgws_proto::{
-    Presence, RegistryReply, Topic, MAX_PG_CHANNEL, PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
+    valid_channel, Presence, RegistryReply, Topic, PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
 };
 use tokio::time::Instant;
 
@@ -265,11 +265,6 @@ impl Registry {
             }
         }
     }
-}
-
-/// A name PostgreSQL accepts as a channel (and that `LISTEN` quoting keeps intact).
-fn valid_channel(c: &str) -> bool {
-    !c.is_empty() && c.len() <= MAX_PG_CHANNEL && !c.contains('\0')
 }
 
 #[cfg(test)]

@@ -115,7 +115,7 @@ impl GatewayConfig {
         let direct = DirectChannels::parse(&p.text_or("direct_channels", ""));
         let audit_channel = p.text("audit_channel");
         for c in direct.names().chain(audit_channel.as_deref()) {
-            if !crate::protocol::valid_channel(c) {
+            if !pgws_proto::valid_channel(c) {
                 p.push(format!(
                     "PGWS_DIRECT_CHANNELS / PGWS_AUDIT_CHANNEL: {c:?} is not a PostgreSQL channel name (1 to {MAX_PG_CHANNEL} bytes)"
                 ));

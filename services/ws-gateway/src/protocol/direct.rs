@@ -13,11 +13,13 @@
 
 use axum::http::StatusCode;
 use pgws_auth::Verified;
-use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEBSOCKET_MESSAGE};
+use pgws_proto::{
+    valid_channel, Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEBSOCKET_MESSAGE,
+};
 use serde_json::{Map, Value};
 
 use super::pgws::unix_now;
-use super::{receive_span, valid_channel, Action, Admission, Frame, Protocol, Refusal};
+use super::{receive_span, Action, Admission, Frame, Protocol, Refusal};
 use crate::presence::Registration;
 use crate::uplink::Pending;
 use crate::Gateway;

@@ -26,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use pgws_auth::Rejection;
-use pgws_proto::MAX_PG_CHANNEL;
+use pgws_proto::{valid_channel, MAX_PG_CHANNEL};
 use pgws_service::telemetry::{self, TARGET as TRACE};
 
 use crate::handshake::{credentials, Credentials};
@@ -204,11 +204,6 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
             "Error: a direct channel cannot share a socket with other channels",
         )),
     }
-}
-
-/// A channel name PostgreSQL accepts: 1 to 63 bytes, no NUL.
-pub(crate) fn valid_channel(channel: &str) -> bool {
-    !channel.is_empty() && channel.len() <= MAX_PG_CHANNEL && !channel.contains('\0')
 }
 
 /// The span of one client message (`gateway.receive`): the first of its trace, ended when the
