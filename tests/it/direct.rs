@@ -199,13 +199,7 @@ async fn two_gateways_a_leader_failover_and_unlisten() -> anyhow::Result<()> {
     );
 
     // The leader dies: the other bridge takes over and learns the channel from the gateways.
-    let mut leader = None;
-    for (i, bridge) in stack.bridges.iter().enumerate() {
-        if bridge.metric("pgws_bridge_leader").await == Some(1.0) {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("one bridge leads");
+    let leader = stack.leader().await.expect("one bridge leads");
     stack.bridges[leader].signal("KILL")?;
     let started = Instant::now();
     // Both sockets receive again (after possibly missing what was notified in the gap).

@@ -228,13 +228,7 @@ async fn topics_survive_a_leader_failover() -> anyhow::Result<()> {
     let mut sub = subscriber(&stack, 1, &domain, "live").await?;
     publ.send_text("before").await?;
     assert_eq!(sub.next_text(T).await?, "before");
-    let mut leader = None;
-    for (i, bridge) in stack.bridges.iter().enumerate() {
-        if bridge.metric("pgws_bridge_leader").await == Some(1.0) {
-            leader = Some(i);
-        }
-    }
-    let leader = leader.expect("one bridge leads");
+    let leader = stack.leader().await.expect("one bridge leads");
     stack.bridges[leader].signal("KILL")?;
     stack.bridges.remove(leader);
     let started = Instant::now();

@@ -248,6 +248,16 @@ impl Stack {
         Ok(())
     }
 
+    /// The index of the bridge that leads (holds LISTEN), if one does.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, bridge) in self.bridges.iter().enumerate() {
+            if bridge.metric("pgws_bridge_leader").await == Some(1.0) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// Waits until a NOTIFY on the listen channel reaches a socket of gateway `i` (a bridge
     /// holds LISTEN and the gateway subscribes).
     pub async fn wait_flowing(&self, i: usize) -> anyhow::Result<()> {
