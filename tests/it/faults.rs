@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgws_tests::{http_get, unique, PrivateNats, Stack, WsClient};
+use pgws_tests::{http_get, memory_kib, unique, PrivateNats, Stack, WsClient};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -283,20 +283,6 @@ async fn a_bridge_started_while_postgres_is_down_becomes_ready_when_it_comes_up(
         up.elapsed()
     );
     Ok(())
-}
-
-/// `VmHWM` (peak resident set) and `VmRSS` of process `pid`, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 #[tokio::test]

@@ -268,3 +268,39 @@ async fn a_gateway_that_stops_hands_its_topics_back_at_once() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn big_frames_for_stalled_subscribers_are_bounded_in_bytes() -> anyhow::Result<()> {
+    let (stack, _table, domain) =
+        pubsub_stack(1, &[("PGWS_SEND_QUEUE_BYTES", &(1 << 20).to_string())]).await?;
+    let pid = stack.gateways[0].pid().unwrap_or(0);
+    let mut publ = publisher(&stack, 0, KEY, &domain, "big").await?;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(subscriber(&stack, 0, &domain, "big").await?);
+    }
+    let mut reader = subscriber(&stack, 0, &domain, "big").await?;
+    let (peak_before, _) = pgws_tests::memory_kib(pid);
+    // 1,500 frames of 60 KiB (88 MiB), paced by the reader. Counted in messages only, each
+    // stalled socket could hold 1,024 of them (60 MiB); in bytes, 1 MiB.
+    let frame = vec![7u8; 60 << 10];
+    for _ in 0..150 {
+        for _ in 0..10 {
+            publ.send_binary(&frame).await?;
+        }
+        for _ in 0..10 {
+            reader.next_data(T).await?;
+        }
+    }
+    let (peak, _) = pgws_tests::memory_kib(pid);
+    let grew_mib = peak.saturating_sub(peak_before) as f64 / 1024.0;
+    eprintln!("gateway peak RSS grew {grew_mib:.1} MiB with 4 stalled subscribers");
+    for ws in &mut stalled {
+        // A close frame 1008, or none when even that could not be written.
+        if let Some((code, reason)) = ws.expect_end(T).await? {
+            assert_eq!(code, 1008, "{reason}");
+        }
+    }
+    assert!(grew_mib < 48.0, "gateway peak RSS grew {grew_mib:.1} MiB");
+    Ok(())
+}

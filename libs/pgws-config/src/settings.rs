@@ -65,6 +65,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "nats_tls_ca",
     "nats_tls_cert",
     "nats_tls_key",
+    "send_queue_bytes",
+    "send_budget",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -41,6 +41,12 @@ pub struct GatewayConfig {
     /// Messages queued for one socket before it counts as a slow consumer and is
     /// disconnected (`PGWS_SEND_QUEUE`).
     pub send_queue: usize,
+    /// Bytes queued for one socket before it counts as a slow consumer
+    /// (`PGWS_SEND_QUEUE_BYTES`).
+    pub send_queue_bytes: usize,
+    /// Bytes queued for all sockets of the gateway together (`PGWS_SEND_BUDGET`); at the
+    /// budget a socket with a backlog is disconnected instead of queueing more.
+    pub send_budget: usize,
     /// Client frames a socket may have waiting for the database before the gateway stops
     /// reading from it (`PGWS_MAX_PENDING`): back-pressure, never unbounded memory.
     pub max_pending: usize,
@@ -175,6 +181,8 @@ impl GatewayConfig {
         let admin = AdminConfig::read(&mut p, 9100);
         let audit = AuditConfig::read(&mut p);
         let send_queue: usize = p.parse_or("send_queue", 1024);
+        let send_queue_bytes: usize = p.parse_or("send_queue_bytes", 4 << 20);
+        let send_budget: usize = p.parse_or("send_budget", 1 << 30);
         let max_pending: usize = p.parse_or("max_pending", 256);
         let ping: u64 = p.parse_or("ping_interval", 30);
         let notify_timeout: u64 = p.parse_or("notify_timeout", 10);
@@ -184,6 +192,8 @@ impl GatewayConfig {
         let allowed_origins = Origins::parse(&p.text_or("allowed_origins", ""));
         for (name, v) in [
             ("PGWS_SEND_QUEUE", send_queue as u64),
+            ("PGWS_SEND_QUEUE_BYTES", send_queue_bytes as u64),
+            ("PGWS_SEND_BUDGET", send_budget as u64),
             ("PGWS_MAX_PENDING", max_pending as u64),
             ("PGWS_PING_INTERVAL", ping),
             ("PGWS_NOTIFY_TIMEOUT", notify_timeout),
@@ -214,6 +224,8 @@ impl GatewayConfig {
             admin,
             audit,
             send_queue,
+            send_queue_bytes,
+            send_budget,
             max_pending,
             ping_interval: Duration::from_secs(ping),
             notify_timeout: Duration::from_secs(notify_timeout),

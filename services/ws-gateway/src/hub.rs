@@ -15,6 +15,7 @@
 //! connection came back (reason `nats`). Everyone else sees nothing new.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures::StreamExt;
 use pgws_proto::{headers, Subjects};
+use pgws_service::prometheus_client::metrics::gauge::Gauge;
 use pgws_service::telemetry::{self, TARGET as TRACE};
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, watch};
@@ -75,29 +77,127 @@ impl Kick {
     }
 }
 
+/// Bytes queued to sockets and not yet written: each socket's own, and the gateway's total.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    /// `PGWS_SEND_BUDGET`: all sockets together.
+    max: usize,
+    /// `PGWS_SEND_QUEUE_BYTES`: one socket.
+    per_socket: usize,
+    gauge: Gauge,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize, per_socket: usize, gauge: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max,
+            per_socket,
+            gauge,
+        })
+    }
+}
+
+/// A message in a socket's queue; its bytes are counted until it is written or dropped.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) message: Message,
+    _ticket: Ticket,
+}
+
+#[derive(Debug)]
+struct Ticket {
+    len: usize,
+    socket: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
+}
+
+impl Ticket {
+    /// Counts `len` bytes for the socket and the gateway; returns the ticket and both totals.
+    fn take(len: usize, socket: &Arc<AtomicUsize>, budget: &Arc<Budget>) -> (Self, usize, usize) {
+        let mine = socket.fetch_add(len, Ordering::Relaxed) + len;
+        let all = budget.used.fetch_add(len, Ordering::Relaxed) + len;
+        budget.gauge.inc_by(len as i64);
+        let ticket = Self {
+            len,
+            socket: Arc::clone(socket),
+            budget: Arc::clone(budget),
+        };
+        (ticket, mine, all)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.socket.fetch_sub(self.len, Ordering::Relaxed);
+        self.budget.used.fetch_sub(self.len, Ordering::Relaxed);
+        self.budget.gauge.dec_by(self.len as i64);
+    }
+}
+
+/// Why a socket's queue refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Its own queue is full (`PGWS_SEND_QUEUE` messages or `PGWS_SEND_QUEUE_BYTES`).
+    Slow,
+    /// The gateway's budget is spent and this socket has a backlog of its own.
+    Budget,
+}
+
 /// A socket as the hub sees it: where to queue messages, and how to kick it.
 #[derive(Debug, Clone)]
 pub(crate) struct Subscriber {
-    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) tx: mpsc::Sender<Queued>,
     pub(crate) kick: Kick,
+    /// Bytes queued for this socket.
+    pub(crate) queued: Arc<AtomicUsize>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl Subscriber {
-    /// Queues `message`; a full queue disconnects the socket as a slow consumer. True when
-    /// queued, false otherwise; `slow` counts the sockets newly kicked.
-    fn offer(&self, message: Message, slow: &mut u64) -> bool {
-        match self.tx.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.kick.is_kicked() {
-                    *slow += 1;
-                    self.kick
-                        .close(CLOSE_POLICY, "slow consumer: send queue full");
-                }
-                false
+    /// Queues `message`. At a limit the socket is disconnected: its queue full (messages or
+    /// bytes: a slow consumer), or the gateway's budget spent while this socket has a backlog
+    /// (a socket with an empty queue always gets its message). True when queued; `slow` and
+    /// `spent` count the sockets newly kicked for each reason.
+    fn offer(&self, message: Message, slow: &mut u64, spent: &mut u64) -> bool {
+        let len = match &message {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        let (ticket, mine, all) = Ticket::take(len, &self.queued, &self.budget);
+        let refused = if mine > self.budget.per_socket && mine > len {
+            Some(Refused::Slow)
+        } else if all > self.budget.max && mine > len {
+            Some(Refused::Budget)
+        } else {
+            match self.tx.try_send(Queued {
+                message,
+                _ticket: ticket,
+            }) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => Some(Refused::Slow),
+                Err(mpsc::error::TrySendError::Closed(_)) => None,
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if let Some(why) = refused {
+            if !self.kick.is_kicked() {
+                match why {
+                    Refused::Slow => {
+                        *slow += 1;
+                        self.kick
+                            .close(CLOSE_POLICY, "slow consumer: send queue full");
+                    }
+                    Refused::Budget => {
+                        *spent += 1;
+                        self.kick
+                            .close(CLOSE_POLICY, "server busy: send budget exhausted");
+                    }
+                }
+            }
         }
+        false
     }
 }
 
@@ -174,13 +274,14 @@ impl Hub {
     pub(crate) fn gap(&self, reason: &str) {
         let json = serde_json::json!({"event": "Gap", "reason": reason}).to_string();
         let message = Message::Text(Utf8Bytes::from(json));
-        let (mut sent, mut slow) = (0u64, 0u64);
+        let (mut sent, mut slow, mut spent) = (0u64, 0u64, 0u64);
         if let Ok(watchers) = self.gap_watchers.read() {
             for sub in watchers.values() {
-                sent += u64::from(sub.offer(message.clone(), &mut slow));
+                sent += u64::from(sub.offer(message.clone(), &mut slow, &mut spent));
             }
         }
         self.metrics.slow_consumers.inc_by(slow);
+        self.metrics.budget_disconnects.inc_by(spent);
         tracing::info!(reason, sockets = sent, "gap signalled");
     }
 
@@ -345,13 +446,13 @@ impl Hub {
                 }
             }
         };
-        let mut delivered = 0u64;
-        let mut slow = 0u64;
+        let (mut delivered, mut slow, mut spent) = (0u64, 0u64, 0u64);
         if let Ok(subs) = state.subscribers.read() {
             for sub in subs.values() {
-                delivered += u64::from(sub.offer(message.clone(), &mut slow));
+                delivered += u64::from(sub.offer(message.clone(), &mut slow, &mut spent));
             }
         }
+        self.metrics.budget_disconnects.inc_by(spent);
         if let Some(age) = listened_at.and_then(headers::since_listened) {
             self.metrics.delivery_latency.observe(age.as_secs_f64());
         }
@@ -361,5 +462,55 @@ impl Hub {
         self.metrics.slow_consumers.inc_by(slow);
         self.metrics.deliveries.inc_by(delivered);
         self.metrics.bytes_out.inc_by(delivered * len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(budget: &Arc<Budget>) -> (Subscriber, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(100);
+        let sub = Subscriber {
+            tx,
+            kick: Kick::new(&CancellationToken::new()),
+            queued: Arc::default(),
+            budget: Arc::clone(budget),
+        };
+        (sub, rx)
+    }
+
+    fn frame(n: usize) -> Message {
+        Message::Binary(Bytes::from(vec![0u8; n]))
+    }
+
+    #[test]
+    fn bytes_bound_each_socket_and_the_gateway() {
+        let gauge = Gauge::default();
+        let budget = Budget::new(300, 200, gauge.clone());
+        let (a, mut a_rx) = socket(&budget);
+        let (b, _b_rx) = socket(&budget);
+        let (mut slow, mut spent) = (0, 0);
+        // A message larger than the socket's limit still goes to an empty queue.
+        assert!(a.offer(frame(250), &mut slow, &mut spent));
+        assert_eq!(gauge.get(), 250);
+        // More for a backlogged socket over its limit: a slow consumer.
+        assert!(!a.offer(frame(10), &mut slow, &mut spent));
+        assert_eq!((slow, spent), (1, 0));
+        assert_eq!(a.kick.reason().map(|r| r.0), Some(1008));
+        // The gateway's budget: b gets one message, not a second while it has a backlog.
+        assert!(b.offer(frame(40), &mut slow, &mut spent));
+        assert!(!b.offer(frame(40), &mut slow, &mut spent));
+        assert_eq!((slow, spent), (1, 1));
+        assert!(b.kick.reason().is_some_and(|r| r.1.contains("budget")));
+        // Written (or dropped) messages give their bytes back.
+        drop(a_rx.try_recv());
+        assert_eq!(gauge.get(), 40);
+        drop(a);
+        drop(a_rx);
+        drop(b);
+        drop(_b_rx);
+        assert_eq!(gauge.get(), 0);
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }
 }

@@ -59,6 +59,8 @@ pub(crate) struct Gateway {
     pub(crate) uplink: Uplink,
     pub(crate) presence: Presence,
     pub(crate) client: async_nats::Client,
+    /// The bytes queued to sockets (`PGWS_SEND_BUDGET`, `PGWS_SEND_QUEUE_BYTES`).
+    pub(crate) budget: Arc<hub::Budget>,
     /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
     pub(crate) per_address: Arc<limits::PerAddress>,
     pub(crate) metrics: GatewayMetrics,
@@ -151,6 +153,11 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         config.audit_channel.clone(),
     );
     let per_address = limits::PerAddress::new(config.max_connections_per_address);
+    let budget = hub::Budget::new(
+        config.send_budget,
+        config.send_queue_bytes,
+        metrics.queued_bytes.clone(),
+    );
     let gw = Arc::new(Gateway {
         config,
         hub,
@@ -158,6 +165,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         presence,
         client: client.clone(),
         per_address,
+        budget,
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),

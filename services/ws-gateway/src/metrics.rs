@@ -23,6 +23,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) notifications_in: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) abandoned: Counter,
+    pub(crate) budget_disconnects: Counter,
+    pub(crate) queued_bytes: Gauge,
     pub(crate) channels: Gauge,
     pub(crate) delivery_latency: Histogram,
 }
@@ -98,6 +100,16 @@ impl GatewayMetrics {
                 "gateway_slow_consumer_disconnects",
                 "Sockets disconnected because their send queue was full",
                 Counter::default(),
+            ),
+            budget_disconnects: m.register(
+                "gateway_send_budget_disconnects",
+                "Sockets with a backlog disconnected because the gateway's send budget (PGWS_SEND_BUDGET) was spent",
+                Counter::default(),
+            ),
+            queued_bytes: m.register(
+                "gateway_send_queued_bytes",
+                "Bytes queued to sockets and not yet written, all sockets together",
+                Gauge::default(),
             ),
             abandoned: m.register(
                 "gateway_abandoned_sockets",

@@ -5,10 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 
-use crate::hub::{Kick, Subscriber};
+use crate::hub::{Kick, Queued, Subscriber};
 use crate::presence::Registration;
 use crate::protocol::{Admission, Protocol};
 use crate::uplink::Pending;
@@ -55,7 +54,7 @@ impl Membership {
 /// What the socket task runs.
 pub(crate) struct Session {
     pub(crate) protocol: Box<dyn Protocol>,
-    pub(crate) rx: mpsc::Receiver<Message>,
+    pub(crate) rx: mpsc::Receiver<Queued>,
     pub(crate) kick: Kick,
     pub(crate) expires_at: Option<u64>,
     pub(crate) opening: Option<Pending>,
@@ -94,6 +93,8 @@ impl Gateway {
         let subscriber = Subscriber {
             tx,
             kick: kick.clone(),
+            queued: Arc::default(),
+            budget: Arc::clone(&self.budget),
         };
         if membership.gaps {
             self.hub.watch_gaps(id, subscriber.clone());

@@ -20,7 +20,7 @@ use pgws_proto::headers;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::hub::Kick;
+use crate::hub::{Kick, Queued};
 use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
 use crate::session::Session;
@@ -266,13 +266,14 @@ async fn linger(closing: Option<Instant>) {
 /// Writes `first` and whatever else is queued, then flushes once.
 async fn write_burst(
     ws: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Message>,
-    first: Message,
+    rx: &mut mpsc::Receiver<Queued>,
+    first: Queued,
 ) -> Result<(), axum::Error> {
-    ws.feed(first).await?;
+    // A message's bytes stop counting against the budgets once it is handed to the socket.
+    ws.feed(first.message).await?;
     for _ in 0..64 {
         match rx.try_recv() {
-            Ok(m) => ws.feed(m).await?,
+            Ok(q) => ws.feed(q.message).await?,
             Err(_) => break,
         }
     }
