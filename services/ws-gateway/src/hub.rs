@@ -106,23 +106,38 @@ pub(crate) struct Queued {
     _ticket: Ticket,
 }
 
+/// One socket's queued bytes, and the gateway's budget they also count against.
 #[derive(Debug)]
-struct Ticket {
-    len: usize,
-    socket: Arc<AtomicUsize>,
+pub(crate) struct SocketBytes {
+    queued: AtomicUsize,
     budget: Arc<Budget>,
 }
 
+impl SocketBytes {
+    pub(crate) fn new(budget: &Arc<Budget>) -> Arc<Self> {
+        Arc::new(Self {
+            queued: AtomicUsize::new(0),
+            budget: Arc::clone(budget),
+        })
+    }
+}
+
+/// `len` bytes counted for a socket (its own `Arc`: no reference count shared between
+/// sockets) and for the gateway.
+#[derive(Debug)]
+struct Ticket {
+    len: usize,
+    bytes: Arc<SocketBytes>,
+}
+
 impl Ticket {
-    /// Counts `len` bytes for the socket and the gateway; returns the ticket and both totals.
-    fn take(len: usize, socket: &Arc<AtomicUsize>, budget: &Arc<Budget>) -> (Self, usize, usize) {
-        let mine = socket.fetch_add(len, Ordering::Relaxed) + len;
-        let all = budget.used.fetch_add(len, Ordering::Relaxed) + len;
-        budget.gauge.inc_by(len as i64);
+    /// Counts `len` bytes; returns the ticket, the socket's total and the gateway's.
+    fn take(len: usize, bytes: &Arc<SocketBytes>) -> (Self, usize, usize) {
+        let mine = bytes.queued.fetch_add(len, Ordering::Relaxed) + len;
+        let all = bytes.budget.used.fetch_add(len, Ordering::Relaxed) + len;
         let ticket = Self {
             len,
-            socket: Arc::clone(socket),
-            budget: Arc::clone(budget),
+            bytes: Arc::clone(bytes),
         };
         (ticket, mine, all)
     }
@@ -130,9 +145,19 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.socket.fetch_sub(self.len, Ordering::Relaxed);
-        self.budget.used.fetch_sub(self.len, Ordering::Relaxed);
-        self.budget.gauge.dec_by(self.len as i64);
+        self.bytes.queued.fetch_sub(self.len, Ordering::Relaxed);
+        self.bytes
+            .budget
+            .used
+            .fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+impl Budget {
+    /// Publishes the bytes queued now to the gauge (once per fan-out, not per socket).
+    fn sample(&self) {
+        let used = i64::try_from(self.used.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        self.gauge.set(used);
     }
 }
 
@@ -151,8 +176,7 @@ pub(crate) struct Subscriber {
     pub(crate) tx: mpsc::Sender<Queued>,
     pub(crate) kick: Kick,
     /// Bytes queued for this socket.
-    pub(crate) queued: Arc<AtomicUsize>,
-    pub(crate) budget: Arc<Budget>,
+    pub(crate) bytes: Arc<SocketBytes>,
 }
 
 impl Subscriber {
@@ -166,10 +190,11 @@ impl Subscriber {
             Message::Binary(b) => b.len(),
             _ => 0,
         };
-        let (ticket, mine, all) = Ticket::take(len, &self.queued, &self.budget);
-        let refused = if mine > self.budget.per_socket && mine > len {
+        let (ticket, mine, all) = Ticket::take(len, &self.bytes);
+        let budget = &self.bytes.budget;
+        let refused = if mine > budget.per_socket && mine > len {
             Some(Refused::Slow)
-        } else if all > self.budget.max && mine > len {
+        } else if all > budget.max && mine > len {
             Some(Refused::Budget)
         } else {
             match self.tx.try_send(Queued {
@@ -214,6 +239,8 @@ pub(crate) struct Hub {
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     /// Sockets that asked for gap signals.
     gap_watchers: RwLock<HashMap<u64, Subscriber>>,
+    /// The bytes queued to sockets.
+    pub(crate) budget: Arc<Budget>,
     metrics: GatewayMetrics,
     shutdown: Shutdown,
 }
@@ -222,6 +249,7 @@ impl Hub {
     pub(crate) fn new(
         client: async_nats::Client,
         subjects: Subjects,
+        budget: Arc<Budget>,
         metrics: GatewayMetrics,
         shutdown: Shutdown,
     ) -> Arc<Self> {
@@ -230,6 +258,7 @@ impl Hub {
             subjects,
             channels: Mutex::new(HashMap::new()),
             gap_watchers: RwLock::new(HashMap::new()),
+            budget,
             metrics,
             shutdown,
         })
@@ -282,6 +311,7 @@ impl Hub {
         }
         self.metrics.slow_consumers.inc_by(slow);
         self.metrics.budget_disconnects.inc_by(spent);
+        self.budget.sample();
         tracing::info!(reason, sockets = sent, "gap signalled");
     }
 
@@ -453,6 +483,7 @@ impl Hub {
             }
         }
         self.metrics.budget_disconnects.inc_by(spent);
+        self.budget.sample();
         if let Some(age) = listened_at.and_then(headers::since_listened) {
             self.metrics.delivery_latency.observe(age.as_secs_f64());
         }
@@ -474,8 +505,7 @@ mod tests {
         let sub = Subscriber {
             tx,
             kick: Kick::new(&CancellationToken::new()),
-            queued: Arc::default(),
-            budget: Arc::clone(budget),
+            bytes: SocketBytes::new(budget),
         };
         (sub, rx)
     }
@@ -493,6 +523,7 @@ mod tests {
         let (mut slow, mut spent) = (0, 0);
         // A message larger than the socket's limit still goes to an empty queue.
         assert!(a.offer(frame(250), &mut slow, &mut spent));
+        budget.sample();
         assert_eq!(gauge.get(), 250);
         // More for a backlogged socket over its limit: a slow consumer.
         assert!(!a.offer(frame(10), &mut slow, &mut spent));
@@ -505,11 +536,13 @@ mod tests {
         assert!(b.kick.reason().is_some_and(|r| r.1.contains("budget")));
         // Written (or dropped) messages give their bytes back.
         drop(a_rx.try_recv());
+        budget.sample();
         assert_eq!(gauge.get(), 40);
         drop(a);
         drop(a_rx);
         drop(b);
         drop(_b_rx);
+        budget.sample();
         assert_eq!(gauge.get(), 0);
         assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }

@@ -59,8 +59,6 @@ pub(crate) struct Gateway {
     pub(crate) uplink: Uplink,
     pub(crate) presence: Presence,
     pub(crate) client: async_nats::Client,
-    /// The bytes queued to sockets (`PGWS_SEND_BUDGET`, `PGWS_SEND_QUEUE_BYTES`).
-    pub(crate) budget: Arc<hub::Budget>,
     /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
     pub(crate) per_address: Arc<limits::PerAddress>,
     pub(crate) metrics: GatewayMetrics,
@@ -109,9 +107,15 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
             tracing::error!(error = %e, "admin listener failed");
         }
     });
+    let budget = hub::Budget::new(
+        config.send_budget,
+        config.send_queue_bytes,
+        metrics.queued_bytes.clone(),
+    );
     let hub = Hub::new(
         client.clone(),
         config.nats.subjects.clone(),
+        budget,
         metrics.clone(),
         shutdown.clone(),
     );
@@ -153,11 +157,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         config.audit_channel.clone(),
     );
     let per_address = limits::PerAddress::new(config.max_connections_per_address);
-    let budget = hub::Budget::new(
-        config.send_budget,
-        config.send_queue_bytes,
-        metrics.queued_bytes.clone(),
-    );
+
     let gw = Arc::new(Gateway {
         config,
         hub,
@@ -165,7 +165,6 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         presence,
         client: client.clone(),
         per_address,
-        budget,
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),

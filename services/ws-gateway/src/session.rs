@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::hub::{Kick, Queued, Subscriber};
+use crate::hub::{Kick, Queued, SocketBytes, Subscriber};
 use crate::presence::Registration;
 use crate::protocol::{Admission, Protocol};
 use crate::uplink::Pending;
@@ -93,8 +93,7 @@ impl Gateway {
         let subscriber = Subscriber {
             tx,
             kick: kick.clone(),
-            queued: Arc::default(),
-            budget: Arc::clone(&self.budget),
+            bytes: SocketBytes::new(&self.hub.budget),
         };
         if membership.gaps {
             self.hub.watch_gaps(id, subscriber.clone());
