@@ -222,3 +222,39 @@ async fn a_socket_over_its_message_rate_is_closed_and_keeps_what_was_accepted() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn handshakes_in_progress_are_capped_per_address() -> anyhow::Result<()> {
+    let stack = with_limited_gateway(&[
+        ("PGWS_MAX_HANDSHAKES_PER_ADDRESS", "5"),
+        ("PGWS_HANDSHAKE_TIMEOUT", "2"),
+    ])
+    .await?;
+    let addr = stack.gateways[1].addr.expect("gateway address");
+    let mut slow = Vec::new();
+    for _ in 0..5 {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\n").await?;
+        slow.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A sixth from the same address is closed at once, a websocket too.
+    let mut sixth = TcpStream::connect(addr).await?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(1), sixth.read(&mut buf)).await??;
+    assert_eq!(n, 0, "the sixth connection was served");
+    let url = format!("{}/chat/{}", stack.ws_url(1), token(&json!({"mode": "r"})));
+    assert!(WsClient::connect(&url).await.is_err(), "a websocket got in");
+    // Once the slow ones are timed out, handshakes go through again.
+    drop(slow);
+    let mut ok = false;
+    for _ in 0..60 {
+        if WsClient::connect(&url).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "handshakes stayed refused");
+    Ok(())
+}

@@ -67,6 +67,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "nats_tls_key",
     "send_queue_bytes",
     "send_budget",
+    "max_handshakes_per_address",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     /// Open websockets per source address (`PGWS_MAX_CONNECTIONS_PER_ADDRESS`); none: no limit.
     pub max_connections_per_address: Option<usize>,
+    /// Connections per source address still in their handshake (TLS, request headers,
+    /// upgrade) (`PGWS_MAX_HANDSHAKES_PER_ADDRESS`); none: no limit. Beyond it a new
+    /// connection is closed at once.
+    pub max_handshakes_per_address: Option<usize>,
     /// The `Origin`s a browser may connect from (`PGWS_ALLOWED_ORIGINS`); default any.
     pub allowed_origins: Origins,
     /// Messages per second a socket may send, bursts of as many
@@ -189,6 +193,7 @@ impl GatewayConfig {
         let handshake_timeout: u64 = p.parse_or("handshake_timeout", 10);
         let max_connections_per_address: Option<usize> = p.parse("max_connections_per_address");
         let max_message_rate: Option<u32> = p.parse("max_message_rate");
+        let max_handshakes_per_address: Option<usize> = p.parse("max_handshakes_per_address");
         let allowed_origins = Origins::parse(&p.text_or("allowed_origins", ""));
         for (name, v) in [
             ("PGWS_SEND_QUEUE", send_queue as u64),
@@ -231,6 +236,7 @@ impl GatewayConfig {
             notify_timeout: Duration::from_secs(notify_timeout),
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_connections_per_address,
+            max_handshakes_per_address,
             allowed_origins,
             max_message_rate,
         });

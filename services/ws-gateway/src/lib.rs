@@ -61,6 +61,8 @@ pub(crate) struct Gateway {
     pub(crate) client: async_nats::Client,
     /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
     pub(crate) per_address: Arc<limits::PerAddress>,
+    /// `PGWS_MAX_HANDSHAKES_PER_ADDRESS`.
+    pub(crate) handshakes: Arc<limits::PerAddress>,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) shutdown: Shutdown,
     next_id: AtomicU64,
@@ -157,6 +159,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         config.audit_channel.clone(),
     );
     let per_address = limits::PerAddress::new(config.max_connections_per_address);
+    let handshakes = limits::PerAddress::new(config.max_handshakes_per_address);
 
     let gw = Arc::new(Gateway {
         config,
@@ -165,6 +168,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         presence,
         client: client.clone(),
         per_address,
+        handshakes,
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),

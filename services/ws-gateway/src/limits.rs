@@ -1,5 +1,6 @@
-//! Limits on what one client can take from a gateway: open websockets per source address,
-//! the origins browsers may connect from, and the rate of messages per socket.
+//! Limits on what one client can take from a gateway: open websockets and handshakes in
+//! progress per source address, the origins browsers may connect from, and the rate of
+//! messages per socket.
 //!
 //! All are off by default (postgres-websockets had none, and a load balancer or a load test
 //! may open thousands of sockets from one address); each refusal is clear to the client:
@@ -15,7 +16,8 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub(crate) IpAddr);
 
-/// Open websockets (and handshakes in progress) per source address.
+/// Connections per source address: open websockets (with their handshakes), or handshakes
+/// in progress.
 #[derive(Debug, Default)]
 pub(crate) struct PerAddress {
     max: Option<usize>,

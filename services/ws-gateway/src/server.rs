@@ -82,6 +82,22 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // Connections still in their handshake (TLS, request, upgrade) per source address.
+        let slot = if gw.handshakes.enabled() {
+            match gw.handshakes.acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    gw.metrics
+                        .handshakes_refused
+                        .get_or_create(&[("reason", "handshakes_per_address")])
+                        .inc();
+                    drop(tcp);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         drop(tcp.set_nodelay(true));
         let peer = Peer(peer.ip());
         let service = TowerToHyperService::new(router.clone().map_request(
@@ -93,6 +109,7 @@ pub(crate) async fn serve(
         let tls = tls.clone();
         let limit = gw.config.handshake_timeout;
         gw.shutdown.spawn(async move {
+            let _slot = slot;
             let result = match tls {
                 Some(tls) => match tokio::time::timeout(limit, tls.accept(tcp)).await {
                     Ok(Ok(stream)) => serve_conn(TokioIo::new(stream), service, limit).await,
