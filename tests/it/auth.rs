@@ -8,10 +8,7 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(10);
 
 async fn refusal(url: &str) -> String {
-    match WsClient::connect(url).await {
-        Ok(_) => "accepted".to_owned(),
-        Err(e) => e.to_string(),
-    }
+    WsClient::refusal(url, &[]).await
 }
 
 #[tokio::test]

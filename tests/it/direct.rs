@@ -111,11 +111,7 @@ async fn direct_socket_refusals_are_clear() -> anyhow::Result<()> {
     let base = stack.ws_url(0);
     // A direct channel cannot share a socket with postgres-websockets channels.
     let mixed = json!({"channels": [direct, "other"], "mode": "rw"});
-    let err = WsClient::connect(&format!("{base}/{}", token(&mixed)))
-        .await
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = WsClient::refusal(&format!("{base}/{}", token(&mixed)), &[]).await;
     assert!(
         err.contains("400") && err.contains("direct channel"),
         "{err}"

@@ -17,11 +17,7 @@ async fn a_long_channel_name_is_refused_and_harms_no_other_socket() -> anyhow::R
     // A path channel with a token that names none (allowed, as in postgres-websockets).
     let long = "c".repeat(3000);
     let open = token(&json!({"mode": "rw"}));
-    let refused = WsClient::connect(&format!("{base}/{long}/{open}"))
-        .await
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let refused = WsClient::refusal(&format!("{base}/{long}/{open}"), &[]).await;
     assert!(
         refused.contains("400") && refused.contains("1 to 63 bytes"),
         "{refused}"
@@ -31,11 +27,7 @@ async fn a_long_channel_name_is_refused_and_harms_no_other_socket() -> anyhow::R
         json!({"mode": "r", "channels": ["ok", "x".repeat(64)]}),
         json!({"mode": "r", "channel": ""}),
     ] {
-        let refused = WsClient::connect(&format!("{base}/{}", token(&claims)))
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let refused = WsClient::refusal(&format!("{base}/{}", token(&claims)), &[]).await;
         assert!(refused.contains("400"), "{claims}: {refused}");
     }
     // 63 bytes is a valid name.
@@ -141,10 +133,7 @@ async fn with_limited_gateway(extra: &[(&str, &str)]) -> anyhow::Result<Stack> {
 }
 
 async fn refused(url: &str, headers: &[(&str, &str)]) -> String {
-    match WsClient::connect_with(url, headers).await {
-        Ok(_) => "accepted".to_owned(),
-        Err(e) => e.to_string(),
-    }
+    WsClient::refusal(url, headers).await
 }
 
 #[tokio::test]

@@ -53,6 +53,15 @@ impl WsClient {
         }
     }
 
+    /// What a handshake at `url` got: `"accepted"`, or `"refused <status>: <body>"` (or the
+    /// connection error).
+    pub async fn refusal(url: &str, headers: &[(&str, &str)]) -> String {
+        match Self::connect_with(url, headers).await {
+            Ok(_) => "accepted".to_owned(),
+            Err(e) => e.to_string(),
+        }
+    }
+
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
         self.ws.send(Message::text(text)).await?;
@@ -132,23 +141,9 @@ impl WsClient {
 
     /// Waits for the server's close frame and returns its code and reason.
     pub async fn expect_close(&mut self, timeout: Duration) -> anyhow::Result<(u16, String)> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .context("no close in time")?;
-            match msg {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Ok((u16::from(frame.code), frame.reason.as_str().to_owned()))
-                }
-                Some(Ok(Message::Close(None))) => {
-                    return Ok((u16::from(CloseCode::Status), String::new()))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => bail!("socket error before close: {e}"),
-                None => bail!("socket ended without a close frame"),
-            }
-        }
+        self.expect_end(timeout)
+            .await?
+            .context("socket ended without a close frame")
     }
 }
 

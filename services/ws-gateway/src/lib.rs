@@ -122,13 +122,11 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         shutdown.clone(),
     );
     let instance: u64 = rand::random();
-    let spawner = shutdown.clone();
     let presence = Presence::start(
         client.clone(),
         &config.nats.subjects,
         format!("{instance:016x}"),
-        shutdown.token.clone(),
-        move |task| spawner.spawn(task),
+        &shutdown,
     );
     let resync = presence.clone();
     shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects, move || resync.resync()));

@@ -22,6 +22,7 @@ use pgws_proto::{
     Presence as State, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
     PRESENCE_INTERVAL_SECS,
 };
+use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -53,20 +54,13 @@ pub(crate) struct Presence {
     tx: mpsc::UnboundedSender<Command>,
 }
 
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Command")
-    }
-}
-
 impl Presence {
-    /// Starts the task; it ends when `token` is cancelled.
+    /// Starts the task on `shutdown`; it ends (telling the leader) at shutdown.
     pub(crate) fn start(
         client: async_nats::Client,
         subjects: &Subjects,
         gateway: String,
-        token: CancellationToken,
-        spawn: impl FnOnce(futures::future::BoxFuture<'static, ()>),
+        shutdown: &Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Task {
@@ -77,7 +71,7 @@ impl Presence {
             published: BTreeSet::new(),
             subscribed: BTreeMap::new(),
         };
-        spawn(Box::pin(task.run(rx, token)));
+        shutdown.spawn(task.run(rx, shutdown.token.clone()));
         Self { tx }
     }
 
