@@ -4,6 +4,11 @@
 //! keeps at most one request in flight per socket, so a socket's messages reach PostgreSQL in
 //! order whichever bridge serves each request. The bridge replies only after the transaction
 //! holding them committed: a reply with `ok: true` means "in the database".
+//!
+//! A gateway retries a request that got no answer in time, and the first copy may still be
+//! waiting in a stalled bridge. So a request carries an `id` (the same on every retry) and a
+//! `deadline`: bridges execute each id at most once (see pg-bridge's dedup table) and never
+//! start a request whose deadline has passed, when the gateway has given up on it.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,8 +27,26 @@ pub struct Notification {
 /// Body of a request on [`crate::Subjects::notify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyRequest {
+    /// Unique per request, the same on each retry; executed at most once when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// When the sender gives up on the request: unix time in milliseconds. A bridge does not
+    /// start a request past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
     /// Executed in this order, all in the same transaction or a few consecutive ones.
     pub notifications: Vec<Notification>,
+}
+
+impl NotifyRequest {
+    /// A request without id or deadline (executed each time it is received).
+    pub fn new(notifications: Vec<Notification>) -> Self {
+        Self {
+            id: None,
+            deadline_ms: None,
+            notifications,
+        }
+    }
 }
 
 /// Body of the bridge's reply.

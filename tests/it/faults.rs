@@ -39,6 +39,14 @@ impl PgWatch {
         })
     }
 
+    /// The next notification's payload, if one comes within `timeout`.
+    pub(crate) async fn next(&mut self, timeout: Duration) -> Option<String> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Waits for an envelope whose `payload` is `text`.
     pub(crate) async fn expect_payload(&mut self, text: &str, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -19,6 +19,7 @@ mod load;
 mod metrics;
 mod pubsub;
 mod recorder;
+mod retries;
 mod scale;
 mod static_files;
 mod telemetry;

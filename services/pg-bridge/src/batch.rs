@@ -9,6 +9,7 @@
 //! transaction unless it repeats a pair itself.
 
 use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::Subject;
 use pgws_proto::{Notification, NotifyRequest, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL};
@@ -17,10 +18,16 @@ use tokio::sync::oneshot;
 
 /// The reason sent back when nothing can execute a request now.
 pub(crate) const UNAVAILABLE: &str = "database unavailable";
+/// The reason sent back for a request received or about to start past its deadline.
+pub(crate) const EXPIRED: &str = "request expired before it could be executed";
 
 /// One valid request waiting for its transaction(s).
 #[derive(Debug)]
 pub(crate) struct Request {
+    /// Executed at most once when present ([`crate::dedup`]).
+    pub(crate) id: Option<String>,
+    /// Not started past this instant (the gateway has given up on it by then).
+    pub(crate) deadline: Option<SystemTime>,
     pub(crate) notifications: Vec<Notification>,
     pub(crate) reply: Option<Subject>,
     /// `bridge.batch`, child of the gateway's publish span (a disabled span when traces are
@@ -29,6 +36,11 @@ pub(crate) struct Request {
 }
 
 impl Request {
+    /// Whether the sender has given up on the request.
+    pub(crate) fn expired(&self, now: SystemTime) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+
     /// The span of a request received with `headers`.
     pub(crate) fn span(
         notifications: usize,
@@ -86,12 +98,25 @@ pub(crate) enum InvalidRequest {
     /// PostgreSQL text cannot hold NUL.
     #[error("notification {index}: NUL character in {field}")]
     Nul { index: usize, field: &'static str },
+    /// An id that cannot be a dedup key.
+    #[error("request id must be 1 to {} bytes without NUL", crate::dedup::MAX_ID)]
+    Id,
+}
+
+/// The instant of a request's `deadline_ms`.
+pub(crate) fn deadline(ms: Option<u64>) -> Option<SystemTime> {
+    ms.and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
 }
 
 /// Parses and checks a request body.
 pub(crate) fn validate(body: &[u8]) -> Result<NotifyRequest, InvalidRequest> {
     let request: NotifyRequest =
         serde_json::from_slice(body).map_err(|e| InvalidRequest::Json(e.to_string()))?;
+    if let Some(id) = &request.id {
+        if id.is_empty() || id.len() > crate::dedup::MAX_ID || id.contains('\0') {
+            return Err(InvalidRequest::Id);
+        }
+    }
     for (index, n) in request.notifications.iter().enumerate() {
         if n.channel.is_empty() {
             return Err(InvalidRequest::EmptyChannel { index });
@@ -288,9 +313,10 @@ mod tests {
     #[test]
     fn invalid_requests_are_refused_with_a_reason() {
         let body = |channel: &str, payload: &str| {
-            serde_json::to_vec(&NotifyRequest {
-                notifications: vec![n("ok", "ok"), n(channel, payload)],
-            })
+            serde_json::to_vec(&NotifyRequest::new(vec![
+                n("ok", "ok"),
+                n(channel, payload),
+            ]))
             .expect("encodes")
         };
         assert!(matches!(validate(b"nope"), Err(InvalidRequest::Json(_))));

@@ -27,6 +27,7 @@ mod batch;
 mod bus;
 mod config;
 mod db;
+mod dedup;
 mod keys;
 mod leader;
 mod listener;

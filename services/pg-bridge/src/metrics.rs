@@ -22,6 +22,10 @@ pub(crate) struct BridgeMetrics {
     pub(crate) requests_failed: Counter,
     /// NOTIFY requests refused before execution (bad JSON, channel or payload).
     pub(crate) requests_invalid: Counter,
+    /// NOTIFY requests not started because their deadline had passed.
+    pub(crate) requests_expired: Counter,
+    /// Notifications skipped because their request had already been executed (a retry).
+    pub(crate) duplicates: Counter,
     /// Notifications per executed transaction.
     pub(crate) batch_size: Histogram,
     /// Transactions committed.
@@ -51,7 +55,7 @@ impl BridgeMetrics {
     pub(crate) fn register(metrics: &Metrics) -> Self {
         let requests = metrics.register(
             "bridge_notify_requests",
-            "NOTIFY requests served, by outcome (ok, failed, invalid)",
+            "NOTIFY requests served, by outcome (ok, failed, invalid, expired)",
             Family::<Outcome, Counter>::default(),
         );
         let outcome = |o: &'static str| requests.get_or_create(&[("outcome", o)]).clone();
@@ -59,6 +63,12 @@ impl BridgeMetrics {
             requests_ok: outcome("ok"),
             requests_failed: outcome("failed"),
             requests_invalid: outcome("invalid"),
+            requests_expired: outcome("expired"),
+            duplicates: metrics.register(
+                "bridge_notify_duplicates",
+                "Notifications skipped because their request had already been executed",
+                Counter::default(),
+            ),
             batch_size: metrics.register(
                 "bridge_notify_batch_size",
                 "Notifications per NOTIFY transaction",

@@ -13,10 +13,11 @@
 //! capacity, 65536 messages; past it the client drops messages as a slow consumer and the
 //! gateway retries after its timeout). While no worker has a connection, the intake
 //! unsubscribes (so other bridges serve the queue group) and answers what it still holds
-//! with `failed`.
+//! with `failed`. A request read past its deadline is answered `failed` without being
+//! executed (its gateway has given up on it), and the workers check again before they start.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use async_nats::{Client as Nats, Message, Subscriber};
@@ -28,7 +29,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{validate, Batch, Offer, Request, UNAVAILABLE};
+use crate::batch::{deadline, validate, Batch, Offer, Request, EXPIRED, UNAVAILABLE};
 use crate::bus::reply;
 use crate::metrics::BridgeMetrics;
 use crate::worker::Worker;
@@ -231,11 +232,26 @@ impl Intake {
                 reply(&self.nats, message.reply.as_ref(), &NotifyReply::ok()).await;
                 None
             }
-            Ok(request) => Some(Request {
-                span: Request::span(request.notifications.len(), message.headers.as_ref()),
-                notifications: request.notifications,
-                reply: message.reply,
-            }),
+            Ok(request) => {
+                let request = Request {
+                    span: Request::span(request.notifications.len(), message.headers.as_ref()),
+                    id: request.id,
+                    deadline: deadline(request.deadline_ms),
+                    notifications: request.notifications,
+                    reply: message.reply,
+                };
+                if request.expired(SystemTime::now()) {
+                    // Waited in this bridge (stalled, or its subscription backed up) until its
+                    // gateway gave up: starting it now could overtake the socket's later
+                    // messages.
+                    self.metrics.requests_expired.inc();
+                    request.span.record("otel.status_code", "ERROR");
+                    let failed = NotifyReply::failed(EXPIRED);
+                    reply(&self.nats, request.reply.as_ref(), &failed).await;
+                    return None;
+                }
+                Some(request)
+            }
         }
     }
 

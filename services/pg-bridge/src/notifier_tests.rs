@@ -19,8 +19,8 @@ async fn ask(nats: &Nats, subject: &str, body: Vec<u8>) -> NotifyReply {
 }
 
 fn body(channel: &str, payloads: &[String]) -> Vec<u8> {
-    let request = NotifyRequest {
-        notifications: payloads
+    let request = NotifyRequest::new(
+        payloads
             .iter()
             .map(|p| Notification {
                 id: None,
@@ -28,7 +28,7 @@ fn body(channel: &str, payloads: &[String]) -> Vec<u8> {
                 payload: p.clone(),
             })
             .collect(),
-    };
+    );
     serde_json::to_vec(&request).expect("encodes")
 }
 

@@ -7,9 +7,13 @@
 //!
 //! Bounds: one batch at a time; a transaction has [`TX_TIMEOUT`] to commit, after which the
 //! connection is abandoned (dropped, so PostgreSQL rolls back what did not commit).
+//!
+//! Requests whose deadline passed are answered `failed` before the batch starts; the others
+//! are executed at most once each ([`crate::dedup`]), and worker 0 deletes expired keys every
+//! [`CLEANUP_INTERVAL`] while it has work.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::Client as Nats;
 use pgws_config::DbConfig;
@@ -17,21 +21,20 @@ use pgws_proto::NotifyReply;
 use pgws_service::telemetry::TARGET as TRACE;
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep, timeout};
+use tokio::time::{sleep, timeout, Instant};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{plan, Batch, Offer, UNAVAILABLE};
+use crate::batch::{plan, Batch, Offer, EXPIRED, UNAVAILABLE};
 use crate::bus::reply;
-use crate::db;
 use crate::metrics::BridgeMetrics;
+use crate::{db, dedup};
 
-/// Many NOTIFYs in one statement; `unnest` keeps the arrays' order.
-const NOTIFY_SQL: &str =
-    "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
 /// Time a transaction has to commit before its connection is abandoned.
 pub(crate) const TX_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often worker 0 deletes the keys of requests that can no longer arrive.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A worker's connection; `gone` is cancelled when it ends or is abandoned.
 struct Conn {
@@ -48,6 +51,8 @@ pub(crate) struct Worker {
     nats: Nats,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
+    /// When worker 0 last deleted expired keys.
+    cleaned: Instant,
 }
 
 impl Worker {
@@ -68,6 +73,7 @@ impl Worker {
             nats,
             metrics,
             shutdown,
+            cleaned: Instant::now(),
         }
     }
 
@@ -138,7 +144,8 @@ impl Worker {
             up.send_modify(|n| *n = n.saturating_sub(1));
             done.cancel();
         });
-        let statement = client.prepare(NOTIFY_SQL).await?;
+        dedup::ensure(&client).await?;
+        let statement = client.prepare(dedup::NOTIFY_SQL).await?;
         Ok(Conn {
             client,
             statement,
@@ -148,6 +155,42 @@ impl Worker {
 
     /// Executes a batch as few transactions as possible, answering each request once.
     async fn execute(&mut self, batch: Batch) {
+        let batch = self.drop_expired(batch).await;
+        self.execute_live(batch).await;
+        if self.id == 0 && self.cleaned.elapsed() >= CLEANUP_INTERVAL {
+            self.cleaned = Instant::now();
+            if let Some(conn) = self.conn.as_ref().filter(|c| !c.gone.is_cancelled()) {
+                match timeout(TX_TIMEOUT, dedup::cleanup(&conn.client)).await {
+                    Ok(Ok(n)) => tracing::debug!(keys = n, "expired request keys deleted"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot delete expired request keys"),
+                    Err(_) => tracing::warn!("deleting expired request keys timed out"),
+                }
+            }
+        }
+    }
+
+    /// Answers the requests whose gateway has given up (they waited behind a stalled or busy
+    /// worker) and returns the others.
+    async fn drop_expired(&self, batch: Batch) -> Batch {
+        let now = SystemTime::now();
+        if !batch.requests.iter().any(|r| r.expired(now)) {
+            return batch;
+        }
+        let mut live = Batch::default();
+        for request in batch.requests {
+            if request.expired(now) {
+                self.metrics.requests_expired.inc();
+                request.span.record("otel.status_code", "ERROR");
+                let failed = NotifyReply::failed(EXPIRED);
+                reply(&self.nats, request.reply.as_ref(), &failed).await;
+            } else {
+                live.push(request);
+            }
+        }
+        live
+    }
+
+    async fn execute_live(&mut self, batch: Batch) {
         let plan = plan(batch.requests.iter().map(|r| r.notifications.as_slice()));
         // The last transaction of each request; non-decreasing, as the plan keeps order.
         let mut last = vec![0; batch.requests.len()];
@@ -183,18 +226,17 @@ impl Worker {
                 failure = Some("no connection".to_owned());
                 break;
             };
-            let (channels, payloads): (Vec<&str>, Vec<&str>) = tx
-                .iter()
-                .map(|&(r, i)| {
-                    let n = &batch.requests[r].notifications[i];
-                    (n.channel.as_str(), n.payload.as_str())
-                })
-                .unzip();
-            let result = timeout(TX_TIMEOUT, notify(conn, &channels, &payloads)).await;
+            let tx = TxArgs::new(&batch, tx);
+            let result = timeout(TX_TIMEOUT, notify(conn, &tx)).await;
             match result {
-                Ok(Ok(())) => {
+                Ok(Ok(notified)) => {
                     self.metrics.transactions.inc();
-                    self.metrics.batch_size.observe(channels.len() as f64);
+                    self.metrics.batch_size.observe(tx.channels.len() as f64);
+                    let skipped = tx.channels.len() as u64 - notified.min(tx.channels.len() as u64);
+                    if skipped > 0 {
+                        tracing::debug!(skipped, "notifications of retried requests skipped");
+                        self.metrics.duplicates.inc_by(skipped);
+                    }
                 }
                 Ok(Err(e)) => {
                     failure = Some(e.to_string());
@@ -238,23 +280,70 @@ impl Worker {
     }
 }
 
+/// The parameters of one transaction's statement ([`dedup::NOTIFY_SQL`]).
+struct TxArgs<'a> {
+    channels: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    /// Per notification: its request part's key, when the request has an id.
+    keys: Vec<Option<String>>,
+    /// The distinct keys and when each may be forgotten.
+    new_keys: Vec<String>,
+    expiries: Vec<f64>,
+}
+
+impl<'a> TxArgs<'a> {
+    fn new(batch: &'a Batch, tx: &[(usize, usize)]) -> Self {
+        let mut args = Self {
+            channels: Vec::with_capacity(tx.len()),
+            payloads: Vec::with_capacity(tx.len()),
+            keys: Vec::with_capacity(tx.len()),
+            new_keys: Vec::new(),
+            expiries: Vec::new(),
+        };
+        // (request, key) of the part being filled: a request's part is contiguous.
+        let mut part: Option<(usize, String)> = None;
+        for &(r, i) in tx {
+            let request = &batch.requests[r];
+            let n = &request.notifications[i];
+            args.channels.push(&n.channel);
+            args.payloads.push(&n.payload);
+            let key = request.id.as_deref().map(|id| match &part {
+                Some((pr, key)) if *pr == r => key.clone(),
+                _ => {
+                    let key = dedup::key(id, i);
+                    args.new_keys.push(key.clone());
+                    args.expiries.push(dedup::expiry(request.deadline));
+                    part = Some((r, key.clone()));
+                    key
+                }
+            });
+            args.keys.push(key);
+        }
+        args
+    }
+}
+
 /// One transaction, pipelined: the three statements leave together and PostgreSQL answers
 /// in order. When the SELECT fails, PostgreSQL answers the COMMIT of the aborted transaction
-/// with a rollback, so the session is clean for the next batch.
-async fn notify(
-    conn: &Conn,
-    channels: &[&str],
-    payloads: &[&str],
-) -> Result<(), tokio_postgres::Error> {
-    let params: [&(dyn ToSql + Sync); 2] = [&channels, &payloads];
+/// with a rollback, so the session is clean for the next batch. Returns how many
+/// notifications were sent (the others belonged to requests already executed).
+async fn notify(conn: &Conn, tx: &TxArgs<'_>) -> Result<u64, tokio_postgres::Error> {
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &tx.channels,
+        &tx.payloads,
+        &tx.keys,
+        &tx.new_keys,
+        &tx.expiries,
+    ];
     let (begin, select, commit) = tokio::join!(
         conn.client.batch_execute("BEGIN"),
         conn.client.query_one(&conn.statement, &params),
         conn.client.batch_execute("COMMIT"),
     );
     begin?;
-    select?;
-    commit
+    let notified: i64 = select?.get(0);
+    commit?;
+    Ok(u64::try_from(notified).unwrap_or(0))
 }
 
 #[cfg(test)]

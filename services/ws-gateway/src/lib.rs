@@ -155,6 +155,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         config.notify_timeout,
         audit,
         config.audit_channel.clone(),
+        instance,
     );
     let per_address = limits::PerAddress::new(config.max_connections_per_address);
     let handshakes = limits::PerAddress::new(config.max_handshakes_per_address);

@@ -8,13 +8,20 @@
 //! fails is retried with backoff until `PGWS_NOTIFY_TIMEOUT`; then the client gets an error
 //! frame for each message in it.
 //!
+//! Each request carries an id, the same on every retry, and the deadline after which the
+//! gateway gives up: a bridge executes an id at most once and never starts a request past its
+//! deadline, so a retry that overtakes a copy stuck in a stalled bridge neither doubles the
+//! NOTIFYs nor lets them land after the socket's later messages.
+//!
 //! With the audit stream on (`PGWS_AUDIT`, the default), the request's notifications are first
 //! published to JetStream (one record holding all of them when there are several, with every
 //! message id; `Nats-Msg-Id` makes a retry inside the duplicate window a no-op) and the NOTIFY
 //! request goes out only once the stream acknowledged them: a message is never in the database
 //! without being in the audit stream.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -73,6 +80,9 @@ pub(crate) struct Uplink {
     audit: Option<Audit>,
     /// `PGWS_AUDIT_CHANNEL`.
     audit_channel: Option<String>,
+    /// Request ids: the gateway's instance id and a counter.
+    instance: u64,
+    next_request: Arc<AtomicU64>,
 }
 
 /// Where audit records go.
@@ -89,6 +99,7 @@ impl Uplink {
         deadline: Duration,
         audit: Option<Audit>,
         audit_channel: Option<String>,
+        instance: u64,
     ) -> Self {
         Self {
             client,
@@ -96,7 +107,15 @@ impl Uplink {
             deadline,
             audit,
             audit_channel,
+            instance,
+            next_request: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A new request id, unique across gateways and restarts.
+    fn request_id(&self) -> String {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-r{n:x}", self.instance)
     }
 
     /// Most notifications of one socket in one request (halved when each is repeated on the
@@ -115,6 +134,12 @@ impl Uplink {
         let client = self.client.clone();
         let subject = self.subject.clone();
         let deadline = Instant::now() + self.deadline;
+        let id = self.request_id();
+        // The same instant on the wall clock, for the bridges (see `NotifyRequest`).
+        let deadline_ms = SystemTime::now()
+            .checked_add(self.deadline)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64);
         let audit = self.audit.clone();
         // `gateway.publish`: a child of the first message's span, linked to the others'.
         let first = batch.first().map_or_else(Span::none, |p| p.span.clone());
@@ -168,8 +193,12 @@ impl Uplink {
             if let Some(channel) = audit_channel {
                 notifications = with_echoes(notifications, &echoes, &channel);
             }
-            let body = serde_json::to_vec(&NotifyRequest { notifications })
-                .map_err(|e| format!("cannot encode request: {e}"))?;
+            let body = serde_json::to_vec(&NotifyRequest {
+                id: Some(id),
+                deadline_ms,
+                notifications,
+            })
+            .map_err(|e| format!("cannot encode request: {e}"))?;
             let body = bytes::Bytes::from(body);
             let mut backoff = Duration::from_millis(50);
             let mut attempts = 0u32;
