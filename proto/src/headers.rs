@@ -9,6 +9,14 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 /// `Nats-Msg-Id` is the first id. Absent on a record of one envelope.
 pub const MSG_IDS: &str = "Pgws-Msg-Ids";
 
+/// On an outcome record of the audit stream: what happened to the messages it lists in
+/// [`MSG_IDS`]. The only value is [`OUTCOME_FAILED`]: the gateway gave up on their NOTIFY
+/// (the client got an error frame); the body is the reason.
+pub const OUTCOME: &str = "Pgws-Outcome";
+
+/// The [`OUTCOME`] of messages that were recorded but not NOTIFYed.
+pub const OUTCOME_FAILED: &str = "failed";
+
 /// On an audit record: the PostgreSQL channel the message was notified on.
 pub const NOTIFY_CHANNEL: &str = "Pgws-Notify-Channel";
 

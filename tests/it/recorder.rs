@@ -255,3 +255,55 @@ async fn dispatcher_mode_calls_the_function_once_per_message_in_order() -> anyho
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_audit_says_which_messages_were_not_notified_and_why() -> anyhow::Result<()> {
+    // No bridge at first: the message is recorded, then its NOTIFY fails.
+    let mut stack = Stack::new();
+    let _rec = Service::start(ServiceKind::Recorder, &stack.env()).await?;
+    stack.add_gateway(&[("PGWS_NOTIFY_TIMEOUT", "2")]).await?;
+    let channel = pgws_tests::unique("outcome-");
+    let mut ws = stack
+        .connect(0, &channel, &serde_json::json!({"mode": "rw"}))
+        .await?;
+    ws.send_text("lost").await?;
+    let error = ws.next_json(Duration::from_secs(10)).await?;
+    assert_eq!(error["event"], "Error", "{error}");
+    stack.add_bridge(&[]).await?;
+    stack.wait_flowing(0).await?;
+    ws.send_text("kept").await?;
+    let echo = ws.next_json(Duration::from_secs(10)).await?;
+    assert_eq!(echo["payload"], "kept", "{echo}");
+
+    let db = stack.pg().await?;
+    let query = "SELECT payload, notified, notify_error FROM pgws_audit.message_outcomes
+                 WHERE channel = $1 ORDER BY received_at";
+    let read = || async {
+        match db.query(query, &[&channel]).await {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| {
+                    let error: Option<String> = r.get(2);
+                    (r.get::<_, String>(0), r.get::<_, bool>(1), error)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    let complete = pgws_tests::eventually(Duration::from_secs(30), || async {
+        let rows = read().await;
+        rows.len() == 2 && !rows[0].1 && rows[0].2.is_some()
+    })
+    .await;
+    let rows = read().await;
+    assert!(complete, "outcomes not recorded: {rows:?}");
+    let (payload, notified, error) = &rows[0];
+    assert_eq!((payload.as_str(), *notified), ("lost", false));
+    let error = error.as_deref().unwrap_or_default();
+    assert!(error.contains("no bridge committed"), "{error}");
+    assert_eq!(
+        (rows[1].0.as_str(), rows[1].1, &rows[1].2),
+        ("kept", true, &None)
+    );
+    Ok(())
+}

@@ -334,6 +334,7 @@ pub(crate) async fn write_batch(
                 };
                 metrics.duplicates.inc_by(outcome.duplicates);
                 metrics.dead_letters.inc_by(outcome.dead);
+                metrics.notify_failures.inc_by(outcome.failures);
                 tracing::debug!(
                     written = outcome.written,
                     duplicates = outcome.duplicates,

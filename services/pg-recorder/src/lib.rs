@@ -230,6 +230,10 @@ impl Upkeep {
                 Ok(dropped) => tracing::info!(dropped, days, "retention applied"),
                 Err(e) => tracing::warn!(error = %e, "retention failed"),
             }
+            match schema::drop_old_failures(client, days).await {
+                Ok(deleted) => tracing::info!(deleted, days, "notify failures pruned"),
+                Err(e) => tracing::warn!(error = %e, "notify failure retention failed"),
+            }
         }
         if let Some(age) = self.ledger_age {
             match schema::prune_ledger(client, age).await {

@@ -14,6 +14,7 @@ pub(crate) struct RecorderMetrics {
     pub(crate) rows: Counter,
     pub(crate) duplicates: Counter,
     pub(crate) dead_letters: Counter,
+    pub(crate) notify_failures: Counter,
     pub(crate) dispatched: Counter,
     pub(crate) batches: Family<Labels, Counter>,
     pub(crate) batch_size: Histogram,
@@ -37,6 +38,11 @@ impl RecorderMetrics {
             dead_letters: m.register(
                 "recorder_dead_letters",
                 "Malformed records stored in pgws_audit.dead_letters",
+                Counter::default(),
+            ),
+            notify_failures: m.register(
+                "recorder_notify_failures",
+                "Recorded messages whose NOTIFY failed, stored in pgws_audit.notify_failures",
                 Counter::default(),
             ),
             dispatched: m.register(

@@ -3,6 +3,10 @@
 //! A record is one postgres-websockets envelope with the `Nats-Msg-Id` and
 //! `Pgws-Notify-Channel` headers (see `proto/CONTRACT.md`). Anything else is malformed: it is
 //! kept in `pgws_audit.dead_letters` and never blocks the stream.
+//!
+//! An outcome record (`Pgws-Outcome: failed`) lists messages recorded earlier whose NOTIFY the
+//! gateway gave up on, with the reason as its body: it becomes rows of
+//! `pgws_audit.notify_failures`.
 
 use async_nats::HeaderMap;
 use pgws_proto::headers;
@@ -43,6 +47,16 @@ pub(crate) struct DeadLetter {
     pub(crate) headers: String,
 }
 
+/// Messages that were recorded but not NOTIFYed, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Failure {
+    pub(crate) ids: Vec<String>,
+    pub(crate) reason: String,
+}
+
+/// Longest failure reason kept, in bytes.
+const MAX_REASON: usize = 1024;
+
 /// The records of one pulled batch, in stream order, and its dead letters.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Batch {
@@ -50,6 +64,8 @@ pub(crate) struct Batch {
     /// Where each record was: `(stream, stream sequence, part)`, parallel to `records`.
     pub(crate) positions: Vec<(String, u64, i32)>,
     pub(crate) dead: Vec<DeadLetter>,
+    /// NOTIFY failures reported by the gateways.
+    pub(crate) failures: Vec<Failure>,
     /// Some message of the batch was delivered before (a row for it may exist already).
     pub(crate) redelivered: bool,
 }
@@ -58,6 +74,13 @@ impl Batch {
     /// Parses one stream message (one envelope, or several with `Pgws-Msg-Ids`) and adds each
     /// envelope to the records or to the dead letters.
     pub(crate) fn push(&mut self, stream: &str, seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) {
+        if let Some(outcome) = hdrs.and_then(|h| h.get(headers::OUTCOME)) {
+            match failure(outcome.as_str(), data, hdrs) {
+                Ok(f) => self.failures.push(f),
+                Err(reason) => self.push_dead(dead_letter(stream, seq, data, hdrs, reason)),
+            }
+            return;
+        }
         let Some(ids) = hdrs.and_then(|h| h.get(headers::MSG_IDS)) else {
             self.push_part(stream, seq, 0, data, hdrs);
             return;
@@ -118,8 +141,36 @@ impl Batch {
 
     /// Messages in the batch.
     pub(crate) fn len(&self) -> usize {
-        self.records.len() + self.dead.len()
+        self.records.len() + self.dead.len() + self.failures.len()
     }
+}
+
+/// Parses an outcome record: `Pgws-Outcome: failed`, the ids in `Pgws-Msg-Ids`, the reason as
+/// the body (cut to [`MAX_REASON`] bytes).
+fn failure(outcome: &str, data: &[u8], hdrs: Option<&HeaderMap>) -> Result<Failure, String> {
+    if outcome != headers::OUTCOME_FAILED {
+        return Err(format!("unknown {} {outcome:?}", headers::OUTCOME));
+    }
+    let ids = hdrs
+        .and_then(|h| h.get(headers::MSG_IDS))
+        .map(|v| v.as_str())
+        .unwrap_or_default();
+    let ids: Vec<String> = ids.split(',').map(str::to_owned).collect();
+    if ids.iter().any(|id| id.is_empty() || id.contains('\0')) {
+        return Err(format!(
+            "an outcome record needs {} without empty ids",
+            headers::MSG_IDS
+        ));
+    }
+    let mut reason = String::from_utf8_lossy(data).replace('\0', "\u{fffd}");
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    Ok(Failure { ids, reason })
 }
 
 /// The first second `message_delivered_at` may not reach: 10000-01-01 UTC. Daily partitions
@@ -440,5 +491,50 @@ mod tests {
                 .reason,
             "contains a NUL character"
         );
+    }
+
+    #[test]
+    fn outcome_records_become_failures_or_dead_letters() {
+        let outcome = |ids: Option<&str>, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, "a-1:failed");
+            if let Some(ids) = ids {
+                h.insert(headers::MSG_IDS, ids);
+            }
+            h.insert(headers::OUTCOME, value);
+            h
+        };
+        let mut batch = Batch::default();
+        let long = "é".repeat(MAX_REASON);
+        batch.push(
+            "s",
+            1,
+            b"no bridge",
+            Some(&outcome(Some("a-1,a-2"), "failed")),
+        );
+        batch.push(
+            "s",
+            2,
+            long.as_bytes(),
+            Some(&outcome(Some("a-3"), "failed")),
+        );
+        batch.push("s", 3, b"x", Some(&outcome(Some("a-4"), "maybe")));
+        batch.push("s", 4, b"x", Some(&outcome(None, "failed")));
+        batch.push("s", 5, b"x", Some(&outcome(Some("a-5,,a-6"), "failed")));
+        assert_eq!(batch.failures.len(), 2);
+        assert_eq!(batch.failures[0].ids, ["a-1", "a-2"]);
+        assert_eq!(batch.failures[0].reason, "no bridge");
+        assert_eq!(batch.failures[1].reason.len(), MAX_REASON);
+        assert!(batch.records.is_empty());
+        let reasons: Vec<&str> = batch.dead.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "unknown Pgws-Outcome \"maybe\"",
+                "an outcome record needs Pgws-Msg-Ids without empty ids",
+                "an outcome record needs Pgws-Msg-Ids without empty ids",
+            ]
+        );
+        assert_eq!(batch.len(), 5);
     }
 }

@@ -24,6 +24,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "dead_letter_parts",
         include_str!("migrations/003_dead_letter_parts.sql"),
     ),
+    (
+        4,
+        "notify_failures",
+        include_str!("migrations/004_notify_failures.sql"),
+    ),
 ];
 
 /// Applies the migrations the database does not have yet; returns how many it applied.
@@ -123,6 +128,21 @@ pub(crate) async fn drop_old_partitions(
         )
         .await?
         .get(0))
+}
+
+/// Deletes the NOTIFY failures recorded before the oldest day kept (as
+/// [`drop_old_partitions`] keeps them); returns how many.
+pub(crate) async fn drop_old_failures(
+    db: &Client,
+    days: u32,
+) -> Result<u64, tokio_postgres::Error> {
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    db.execute(
+        "DELETE FROM pgws_audit.notify_failures
+         WHERE failed_at < ((now() AT TIME ZONE 'UTC')::date - $1::int)::timestamp AT TIME ZONE 'UTC'",
+        &[&days],
+    )
+    .await
 }
 
 /// Deletes the dispatcher ledger's rows older than `age`; returns how many.

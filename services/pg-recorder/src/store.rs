@@ -31,7 +31,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
-use crate::record::{Batch, DeadLetter, Record};
+use crate::record::{Batch, DeadLetter, Failure, Record};
 
 /// Whether a failure may pass by itself, so the batch is retried as it is and no record is
 /// blamed: a lost connection, a deadlock or serialization failure, a lock timeout, exhausted
@@ -71,6 +71,8 @@ pub(crate) struct Outcome {
     pub(crate) duplicates: u64,
     /// Dead letters stored.
     pub(crate) dead: u64,
+    /// NOTIFY failures stored (new ones: a redelivered report changes nothing).
+    pub(crate) failures: u64,
 }
 
 /// Messages go to `pgws_audit.messages`, or to a dispatcher function.
@@ -172,6 +174,7 @@ pub(crate) async fn write(
         _ => write_in(&tx, mode, &batch.records).await?,
     };
     outcome.dead = write_dead(&tx, &batch.dead).await?;
+    outcome.failures = write_failures(&tx, &batch.failures).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -224,6 +227,7 @@ pub(crate) async fn write_one_by_one(
         }
     }
     outcome.dead = write_dead(&tx, &more_dead).await?;
+    outcome.failures = write_failures(&tx, &batch.failures).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -300,8 +304,27 @@ async fn write_in(
     Ok(Outcome {
         written,
         duplicates: total.saturating_sub(written),
-        dead: 0,
+        ..Outcome::default()
     })
+}
+
+const INSERT_FAILURES: &str = "INSERT INTO pgws_audit.notify_failures (id, reason)
+    SELECT id, reason FROM unnest($1::text[], $2::text[]) AS t(id, reason)
+    ON CONFLICT DO NOTHING";
+
+/// Records which messages were not NOTIFYed, idempotent by message id.
+async fn write_failures(
+    tx: &Transaction<'_>,
+    failures: &[Failure],
+) -> Result<u64, tokio_postgres::Error> {
+    if failures.is_empty() {
+        return Ok(0);
+    }
+    let (ids, reasons): (Vec<&str>, Vec<&str>) = failures
+        .iter()
+        .flat_map(|f| f.ids.iter().map(|id| (id.as_str(), f.reason.as_str())))
+        .unzip();
+    tx.execute(INSERT_FAILURES, &[&ids, &reasons]).await
 }
 
 async fn write_dead(

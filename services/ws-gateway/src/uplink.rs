@@ -17,7 +17,9 @@
 //! published to JetStream (one record holding all of them when there are several, with every
 //! message id; `Nats-Msg-Id` makes a retry inside the duplicate window a no-op) and the NOTIFY
 //! request goes out only once the stream acknowledged them: a message is never in the database
-//! without being in the audit stream.
+//! without being in the audit stream. When the NOTIFY then fails for good, an outcome record
+//! (`Pgws-Outcome: failed`, the reason as body) tells the recorder which recorded messages were
+//! not NOTIFYed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -186,10 +188,16 @@ impl Uplink {
         let sending = async move {
             // The frames' spans end when their messages are in the database (or given up).
             let _frames = frames;
-            if let Some(audit) = audit {
+            if let Some(audit) = &audit {
                 let recorded = records.as_deref().unwrap_or(&notifications);
-                record(&audit, recorded, &trace, deadline).await?;
+                record(audit, recorded, &trace, deadline).await?;
             }
+            // The recorded messages, for an outcome record if their NOTIFY fails.
+            let ids: Vec<String> = match (&audit, &records) {
+                (None, _) => Vec::new(),
+                (Some(_), Some(records)) => records.iter().filter_map(|n| n.id.clone()).collect(),
+                (Some(_), None) => notifications.iter().filter_map(|n| n.id.clone()).collect(),
+            };
             if let Some(channel) = audit_channel {
                 notifications = with_echoes(notifications, &echoes, &channel);
             }
@@ -199,34 +207,13 @@ impl Uplink {
                 notifications,
             })
             .map_err(|e| format!("cannot encode request: {e}"))?;
-            let body = bytes::Bytes::from(body);
-            let mut backoff = Duration::from_millis(50);
-            let mut attempts = 0u32;
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err("no bridge committed the message in time".to_owned());
+            let result = notify(&client, &subject, &trace, body.into(), deadline).await;
+            if let (Err(reason), Some(audit)) = (&result, &audit) {
+                if !ids.is_empty() {
+                    report_failure(audit, &ids, reason).await;
                 }
-                attempts += 1;
-                Span::current().record("attempts", attempts);
-                let attempt = (deadline - now).min(Duration::from_secs(5));
-                let error =
-                    match tokio::time::timeout(attempt, request(&client, &subject, &trace, &body))
-                        .await
-                    {
-                        Ok(Ok(reply)) => {
-                            match serde_json::from_slice::<NotifyReply>(&reply.payload) {
-                                Ok(r) if r.ok => return Ok(()),
-                                Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
-                                Err(e) => format!("unreadable bridge reply: {e}"),
-                            }
-                        }
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "bridge did not answer".to_owned(),
-                    };
-                tracing::debug!(error, "notify request failed; retrying");
-                backoff = pause(backoff, deadline).await;
             }
+            result
         };
         Box::pin(
             async move {
@@ -238,6 +225,78 @@ impl Uplink {
             }
             .instrument(span),
         )
+    }
+}
+
+/// Sends one NOTIFY request until a bridge commits it or `deadline` passes (retries with
+/// backoff; each attempt waits at most 5 s for its answer).
+async fn notify(
+    client: &async_nats::Client,
+    subject: &str,
+    trace: &async_nats::HeaderMap,
+    body: Bytes,
+    deadline: Instant,
+) -> Result<(), String> {
+    let mut backoff = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    let mut last = None;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            let last = last.map_or_else(String::new, |e| format!(" (last attempt: {e})"));
+            return Err(format!("no bridge committed the message in time{last}"));
+        }
+        attempts += 1;
+        Span::current().record("attempts", attempts);
+        let attempt = (deadline - now).min(Duration::from_secs(5));
+        let error =
+            match tokio::time::timeout(attempt, request(client, subject, trace, &body)).await {
+                Ok(Ok(reply)) => match serde_json::from_slice::<NotifyReply>(&reply.payload) {
+                    Ok(r) if r.ok => return Ok(()),
+                    Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
+                    Err(e) => format!("unreadable bridge reply: {e}"),
+                },
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "bridge did not answer".to_owned(),
+            };
+        tracing::debug!(error, "notify request failed; retrying");
+        last = Some(error);
+        backoff = pause(backoff, deadline).await;
+    }
+}
+
+/// How long a gateway tries to tell the audit stream that recorded messages were not NOTIFYed.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Publishes the outcome record of messages recorded but not NOTIFYed (`Pgws-Outcome:
+/// failed`, see proto/CONTRACT.md), so the audit says what became of them. Bounded by
+/// [`REPORT_TIMEOUT`]; when the stream does not take it, the rows keep saying nothing about the
+/// NOTIFY (logged).
+async fn report_failure(audit: &Audit, ids: &[String], reason: &str) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, format!("{}:failed", ids[0]).as_str());
+    h.insert(headers::MSG_IDS, ids.join(",").as_str());
+    h.insert(headers::OUTCOME, headers::OUTCOME_FAILED);
+    let body = Bytes::from(reason.to_owned());
+    let publish = async {
+        let ack = audit
+            .js
+            .publish_with_headers(audit.subject.clone(), h, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map(drop).map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(REPORT_TIMEOUT, publish).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = e,
+            messages = ids.len(),
+            "cannot record a NOTIFY failure in the audit stream"
+        ),
+        Err(_) => tracing::warn!(
+            messages = ids.len(),
+            "recording a NOTIFY failure in the audit stream timed out"
+        ),
     }
 }
 
