@@ -68,6 +68,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "send_queue_bytes",
     "send_budget",
     "max_handshakes_per_address",
+    "notify_dedup",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -42,6 +42,10 @@ pub struct BridgeConfig {
     /// `PGWS_PUBSUB_KEYS_TABLE` (default `apikeys`, may be `schema.table`): where wspubsub
     /// API keys are checked.
     pub pubsub_keys_table: String,
+    /// `PGWS_NOTIFY_DEDUP` (default true): execute each NOTIFY request id at most once, with
+    /// the keys in `pgws_bridge.notify_requests`; false gives at-least-once toward PostgreSQL
+    /// (a retried request may be NOTIFYed twice) and needs no table.
+    pub notify_dedup: bool,
 }
 
 /// Default `PGWS_PUBSUB_GRACE`, seconds.
@@ -100,6 +104,8 @@ impl BridgeConfig {
             p.push("PGWS_PUBSUB_KEYS_TABLE: a table name, or schema.table");
         }
 
+        let notify_dedup = p.text("notify_dedup").is_none() || p.flag("notify_dedup");
+
         p.finish(Self {
             db,
             nats,
@@ -110,6 +116,7 @@ impl BridgeConfig {
             batch_size,
             pubsub_grace: Duration::from_secs(grace),
             pubsub_keys_table,
+            notify_dedup,
         })
     }
 }
@@ -133,6 +140,7 @@ mod tests {
         assert_eq!(c.batch_size, 1000);
         assert_eq!(c.admin.addr.port(), 9101);
         assert_eq!(c.nats.subjects.notify(), "pgws.notify");
+        assert!(c.notify_dedup);
     }
 
     #[test]

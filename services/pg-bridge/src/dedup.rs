@@ -46,6 +46,11 @@ pub(crate) const NOTIFY_SQL: &str = "WITH fresh AS (
 SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[], $3::text[]) AS t(c, p, k)
 WHERE k IS NULL OR k = ANY (ARRAY(SELECT key FROM fresh))";
 
+/// The NOTIFYs of one transaction without deduplication (`PGWS_NOTIFY_DEDUP=false`): `$1`,
+/// `$2` as in [`NOTIFY_SQL`].
+pub(crate) const PLAIN_NOTIFY_SQL: &str =
+    "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS t(c, p)";
+
 /// Creates the schema and table when missing. Only needs the CREATE privilege when they are
 /// missing: a database administrator may create them beforehand (README, "pg-bridge").
 pub(crate) async fn ensure(client: &Client) -> Result<(), tokio_postgres::Error> {

@@ -166,6 +166,7 @@ async fn serve(
         batch_size: config.batch_size,
         nats,
         metrics: bridge_metrics,
+        dedup: config.notify_dedup,
     };
     let up = notifier.spawn(shutdown, fatal_tx);
     drop(db_up.set(up));

@@ -45,6 +45,8 @@ pub(crate) struct Notifier {
     pub(crate) batch_size: usize,
     pub(crate) nats: Nats,
     pub(crate) metrics: BridgeMetrics,
+    /// `PGWS_NOTIFY_DEDUP`.
+    pub(crate) dedup: bool,
 }
 
 impl Notifier {
@@ -66,6 +68,7 @@ impl Notifier {
                 self.nats.clone(),
                 self.metrics.clone(),
                 shutdown.clone(),
+                self.dedup,
             );
             shutdown.spawn(worker.run(idle_tx.clone()));
         }

@@ -48,6 +48,7 @@ async fn requests_over_nats_are_executed_in_order_and_answered() {
         batch_size: 12,
         nats: nats.clone(),
         metrics: metrics.clone(),
+        dedup: true,
     };
     let up = notifier.spawn(&shutdown, fatal);
     eventually("both workers connected", || *up.borrow() == 2).await;
@@ -143,6 +144,7 @@ async fn requests_pause_while_the_database_is_away() {
         batch_size: 10,
         nats: nats.clone(),
         metrics,
+        dedup: true,
     };
     let up = notifier.spawn(&shutdown, fatal);
     let notify = subjects.notify();

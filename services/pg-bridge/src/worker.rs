@@ -51,6 +51,8 @@ pub(crate) struct Worker {
     nats: Nats,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
+    /// `PGWS_NOTIFY_DEDUP`: requests with an id are executed at most once.
+    dedup: bool,
     /// When worker 0 last deleted expired keys.
     cleaned: Instant,
 }
@@ -64,6 +66,7 @@ impl Worker {
         nats: Nats,
         metrics: BridgeMetrics,
         shutdown: Shutdown,
+        dedup: bool,
     ) -> Self {
         Self {
             id,
@@ -73,6 +76,7 @@ impl Worker {
             nats,
             metrics,
             shutdown,
+            dedup,
             cleaned: Instant::now(),
         }
     }
@@ -144,8 +148,12 @@ impl Worker {
             up.send_modify(|n| *n = n.saturating_sub(1));
             done.cancel();
         });
-        dedup::ensure(&client).await?;
-        let statement = client.prepare(dedup::NOTIFY_SQL).await?;
+        let statement = if self.dedup {
+            dedup::ensure(&client).await?;
+            client.prepare(dedup::NOTIFY_SQL).await?
+        } else {
+            client.prepare(dedup::PLAIN_NOTIFY_SQL).await?
+        };
         Ok(Conn {
             client,
             statement,
@@ -157,7 +165,7 @@ impl Worker {
     async fn execute(&mut self, batch: Batch) {
         let batch = self.drop_expired(batch).await;
         self.execute_live(batch).await;
-        if self.id == 0 && self.cleaned.elapsed() >= CLEANUP_INTERVAL {
+        if self.dedup && self.id == 0 && self.cleaned.elapsed() >= CLEANUP_INTERVAL {
             self.cleaned = Instant::now();
             if let Some(conn) = self.conn.as_ref().filter(|c| !c.gone.is_cancelled()) {
                 match timeout(TX_TIMEOUT, dedup::cleanup(&conn.client)).await {
@@ -226,7 +234,7 @@ impl Worker {
                 failure = Some("no connection".to_owned());
                 break;
             };
-            let tx = TxArgs::new(&batch, tx);
+            let tx = TxArgs::new(&batch, tx, self.dedup);
             let result = timeout(TX_TIMEOUT, notify(conn, &tx)).await;
             match result {
                 Ok(Ok(notified)) => {
@@ -284,7 +292,8 @@ impl Worker {
 struct TxArgs<'a> {
     channels: Vec<&'a str>,
     payloads: Vec<&'a str>,
-    /// Per notification: its request part's key, when the request has an id.
+    /// Per notification: its request part's key, when the request has an id (empty without
+    /// deduplication: the statement takes only the first two parameters then).
     keys: Vec<Option<String>>,
     /// The distinct keys and when each may be forgotten.
     new_keys: Vec<String>,
@@ -292,7 +301,7 @@ struct TxArgs<'a> {
 }
 
 impl<'a> TxArgs<'a> {
-    fn new(batch: &'a Batch, tx: &[(usize, usize)]) -> Self {
+    fn new(batch: &'a Batch, tx: &[(usize, usize)], dedup: bool) -> Self {
         let mut args = Self {
             channels: Vec::with_capacity(tx.len()),
             payloads: Vec::with_capacity(tx.len()),
@@ -307,7 +316,8 @@ impl<'a> TxArgs<'a> {
             let n = &request.notifications[i];
             args.channels.push(&n.channel);
             args.payloads.push(&n.payload);
-            let key = request.id.as_deref().map(|id| match &part {
+            let id = request.id.as_deref().filter(|_| dedup);
+            let key = id.map(|id| match &part {
                 Some((pr, key)) if *pr == r => key.clone(),
                 _ => {
                     let key = dedup::key(id, i);
@@ -328,16 +338,17 @@ impl<'a> TxArgs<'a> {
 /// with a rollback, so the session is clean for the next batch. Returns how many
 /// notifications were sent (the others belonged to requests already executed).
 async fn notify(conn: &Conn, tx: &TxArgs<'_>) -> Result<u64, tokio_postgres::Error> {
-    let params: [&(dyn ToSql + Sync); 5] = [
+    let all: [&(dyn ToSql + Sync); 5] = [
         &tx.channels,
         &tx.payloads,
         &tx.keys,
         &tx.new_keys,
         &tx.expiries,
     ];
+    let params = &all[..conn.statement.params().len()];
     let (begin, select, commit) = tokio::join!(
         conn.client.batch_execute("BEGIN"),
-        conn.client.query_one(&conn.statement, &params),
+        conn.client.query_one(&conn.statement, params),
         conn.client.batch_execute("COMMIT"),
     );
     begin?;

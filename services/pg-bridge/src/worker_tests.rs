@@ -35,7 +35,15 @@ async fn setup() -> Setup {
     let mut pg = db::pg_config(DB_URI).expect("uri");
     pg.application_name(&app);
     let (up, _) = watch::channel(0);
-    let mut worker = Worker::new(0, pg, Arc::new(up), nats, metrics.clone(), shutdown.clone());
+    let mut worker = Worker::new(
+        0,
+        pg,
+        Arc::new(up),
+        nats,
+        metrics.clone(),
+        shutdown.clone(),
+        true,
+    );
     worker.conn = Some(worker.connect().await.expect("worker connects"));
     Setup {
         worker,
