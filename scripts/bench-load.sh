@@ -11,7 +11,8 @@
 #           and latency for each target
 #   mixed   MIXED_CHANNELS channels of MIXED_SUBSCRIBERS sockets, MIXED_RATE notifications/s
 #           (pgws only): latency at a moderate delivery rate spread over many channels
-#   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline
+#   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline;
+#           then the same with PGWS_NOTIFY_DEDUP=false
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
 #   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
@@ -221,6 +222,15 @@ for phase in $PHASES; do
     ingest)
       start_target pgws
       load pgws "ingest-pgws-$INGEST_SOCKETS" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+      # The same load with PGWS_NOTIFY_DEDUP=false (at-least-once requests, no key table):
+      # what executing each request at most once costs.
+      stop bridge recorder
+      export PGWS_NOTIFY_DEDUP=false
+      start_bridge
+      load pgws "ingest-pgws-$INGEST_SOCKETS-nodedup" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+      stop bridge recorder
+      unset PGWS_NOTIFY_DEDUP
+      start_bridge
       stop_target pgws
       ;;
     pubsub)

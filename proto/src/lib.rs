@@ -9,11 +9,15 @@
 
 mod envelope;
 pub mod headers;
+mod live;
 mod notify;
 mod stack;
 mod subject;
 
 pub use envelope::{ConnectionEvent, Envelope, EnvelopeError, WEBSOCKET_MESSAGE};
+pub use live::{
+    valid_live_topic, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, MAX_LIVE_TOPIC,
+};
 pub use notify::{Notification, NotifyReply, NotifyRequest};
 pub use stack::{
     Ack, KeyCheck, Presence, RegistryOp, RegistryReply, RegistryRequest, Topic,

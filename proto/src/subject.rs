@@ -105,6 +105,22 @@ impl Subjects {
         )
     }
 
+    /// `/live` custom topics ([`crate::LiveTopicOp`], request/reply, any bridge: queue group
+    /// [`Subjects::bridge_queue`]).
+    pub fn live_topics(&self) -> String {
+        format!("{}.livetopics", self.prefix)
+    }
+
+    /// The messages of one incarnation of the `/live` custom topic `name`, from the sender's
+    /// gateway to the subscribers' gateways.
+    pub fn live(&self, name: &str, incarnation: i64) -> String {
+        format!(
+            "{}.live.{}.{incarnation}",
+            self.prefix,
+            encode_channel(name)
+        )
+    }
+
     /// Gateways publish every accepted client message envelope (and connection event) here,
     /// captured by the JetStream stream [`Subjects::audit_stream`].
     pub fn audit(&self) -> String {

@@ -15,6 +15,7 @@ mod flood;
 mod frames;
 mod gaps;
 mod listener;
+mod live;
 mod load;
 mod metrics;
 mod pubsub;

@@ -102,12 +102,7 @@ impl Authorizer {
         let (claims, expires_at) = if token.is_empty() {
             (Map::new(), None)
         } else {
-            let claims = verify::verify(&self.keys, token)?;
-            let policy = &self.policy;
-            let expires_at = claims::check_times(&claims, now, policy.leeway)?;
-            claims::check_audience(&claims, policy.audience.as_deref())?;
-            claims::check_issuer(&claims, policy.issuer.as_deref())?;
-            (claims, expires_at)
+            self.verify_claims(token, now)?
         };
         let mode = parse_mode(&claims)?;
         Ok(Verified {
@@ -115,6 +110,21 @@ impl Authorizer {
             claims,
             expires_at,
         })
+    }
+
+    /// Validates the token's signature, times, audience and issuer, and returns its claims and
+    /// expiry, for protocols without a `mode` claim (`/live`, as PostgREST's tokens).
+    pub fn verify_claims(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<(Map<String, Value>, Option<u64>), Rejection> {
+        let claims = verify::verify(&self.keys, token)?;
+        let policy = &self.policy;
+        let expires_at = claims::check_times(&claims, now, policy.leeway)?;
+        claims::check_audience(&claims, policy.audience.as_deref())?;
+        claims::check_issuer(&claims, policy.issuer.as_deref())?;
+        Ok((claims, expires_at))
     }
 }
 

@@ -69,6 +69,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "send_budget",
     "max_handshakes_per_address",
     "notify_dedup",
+    "admin_roles",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -1,12 +1,85 @@
 //! Opening PostgreSQL connections: one parsed configuration, bounded connect attempts, and
 //! the start-up rule of postgres-websockets (`PGWS_RETRIES` attempts, then give up).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgws_config::DbConfig;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Config, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
+
+use pgws_service::Shutdown;
+use tokio::sync::Mutex;
+
+/// Creates `table` with `ddl` (run in a transaction, serialised with other bridges by an
+/// advisory lock on the table's name) unless it exists. Checking first means the CREATE
+/// privilege is only needed when the table is missing: an administrator may create it
+/// beforehand.
+pub(crate) async fn ensure_table(
+    client: &Client,
+    table: &str,
+    ddl: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let exists = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get::<_, bool>(0);
+    if exists {
+        return Ok(());
+    }
+    let lock = format!(
+        "SELECT pg_advisory_xact_lock(hashtext({}))",
+        quote_literal(table)
+    );
+    client
+        .batch_execute(&format!("BEGIN; {lock}; {ddl}; COMMIT;"))
+        .await
+}
+
+/// A SQL string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A connection opened on first use and opened again on the next use after it failed, shared
+/// by concurrent requests (the request services: API keys, `/live` topics).
+pub(crate) struct LazyClient {
+    pg: Config,
+    /// What the connection serves, for the logs.
+    what: &'static str,
+    shutdown: Shutdown,
+    slot: Mutex<Option<Arc<Client>>>,
+}
+
+impl LazyClient {
+    pub(crate) fn new(pg: Config, what: &'static str, shutdown: Shutdown) -> Self {
+        Self {
+            pg,
+            what,
+            shutdown,
+            slot: Mutex::new(None),
+        }
+    }
+
+    /// The open connection, or a new one; `fresh` is true when it was just opened.
+    pub(crate) async fn get(&self) -> Result<(Arc<Client>, bool), tokio_postgres::Error> {
+        let mut slot = self.slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok((Arc::clone(c), false));
+        }
+        let (client, connection) = connect(&self.pg).await.inspect_err(|e| {
+            tracing::warn!(error = %e, what = self.what, "connection failed");
+        })?;
+        let what = self.what;
+        self.shutdown.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, what, "connection lost");
+            }
+        });
+        Ok((Arc::clone(slot.insert(Arc::new(client))), true))
+    }
+}
 
 /// A connection's I/O half, driven by its owner.
 pub(crate) type PgConnection = Connection<Socket, NoTlsStream>;

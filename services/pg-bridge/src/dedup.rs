@@ -54,27 +54,16 @@ pub(crate) const PLAIN_NOTIFY_SQL: &str =
 /// Creates the schema and table when missing. Only needs the CREATE privilege when they are
 /// missing: a database administrator may create them beforehand (README, "pg-bridge").
 pub(crate) async fn ensure(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let exists = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&TABLE])
-        .await?
-        .get::<_, bool>(0);
-    if exists {
-        return Ok(());
-    }
-    // Serialised with other bridges creating it at the same time (concurrent `IF NOT EXISTS`
-    // can still collide in the catalogs).
-    client
-        .batch_execute(
-            "BEGIN;
-             SELECT pg_advisory_xact_lock(hashtext('pgws_bridge.notify_requests'));
-             CREATE SCHEMA IF NOT EXISTS pgws_bridge;
-             CREATE UNLOGGED TABLE IF NOT EXISTS pgws_bridge.notify_requests (
-                 key text PRIMARY KEY,
-                 expires timestamptz NOT NULL
-             );
-             COMMIT;",
-        )
-        .await
+    crate::db::ensure_table(
+        client,
+        TABLE,
+        "CREATE SCHEMA IF NOT EXISTS pgws_bridge;
+         CREATE UNLOGGED TABLE IF NOT EXISTS pgws_bridge.notify_requests (
+             key text PRIMARY KEY,
+             expires timestamptz NOT NULL
+         )",
+    )
+    .await
 }
 
 /// Deletes the keys whose requests can no longer arrive; returns how many.

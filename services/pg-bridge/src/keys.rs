@@ -10,18 +10,15 @@
 //! Bounds: one connection per bridge (re-opened on the next request after it failed),
 //! at most [`CONCURRENCY`] checks in flight; the rest wait in the NATS subscription.
 
-use std::sync::Arc;
-
 use async_nats::Client as Nats;
 use futures::StreamExt as _;
 use pgws_proto::{Ack, KeyCheck, Subjects, MAX_APIKEY, MAX_DOMAIN};
 use pgws_service::Shutdown;
-use tokio::sync::Mutex;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::reply;
-use crate::db::{self, quote_ident};
+use crate::db::{quote_ident, LazyClient};
 use crate::metrics::BridgeMetrics;
 
 /// Checks in flight per bridge.
@@ -49,13 +46,13 @@ impl Keys {
             "SELECT 1 FROM {} WHERE apikey = $1 AND domain = $2 AND active",
             qualified(&self.table)
         );
-        let conn: Arc<Mutex<Option<Arc<Client>>>> = Arc::default();
+        let conn = LazyClient::new(self.pg.clone(), "key checks", self.shutdown.clone());
         let this = &self;
         let serving = sub.for_each_concurrent(CONCURRENCY, |m| {
-            let (conn, sql) = (Arc::clone(&conn), sql.as_str());
+            let (conn, sql) = (&conn, sql.as_str());
             async move {
                 let answer = match serde_json::from_slice::<KeyCheck>(&m.payload) {
-                    Ok(check) => this.check(&conn, sql, &check).await,
+                    Ok(check) => this.check(conn, sql, &check).await,
                     Err(e) => Ack::unavailable(format!("invalid key check: {e}")),
                 };
                 let outcome = match (&answer.error, answer.ok) {
@@ -77,29 +74,12 @@ impl Keys {
         Ok(())
     }
 
-    async fn check(&self, conn: &Mutex<Option<Arc<Client>>>, sql: &str, check: &KeyCheck) -> Ack {
+    async fn check(&self, conn: &LazyClient, sql: &str, check: &KeyCheck) -> Ack {
         if check.apikey.len() > MAX_APIKEY || check.domain.len() > MAX_DOMAIN {
             return Ack::answer(false);
         }
-        let client = {
-            let mut slot = conn.lock().await;
-            match slot.as_ref().filter(|c| !c.is_closed()) {
-                Some(c) => Arc::clone(c),
-                None => match db::connect(&self.pg).await {
-                    Ok((client, connection)) => {
-                        self.shutdown.spawn(async move {
-                            if let Err(e) = connection.await {
-                                tracing::warn!(error = %e, "key-check connection lost");
-                            }
-                        });
-                        Arc::clone(slot.insert(Arc::new(client)))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "key-check connection failed");
-                        return Ack::unavailable("database unavailable");
-                    }
-                },
-            }
+        let Ok((client, _)) = conn.get().await else {
+            return Ack::unavailable("database unavailable");
         };
         match client.query_opt(sql, &[&check.apikey, &check.domain]).await {
             Ok(row) => Ack::answer(row.is_some()),

@@ -31,6 +31,7 @@ mod dedup;
 mod keys;
 mod leader;
 mod listener;
+mod live_topics;
 mod metrics;
 mod notifier;
 mod registry;
@@ -153,6 +154,18 @@ async fn serve(
         metrics: bridge_metrics.clone(),
         shutdown: shutdown.clone(),
     };
+    let live_topics = live_topics::LiveTopics {
+        pg: pg.clone(),
+        subjects: config.nats.subjects.clone(),
+        nats: nats.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let (topics_fatal, token) = (fatal_tx.clone(), shutdown.token.clone());
+    shutdown.spawn(async move {
+        if let Err(e) = live_topics.run(token).await {
+            let _ = topics_fatal.try_send(e);
+        }
+    });
     let (keys_fatal, token) = (fatal_tx.clone(), shutdown.token.clone());
     shutdown.spawn(async move {
         if let Err(e) = keys.run(token).await {

@@ -69,6 +69,9 @@ pub struct GatewayConfig {
     /// Messages per second a socket may send, bursts of as many
     /// (`PGWS_MAX_MESSAGE_RATE`); none: no limit.
     pub max_message_rate: Option<u32>,
+    /// `/live`: tokens whose `role` claim is one of these are admins (`PGWS_ADMIN_ROLES`,
+    /// comma separated; default none).
+    pub admin_roles: Vec<String>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -195,6 +198,13 @@ impl GatewayConfig {
         let max_message_rate: Option<u32> = p.parse("max_message_rate");
         let max_handshakes_per_address: Option<usize> = p.parse("max_handshakes_per_address");
         let allowed_origins = Origins::parse(&p.text_or("allowed_origins", ""));
+        let admin_roles: Vec<String> = p
+            .text_or("admin_roles", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
         for (name, v) in [
             ("PGWS_SEND_QUEUE", send_queue as u64),
             ("PGWS_SEND_QUEUE_BYTES", send_queue_bytes as u64),
@@ -238,6 +248,7 @@ impl GatewayConfig {
             max_connections_per_address,
             max_handshakes_per_address,
             allowed_origins,
+            admin_roles,
             max_message_rate,
         });
         match (p.finish(()), config) {

@@ -376,6 +376,17 @@ impl Hub {
         }
     }
 
+    /// How many sockets of this gateway read `subject`.
+    pub(crate) fn readers(&self, subject: &str) -> usize {
+        let Ok(channels) = self.channels.lock() else {
+            return 0;
+        };
+        channels
+            .get(subject)
+            .and_then(|state| state.subscribers.read().ok().map(|subs| subs.len()))
+            .unwrap_or(0)
+    }
+
     fn open(self: &Arc<Self>, subject: &str) -> Arc<Channel> {
         let (ready, _) = watch::channel(false);
         let state = Arc::new(Channel {

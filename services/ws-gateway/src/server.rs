@@ -221,8 +221,14 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
     let owner = gw.shutdown.tracker.token();
     upgrade.on_upgrade(move |ws| async move {
         let _owned = (owner, slot);
-        let membership = accepted.membership;
-        socket::run(Arc::clone(&membership.gw), ws, accepted.session).await;
+        let mut membership = accepted.membership;
+        socket::run(
+            Arc::clone(&membership.gw),
+            ws,
+            accepted.session,
+            &mut membership,
+        )
+        .await;
         drop(membership);
     })
 }

@@ -21,6 +21,8 @@ pub(crate) struct Membership {
     registrations: Vec<Registration>,
     gaps: bool,
     label: &'static str,
+    /// For protocols that subscribe while the socket runs (`/live`): how to reach the socket.
+    dynamic: Option<Subscriber>,
 }
 
 impl Drop for Membership {
@@ -48,6 +50,27 @@ impl Membership {
     pub(crate) async fn register(&mut self, what: Registration) {
         self.registrations.push(what.clone());
         self.gw.presence.add(what).await;
+    }
+
+    /// Joins `subject` while the socket runs (a socket admitted with `dynamic`); resolves once
+    /// the subscription is live. False when the socket cannot subscribe at runtime.
+    pub(crate) async fn join(&mut self, subject: &str) -> bool {
+        let Some(sub) = &self.dynamic else {
+            return false;
+        };
+        if !self.subjects.iter().any(|s| s == subject) {
+            self.subjects.push(subject.to_owned());
+            self.gw.hub.join(subject, self.id, sub.clone()).await;
+        }
+        true
+    }
+
+    /// Leaves `subject`, if the socket reads it.
+    pub(crate) fn leave(&mut self, subject: &str) {
+        if let Some(i) = self.subjects.iter().position(|s| s == subject) {
+            self.subjects.swap_remove(i);
+            self.gw.hub.leave(subject, self.id);
+        }
     }
 }
 
@@ -82,13 +105,14 @@ impl Gateway {
             .connections_total
             .get_or_create(&[("protocol", label)])
             .inc();
-        let membership = Membership {
+        let mut membership = Membership {
             gw: Arc::clone(self),
             id,
             subjects: admission.subjects,
             registrations: admission.registrations.clone(),
             gaps: admission.gaps,
             label,
+            dynamic: None,
         };
         let subscriber = Subscriber {
             tx,
@@ -101,7 +125,11 @@ impl Gateway {
         for subject in &membership.subjects {
             self.hub.join(subject, id, subscriber.clone()).await;
         }
-        drop(subscriber);
+        if admission.dynamic {
+            membership.dynamic = Some(subscriber);
+        } else {
+            drop(subscriber);
+        }
         for r in admission.registrations {
             // A publisher's topic is already granted: only the others need the leader now.
             if !matches!(r, Registration::Published(_)) {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::hub::{Kick, Queued};
 use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
-use crate::session::Session;
+use crate::session::{Membership, Session};
 use crate::uplink::Pending;
 use crate::Gateway;
 
@@ -39,7 +39,12 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// Runs the socket to its end.
-pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
+pub(crate) async fn run(
+    gw: Arc<Gateway>,
+    mut ws: WebSocket,
+    session: Session,
+    membership: &mut Membership,
+) {
     let Session {
         mut protocol,
         mut rx,
@@ -115,7 +120,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                     gw.metrics.notify_failed.inc_by(n as u64);
                     tracing::warn!(reason, messages = n, "client messages not delivered to the database");
                     let action = protocol.undelivered(n, &reason);
-                    if open && !perform(&gw, &mut ws, action, &mut pending).await {
+                    if open && !perform(&gw, &mut ws, action, &mut pending, membership).await {
                         break;
                     }
                 }
@@ -152,7 +157,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, mut ws: WebSocket, session: Session) {
                     Action::Reply(_) | Action::Close(..) if !open => Action::None,
                     action => action,
                 };
-                if !perform(&gw, &mut ws, action, &mut pending).await {
+                if !perform(&gw, &mut ws, action, &mut pending, membership).await {
                     break;
                 }
             }
@@ -203,39 +208,67 @@ fn too_big(e: axum::Error) -> bool {
 }
 
 /// Does what the protocol asked for a client frame; false when the socket is done (closed, or
-/// gone).
-async fn perform(
-    gw: &Gateway,
-    ws: &mut WebSocket,
+/// gone). Boxed: a `Many` or an `Await` holds further actions.
+fn perform<'a>(
+    gw: &'a Gateway,
+    ws: &'a mut WebSocket,
     action: Action,
-    pending: &mut VecDeque<Pending>,
-) -> bool {
-    match action {
-        Action::None => true,
-        Action::Notify(notes) => {
-            pending.extend(notes);
-            true
-        }
-        Action::Publish {
-            subject,
-            payload,
-            binary,
-        } => {
-            let mut h = HeaderMap::new();
-            if binary {
-                h.insert(headers::FRAME, headers::FRAME_BINARY);
+    pending: &'a mut VecDeque<Pending>,
+    membership: &'a mut Membership,
+) -> BoxFuture<'a, bool> {
+    Box::pin(async move {
+        match action {
+            Action::None => true,
+            Action::Notify(notes) => {
+                pending.extend(notes);
+                true
             }
-            if let Err(e) = gw.client.publish_with_headers(subject, h, payload).await {
-                tracing::warn!(error = %e, "cannot publish a frame");
+            Action::Publish {
+                subject,
+                payload,
+                binary,
+            } => {
+                let mut h = HeaderMap::new();
+                if binary {
+                    h.insert(headers::FRAME, headers::FRAME_BINARY);
+                }
+                if let Err(e) = gw.client.publish_with_headers(subject, h, payload).await {
+                    tracing::warn!(error = %e, "cannot publish a frame");
+                }
+                true
             }
-            true
+            Action::Reply(message) => ws.send(message).await.is_ok(),
+            Action::Close(code, reason) => {
+                send_close(ws, code, &reason).await;
+                false
+            }
+            Action::Join(subject) => {
+                if !membership.join(&subject).await {
+                    tracing::warn!(
+                        subject,
+                        "a socket without dynamic subscriptions asked to join"
+                    );
+                }
+                true
+            }
+            Action::Leave(subject) => {
+                membership.leave(&subject);
+                true
+            }
+            Action::Many(actions) => {
+                for action in actions {
+                    if !perform(gw, ws, action, pending, membership).await {
+                        return false;
+                    }
+                }
+                true
+            }
+            Action::Await(work) => {
+                let action = work.await;
+                perform(gw, ws, action, pending, membership).await
+            }
         }
-        Action::Reply(message) => ws.send(message).await.is_ok(),
-        Action::Close(code, reason) => {
-            send_close(ws, code, &reason).await;
-            false
-        }
-    }
+    })
 }
 
 /// The next request's notifications: the oldest pending, at most `per_request`.

@@ -125,6 +125,7 @@ pub(crate) fn admission(
         subjects,
         registrations,
         gaps: false,
+        dynamic: false,
         expires_at: verified.expires_at,
         opening: None,
         protocol: Box::new(Direct {

@@ -12,10 +12,13 @@
 //!   `PGWS_DIRECT_CHANNELS`.
 //! - [`pubsub`]: wspubsub publishers (`/ws/pub/<apikey>/<domain>/<topic>`) and subscribers
 //!   (`/ws/sub/<domain>/<topic>`).
+//! - [`live`]: Daptin's `/live` (JSON requests, custom topics), at exactly `/live` (a
+//!   postgres-websockets socket on a channel named `live` uses `/live/<jwt>`).
 //!
 //! A new protocol is a new module here and a line in [`admit`].
 
 pub(crate) mod direct;
+pub(crate) mod live;
 pub(crate) mod pgws;
 pub(crate) mod pubsub;
 
@@ -25,6 +28,7 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use pgws_auth::Rejection;
 use pgws_proto::{valid_channel, MAX_PG_CHANNEL};
 use pgws_service::telemetry::{self, TARGET as TRACE};
@@ -68,6 +72,17 @@ pub(crate) enum Action {
     Reply(Message),
     /// Close the socket with this close frame.
     Close(u16, String),
+    /// Start reading a fan-out subject (a socket admitted with `dynamic`); the actions after it
+    /// run once the subscription is live.
+    Join(String),
+    /// Stop reading a fan-out subject.
+    Leave(String),
+    /// Several actions, in order.
+    Many(Vec<Action>),
+    /// Work that needs an answer from elsewhere (a bridge): awaited before the socket's next
+    /// frame is read, so a socket's requests are answered in order; the future bounds its own
+    /// time.
+    Await(BoxFuture<'static, Action>),
 }
 
 /// A socket's protocol once its handshake was accepted.
@@ -96,6 +111,8 @@ pub(crate) struct Admission {
     pub(crate) registrations: Vec<Registration>,
     /// The socket gets gap signals.
     pub(crate) gaps: bool,
+    /// The socket joins and leaves subjects while it runs ([`Action::Join`]).
+    pub(crate) dynamic: bool,
     /// When the token expires (unix seconds): the socket is closed with 3001.
     pub(crate) expires_at: Option<u64>,
     /// A notification sent first (the meta channel's `ConnectionOpen`).
@@ -144,6 +161,10 @@ pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, 
         return pubsub::subscriber(gw, rest).await;
     }
     let creds = credentials(path, parts.uri.query(), &parts.headers);
+    if path == "/live" || path == "/live/" {
+        let admission = live::admission(gw, &creds)?;
+        return Ok(gw.accept(admission).await);
+    }
     let admission = channel_socket(gw, &creds)?;
     Ok(gw.accept(admission).await)
 }

@@ -35,6 +35,7 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
         subjects,
         registrations: Vec::new(),
         gaps,
+        dynamic: false,
         expires_at: grant.expires_at,
         opening,
         protocol: Box::new(Pgws { grant }),

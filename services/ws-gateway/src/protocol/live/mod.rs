@@ -1,0 +1,423 @@
+//! `/live`: Daptin's websocket API (JSON requests, topics, events).
+//!
+//! `ws://host/live?token=<jwt>` (or the token in `Authorization: Bearer` or
+//! `Sec-WebSocket-Protocol`, as for every protocol); the token needs no `mode` claim: `sub` is
+//! the socket's identity (an event's `source`, a topic's owner) and a `role` listed in
+//! `PGWS_ADMIN_ROLES` makes it an admin. Requests and replies: [`request`].
+//!
+//! Custom topics are kept by the bridges (`pgws_live.topics`, see pg-bridge's `live_topics`),
+//! so every gateway sees the same ones and they survive restarts. By default only the owner
+//! and admins may subscribe and publish; `create-topic` with `"public": true` opens a topic to
+//! every authenticated socket. A message reaches the subscribers on every gateway through the
+//! NATS subject of the topic's incarnation; the sender gets it only if it subscribed too.
+//!
+//! Requests that need a bridge are answered in order, each within [`ANSWER_WAIT`]; bounds:
+//! [`MAX_SUBSCRIPTIONS`] topics per socket, [`request::MAX_TOPICS_PER_REQUEST`] per request.
+
+pub(crate) mod request;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use futures::FutureExt as _;
+use pgws_proto::{LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply};
+use serde_json::{json, Value};
+
+use self::request::{event, Bad, Method, Request};
+use super::{unix_secs, Action, Admission, Frame, Protocol, Refusal};
+use crate::handshake::Credentials;
+use crate::Gateway;
+
+/// How long a request waits for a bridge's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// Most topics one socket reads.
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 256;
+/// Most topics a socket remembers it may publish on without asking a bridge again.
+const MAX_KNOWN: usize = 256;
+
+/// Who the socket is.
+struct Identity {
+    /// The token's `sub` claim, when it is a string.
+    sub: Option<String>,
+    /// Its `role` is in `PGWS_ADMIN_ROLES`.
+    admin: bool,
+}
+
+/// What the socket reads and may write.
+#[derive(Default)]
+struct State {
+    /// Subscribed topics by name.
+    subscribed: HashMap<String, LiveTopic>,
+    /// Topics found open to this socket (for publishing without asking again).
+    known: HashMap<String, LiveTopic>,
+}
+
+struct Live {
+    gw: Arc<Gateway>,
+    who: Arc<Identity>,
+    state: Arc<Mutex<State>>,
+}
+
+/// Admits a `/live` socket.
+pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admission, Refusal> {
+    let Some(token) = creds.token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "Error: missing token",
+        ));
+    };
+    let (claims, expires_at) = gw
+        .config
+        .authorizer
+        .verify_claims(token, unix_secs())
+        .map_err(|r| Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            ..Refusal::token(&r)
+        })?;
+    let text = |key: &str| claims.get(key).and_then(Value::as_str).map(str::to_owned);
+    let role = text("role");
+    let who = Identity {
+        sub: text("sub"),
+        admin: role.is_some_and(|r| gw.config.admin_roles.contains(&r)),
+    };
+    Ok(Admission {
+        label: "live",
+        subjects: Vec::new(),
+        registrations: Vec::new(),
+        gaps: false,
+        dynamic: true,
+        expires_at,
+        opening: None,
+        protocol: Box::new(Live {
+            gw: Arc::clone(gw),
+            who: Arc::new(who),
+            state: Arc::default(),
+        }),
+    })
+}
+
+impl Protocol for Live {
+    fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
+        let Some(text) = frame.as_text() else {
+            gw.metrics.refused("binary_not_utf8");
+            let bad = Bad {
+                id: None,
+                method: None,
+                error: "a request is UTF-8 JSON".to_owned(),
+            };
+            return reply(bad.reply());
+        };
+        let request = match request::parse(text) {
+            Ok(r) => r,
+            Err(bad) => {
+                gw.metrics.refused("bad_request");
+                return reply(bad.reply());
+            }
+        };
+        gw.metrics.accepted(text.len());
+        match request.method {
+            Method::Ping => reply(request.ok(json!({"pong": true}))),
+            Method::Subscribe => self.subscribe(request),
+            Method::Unsubscribe => self.unsubscribe(&request),
+            Method::NewMessage => self.new_message(request),
+            Method::CreateTopic => self.create(request),
+            Method::DestroyTopic => self.destroy(request),
+            Method::ListTopic => self.list(request),
+            Method::GetTopic => self.get(request),
+        }
+    }
+
+    fn undelivered(&self, _n: usize, _reason: &str) -> Action {
+        Action::None
+    }
+}
+
+fn reply(text: String) -> Action {
+    Action::Reply(Message::text(text))
+}
+
+/// An `ok:false` reply to `request`.
+fn failed(request: &Request, error: impl AsRef<str>) -> Action {
+    reply(request.error(error.as_ref()))
+}
+
+impl Live {
+    fn subscribe(&self, request: Request) -> Action {
+        let topics = match request.topics() {
+            Ok(t) => t,
+            Err(e) => return failed(&request, e),
+        };
+        let (gw, who, state) = (
+            Arc::clone(&self.gw),
+            Arc::clone(&self.who),
+            Arc::clone(&self.state),
+        );
+        Action::Await(
+            async move {
+                let mut actions = Vec::with_capacity(topics.len() * 2);
+                for name in topics {
+                    let already = lock(&state).subscribed.contains_key(&name);
+                    if already {
+                        actions.push(reply(request.ok(json!({"topic": name}))));
+                        continue;
+                    }
+                    if lock(&state).subscribed.len() >= MAX_SUBSCRIPTIONS {
+                        let error = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per socket");
+                        actions.push(failed(&request, error));
+                        continue;
+                    }
+                    match find_open(&gw, &who, &name).await {
+                        Ok(topic) => {
+                            let subject = gw.config.nats.subjects.live(&name, topic.incarnation);
+                            lock(&state).subscribed.insert(name.clone(), topic);
+                            actions.push(Action::Join(subject));
+                            actions.push(reply(request.ok(json!({"topic": name}))));
+                        }
+                        Err(e) => actions.push(failed(&request, e)),
+                    }
+                }
+                Action::Many(actions)
+            }
+            .boxed(),
+        )
+    }
+
+    fn unsubscribe(&self, request: &Request) -> Action {
+        let topics = match request.topics() {
+            Ok(t) => t,
+            Err(e) => return failed(request, e),
+        };
+        let mut actions = Vec::with_capacity(topics.len() * 2);
+        let mut state = lock(&self.state);
+        for name in topics {
+            match state.subscribed.remove(&name) {
+                Some(topic) => {
+                    let subject = self.gw.config.nats.subjects.live(&name, topic.incarnation);
+                    actions.push(Action::Leave(subject));
+                    actions.push(reply(request.ok(json!({"topic": name}))));
+                }
+                None => actions.push(failed(request, format!("not subscribed to {name:?}"))),
+            }
+        }
+        Action::Many(actions)
+    }
+
+    fn new_message(&self, request: Request) -> Action {
+        let name = match request.topic(&["topicName"]) {
+            Ok(n) => n,
+            Err(e) => return failed(&request, e),
+        };
+        let Some(message) = request.attributes.get("message").cloned() else {
+            return failed(&request, "missing attribute \"message\"");
+        };
+        let subjects = self.gw.config.nats.subjects.clone();
+        let source = self.who.sub.clone();
+        let publish = move |request: &Request, topic: &LiveTopic| {
+            let frame = event(&topic.name, "new-message", source.as_deref(), &message);
+            Action::Many(vec![
+                Action::Publish {
+                    subject: subjects.live(&topic.name, topic.incarnation),
+                    payload: Bytes::from(frame),
+                    binary: false,
+                },
+                reply(request.ok(json!({"topic": topic.name}))),
+            ])
+        };
+        let known = lock(&self.state).known.get(&name).cloned();
+        if let Some(topic) = known {
+            return publish(&request, &topic);
+        }
+        let (gw, who, state) = (
+            Arc::clone(&self.gw),
+            Arc::clone(&self.who),
+            Arc::clone(&self.state),
+        );
+        Action::Await(
+            async move {
+                match find_open(&gw, &who, &name).await {
+                    Ok(topic) => {
+                        let mut s = lock(&state);
+                        if s.known.len() >= MAX_KNOWN {
+                            s.known.clear();
+                        }
+                        s.known.insert(name, topic.clone());
+                        drop(s);
+                        publish(&request, &topic)
+                    }
+                    Err(e) => failed(&request, e),
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    fn create(&self, request: Request) -> Action {
+        let (name, public) = match (
+            request.topic(&["name", "topicName"]),
+            request.flag("public"),
+        ) {
+            (Ok(n), Ok(p)) => (n, p),
+            (Err(e), _) | (_, Err(e)) => return failed(&request, e),
+        };
+        let Some(owner) = self.who.sub.clone() else {
+            return failed(&request, "create-topic needs a token with a \"sub\" claim");
+        };
+        let gw = Arc::clone(&self.gw);
+        Action::Await(
+            async move {
+                let op = LiveTopicOp::Create {
+                    name: name.clone(),
+                    owner,
+                    public,
+                };
+                match ask(&gw, &op).await {
+                    Ok(r) => match (r.outcome, r.topic) {
+                        (LiveOutcome::Ok, Some(t)) => reply(request.ok(describe(&gw, &t))),
+                        (LiveOutcome::Exists, _) => {
+                            failed(&request, format!("topic {name:?} exists"))
+                        }
+                        (_, _) => failed(&request, unavailable(r.error.as_deref())),
+                    },
+                    Err(e) => failed(&request, e),
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    fn destroy(&self, request: Request) -> Action {
+        let name = match request.topic(&["name", "topicName"]) {
+            Ok(n) => n,
+            Err(e) => return failed(&request, e),
+        };
+        let (gw, who) = (Arc::clone(&self.gw), Arc::clone(&self.who));
+        Action::Await(
+            async move {
+                let op = LiveTopicOp::Destroy {
+                    name: name.clone(),
+                    caller: who.sub.clone(),
+                    admin: who.admin,
+                };
+                match ask(&gw, &op).await {
+                    Ok(r) => match (r.outcome, r.topic) {
+                        (LiveOutcome::Ok, Some(t)) => {
+                            // Its subscribers hear it; the name's next topic has another
+                            // subject, so they hear nothing of it.
+                            let frame = event(&t.name, "destroy-topic", None, &json!({}));
+                            Action::Many(vec![
+                                Action::Publish {
+                                    subject: gw.config.nats.subjects.live(&t.name, t.incarnation),
+                                    payload: Bytes::from(frame),
+                                    binary: false,
+                                },
+                                reply(request.ok(json!({"topic": t.name}))),
+                            ])
+                        }
+                        (LiveOutcome::Absent, _) => failed(&request, no_topic(&name)),
+                        (LiveOutcome::Forbidden, _) => failed(
+                            &request,
+                            format!("only the owner of {name:?} or an admin may destroy it"),
+                        ),
+                        (_, _) => failed(&request, unavailable(r.error.as_deref())),
+                    },
+                    Err(e) => failed(&request, e),
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    fn list(&self, request: Request) -> Action {
+        let (gw, who) = (Arc::clone(&self.gw), Arc::clone(&self.who));
+        Action::Await(
+            async move {
+                let op = LiveTopicOp::List {
+                    caller: who.sub.clone(),
+                    admin: who.admin,
+                };
+                match ask(&gw, &op).await {
+                    Ok(r) if r.outcome == LiveOutcome::Ok => {
+                        let names: Vec<&str> = r.topics.iter().map(|t| t.name.as_str()).collect();
+                        reply(request.ok(json!({"topics": names})))
+                    }
+                    Ok(r) => failed(&request, unavailable(r.error.as_deref())),
+                    Err(e) => failed(&request, e),
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    fn get(&self, request: Request) -> Action {
+        let name = match request.topic(&["topicName", "name"]) {
+            Ok(n) => n,
+            Err(e) => return failed(&request, e),
+        };
+        let (gw, who) = (Arc::clone(&self.gw), Arc::clone(&self.who));
+        Action::Await(
+            async move {
+                match find_open(&gw, &who, &name).await {
+                    Ok(topic) => reply(request.ok(describe(&gw, &topic))),
+                    Err(e) => failed(&request, e),
+                }
+            }
+            .boxed(),
+        )
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `get-topic`'s answer: `subscribers` counts this gateway's sockets on the topic.
+fn describe(gw: &Gateway, topic: &LiveTopic) -> Value {
+    let subject = gw.config.nats.subjects.live(&topic.name, topic.incarnation);
+    json!({
+        "name": topic.name,
+        "type": "custom",
+        "owner": topic.owner,
+        "public": topic.public,
+        "subscribers": gw.hub.readers(&subject),
+    })
+}
+
+fn no_topic(name: &str) -> String {
+    format!("no topic named {name:?}")
+}
+
+fn unavailable(why: Option<&str>) -> String {
+    format!("topics are unavailable now: {}", why.unwrap_or("no answer"))
+}
+
+/// The custom topic `name` if this socket may use it. A topic it may not use is reported as
+/// absent, so private topics do not show.
+async fn find_open(gw: &Gateway, who: &Identity, name: &str) -> Result<LiveTopic, String> {
+    let op = LiveTopicOp::Get {
+        name: name.to_owned(),
+    };
+    let r = ask(gw, &op).await?;
+    match (r.outcome, r.topic) {
+        (LiveOutcome::Ok, Some(t)) if t.open_to(who.sub.as_deref(), who.admin) => Ok(t),
+        (LiveOutcome::Ok, Some(_)) | (LiveOutcome::Absent, _) => Err(no_topic(name)),
+        (_, _) => Err(unavailable(r.error.as_deref())),
+    }
+}
+
+/// One topic request to a bridge, answered within [`ANSWER_WAIT`].
+async fn ask(gw: &Gateway, op: &LiveTopicOp) -> Result<LiveTopicReply, String> {
+    let body = serde_json::to_vec(op).map_err(|e| e.to_string())?;
+    let subject = gw.config.nats.subjects.live_topics();
+    let answer = tokio::time::timeout(ANSWER_WAIT, gw.client.request(subject, body.into())).await;
+    match answer {
+        Ok(Ok(m)) => serde_json::from_slice(&m.payload)
+            .map_err(|e| unavailable(Some(&format!("unreadable answer: {e}")))),
+        Ok(Err(e)) => Err(unavailable(Some(&e.to_string()))),
+        Err(_) => Err(unavailable(Some("no bridge answered in time"))),
+    }
+}
