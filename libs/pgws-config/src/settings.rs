@@ -69,6 +69,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "send_budget",
     "max_handshakes_per_address",
     "notify_dedup",
+    "jwks_url",
+    "jwks_refresh",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

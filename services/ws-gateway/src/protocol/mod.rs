@@ -144,6 +144,9 @@ pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, 
         return pubsub::subscriber(gw, rest).await;
     }
     let creds = credentials(path, parts.uri.query(), &parts.headers);
+    if let (Some(jwks), Some(token)) = (&gw.jwks, creds.token.as_deref()) {
+        jwks.settle(&gw.config.authorizer, token).await;
+    }
     let admission = channel_socket(gw, &creds)?;
     Ok(gw.accept(admission).await)
 }
