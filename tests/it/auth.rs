@@ -291,16 +291,15 @@ impl JwksServer {
 }
 
 /// The settings of `stack` for a gateway whose keys come from `url` instead of the stack's
-/// secret.
-fn jwks_gateway_env(stack: &Stack, url: &str) -> Vec<(String, String)> {
+/// secret, refreshed every `refresh` seconds.
+fn jwks_gateway_env(stack: &Stack, url: &str, refresh: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = stack
         .env()
         .into_iter()
         .filter(|(k, _)| k != "PGWS_JWT_SECRET")
         .collect();
     env.push(("PGWS_JWKS_URL".to_owned(), url.to_owned()));
-    // An hour: within the test, only tokens with unknown key ids make the gateway fetch.
-    env.push(("PGWS_JWKS_REFRESH".to_owned(), "3600".to_owned()));
+    env.push(("PGWS_JWKS_REFRESH".to_owned(), refresh.to_owned()));
     env
 }
 
@@ -309,11 +308,9 @@ async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
     let server = JwksServer::start(Served::Document(jwks_of(&["rsa_public.jwk.json"])?)).await?;
     let mut stack = Stack::new();
     stack.add_bridge(&[]).await?;
-    let gateway = Service::start(
-        ServiceKind::Gateway,
-        &jwks_gateway_env(&stack, &server.url()),
-    )
-    .await?;
+    // An hour: within the test, only tokens with unknown key ids make the gateway fetch.
+    let env = jwks_gateway_env(&stack, &server.url(), "3600");
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
     gateway.wait_ready().await?;
     let pid = gateway.pid();
     stack.gateways.push(gateway);
@@ -395,6 +392,42 @@ async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn keys_from_a_jwks_url_are_refreshed_on_schedule() -> anyhow::Result<()> {
+    let server = JwksServer::start(Served::Document(jwks_of(&["rsa_public.jwk.json"])?)).await?;
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    let env = jwks_gateway_env(&stack, &server.url(), "1");
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
+    gateway.wait_ready().await?;
+    stack.gateways.push(gateway);
+    let gw = &stack.gateways[0];
+    // B is published beside A; the gateway learns it with no token asking.
+    server.serve(Served::Document(jwks_of(&[
+        "rsa_public.jwk.json",
+        "rsa2_public.jwk.json",
+    ])?));
+    let learned = eventually(Duration::from_secs(20), || async {
+        gw.metric("pgws_gateway_jwks_keys").await == Some(2.0)
+    })
+    .await;
+    assert!(learned, "the new key never arrived:\n{}", gw.log());
+    let b = rs256("rsa2_private.pem", "rsa-2")?;
+    assert_eq!(
+        refusal(&format!("{}/chat/{b}", stack.ws_url(0))).await,
+        "accepted"
+    );
+    let by_kid = gw
+        .metric("pgws_gateway_jwks_refreshes_total{trigger=\"unknown_kid\"}")
+        .await;
+    assert_eq!(by_kid, None, "no refresh for an unknown kid was needed");
+    assert!(gw
+        .metric("pgws_gateway_jwks_refreshes_total{trigger=\"schedule\"}")
+        .await
+        .is_some_and(|n| n >= 1.0));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_gateway_without_its_jwks_does_not_start() -> anyhow::Result<()> {
     let server = JwksServer::start(Served::Status(StatusCode::SERVICE_UNAVAILABLE)).await?;
     let stack = Stack::new();
@@ -402,7 +435,7 @@ async fn a_gateway_without_its_jwks_does_not_start() -> anyhow::Result<()> {
         Duration::from_secs(60),
         Service::command(
             ServiceKind::Gateway,
-            &jwks_gateway_env(&stack, &server.url()),
+            &jwks_gateway_env(&stack, &server.url(), "300"),
         )
         .stderr(std::process::Stdio::piped())
         .output(),
