@@ -242,6 +242,8 @@ enum Served {
     Document(String),
     Status(StatusCode),
     Garbage,
+    /// Answers after a minute.
+    Hang,
 }
 
 /// A JWKS endpoint in the test process, counting the requests it gets.
@@ -274,6 +276,10 @@ impl JwksServer {
             Served::Document(doc) => ([("content-type", "application/json")], doc).into_response(),
             Served::Status(status) => (status, "unavailable").into_response(),
             Served::Garbage => "<html>not a key set</html>".into_response(),
+            Served::Hang => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "too late".into_response()
+            }
         }
     }
 
@@ -358,13 +364,22 @@ async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
         "refused 400: Error: unknown key id"
     );
 
-    // The endpoint fails, then answers garbage: B keeps working, never-published kids are
-    // refused, and each failed refresh (asked for by an unknown kid once the interval has
-    // passed) is counted.
+    // The endpoint fails, answers garbage, answers a document over 1 MiB (holding A only:
+    // were it taken, B would be refused), then hangs: B keeps working, never-published kids
+    // are refused without waiting for the endpoint (at most 2 s), and each failed refresh
+    // (asked for by an unknown kid once the interval has passed) is counted.
     let never = rs256("rsa_private.pem", "never-published")?;
+    let oversized = jwks_of(&["rsa_public.jwk.json"])?.replacen(
+        "{",
+        &format!("{{\"padding\": \"{}\", ", "x".repeat(2 << 20)),
+        1,
+    );
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
     for (round, what) in [
         Served::Status(StatusCode::INTERNAL_SERVER_ERROR),
         Served::Garbage,
+        Served::Document(oversized),
+        Served::Hang,
     ]
     .into_iter()
     .enumerate()
@@ -372,7 +387,13 @@ async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
         server.serve(what);
         let failures = (round + 1) as f64;
         let failed = eventually(Duration::from_secs(40), || async {
+            let started = tokio::time::Instant::now();
             let refused = refusal(&url(&never)).await == "refused 400: Error: unknown key id";
+            let took = started.elapsed();
+            {
+                let mut slowest = slowest.lock().expect("slowest");
+                *slowest = (*slowest).max(took);
+            }
             refused && metric("pgws_gateway_jwks_refresh_failures_total").await >= failures
         })
         .await;
@@ -383,6 +404,12 @@ async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
         );
         assert_eq!(refusal(&url(&b)).await, "accepted", "round {round}");
     }
+    // 2 s of waiting for the endpoint, and a generous margin for a loaded machine.
+    let slowest = *slowest.lock().expect("slowest");
+    assert!(
+        slowest < Duration::from_secs(8),
+        "a refusal took {slowest:?}"
+    );
     assert_eq!(metric("pgws_gateway_jwks_keys").await, 1.0);
     assert!(gw
         .log()
