@@ -479,3 +479,125 @@ async fn a_gateway_without_its_jwks_does_not_start() -> anyhow::Result<()> {
     assert_eq!(server.hits(), 3);
     Ok(())
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl {args:?} failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_https_jwks_url_needs_a_trusted_certificate() -> anyhow::Result<()> {
+    // A test CA and a certificate for localhost signed by it.
+    let dir = std::env::temp_dir().join(pgws_tests::unique("pgws-jwks-tls-"));
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pgws test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("www/jwks.json"),
+        jwks_of(&["rsa_public.jwk.json"])?,
+    )?;
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+
+    // The HTTPS endpoint: a gateway serving the folder as static files over TLS.
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    let (cert, key, www) = (path("leaf.pem"), path("leaf.key"), path("www"));
+    let https = stack
+        .add_gateway(&[
+            ("PGWS_CERTIFICATE_FILE", &cert),
+            ("PGWS_KEY_FILE", &key),
+            ("PGWS_ROOT_PATH", &www),
+        ])
+        .await?;
+    let port = stack.gateways[https].addr.expect("listening").port();
+    let url = format!("https://localhost:{port}/jwks.json");
+
+    // Without the CA the certificate is not trusted: no keys, no start.
+    let env = jwks_gateway_env(&stack, &url, "300");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Service::command(ServiceKind::Gateway, &env)
+            .stderr(std::process::Stdio::piped())
+            .output(),
+    )
+    .await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fetching the JWKS from https://localhost:"),
+        "{err}"
+    );
+
+    // With it (SSL_CERT_FILE), the keys are fetched and a token signed with A is accepted.
+    let mut env = env;
+    env.push(("SSL_CERT_FILE".to_owned(), path("ca.pem")));
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
+    gateway.wait_ready().await?;
+    stack.gateways.push(gateway);
+    let a = rs256("rsa_private.pem", "rsa-1")?;
+    let base = stack.ws_url(stack.gateways.len() - 1);
+    assert_eq!(refusal(&format!("{base}/chat/{a}")).await, "accepted");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
