@@ -8,7 +8,7 @@ RUN cargo build --release --locked -p ws-gateway \
  && install -D -m 0755 target/release/ws-gateway /out/ws-gateway
 
 # Runtime: Debian slim (the glibc of the builder), CA certificates for TLS connections (a
-# tls:// NATS URL), curl for the container health check on the admin port, an unprivileged user.
+# tls:// NATS URL, an https PGWS_JWKS_URL), curl for the container health check on the admin port, an unprivileged user.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \

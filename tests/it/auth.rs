@@ -1,8 +1,15 @@
-//! Handshakes: where tokens come from, and the reference's refusals.
+//! Handshakes: where tokens come from, the reference's refusals, and keys from a JWKS URL.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgws_tests::{now, token, Stack, WsClient};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use pgws_tests::{eventually, now, token, Service, ServiceKind, Stack, WsClient};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
@@ -199,5 +206,398 @@ async fn audience_issuer_and_clock_skew_can_be_required() -> anyhow::Result<()> 
         stack.notify(&db, &payload).await?;
         assert_eq!(ws.next_text(T).await?, payload, "{claims}");
     }
+    Ok(())
+}
+
+fn test_keys() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../libs/pgws-auth/tests/keys")
+}
+
+/// An RS256 token for channel `chat` with `kid`, signed with the private key in `pem_file`.
+fn rs256(pem_file: &str, kid: &str) -> anyhow::Result<String> {
+    let pem = std::fs::read(test_keys().join(pem_file))?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    Ok(jsonwebtoken::encode(
+        &header,
+        &json!({"mode": "rw", "channel": "chat"}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
+    )?)
+}
+
+/// A JWKS document holding the public JWKs in `files`.
+fn jwks_of(files: &[&str]) -> anyhow::Result<String> {
+    let mut keys = Vec::new();
+    for f in files {
+        keys.push(serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(test_keys().join(f))?,
+        )?);
+    }
+    Ok(json!({ "keys": keys }).to_string())
+}
+
+/// What the JWKS endpoint answers.
+#[derive(Clone)]
+enum Served {
+    Document(String),
+    Status(StatusCode),
+    Garbage,
+    /// Answers after a minute.
+    Hang,
+}
+
+/// A JWKS endpoint in the test process, counting the requests it gets.
+#[derive(Clone)]
+struct JwksServer {
+    served: Arc<Mutex<Served>>,
+    hits: Arc<AtomicUsize>,
+    addr: SocketAddr,
+}
+
+impl JwksServer {
+    async fn start(first: Served) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = JwksServer {
+            served: Arc::new(Mutex::new(first)),
+            hits: Arc::default(),
+            addr: listener.local_addr()?,
+        };
+        let app = axum::Router::new()
+            .route("/.well-known/jwks.json", axum::routing::get(Self::answer))
+            .with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(server)
+    }
+
+    async fn answer(State(server): State<JwksServer>) -> Response {
+        server.hits.fetch_add(1, Ordering::SeqCst);
+        let served = server.served.lock().expect("served").clone();
+        match served {
+            Served::Document(doc) => ([("content-type", "application/json")], doc).into_response(),
+            Served::Status(status) => (status, "unavailable").into_response(),
+            Served::Garbage => "<html>not a key set</html>".into_response(),
+            Served::Hang => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "too late".into_response()
+            }
+        }
+    }
+
+    fn serve(&self, what: Served) {
+        *self.served.lock().expect("served") = what;
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/.well-known/jwks.json", self.addr)
+    }
+}
+
+/// The settings of `stack` for a gateway whose keys come from `url` instead of the stack's
+/// secret, refreshed every `refresh` seconds.
+fn jwks_gateway_env(stack: &Stack, url: &str, refresh: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = stack
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "PGWS_JWT_SECRET")
+        .collect();
+    env.push(("PGWS_JWKS_URL".to_owned(), url.to_owned()));
+    env.push(("PGWS_JWKS_REFRESH".to_owned(), refresh.to_owned()));
+    env
+}
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_rotate_without_a_restart() -> anyhow::Result<()> {
+    let server = JwksServer::start(Served::Document(jwks_of(&["rsa_public.jwk.json"])?)).await?;
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    // An hour: within the test, only tokens with unknown key ids make the gateway fetch.
+    let env = jwks_gateway_env(&stack, &server.url(), "3600");
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
+    gateway.wait_ready().await?;
+    let pid = gateway.pid();
+    stack.gateways.push(gateway);
+    let gw = &stack.gateways[0];
+    let base = stack.ws_url(0);
+    let url = |jwt: &str| format!("{base}/chat/{jwt}");
+    let metric = |name: &'static str| async move { gw.metric(name).await.unwrap_or(0.0) };
+    assert_eq!(server.hits(), 1, "one fetch at start");
+
+    // Key A, published at start.
+    let a = rs256("rsa_private.pem", "rsa-1")?;
+    let mut ws_a = WsClient::connect(&url(&a)).await?;
+    assert_eq!(server.hits(), 1, "a known key id needs no fetch");
+
+    // Rotation: the endpoint now publishes B only. A token with kid B makes the gateway fetch.
+    server.serve(Served::Document(jwks_of(&["rsa2_public.jwk.json"])?));
+    let b = rs256("rsa2_private.pem", "rsa-2")?;
+    let mut ws_b = WsClient::connect(&url(&b)).await?;
+    assert_eq!(server.hits(), 2);
+    assert_eq!(
+        metric("pgws_gateway_jwks_refreshes_total{trigger=\"unknown_kid\"}").await,
+        1.0
+    );
+    ws_b.send_text("signed with B").await?;
+    assert_eq!(ws_a.next_json(T).await?["payload"], "signed with B");
+
+    // A flood of made-up key ids: refused, and the endpoint is not hammered (at most one more
+    // fetch, should the interval have passed meanwhile).
+    let before = server.hits();
+    for i in 0..20 {
+        let forged = rs256("rsa_private.pem", &format!("forged-{i}"))?;
+        assert_eq!(
+            refusal(&url(&forged)).await,
+            "refused 400: Error: unknown key id"
+        );
+    }
+    assert!(
+        server.hits() <= before + 1,
+        "{} fetches",
+        server.hits() - before
+    );
+    // A was withdrawn.
+    assert_eq!(
+        refusal(&url(&a)).await,
+        "refused 400: Error: unknown key id"
+    );
+
+    // The endpoint fails, answers garbage, answers a document over 1 MiB (holding A only:
+    // were it taken, B would be refused), then hangs: B keeps working, never-published kids
+    // are refused without waiting for the endpoint (at most 2 s), and each failed refresh
+    // (asked for by an unknown kid once the interval has passed) is counted.
+    let never = rs256("rsa_private.pem", "never-published")?;
+    let oversized = jwks_of(&["rsa_public.jwk.json"])?.replacen(
+        "{",
+        &format!("{{\"padding\": \"{}\", ", "x".repeat(2 << 20)),
+        1,
+    );
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    for (round, what) in [
+        Served::Status(StatusCode::INTERNAL_SERVER_ERROR),
+        Served::Garbage,
+        Served::Document(oversized),
+        Served::Hang,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        server.serve(what);
+        let failures = (round + 1) as f64;
+        let failed = eventually(Duration::from_secs(40), || async {
+            let started = tokio::time::Instant::now();
+            let refused = refusal(&url(&never)).await == "refused 400: Error: unknown key id";
+            let took = started.elapsed();
+            {
+                let mut slowest = slowest.lock().expect("slowest");
+                *slowest = (*slowest).max(took);
+            }
+            refused && metric("pgws_gateway_jwks_refresh_failures_total").await >= failures
+        })
+        .await;
+        assert!(
+            failed,
+            "round {round}: no failed refresh counted:\n{}",
+            gw.log()
+        );
+        assert_eq!(refusal(&url(&b)).await, "accepted", "round {round}");
+    }
+    // 2 s of waiting for the endpoint, and a generous margin for a loaded machine.
+    let slowest = *slowest.lock().expect("slowest");
+    assert!(
+        slowest < Duration::from_secs(8),
+        "a refusal took {slowest:?}"
+    );
+    assert_eq!(metric("pgws_gateway_jwks_keys").await, 1.0);
+    assert!(gw
+        .log()
+        .contains("jwks refresh failed, keeping the last good keys"));
+    assert_eq!(gw.pid(), pid, "the same gateway process throughout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_from_a_jwks_url_are_refreshed_on_schedule() -> anyhow::Result<()> {
+    let server = JwksServer::start(Served::Document(jwks_of(&["rsa_public.jwk.json"])?)).await?;
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    let env = jwks_gateway_env(&stack, &server.url(), "1");
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
+    gateway.wait_ready().await?;
+    stack.gateways.push(gateway);
+    let gw = &stack.gateways[0];
+    // B is published beside A; the gateway learns it with no token asking.
+    server.serve(Served::Document(jwks_of(&[
+        "rsa_public.jwk.json",
+        "rsa2_public.jwk.json",
+    ])?));
+    let learned = eventually(Duration::from_secs(20), || async {
+        gw.metric("pgws_gateway_jwks_keys").await == Some(2.0)
+    })
+    .await;
+    assert!(learned, "the new key never arrived:\n{}", gw.log());
+    let b = rs256("rsa2_private.pem", "rsa-2")?;
+    assert_eq!(
+        refusal(&format!("{}/chat/{b}", stack.ws_url(0))).await,
+        "accepted"
+    );
+    let by_kid = gw
+        .metric("pgws_gateway_jwks_refreshes_total{trigger=\"unknown_kid\"}")
+        .await;
+    assert_eq!(by_kid, None, "no refresh for an unknown kid was needed");
+    assert!(gw
+        .metric("pgws_gateway_jwks_refreshes_total{trigger=\"schedule\"}")
+        .await
+        .is_some_and(|n| n >= 1.0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_gateway_without_its_jwks_does_not_start() -> anyhow::Result<()> {
+    let server = JwksServer::start(Served::Status(StatusCode::SERVICE_UNAVAILABLE)).await?;
+    let stack = Stack::new();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Service::command(
+            ServiceKind::Gateway,
+            &jwks_gateway_env(&stack, &server.url(), "300"),
+        )
+        .stderr(std::process::Stdio::piped())
+        .output(),
+    )
+    .await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fetching the JWKS from http://")
+            && err.contains("(3 attempts)")
+            && err.contains("503"),
+        "{err}"
+    );
+    assert_eq!(server.hits(), 3);
+    Ok(())
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl {args:?} failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_https_jwks_url_needs_a_trusted_certificate() -> anyhow::Result<()> {
+    // A test CA and a certificate for localhost signed by it.
+    let dir = std::env::temp_dir().join(pgws_tests::unique("pgws-jwks-tls-"));
+    std::fs::create_dir_all(dir.join("www"))?;
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pgws test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("www/jwks.json"),
+        jwks_of(&["rsa_public.jwk.json"])?,
+    )?;
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+
+    // The HTTPS endpoint: a gateway serving the folder as static files over TLS.
+    let mut stack = Stack::new();
+    stack.add_bridge(&[]).await?;
+    let (cert, key, www) = (path("leaf.pem"), path("leaf.key"), path("www"));
+    let https = stack
+        .add_gateway(&[
+            ("PGWS_CERTIFICATE_FILE", &cert),
+            ("PGWS_KEY_FILE", &key),
+            ("PGWS_ROOT_PATH", &www),
+        ])
+        .await?;
+    let port = stack.gateways[https].addr.expect("listening").port();
+    let url = format!("https://localhost:{port}/jwks.json");
+
+    // Without the CA the certificate is not trusted: no keys, no start.
+    let env = jwks_gateway_env(&stack, &url, "300");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Service::command(ServiceKind::Gateway, &env)
+            .stderr(std::process::Stdio::piped())
+            .output(),
+    )
+    .await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fetching the JWKS from https://localhost:"),
+        "{err}"
+    );
+
+    // With it (SSL_CERT_FILE), the keys are fetched and a token signed with A is accepted.
+    let mut env = env;
+    env.push(("SSL_CERT_FILE".to_owned(), path("ca.pem")));
+    let gateway = Service::start(ServiceKind::Gateway, &env).await?;
+    gateway.wait_ready().await?;
+    stack.gateways.push(gateway);
+    let a = rs256("rsa_private.pem", "rsa-1")?;
+    let base = stack.ws_url(stack.gateways.len() - 1);
+    assert_eq!(refusal(&format!("{base}/chat/{a}")).await, "accepted");
+    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

@@ -89,6 +89,36 @@ async fn the_bridge_needs_a_database_uri_and_gives_up_after_its_retries() -> any
     Ok(())
 }
 
+#[tokio::test]
+async fn the_gateway_takes_its_token_keys_from_one_place() -> anyhow::Result<()> {
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe"),
+                ("PGWS_JWKS_URL", "https://idp.example/.well-known/jwks.json"),
+            ],
+            "PGWS_JWT_SECRET and PGWS_JWKS_URL are both set",
+        ),
+        (
+            &[("PGWS_JWKS_URL", "ftp://idp.example/jwks.json")],
+            "PGWS_JWKS_URL: scheme \"ftp\": only http and https",
+        ),
+        (
+            &[
+                ("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe"),
+                ("PGWS_JWKS_REFRESH", "60"),
+            ],
+            "PGWS_JWKS_REFRESH is set but PGWS_JWKS_URL is not",
+        ),
+    ];
+    for (env, needle) in cases {
+        let (code, err) = run_to_exit(ServiceKind::Gateway, env).await?;
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+    Ok(())
+}
+
 /// `port` on the loopback address of `addr`'s family (the gateway logs `0.0.0.0` or `[::]`).
 fn loopback(addr: SocketAddr) -> SocketAddr {
     let mut addr = addr;

@@ -5,7 +5,9 @@
 //! `PGWS_JWT_SECRET_BASE64` is set). Every key is tied to the algorithms of its own family
 //! (narrowed by curve and by the JWK's `alg` member) so a token can never pick an algorithm
 //! from another family than its key: that is what stops algorithm-confusion attacks.
-//! Problems are reported once, at start-up, as [`SecretError`].
+//! Problems are reported once, at start-up, as [`SecretError`]. A JWKS document fetched from a
+//! URL goes through the same key parsing, with bounds and without symmetric keys
+//! ([`parse_fetched_jwks`]).
 
 use std::str::FromStr;
 
@@ -93,7 +95,7 @@ pub(crate) fn parse_secret(secret: &str, base64: bool) -> Result<KeyRing, Secret
     }
     if let Ok(Value::Object(doc)) = serde_json::from_str::<Value>(secret) {
         if let Some(Value::Array(keys)) = doc.get("keys") {
-            return parse_jwks(keys);
+            return parse_jwks(keys, Origin::Configured);
         }
         if doc.contains_key("kty") {
             let key = parse_jwk(&doc).map_err(|p| SecretError::Jwk(p.message()))?;
@@ -122,7 +124,36 @@ pub(crate) fn parse_secret(secret: &str, base64: bool) -> Result<KeyRing, Secret
     })
 }
 
-fn parse_jwks(entries: &[Value]) -> Result<KeyRing, SecretError> {
+/// Which keys of a JWKS document are taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The operator's own `PGWS_JWT_SECRET`: every signing key, HMAC included.
+    Configured,
+    /// A document fetched from a URL (`jwks::KeySet`): public keys only, since a symmetric key
+    /// anyone could read would let anyone sign.
+    Fetched,
+}
+
+/// Parses a JWKS document fetched from a URL: a JSON object whose `keys` array holds at most
+/// `max_keys` entries; `oct` (HMAC) keys are skipped.
+pub(crate) fn parse_fetched_jwks(document: &[u8], max_keys: usize) -> Result<KeyRing, SecretError> {
+    let doc: Value = serde_json::from_slice(document)
+        .map_err(|e| SecretError::Jwks(format!("not JSON: {e}")))?;
+    let Some(Value::Array(entries)) = doc.get("keys") else {
+        return Err(SecretError::Jwks(
+            "not a JSON object with a \"keys\" array".to_owned(),
+        ));
+    };
+    if entries.len() > max_keys {
+        return Err(SecretError::Jwks(format!(
+            "{} keys, more than {max_keys}",
+            entries.len()
+        )));
+    }
+    parse_jwks(entries, Origin::Fetched)
+}
+
+fn parse_jwks(entries: &[Value], origin: Origin) -> Result<KeyRing, SecretError> {
     let mut keys = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         let Value::Object(jwk) = entry else {
@@ -131,6 +162,7 @@ fn parse_jwks(entries: &[Value]) -> Result<KeyRing, SecretError> {
             )));
         };
         match parse_jwk(jwk) {
+            Ok(key) if origin == Origin::Fetched && key.key.family() == AlgorithmFamily::Hmac => {}
             Ok(key) => keys.push(key),
             Err(JwkProblem::Unsupported(_)) => {}
             Err(JwkProblem::Invalid(m)) => {

@@ -1,18 +1,24 @@
 //! JWT authorization of websocket connections, exactly as postgres-websockets does it.
 //!
 //! A client opens `/<jwt>` or `/<channel>/<jwt>`; the token must be signed with the configured
-//! `PGWS_JWT_SECRET` (raw HMAC secret, JWK or JWKS) and its claims must grant a `mode` and at
-//! least one channel. [`Authorizer`] holds the keys parsed once at start-up and turns a token
-//! into a [`Grant`] or a [`Rejection`] whose text is what the reference server answers.
-//! Modules: `keys` parses the secret, `verify` checks signatures, `claims` applies the rules.
+//! `PGWS_JWT_SECRET` (raw HMAC secret, JWK or JWKS), or with a key of the JWKS served at
+//! `PGWS_JWKS_URL`, and its claims must grant a `mode` and at least one channel.
+//! [`Authorizer`] holds the keys (parsed once at start-up, or a [`KeySet`] that the service
+//! refreshes) and turns a token into a [`Grant`] or a [`Rejection`] whose text is what the
+//! reference server answers. Modules: `keys` parses the secret, `jwks` holds fetched key sets,
+//! `verify` checks signatures, `claims` applies the rules.
 
 mod claims;
+mod jwks;
 mod keys;
 mod verify;
+
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 pub use claims::{allowed_channels, parse_mode, Mode};
+pub use jwks::{KeySet, MAX_JWKS_BYTES, MAX_JWKS_KEYS};
 pub use keys::SecretError;
 
 /// Why a connection is refused; the `Display` text is the reference's message.
@@ -48,11 +54,20 @@ pub struct Grant {
     pub expires_at: Option<u64>,
 }
 
-/// Verifies tokens against the keys of the configured secret.
+/// Verifies tokens against the keys of the configured secret or of a JWKS URL.
 #[derive(Debug, Clone)]
 pub struct Authorizer {
-    keys: keys::KeyRing,
+    keys: Keys,
     policy: Policy,
+}
+
+/// Where the verification keys come from.
+#[derive(Debug, Clone)]
+enum Keys {
+    /// `PGWS_JWT_SECRET`, parsed once.
+    Configured(Arc<keys::KeyRing>),
+    /// A JWKS URL's current keys, swapped by whoever refreshes them.
+    Fetched(Arc<KeySet>),
 }
 
 /// What a valid token must also satisfy beyond its signature.
@@ -71,9 +86,28 @@ impl Authorizer {
     /// (applies when the secret is a raw HMAC secret, not a JWK or JWKS).
     pub fn from_secret(secret: &str, base64: bool) -> Result<Authorizer, SecretError> {
         Ok(Authorizer {
-            keys: keys::parse_secret(secret, base64)?,
+            keys: Keys::Configured(Arc::new(keys::parse_secret(secret, base64)?)),
             policy: Policy::default(),
         })
+    }
+
+    /// Verifies with the current keys of `keys` (a JWKS URL's), whatever they are at the time
+    /// of each token; before the first document is installed every token is refused.
+    pub fn from_key_set(keys: Arc<KeySet>) -> Authorizer {
+        Authorizer {
+            keys: Keys::Fetched(keys),
+            policy: Policy::default(),
+        }
+    }
+
+    /// The `kid` a token's header names when the keys come from a JWKS URL and the current set
+    /// has no key with it (so a refresh might bring it). `None` for a configured secret, a
+    /// token without `kid` or a known one, and a malformed token (verification refuses it).
+    pub fn unknown_kid(&self, token: &str) -> Option<String> {
+        let Keys::Fetched(set) = &self.keys else {
+            return None;
+        };
+        verify::header_kid(token).filter(|kid| !set.contains_kid(kid))
     }
 
     /// The same keys with `policy` applied to every token.
@@ -119,7 +153,13 @@ impl Authorizer {
         token: &str,
         now: u64,
     ) -> Result<(Map<String, Value>, Option<u64>), Rejection> {
-        let claims = verify::verify(&self.keys, token)?;
+        let ring = match &self.keys {
+            Keys::Configured(ring) => Arc::clone(ring),
+            Keys::Fetched(set) => set
+                .ring()
+                .ok_or_else(|| Rejection::Invalid("unknown key id".to_owned()))?,
+        };
+        let claims = verify::verify(&ring, token)?;
         let policy = &self.policy;
         let expires_at = claims::check_times(&claims, now, policy.leeway)?;
         claims::check_audience(&claims, policy.audience.as_deref())?;

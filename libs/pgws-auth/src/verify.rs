@@ -59,6 +59,11 @@ fn read_header(token: &str) -> Result<HeaderInfo, Rejection> {
     Ok(HeaderInfo { alg, kid })
 }
 
+/// The `kid` of a well-formed token's header, if it names one.
+pub(crate) fn header_kid(token: &str) -> Option<String> {
+    read_header(token).ok()?.kid
+}
+
 /// Short human description of a jsonwebtoken failure.
 fn describe(error: &jsonwebtoken::errors::Error) -> Rejection {
     match error.kind() {

@@ -70,6 +70,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "max_handshakes_per_address",
     "notify_dedup",
     "admin_roles",
+    "jwks_url",
+    "jwks_refresh",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

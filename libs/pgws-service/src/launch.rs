@@ -31,6 +31,7 @@ where
         Ok(c) => c,
         Err(e) => return config_failure(service, &e),
     };
+    install_crypto_provider();
     let telemetry = match init_telemetry(&settings, service) {
         Ok(t) => t,
         Err(e) => {
@@ -75,6 +76,15 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// Makes ring the crypto provider of every rustls client of the process. The HTTP clients
+/// (reqwest: the OTLP exporter, the gateway's JWKS fetches) are built with rustls but without
+/// a provider of their own, so that ring, which NATS and the websocket listener use, stays
+/// the only crypto library; without a provider they could not be built. Idempotent.
+pub fn install_crypto_provider() {
+    // An error means a provider is already installed, which is what is wanted.
+    drop(tokio_rustls::rustls::crypto::ring::default_provider().install_default());
 }
 
 fn config_failure(service: &str, e: &ConfigError) -> ExitCode {

@@ -15,7 +15,7 @@ pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
 pub use audit::{audit_stream_config, ensure_audit_stream};
-pub use launch::run_main;
+pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;
 pub use nats::{connect_nats, connect_nats_watched};
 pub use shutdown::{wait_for_signal, Shutdown};

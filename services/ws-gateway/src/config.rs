@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgws_auth::{Authorizer, Policy};
+use pgws_auth::{Authorizer, KeySet, Policy};
 use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
+use crate::jwks::JwksConfig;
 use crate::limits::Origins;
 use crate::listen::ListenAddr;
 use crate::DirectChannels;
@@ -17,8 +18,12 @@ use crate::DirectChannels;
 pub struct GatewayConfig {
     /// Websocket and static-file listener (`PGWS_HOST`, `PGWS_PORT`).
     pub listen: ListenAddr,
-    /// Token validation (`PGWS_JWT_SECRET`, `PGWS_JWT_SECRET_BASE64`).
+    /// Token validation (`PGWS_JWT_SECRET`, `PGWS_JWT_SECRET_BASE64`, or the keys of
+    /// `PGWS_JWKS_URL`; `PGWS_JWT_LEEWAY`, `PGWS_JWT_AUD`, `PGWS_JWT_ISS`).
     pub authorizer: Arc<Authorizer>,
+    /// Where the keys come from when they are fetched (`PGWS_JWKS_URL`, `PGWS_JWKS_REFRESH`);
+    /// none with `PGWS_JWT_SECRET`.
+    pub jwks: Option<JwksConfig>,
     /// The PostgreSQL channel client messages are notified on (`PGWS_LISTEN_CHANNEL`).
     pub listen_channel: String,
     /// Where connection events go (`PGWS_META_CHANNEL`); none when unset.
@@ -102,21 +107,8 @@ impl GatewayConfig {
             audience: p.text("jwt_aud"),
             issuer: p.text("jwt_iss"),
         };
-        let authorizer = match p.secret("jwt_secret") {
-            Some(secret) => match Authorizer::from_secret(&secret, base64) {
-                Ok(a) => Some(a.with_policy(policy)),
-                Err(e) => {
-                    p.push(format!("PGWS_JWT_SECRET: {e}"));
-                    None
-                }
-            },
-            None => {
-                if p.text("jwt_secret").is_none() {
-                    p.push("PGWS_JWT_SECRET is required");
-                }
-                None
-            }
-        };
+        let (authorizer, jwks) = read_keys(&mut p, base64);
+        let authorizer = authorizer.map(|a| a.with_policy(policy));
         let listen_channel = p.text_or("listen_channel", DEFAULT_LISTEN_CHANNEL);
         if listen_channel.is_empty() || listen_channel.len() > MAX_PG_CHANNEL {
             p.push(format!(
@@ -229,6 +221,7 @@ impl GatewayConfig {
         let config = authorizer.map(|a| Self {
             listen,
             authorizer: Arc::new(a),
+            jwks,
             listen_channel,
             meta_channel,
             direct,
@@ -261,6 +254,57 @@ impl GatewayConfig {
     }
 }
 
+/// The token keys: `PGWS_JWT_SECRET` (parsed now) or `PGWS_JWKS_URL` (fetched at start),
+/// exactly one of them.
+fn read_keys(p: &mut Problems<'_>, base64: bool) -> (Option<Authorizer>, Option<JwksConfig>) {
+    let refresh: Option<u64> = p.parse("jwks_refresh");
+    let Some(url) = p.text("jwks_url") else {
+        if refresh.is_some() {
+            p.push("PGWS_JWKS_REFRESH is set but PGWS_JWKS_URL is not");
+        }
+        let authorizer = match p.secret("jwt_secret") {
+            Some(secret) => Authorizer::from_secret(&secret, base64)
+                .map_err(|e| p.push(format!("PGWS_JWT_SECRET: {e}")))
+                .ok(),
+            None => {
+                if p.text("jwt_secret").is_none() {
+                    p.push("PGWS_JWT_SECRET is required (or PGWS_JWKS_URL)");
+                }
+                None
+            }
+        };
+        return (authorizer, None);
+    };
+    if p.text("jwt_secret").is_some() {
+        p.push(
+            "PGWS_JWT_SECRET and PGWS_JWKS_URL are both set: the token keys come from one of them",
+        );
+    }
+    if base64 {
+        p.push("PGWS_JWT_SECRET_BASE64 is set but the keys come from PGWS_JWKS_URL");
+    }
+    let refresh = refresh.unwrap_or(300);
+    if refresh == 0 {
+        p.push("PGWS_JWKS_REFRESH: must be at least 1");
+    }
+    match JwksConfig::parse_url(&url) {
+        Ok(url) => {
+            let keys = Arc::new(KeySet::new());
+            let authorizer = Authorizer::from_key_set(Arc::clone(&keys));
+            let jwks = JwksConfig {
+                url,
+                refresh: Duration::from_secs(refresh),
+                keys,
+            };
+            (Some(authorizer), Some(jwks))
+        }
+        Err(e) => {
+            p.push(format!("PGWS_JWKS_URL: {e}"));
+            (None, None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +326,43 @@ mod tests {
     }
 
     #[test]
+    fn keys_come_from_a_secret_or_a_jwks_url() {
+        let problems = |pairs: &[(&str, &str)]| {
+            let s = Settings::from_pairs(pairs).expect("settings");
+            GatewayConfig::from_settings(&s).map_or_else(|e| e.problems, |_| Vec::new())
+        };
+        let url = "https://idp.example/.well-known/jwks.json";
+        let s = Settings::from_pairs(&[("PGWS_JWKS_URL", url)]).expect("settings");
+        let c = GatewayConfig::from_settings(&s).expect("valid");
+        let jwks = c.jwks.expect("jwks");
+        assert_eq!(jwks.url.as_str(), url);
+        assert_eq!(jwks.refresh, Duration::from_secs(300));
+        assert!(jwks.keys.is_empty());
+        assert_eq!(
+            problems(&[("PGWS_JWKS_URL", url), ("PGWS_JWT_SECRET", "s")]),
+            ["PGWS_JWT_SECRET and PGWS_JWKS_URL are both set: the token keys come from one of them"]
+        );
+        assert_eq!(
+            problems(&[("PGWS_JWKS_URL", url), ("PGWS_JWT_SECRET_BASE64", "true")]),
+            ["PGWS_JWT_SECRET_BASE64 is set but the keys come from PGWS_JWKS_URL"]
+        );
+        assert_eq!(
+            problems(&[("PGWS_JWKS_URL", url), ("PGWS_JWKS_REFRESH", "0")]),
+            ["PGWS_JWKS_REFRESH: must be at least 1"]
+        );
+        assert_eq!(
+            problems(&[("PGWS_JWT_SECRET", "s"), ("PGWS_JWKS_REFRESH", "60")]),
+            ["PGWS_JWKS_REFRESH is set but PGWS_JWKS_URL is not"]
+        );
+        let bad = problems(&[("PGWS_JWKS_URL", "ftp://idp.example/jwks")]);
+        assert_eq!(bad, ["PGWS_JWKS_URL: scheme \"ftp\": only http and https"]);
+        assert_eq!(
+            problems(&[]),
+            ["PGWS_JWT_SECRET is required (or PGWS_JWKS_URL)"]
+        );
+    }
+
+    #[test]
     fn defaults_match_postgres_websockets() {
         let s = Settings::from_pairs(&[("PGWS_JWT_SECRET", "reallyreallyreallyreallyverysafe")])
             .expect("settings");
@@ -290,5 +371,6 @@ mod tests {
         assert_eq!(c.listen_channel, "postgres-websockets-listener");
         assert!(c.meta_channel.is_none() && c.tls.is_none() && c.root_path.is_none());
         assert_eq!(c.nats.subjects.notify(), "pgws.notify");
+        assert!(c.jwks.is_none());
     }
 }

@@ -12,11 +12,13 @@
 //! routes a handshake to its module (`handshake` finds a token); `session` registers an
 //! accepted socket; `socket` runs one websocket; `hub` holds subscriptions and fans out;
 //! `uplink` sends client messages to the bridges; `presence` keeps the leader bridge informed
-//! (direct channels, topics); `limits` bounds what one client may take; `metrics` counts.
+//! (direct channels, topics); `limits` bounds what one client may take; `jwks` keeps the keys
+//! of a JWKS URL fresh; `metrics` counts.
 
 mod config;
 mod handshake;
 mod hub;
+mod jwks;
 mod limits;
 mod listen;
 mod metrics;
@@ -38,9 +40,11 @@ use pgws_service::{
 use tokio::net::TcpListener;
 
 pub use config::GatewayConfig;
+pub use jwks::JwksConfig;
 pub use protocol::direct::DirectChannels;
 
 use hub::Hub;
+use jwks::Jwks;
 use metrics::GatewayMetrics;
 use presence::Presence;
 use uplink::{Audit, Uplink};
@@ -58,6 +62,8 @@ pub(crate) struct Gateway {
     pub(crate) hub: Arc<Hub>,
     pub(crate) uplink: Uplink,
     pub(crate) presence: Presence,
+    /// The fetcher of `PGWS_JWKS_URL`, when the keys come from there.
+    pub(crate) jwks: Option<Arc<Jwks>>,
     pub(crate) client: async_nats::Client,
     /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
     pub(crate) per_address: Arc<limits::PerAddress>,
@@ -85,6 +91,10 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     let registry = Metrics::new();
     let readiness = Readiness::new();
     let metrics = GatewayMetrics::register(&registry);
+    let jwks = match config.jwks.clone() {
+        Some(c) => Some(Jwks::start(c, metrics.clone(), &shutdown).await?),
+        None => None,
+    };
     let (client, reconnects) = connect_nats_watched(&config.nats, "ws-gateway", &readiness)
         .await
         .context("connecting to NATS")?;
@@ -165,6 +175,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         hub,
         uplink,
         presence,
+        jwks,
         client: client.clone(),
         per_address,
         handshakes,

@@ -27,6 +27,11 @@ pub(crate) struct GatewayMetrics {
     pub(crate) queued_bytes: Gauge,
     pub(crate) channels: Gauge,
     pub(crate) delivery_latency: Histogram,
+    pub(crate) jwks_refreshes: Family<Labels, Counter>,
+    pub(crate) jwks_failures: Counter,
+    pub(crate) jwks_throttled: Counter,
+    pub(crate) jwks_keys: Gauge,
+    pub(crate) jwks_updated: Gauge,
 }
 
 impl GatewayMetrics {
@@ -125,6 +130,31 @@ impl GatewayMetrics {
                 "gateway_delivery_latency_seconds",
                 "From the bridge receiving a notification from PostgreSQL to its queueing to the sockets (needs agreeing clocks)",
                 Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            jwks_refreshes: m.register(
+                "gateway_jwks_refreshes",
+                "Good JWKS documents fetched from PGWS_JWKS_URL and installed, by trigger (start, schedule, unknown_kid)",
+                Family::default(),
+            ),
+            jwks_failures: m.register(
+                "gateway_jwks_refresh_failures",
+                "JWKS fetches that failed or returned a document that is not a usable JWKS (the last good keys were kept)",
+                Counter::default(),
+            ),
+            jwks_throttled: m.register(
+                "gateway_jwks_unknown_kid_throttled",
+                "Tokens naming an unknown key id refused without a new fetch, one having run within the last 10 s",
+                Counter::default(),
+            ),
+            jwks_keys: m.register(
+                "gateway_jwks_keys",
+                "Keys in the current set fetched from PGWS_JWKS_URL",
+                Gauge::default(),
+            ),
+            jwks_updated: m.register(
+                "gateway_jwks_updated_timestamp_seconds",
+                "Unix time of the last good JWKS fetch (the age of the keys is now minus this)",
+                Gauge::default(),
             ),
         }
     }

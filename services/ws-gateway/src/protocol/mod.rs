@@ -161,6 +161,9 @@ pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, 
         return pubsub::subscriber(gw, rest).await;
     }
     let creds = credentials(path, parts.uri.query(), &parts.headers);
+    if let (Some(jwks), Some(token)) = (&gw.jwks, creds.token.as_deref()) {
+        jwks.settle(&gw.config.authorizer, token).await;
+    }
     if path == "/live" || path == "/live/" {
         let admission = live::admission(gw, &creds)?;
         return Ok(gw.accept(admission).await);
