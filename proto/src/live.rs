@@ -9,6 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most custom topics one owner may have.
+pub const MAX_TOPICS_PER_OWNER: i64 = 1000;
+
 /// Longest topic name, in bytes (a table topic is named after a PostgreSQL identifier).
 pub const MAX_LIVE_TOPIC: usize = 63;
 
@@ -72,6 +75,8 @@ pub enum LiveOutcome {
     Absent,
     /// `destroy` by someone else than its owner or an admin.
     Forbidden,
+    /// `create` by an owner who has [`MAX_TOPICS_PER_OWNER`] topics already.
+    Limit,
     /// The bridge could not answer (database unavailable, invalid request): see `error`.
     Unavailable,
 }

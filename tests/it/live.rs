@@ -324,7 +324,7 @@ async fn public_topics_lists_and_destroy() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn creating_a_topic_needs_a_subject() -> anyhow::Result<()> {
+async fn creating_topics_needs_a_subject_and_is_bounded_per_owner() -> anyhow::Result<()> {
     let stack = live_stack().await?;
     let jwt = token(&json!({"role": "web_user"}));
     let mut anon = WsClient::connect(&format!("{}/live?token={jwt}", stack.ws_url(0))).await?;
@@ -332,5 +332,28 @@ async fn creating_a_topic_needs_a_subject() -> anyhow::Result<()> {
         &call(&mut anon, "create-topic", json!({"name": unique("t-")})).await?,
         "\"sub\" claim",
     );
+    // One owner may have 1,000 topics (a flood of creations cannot fill the database).
+    let owner = unique("flood-");
+    let mut flood = live(&stack, 0, &owner, "web_user").await?;
+    for i in 0..1000 {
+        let request =
+            json!({"method": "create-topic", "attributes": {"name": format!("{owner}-{i}")}});
+        flood.send_text(&request.to_string()).await?;
+    }
+    for _ in 0..1000 {
+        assert_ok(&flood.next_json(T).await?);
+    }
+    assert_error(
+        &call(
+            &mut flood,
+            "create-topic",
+            json!({"name": format!("{owner}-more")}),
+        )
+        .await?,
+        "at most 1000 topics",
+    );
+    let db = stack.pg().await?;
+    db.execute("DELETE FROM pgws_live.topics WHERE owner = $1", &[&owner])
+        .await?;
     Ok(())
 }

@@ -8,11 +8,16 @@
 //! its messages.
 //!
 //! Bounds: one connection per bridge (opened again after it failed), at most
-//! [`CONCURRENCY`] requests in flight, lists of at most [`MAX_LIST`] topics.
+//! [`CONCURRENCY`] requests in flight, lists of at most [`MAX_LIST`] topics,
+//! [`MAX_TOPICS_PER_OWNER`] topics per owner (checked before each creation; two creations at
+//! once may pass it by one).
 
 use async_nats::Client as Nats;
 use futures::StreamExt as _;
-use pgws_proto::{valid_live_topic, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Subjects};
+use pgws_proto::{
+    valid_live_topic, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Subjects,
+    MAX_TOPICS_PER_OWNER,
+};
 use pgws_service::Shutdown;
 use tokio_postgres::{Client, Config, Row};
 use tokio_util::sync::CancellationToken;
@@ -118,6 +123,16 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
             owner,
             public,
         } => {
+            let owned: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pgws_live.topics WHERE owner = $1",
+                    &[owner],
+                )
+                .await?
+                .get(0);
+            if owned >= MAX_TOPICS_PER_OWNER {
+                return Ok(LiveTopicReply::outcome(LiveOutcome::Limit));
+            }
             let sql = format!(
                 "INSERT INTO pgws_live.topics (name, owner, public) VALUES ($1, $2, $3)
                  ON CONFLICT DO NOTHING RETURNING {COLUMNS}"

@@ -24,7 +24,7 @@ use axum::extract::ws::Message;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::FutureExt as _;
-use pgws_proto::{LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply};
+use pgws_proto::{LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, MAX_TOPICS_PER_OWNER};
 use serde_json::{json, Value};
 
 use self::request::{event, Bad, Method, Request};
@@ -281,6 +281,10 @@ impl Live {
                         (LiveOutcome::Exists, _) => {
                             failed(&request, format!("topic {name:?} exists"))
                         }
+                        (LiveOutcome::Limit, _) => failed(
+                            &request,
+                            format!("one owner may have at most {MAX_TOPICS_PER_OWNER} topics"),
+                        ),
                         (_, _) => failed(&request, unavailable(r.error.as_deref())),
                     },
                     Err(e) => failed(&request, e),
