@@ -150,6 +150,14 @@ impl Subjects {
         format!("{}.sync", self.prefix)
     }
 
+    /// The inbox prefix of `service` (its connection name, e.g. `ws-gateway`): replies to its
+    /// requests arrive under `_INBOX.<prefix>.<service>.`, so a NATS user may subscribe to its
+    /// own replies only (not to what the server hands another service, such as the audit
+    /// records a recorder pulls).
+    pub fn inbox_prefix(&self, service: &str) -> String {
+        format!("_INBOX.{}.{}", self.prefix, service)
+    }
+
     /// The channel a delivery subject carries, if it is one of this stack's.
     pub fn channel_of_deliver(&self, subject: &str) -> Option<String> {
         let rest = subject
@@ -265,6 +273,10 @@ mod tests {
         };
         assert_eq!(subjects().topic(&t), "pgws.topic.ex_2Ecom.news");
         assert_eq!(subjects().audit_stream(), "pgws-audit");
+        assert_eq!(
+            subjects().inbox_prefix("ws-gateway"),
+            "_INBOX.pgws.ws-gateway"
+        );
         let dotted = Subjects::new(Prefix::new("a.b").expect("valid"));
         let underscored = Subjects::new(Prefix::new("a_2Eb").expect("valid"));
         assert_eq!(dotted.audit_stream(), "a_2Eb-audit");

@@ -2,7 +2,9 @@
 //! service starts while NATS is down and becomes ready when it comes up. Subscriptions are
 //! restored by the client after a reconnect; [`connect_nats_watched`] also counts reconnects,
 //! for services that tell their clients something may have been missed meanwhile. Credentials
-//! (user and password, token, NKey, credentials file) and TLS come from `PGWS_NATS_*`.
+//! (user and password, token, NKey, credentials file) and TLS come from `PGWS_NATS_*`. Each
+//! service takes its replies under its own inbox prefix (`_INBOX.<prefix>.<name>`), so a NATS
+//! user's subscribe permission can stop at its own replies.
 
 use anyhow::Context as _;
 use async_nats::connection::State;
@@ -60,6 +62,7 @@ pub async fn connect_nats_watched(
     let client = options(&config.auth)
         .await?
         .name(name)
+        .custom_inbox_prefix(config.subjects.inbox_prefix(name))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
