@@ -2,7 +2,8 @@
 //! `deploy/docker/`, the Kubernetes manifests of `deploy/k8s/` and the Grafana dashboard of
 //! `deploy/grafana/`. No container runs here: the files are validated (`docker-compose config`)
 //! and checked against the workspace itself (setting names, binary names, admin ports, metric
-//! families), so that they cannot drift from the code.
+//! families, the NATS users of `deploy/compose/nats.conf`), so that they cannot drift from the
+//! code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,59 @@ use serde_norway::Value as Yaml;
 
 /// The three services, each with the workspace package (and Dockerfile) of the same name.
 const SERVICES: [&str; 3] = ["ws-gateway", "pg-bridge", "pg-recorder"];
+
+/// The NATS user of each service in `deploy/compose/nats.conf`.
+const NATS_USERS: [(&str, &str); 3] = [
+    ("ws-gateway", "gateway"),
+    ("pg-bridge", "bridge"),
+    ("pg-recorder", "recorder"),
+];
+
+fn nats_user_of(package: &str) -> &'static str {
+    NATS_USERS
+        .iter()
+        .find(|(p, _)| *p == package)
+        .map(|(_, u)| *u)
+        .unwrap_or_else(|| panic!("no NATS user for {package}"))
+}
+
+/// The users of the shipped NATS configuration and the environment variable holding each
+/// one's password (`{ user: gateway, password: $NATS_GATEWAY_PASSWORD, ...`).
+fn nats_conf_users() -> BTreeMap<String, String> {
+    let conf = read("deploy/compose/nats.conf");
+    conf.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("{ user: ")?;
+            let (user, rest) = rest.split_once(',')?;
+            let var = rest.trim().strip_prefix("password: $")?;
+            let var = var.split(|c: char| c == ',' || c.is_whitespace()).next()?;
+            Some((user.trim().to_owned(), var.to_owned()))
+        })
+        .collect()
+}
+
+/// The `authorization { ... }` block of a configuration text, without comments and blank
+/// lines (as the Kubernetes README quotes it).
+fn authorization_block(conf: &str) -> Vec<String> {
+    let mut block = Vec::new();
+    let mut depth = 0usize;
+    for line in conf.lines() {
+        let code = line.trim();
+        if depth == 0 && !code.starts_with("authorization {") {
+            continue;
+        }
+        if code.is_empty() || code.starts_with('#') {
+            continue;
+        }
+        depth += code.matches('{').count();
+        depth = depth.saturating_sub(code.matches('}').count());
+        block.push(code.to_owned());
+        if depth == 0 {
+            break;
+        }
+    }
+    block
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -364,6 +418,27 @@ impl Compose {
         }
     }
 
+    /// The env files a service reads, in order.
+    fn env_files(&self, service: &str) -> Vec<String> {
+        let files = &self.services[service]["env_file"];
+        match files {
+            Yaml::Sequence(_) => strings(files),
+            Yaml::Null => Vec::new(),
+            _ => vec![text(files)],
+        }
+    }
+
+    /// What a service's container receives: its env files in order, then `environment`.
+    fn resolved_env(&self, service: &str) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = self
+            .env_files(service)
+            .iter()
+            .flat_map(|f| env_file(f))
+            .collect();
+        env.extend(self.environment(service));
+        env
+    }
+
     /// Services that run once and others wait for with `service_completed_successfully`.
     fn one_shots(&self) -> BTreeSet<String> {
         self.services
@@ -433,6 +508,37 @@ fn the_compose_file_is_valid_for_docker_compose() {
         .collect();
     let parsed: BTreeSet<String> = Compose::load().services.into_keys().collect();
     assert_eq!(listed, parsed);
+    // What docker-compose hands the containers: the gateway gets its NATS user and no database
+    // credentials; NATS runs the shipped configuration.
+    let resolved: Yaml = serde_norway::from_str(&run(&["config"])).expect("config output");
+    let env_of = |service: &str| {
+        mapping(&resolved["services"][service]["environment"])
+            .into_iter()
+            .map(|(k, v)| (k, text(v)))
+            .collect::<BTreeMap<String, String>>()
+    };
+    let gateway = env_of("ws-gateway");
+    assert!(
+        !gateway.contains_key("PGWS_DB_URI"),
+        "docker-compose gives the gateway PGWS_DB_URI"
+    );
+    assert_eq!(
+        gateway.get("PGWS_NATS_USER").map(String::as_str),
+        Some(nats_user_of("ws-gateway"))
+    );
+    assert!(gateway.contains_key("PGWS_NATS_PASSWORD"));
+    let nats = strings(&resolved["services"]["nats"]["command"]);
+    assert!(
+        nats.windows(2)
+            .any(|w| w[0] == "-c" && w[1].ends_with(".conf")),
+        "NATS does not run a configuration file: {nats:?}"
+    );
+    for (var, _) in env_file("deploy/compose/nats.env") {
+        assert!(
+            env_of("nats").contains_key(&var),
+            "docker-compose does not give NATS {var}"
+        );
+    }
 }
 
 #[test]
@@ -479,10 +585,16 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
     }
     assert!(text(&compose.services["postgres"]["image"]).starts_with("postgres:15"));
     assert!(text(&compose.services["nats"]["image"]).starts_with("nats:2.10"));
-    assert!(strings(&compose.services["nats"]["command"]).contains(&"-js".to_owned()));
+    // NATS runs JetStream (deploy/compose/nats.conf) with its store on a volume.
+    let conf = read("deploy/compose/nats.conf");
+    assert!(
+        conf.lines().any(|l| l.starts_with("jetstream {"))
+            && conf.contains("store_dir: \"/data\"")
+            && strings(&compose.services["nats"]["volumes"]).contains(&"natsdata:/data".to_owned()),
+        "NATS keeps no JetStream store on the natsdata volume"
+    );
 
     // The pgws services check /readyz on their own admin port, and wait for their dependencies.
-    let env: BTreeMap<String, String> = env_file("deploy/compose/pgws.env").into_iter().collect();
     for package in SERVICES {
         let services = compose.built_as(package);
         assert!(!services.is_empty(), "no compose service runs {package}");
@@ -501,8 +613,7 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
             );
             let service_env = compose.environment(&name);
             assert!(
-                !service_env.contains_key("PGWS_ADMIN_PORT")
-                    && !env.contains_key("PGWS_ADMIN_PORT"),
+                !compose.resolved_env(&name).contains_key("PGWS_ADMIN_PORT"),
                 "{name}: the checks and Prometheus assume the default admin port"
             );
             assert_eq!(
@@ -516,9 +627,9 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
             // The services export OTLP over HTTP/protobuf: the collector's port 4318.
             assert_eq!(otlp, "http://otel-collector:4318", "{name}");
             assert!(
-                strings(&compose.services[&name]["env_file"])
-                    .contains(&"deploy/compose/pgws.env".to_owned())
-                    || text(&compose.services[&name]["env_file"]) == "deploy/compose/pgws.env",
+                compose
+                    .env_files(&name)
+                    .contains(&"deploy/compose/pgws.env".to_owned()),
                 "{name} does not read deploy/compose/pgws.env"
             );
             let deps: BTreeSet<String> = mapping(&compose.services[&name]["depends_on"])
@@ -562,7 +673,7 @@ fn the_gateway_scales_behind_the_load_balancer_and_two_bridges_run() {
 
     // The load balancer: nginx resolving `ws-gateway` through Docker's DNS per request,
     // proxying websocket upgrades to the gateways' PGWS_PORT.
-    let env: BTreeMap<String, String> = env_file("deploy/compose/pgws.env").into_iter().collect();
+    let env = compose.resolved_env("ws-gateway");
     let lb = compose
         .services
         .iter()
@@ -581,7 +692,7 @@ fn the_gateway_scales_behind_the_load_balancer_and_two_bridges_run() {
         "{lb} does not mount deploy/compose/nginx.conf: {mounts:?}"
     );
     let nginx = read("deploy/compose/nginx.conf");
-    let port = env.get("PGWS_PORT").expect("PGWS_PORT in pgws.env");
+    let port = env.get("PGWS_PORT").expect("PGWS_PORT for ws-gateway");
     for needle in [
         "resolver 127.0.0.11".to_owned(),
         format!("ws-gateway:{port}"),
@@ -599,18 +710,20 @@ fn the_gateway_scales_behind_the_load_balancer_and_two_bridges_run() {
 }
 
 #[test]
-fn the_compose_env_file_sets_only_real_settings() {
-    let env = env_file("deploy/compose/pgws.env");
-    assert_real_settings(
-        "deploy/compose/pgws.env",
-        env.iter().map(|(k, _)| k.clone()),
-    );
+fn the_compose_env_files_set_only_real_settings() {
+    let compose = Compose::load();
+    let files: BTreeSet<String> = SERVICES
+        .iter()
+        .flat_map(|p| compose.built_as(p))
+        .flat_map(|s| compose.env_files(&s))
+        .collect();
+    for file in &files {
+        assert_real_settings(file, env_file(file).into_iter().map(|(k, _)| k));
+    }
     assert_real_settings(
         "deploy/sample.env",
         env_file("deploy/sample.env").into_iter().map(|(k, _)| k),
     );
-    let env: BTreeMap<String, String> = env.into_iter().collect();
-    let compose = Compose::load();
     let image_of = |host: &str| {
         compose
             .services
@@ -618,26 +731,40 @@ fn the_compose_env_file_sets_only_real_settings() {
             .map(|s| text(&s["image"]))
             .unwrap_or_else(|| panic!("{host} is not a compose service"))
     };
-    let db = url_host(&env["PGWS_DB_URI"]);
-    assert!(
-        image_of(&db).starts_with("postgres:"),
-        "PGWS_DB_URI names {db}"
-    );
-    let password = text(&compose.services[&db]["environment"]["POSTGRES_PASSWORD"]);
-    assert!(
-        env["PGWS_DB_URI"].contains(&format!(":{password}@")),
-        "PGWS_DB_URI does not carry the postgres service's POSTGRES_PASSWORD"
-    );
-    let nats = url_host(&env["PGWS_NATS_URL"]);
-    assert!(
-        image_of(&nats).starts_with("nats:"),
-        "PGWS_NATS_URL names {nats}"
-    );
-    assert_eq!(
-        env.get("PGWS_ADMIN_HOST").map(String::as_str),
-        Some("0.0.0.0"),
-        "the admin listener must listen beyond the container's loopback for Prometheus"
-    );
+    for package in ["pg-bridge", "pg-recorder"] {
+        for name in compose.built_as(package) {
+            let env = compose.resolved_env(&name);
+            let uri = env
+                .get("PGWS_DB_URI")
+                .unwrap_or_else(|| panic!("{name} has no PGWS_DB_URI"));
+            let db = url_host(uri);
+            assert!(
+                image_of(&db).starts_with("postgres:"),
+                "PGWS_DB_URI names {db}"
+            );
+            let password = text(&compose.services[&db]["environment"]["POSTGRES_PASSWORD"]);
+            assert!(
+                uri.contains(&format!(":{password}@")),
+                "{name}: PGWS_DB_URI does not carry the postgres service's POSTGRES_PASSWORD"
+            );
+        }
+    }
+    for package in SERVICES {
+        for name in compose.built_as(package) {
+            let env = compose.resolved_env(&name);
+            let nats = url_host(&env["PGWS_NATS_URL"]);
+            assert!(
+                image_of(&nats).starts_with("nats:"),
+                "PGWS_NATS_URL names {nats}"
+            );
+            assert_eq!(
+                env.get("PGWS_ADMIN_HOST").map(String::as_str),
+                Some("0.0.0.0"),
+                "the admin listener must listen beyond the container's loopback for Prometheus"
+            );
+        }
+    }
+    let env = compose.resolved_env("ws-gateway");
     assert_eq!(
         env.get("PGWS_JWT_SECRET").map(String::as_str),
         Some(pgws_tests::SECRET)
@@ -651,6 +778,66 @@ fn the_compose_env_file_sets_only_real_settings() {
             .any(|l| l.starts_with("COPY examples/chat ") && l.ends_with(&format!(" {root_path}"))),
         "deploy/docker/ws-gateway.Dockerfile does not copy examples/chat to {root_path}"
     );
+}
+
+#[test]
+fn the_compose_bus_gives_each_service_its_own_nats_user_and_the_gateway_no_database() {
+    let compose = Compose::load();
+    // NATS runs the shipped configuration, bind-mounted, with every password it reads.
+    let nats = &compose.services["nats"];
+    let command = strings(&nats["command"]);
+    let conf = command
+        .windows(2)
+        .find(|w| w[0] == "-c")
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| panic!("NATS does not run a configuration file: {command:?}"));
+    assert!(
+        strings(&nats["volumes"]).contains(&format!("./deploy/compose/nats.conf:{conf}:ro")),
+        "NATS does not mount deploy/compose/nats.conf at {conf}"
+    );
+    assert!(
+        nats["ports"].is_null(),
+        "NATS publishes a port: only the stack may reach it"
+    );
+    let text_conf = read("deploy/compose/nats.conf");
+    assert!(
+        !authorization_block(&text_conf).is_empty() && !text_conf.contains("no_auth_user"),
+        "nats.conf must require a user"
+    );
+    let nats_env = compose.resolved_env("nats");
+    let users = nats_conf_users();
+    assert_eq!(
+        users.keys().cloned().collect::<BTreeSet<_>>(),
+        NATS_USERS.iter().map(|(_, u)| (*u).to_owned()).collect(),
+        "the users of nats.conf"
+    );
+    for package in SERVICES {
+        for name in compose.built_as(package) {
+            let env = compose.resolved_env(&name);
+            let user = nats_user_of(package);
+            assert_eq!(
+                env.get("PGWS_NATS_USER").map(String::as_str),
+                Some(user),
+                "{name}: PGWS_NATS_USER"
+            );
+            let var = &users[user];
+            assert_eq!(
+                env.get("PGWS_NATS_PASSWORD"),
+                nats_env.get(var),
+                "{name}: PGWS_NATS_PASSWORD is not NATS' {var}"
+            );
+            assert!(nats_env.get(var).is_some_and(|p| !p.is_empty()));
+            let holds_db = env.contains_key("PGWS_DB_URI");
+            let holds_jwt = env.contains_key("PGWS_JWT_SECRET");
+            if package == "ws-gateway" {
+                assert!(!holds_db, "{name} receives database credentials");
+                assert!(holds_jwt, "{name} has no JWT secret");
+            } else {
+                assert!(holds_db, "{name} has no PGWS_DB_URI");
+                assert!(!holds_jwt, "{name} receives the JWT secret");
+            }
+        }
+    }
 }
 
 #[test]
@@ -986,6 +1173,17 @@ fn the_kubernetes_deployments_probe_the_admin_port_and_bound_their_resources() {
         assert_real_settings(&format!("the Secret {name}"), k8s.keys("Secret", &name));
     }
     assert!(!config_keys.contains(&"PGWS_ADMIN_PORT".to_owned()));
+    for secret in [
+        "PGWS_DB_URI",
+        "PGWS_JWT_SECRET",
+        "PGWS_NATS_USER",
+        "PGWS_NATS_PASSWORD",
+    ] {
+        assert!(
+            !config_keys.contains(&secret.to_owned()),
+            "every service reads the ConfigMap: {secret} belongs in a Secret"
+        );
+    }
     let config = k8s.get("ConfigMap", "pgws-config").expect("ConfigMap");
     assert_eq!(
         text(&config["data"]["PGWS_ADMIN_HOST"]),
@@ -1047,6 +1245,7 @@ fn the_kubernetes_deployments_probe_the_admin_port_and_bound_their_resources() {
                 .as_bool()
                 .or(pod["securityContext"]["runAsNonRoot"].as_bool());
             assert_eq!(non_root, Some(true), "{name}: runAsNonRoot");
+            let mut secrets = BTreeSet::new();
             for source in c["envFrom"].as_sequence().cloned().unwrap_or_default() {
                 let (kind, reference) = if source["configMapRef"].is_null() {
                     ("Secret", text(&source["secretRef"]["name"]))
@@ -1057,14 +1256,38 @@ fn the_kubernetes_deployments_probe_the_admin_port_and_bound_their_resources() {
                     k8s.get(kind, &reference).is_some(),
                     "{name} reads the missing {kind} {reference}"
                 );
-                if package == "ws-gateway" && kind == "Secret" {
-                    assert!(
-                        !k8s.keys(kind, &reference)
-                            .contains(&"PGWS_DB_URI".to_owned()),
-                        "the gateway must hold no database credentials"
-                    );
+                if kind == "Secret" {
+                    secrets.insert(reference);
                 }
             }
+            for var in c["env"].as_sequence().cloned().unwrap_or_default() {
+                let key = &var["valueFrom"]["secretKeyRef"];
+                if !key.is_null() {
+                    secrets.insert(text(&key["name"]));
+                }
+            }
+            // Each service its own secrets: the gateway no database credentials, and every
+            // service the NATS user of deploy/compose/nats.conf made for it.
+            let held: Vec<String> = secrets.iter().flat_map(|s| k8s.keys("Secret", s)).collect();
+            let holds = |key: &str| held.iter().any(|k| k == key);
+            assert_eq!(
+                holds("PGWS_DB_URI"),
+                package != "ws-gateway",
+                "{name}: PGWS_DB_URI (the gateway must hold no database credentials)"
+            );
+            assert_eq!(
+                holds("PGWS_JWT_SECRET"),
+                package == "ws-gateway",
+                "{name}: JWT"
+            );
+            let users: Vec<String> = secrets
+                .iter()
+                .filter_map(|s| k8s.get("Secret", s))
+                .map(|s| text(&s["stringData"]["PGWS_NATS_USER"]))
+                .filter(|u| !u.is_empty())
+                .collect();
+            assert_eq!(users, [nats_user_of(&package)], "{name}: its NATS user");
+            assert!(holds("PGWS_NATS_PASSWORD"), "{name}: no NATS password");
         }
         if name == "pg-bridge" {
             assert!(
@@ -1088,6 +1311,21 @@ fn the_kubernetes_deployments_probe_the_admin_port_and_bound_their_resources() {
             "the Service {name} selects no Deployment's pods"
         );
     }
+}
+
+#[test]
+fn the_kubernetes_readme_quotes_the_shipped_nats_authorization() {
+    let readme = read("deploy/k8s/README.md");
+    let quoted = authorization_block(&readme);
+    assert!(
+        !quoted.is_empty(),
+        "deploy/k8s/README.md quotes no authorization block"
+    );
+    assert_eq!(
+        quoted,
+        authorization_block(&read("deploy/compose/nats.conf")),
+        "deploy/k8s/README.md's authorization block differs from deploy/compose/nats.conf's"
+    );
 }
 
 #[test]

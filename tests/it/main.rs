@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod auth;
 mod browser;
+mod bus;
 mod chat;
 mod config;
 mod deploy;

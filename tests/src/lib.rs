@@ -13,8 +13,8 @@ mod ws;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-pub use nats::PrivateNats;
-pub use pg::PrivatePg;
+pub use nats::{NatsSite, PrivateNats};
+pub use pg::{PrivatePg, TempDb};
 pub use process::{Service, ServiceKind};
 use serde_json::Value;
 pub use tokio_tungstenite::tungstenite::Message as Frame;

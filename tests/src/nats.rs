@@ -1,12 +1,14 @@
-//! A private NATS server for tests that restart it: `nats-server -js` on a free port with its
-//! store in a temporary directory; a restart keeps the port and the store. Killed on drop.
+//! A private NATS server for tests that restart or configure it: `nats-server -js` on free
+//! ports with its store in a temporary directory; a restart keeps the ports and the store.
+//! Killed on drop.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use serde_json::Value;
 
 /// A private `nats-server` with JetStream.
 pub struct PrivateNats {
@@ -14,49 +16,96 @@ pub struct PrivateNats {
     dir: PathBuf,
     /// A configuration file (`-c`), when started with one.
     conf: Option<PathBuf>,
+    /// Flags after the common ones (a cluster's routes).
+    args: Vec<String>,
+    /// The server's environment (variables its configuration file reads).
+    env: Vec<(String, String)>,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Its monitoring port (`/varz`, `/jsz`, ...) on 127.0.0.1.
+    pub monitor_port: u16,
 }
 
-fn binary() -> &'static str {
-    if std::path::Path::new("/usr/sbin/nats-server").is_file() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
+/// Where a private server listens and keeps its store, for a configuration file that names
+/// them (they are given as flags too).
+pub struct NatsSite {
+    /// The client port.
+    pub port: u16,
+    /// The monitoring port.
+    pub monitor_port: u16,
+    /// The JetStream store directory.
+    pub store: PathBuf,
+}
+
+/// `PGWS_TEST_NATS_SERVER` (another nats-server build), else Debian's, else `PATH`'s.
+fn binary() -> String {
+    if let Ok(path) = std::env::var("PGWS_TEST_NATS_SERVER") {
+        return path;
     }
+    if Path::new("/usr/sbin/nats-server").is_file() {
+        "/usr/sbin/nats-server".to_owned()
+    } else {
+        "nats-server".to_owned()
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl PrivateNats {
     /// Starts a server and waits until it accepts connections.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with("").await
-    }
-
-    /// Starts a server with `conf` as its configuration file (e.g. an `authorization` block).
-    pub async fn start_with(conf: &str) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(crate::unique("pgws-nats-"));
-        std::fs::create_dir_all(&dir)?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let conf = if conf.is_empty() {
-            None
-        } else {
-            let path = dir.join("nats.conf");
-            std::fs::write(&path, conf)?;
-            Some(path)
-        };
-        let mut nats = Self {
-            child: None,
-            dir,
-            conf,
-            port,
-        };
+        let mut nats = Self::prepare(Vec::new(), &[])?;
         nats.restart().await?;
         Ok(nats)
+    }
+
+    /// Starts a server whose configuration file `conf` writes from the ports and store it was
+    /// given (the file must put JetStream's `store_dir` at [`NatsSite::store`]), with `env` as
+    /// the server's environment.
+    pub async fn start_configured(
+        conf: impl FnOnce(&NatsSite) -> String,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut nats = Self::prepare(Vec::new(), env)?;
+        let text = conf(&NatsSite {
+            port: nats.port,
+            monitor_port: nats.monitor_port,
+            store: nats.dir.join("store"),
+        });
+        let path = nats.dir.join("nats.conf");
+        std::fs::write(&path, text)?;
+        nats.conf = Some(path);
+        nats.restart().await?;
+        Ok(nats)
+    }
+
+    fn prepare(args: Vec<String>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(crate::unique("pgws-nats-"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            child: None,
+            dir,
+            conf: None,
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            port: free_port()?,
+            monitor_port: free_port()?,
+        })
     }
 
     /// Its URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the process runs (it was not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients) and waits for it to exit.
@@ -68,27 +117,29 @@ impl PrivateNats {
         Ok(())
     }
 
-    /// Starts the server (again) on the same port with the same store, and waits until it
+    /// Starts the server (again) on the same ports with the same store, and waits until it
     /// accepts connections.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;
         let mut command = Command::new(binary());
-        if let Some(conf) = &self.conf {
-            command.arg("-c").arg(conf);
-        }
+        command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string(), "-js"]);
+        match &self.conf {
+            // The file names the store: nats-server refuses it twice.
+            Some(conf) => command.arg("-c").arg(conf),
+            None => command.arg("-sd").arg(self.dir.join("store")),
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
         let child = command
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("starting nats-server")?;
         self.child = Some(child);
@@ -101,10 +152,24 @@ impl PrivateNats {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("nats-server did not listen on {}", self.port);
+                let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                bail!(
+                    "nats-server did not listen on {}:\n{}",
+                    self.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A monitoring endpoint's JSON (`/jsz?streams=true`, `/routez`, ...).
+    pub async fn monitor(&self, path: &str) -> anyhow::Result<Value> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
+        let (status, body) = crate::http_get(addr, path).await?;
+        anyhow::ensure!(status == 200, "{path}: HTTP {status}");
+        Ok(serde_json::from_str(&body)?)
     }
 }
 

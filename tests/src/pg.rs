@@ -105,3 +105,83 @@ impl Drop for PrivatePg {
         drop(std::fs::remove_dir_all(&self.dir));
     }
 }
+
+/// A database of its own on the machine's PostgreSQL, for a stack that must not meet another
+/// in the same database (advisory locks, such as the leader's, are per database: a stack with
+/// the default NATS prefix elects its leader here apart from any other). Dropped, sessions
+/// and all, when this is dropped.
+pub struct TempDb {
+    name: String,
+    /// Its connection URI.
+    pub uri: String,
+}
+
+impl TempDb {
+    /// Creates a database with a random name.
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = crate::unique("pgws_test_");
+        let db = crate::pg().await?;
+        db.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .context("CREATE DATABASE")?;
+        let uri = with_database(&crate::db_uri(), &name);
+        Ok(Self { name, uri })
+    }
+}
+
+/// `uri` with its database replaced by `name`.
+fn with_database(uri: &str, name: &str) -> String {
+    let start = uri.find("://").map_or(0, |i| i + 3);
+    let (base, query) = uri.split_once('?').map_or((uri, ""), |(b, q)| (b, q));
+    let base = match base[start..].find('/') {
+        Some(slash) => &base[..start + slash],
+        None => base,
+    };
+    if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Its own thread and runtime: drop may run inside the test's runtime.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let db = crate::pg().await?;
+                db.batch_execute(&sql).await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test database {}", self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_database_of_a_uri_is_replaced() {
+        let cases = [
+            (
+                "postgres://postgres@127.0.0.1:5432/postgres",
+                "postgres://postgres@127.0.0.1:5432/x",
+            ),
+            (
+                "postgres://u:p@h/db?sslmode=disable",
+                "postgres://u:p@h/x?sslmode=disable",
+            ),
+            ("postgres://h:5432", "postgres://h:5432/x"),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(super::with_database(uri, "x"), want);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The bus as a trust boundary: the stack on a private nats-server running the shipped
+//! configuration (`deploy/compose/nats.conf`, one user per service), where every service works
+//! and a client holding the gateway's credentials can forge nothing.
+
+use std::time::Duration;
+
+use async_nats::ConnectOptions;
+use futures::StreamExt;
+use pgws_tests::{eventually, NatsSite, PrivateNats, Service, ServiceKind, Stack, TempDb};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+
+const PASSWORDS: [(&str, &str); 3] = [
+    ("NATS_GATEWAY_PASSWORD", "gateway-secret"),
+    ("NATS_BRIDGE_PASSWORD", "bridge-secret"),
+    ("NATS_RECORDER_PASSWORD", "recorder-secret"),
+];
+
+/// The shipped configuration with what a private server must change: its ports and store.
+fn shipped_conf(site: &NatsSite) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose/nats.conf");
+    let mut conf = std::fs::read_to_string(path).unwrap_or_default();
+    for (line, private) in [
+        ("port: 4222", format!("port: {}", site.port)),
+        (
+            "http_port: 8222",
+            format!("http_port: {}", site.monitor_port),
+        ),
+        (
+            "  store_dir: \"/data\"",
+            format!("  store_dir: {:?}", site.store.display().to_string()),
+        ),
+    ] {
+        let found = conf.lines().filter(|l| *l == line).count();
+        assert_eq!(found, 1, "deploy/compose/nats.conf: {line:?} {found} times");
+        conf = conf
+            .lines()
+            .map(|l| if l == line { private.as_str() } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    conf
+}
+
+/// A NATS client with a service's credentials and inbox prefix, as the service connects.
+async fn client_as(
+    nats: &PrivateNats,
+    user: &str,
+    password: &str,
+    service: &str,
+) -> anyhow::Result<async_nats::Client> {
+    Ok(
+        ConnectOptions::with_user_and_password(user.into(), password.into())
+            .custom_inbox_prefix(format!("_INBOX.pgws.{service}"))
+            .connect(nats.url())
+            .await?,
+    )
+}
+
+/// Rows of `pgws_audit.messages` with this channel and payload.
+async fn recorded(db_uri: &str, channel: &str, payload: &str) -> i64 {
+    let Ok((db, conn)) = tokio_postgres::connect(db_uri, tokio_postgres::NoTls).await else {
+        return 0;
+    };
+    tokio::spawn(conn);
+    db.query_one(
+        "SELECT count(*) FROM pgws_audit.messages WHERE channel = $1 AND payload = $2",
+        &[&channel, &payload],
+    )
+    .await
+    .map(|row| row.get(0))
+    .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_gateway(
+) -> anyhow::Result<()> {
+    let nats = PrivateNats::start_configured(shipped_conf, &PASSWORDS).await?;
+    // The shipped file is for the prefix `pgws`; the stack gets a database of its own so that
+    // its leader election meets no other stack of that prefix.
+    let db = TempDb::create().await?;
+    let mut stack = Stack::new();
+    stack.prefix = "pgws".into();
+    stack.extra = vec![
+        ("PGWS_NATS_URL".into(), nats.url()),
+        ("PGWS_DB_URI".into(), db.uri.clone()),
+    ];
+    let mut env = stack.env();
+    env.extend([
+        ("PGWS_NATS_USER".into(), "recorder".into()),
+        ("PGWS_NATS_PASSWORD".into(), "recorder-secret".into()),
+    ]);
+    let recorder = Service::start(ServiceKind::Recorder, &env).await?;
+    recorder.wait_ready().await?;
+    stack
+        .add_bridge(&[
+            ("PGWS_NATS_USER", "bridge"),
+            ("PGWS_NATS_PASSWORD", "bridge-secret"),
+        ])
+        .await?;
+    stack
+        .add_gateway(&[
+            ("PGWS_NATS_USER", "gateway"),
+            ("PGWS_NATS_PASSWORD", "gateway-secret"),
+        ])
+        .await?;
+    // A database NOTIFY reaches a socket.
+    stack.wait_flowing(0).await?;
+
+    // A client message is NOTIFYed (it comes back) and recorded in the audit table.
+    let mut ws = stack
+        .connect(0, "chat", &json!({"mode": "rw", "gaps": true}))
+        .await?;
+    ws.send_text("through the bus").await?;
+    assert_eq!(ws.next_json(T).await?["payload"], "through the bus");
+    let is_recorded = eventually(Duration::from_secs(30), || async {
+        recorded(&db.uri, "chat", "through the bus").await == 1
+    })
+    .await;
+    assert!(
+        is_recorded,
+        "the message was not recorded:\n{}",
+        recorder.log()
+    );
+
+    // Whoever holds the gateway's credentials cannot publish a delivery or a gap marker: the
+    // socket sees only what the database notified.
+    let forger = client_as(&nats, "gateway", "gateway-secret", "ws-gateway").await?;
+    let forged = json!({"channel": "chat", "forged": true}).to_string();
+    forger
+        .publish("pgws.deliver.chat", forged.clone().into())
+        .await?;
+    forger.publish("pgws.gap", "listener".into()).await?;
+    forger.flush().await?;
+    let pg = stack.pg().await?;
+    let real = json!({"channel": "chat", "real": true}).to_string();
+    stack.notify(&pg, &real).await?;
+    assert_eq!(ws.next_text(T).await?, real, "a forged frame got through");
+    // The same delivery from the bridge's credentials does reach the socket.
+    let bridge = client_as(&nats, "bridge", "bridge-secret", "pg-bridge").await?;
+    bridge
+        .publish("pgws.deliver.chat", forged.clone().into())
+        .await?;
+    bridge.flush().await?;
+    assert_eq!(ws.next_text(T).await?, forged, "the bridge cannot deliver");
+
+    // Nor can it answer another gateway's registry request: a gateway's inbox gets the
+    // leader's answer and never the forged one.
+    let victim = client_as(&nats, "gateway", "gateway-secret", "ws-gateway").await?;
+    let inbox = "_INBOX.pgws.ws-gateway.victim";
+    let mut replies = victim.subscribe(inbox).await?;
+    victim.flush().await?;
+    forger.publish(inbox, r#""ok""#.into()).await?;
+    forger.flush().await?;
+    let lookup = json!({"gateway": "victim", "op": "lookup",
+        "topic": {"domain": "d", "topic": "t"}});
+    victim
+        .publish_with_reply("pgws.registry", inbox, lookup.to_string().into())
+        .await?;
+    let answer = tokio::time::timeout(T, replies.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no registry answer"))?;
+    let answer = String::from_utf8_lossy(&answer.payload).into_owned();
+    assert!(
+        answer == r#""absent""# || answer == r#""retry""#,
+        "the first answer is {answer}, not the leader's"
+    );
+
+    // Nor read another service's replies (the records the recorder pulls), nor delete the
+    // audit stream.
+    let mut snoop = forger.subscribe("_INBOX.pgws.pg-recorder.>").await?;
+    let mut all = forger.subscribe("_INBOX.>").await?;
+    let delete = forger.request("$JS.API.STREAM.DELETE.pgws-audit", "".into());
+    let deleted = tokio::time::timeout(Duration::from_secs(3), delete).await;
+    assert!(
+        !matches!(deleted, Ok(Ok(_))),
+        "the gateway's credentials reached the JetStream API"
+    );
+    ws.send_text("after the attempts").await?;
+    assert_eq!(ws.next_json(T).await?["payload"], "after the attempts");
+    let is_recorded = eventually(Duration::from_secs(30), || async {
+        recorded(&db.uri, "chat", "after the attempts").await == 1
+    })
+    .await;
+    assert!(is_recorded, "the audit stream stopped recording");
+    for sub in [&mut snoop, &mut all] {
+        let seen = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+        assert!(
+            seen.is_err(),
+            "the gateway's credentials read another inbox"
+        );
+    }
+
+    // Nobody connects without a user, or with a wrong password.
+    let anonymous = ConnectOptions::new().connect(nats.url()).await;
+    assert!(anonymous.is_err(), "an anonymous client connected");
+    let wrong = ConnectOptions::with_user_and_password("gateway".into(), "guess".into())
+        .connect(nats.url())
+        .await;
+    assert!(wrong.is_err(), "a wrong password was accepted");
+    Ok(())
+}
