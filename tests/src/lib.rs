@@ -13,7 +13,7 @@ mod ws;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-pub use nats::{NatsSite, PrivateNats};
+pub use nats::{NatsCluster, NatsSite, PrivateNats};
 pub use pg::{PrivatePg, TempDb};
 pub use process::{Service, ServiceKind};
 use serde_json::Value;

@@ -1,6 +1,6 @@
-//! A private NATS server for tests that restart or configure it: `nats-server -js` on free
-//! ports with its store in a temporary directory; a restart keeps the ports and the store.
-//! Killed on drop.
+//! Private NATS servers for tests that restart them, configure them or need a cluster:
+//! `nats-server -js` on free ports with its store in a temporary directory; a restart keeps the
+//! ports and the store. Killed on drop.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -177,5 +177,97 @@ impl Drop for PrivateNats {
     fn drop(&mut self) {
         drop(self.kill());
         drop(std::fs::remove_dir_all(&self.dir));
+    }
+}
+/// Private servers routed to each other as one cluster, JetStream on each (clustered
+/// JetStream: streams may have replicas on several nodes).
+pub struct NatsCluster {
+    /// The nodes, named `n0`, `n1`, ... (`server_name`).
+    pub nodes: Vec<PrivateNats>,
+}
+
+impl NatsCluster {
+    /// Starts `n` routed nodes and waits until JetStream has a meta leader.
+    pub async fn start(n: usize) -> anyhow::Result<Self> {
+        let name = crate::unique("pgws-");
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for (i, own) in routes.iter().enumerate() {
+            let others: Vec<String> = routes
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            let args = vec![
+                "--server_name".to_owned(),
+                format!("n{i}"),
+                "--cluster_name".to_owned(),
+                name.clone(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{own}"),
+                "--routes".to_owned(),
+                others.join(","),
+            ];
+            nodes.push(PrivateNats::prepare(args, &[])?);
+        }
+        for node in &mut nodes {
+            node.restart().await?;
+        }
+        let cluster = Self { nodes };
+        let led = crate::eventually(Duration::from_secs(30), || async {
+            cluster.meta_leader().await.is_some()
+        })
+        .await;
+        anyhow::ensure!(led, "the cluster elected no JetStream meta leader");
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma separated (as `PGWS_NATS_URL` takes them).
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(PrivateNats::url).collect();
+        urls.join(",")
+    }
+
+    /// The index of a node by its server name (`n2` -> 2).
+    pub fn index_of(&self, server_name: &str) -> Option<usize> {
+        let i: usize = server_name.strip_prefix('n')?.parse().ok()?;
+        (i < self.nodes.len()).then_some(i)
+    }
+
+    /// The node leading JetStream's meta group, as a running node reports it.
+    pub async fn meta_leader(&self) -> Option<usize> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            if let Ok(jsz) = node.monitor("/jsz").await {
+                if let Some(leader) = jsz["meta_cluster"]["leader"].as_str() {
+                    return self.index_of(leader);
+                }
+            }
+        }
+        None
+    }
+
+    /// The node leading `stream`, as a running node reports it.
+    pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let Ok(jsz) = node.monitor("/jsz?accounts=true&streams=true").await else {
+                continue;
+            };
+            let accounts = jsz["account_details"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for account in accounts {
+                let streams = account["stream_detail"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for s in streams.iter().filter(|s| s["name"] == stream) {
+                    if let Some(leader) = s["cluster"]["leader"].as_str() {
+                        return self.index_of(leader);
+                    }
+                }
+            }
+        }
+        None
     }
 }

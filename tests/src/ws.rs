@@ -151,7 +151,7 @@ fn http_name(name: &str) -> anyhow::Result<tokio_tungstenite::tungstenite::http:
     Ok(name.parse()?)
 }
 
-/// `GET path` over HTTP/1.1; returns status and body.
+/// `GET path` over HTTP/1.1; returns status and body (a chunked body decoded).
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -164,9 +164,43 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no status line")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Ok((status, body))
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").context("truncated chunk size")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).context("truncated chunk")?);
+        body = rest
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .context("a chunk without its line end")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        let body = "4\r\n{\"a\"\r\n5\r\n: 1}\n\r\n0\r\n\r\n";
+        assert_eq!(super::dechunk(body).ok().as_deref(), Some("{\"a\": 1}\n"));
+        assert!(super::dechunk("5\r\nab").is_err());
+    }
 }
