@@ -7,6 +7,7 @@ mod auth;
 mod browser;
 mod bus;
 mod chat;
+mod cluster;
 mod config;
 mod deploy;
 mod direct;
