@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use async_nats::ConnectOptions;
 use futures::StreamExt;
-use pgws_tests::{eventually, NatsSite, PrivateNats, Service, ServiceKind, Stack, TempDb};
-use serde_json::json;
+use pgws_tests::{
+    eventually, token, NatsSite, PrivateNats, Service, ServiceKind, Stack, TempDb, WsClient,
+};
+use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -56,6 +58,13 @@ async fn client_as(
             .connect(nats.url())
             .await?,
     )
+}
+
+/// A `/live` request on `ws` and its reply.
+async fn live_call(ws: &mut WsClient, method: &str, attributes: Value) -> anyhow::Result<Value> {
+    let request = json!({"id": method, "method": method, "attributes": attributes});
+    ws.send_text(&request.to_string()).await?;
+    ws.next_json(T).await
 }
 
 /// Rows of `pgws_audit.messages` with this channel and payload.
@@ -123,6 +132,22 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         "the message was not recorded:\n{}",
         recorder.log()
     );
+
+    // A `/live` custom topic: created through a bridge, a message reaches its subscriber.
+    let jwt = token(&json!({"sub": "ann", "role": "web_user"}));
+    let url = format!("{}/live?token={jwt}", stack.ws_url(0));
+    let (mut reader, mut writer) = (
+        WsClient::connect(&url).await?,
+        WsClient::connect(&url).await?,
+    );
+    let create = live_call(&mut reader, "create-topic", json!({"name": "room"})).await?;
+    let subscribe = live_call(&mut reader, "subscribe", json!({"topicName": "room"})).await?;
+    let message = json!({"topicName": "room", "message": "hi"});
+    let sent = live_call(&mut writer, "new-message", message).await?;
+    for reply in [create, subscribe, sent] {
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    assert_eq!(reader.next_json(T).await?["data"], "hi");
 
     // Whoever holds the gateway's credentials cannot publish a delivery or a gap marker: the
     // socket sees only what the database notified.
