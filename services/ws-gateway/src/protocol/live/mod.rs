@@ -11,7 +11,8 @@
 //! every authenticated socket. A message reaches the subscribers on every gateway through the
 //! NATS subject of the topic's incarnation; the sender gets it only if it subscribed too.
 //!
-//! Requests that need a bridge are answered in order, each within [`ANSWER_WAIT`]; bounds:
+//! Requests that need a bridge are answered in order, each within [`ANSWER_WAIT`] (the
+//! topics of one `subscribe` are looked up at once); bounds:
 //! [`MAX_SUBSCRIPTIONS`] topics per socket, [`request::MAX_TOPICS_PER_REQUEST`] per request.
 
 pub(crate) mod request;
@@ -159,27 +160,48 @@ impl Live {
         );
         Action::Await(
             async move {
+                // The topics are looked up at once; the replies keep the request's order.
+                let lookups = topics.iter().map(|name| {
+                    let known = lock(&state).subscribed.contains_key(name);
+                    let (gw, who) = (&gw, &who);
+                    async move {
+                        if known {
+                            None
+                        } else {
+                            Some(find_open(gw, who, name).await)
+                        }
+                    }
+                });
+                let found = futures::future::join_all(lookups).await;
                 let mut actions = Vec::with_capacity(topics.len() * 2);
-                for name in topics {
-                    let already = lock(&state).subscribed.contains_key(&name);
-                    if already {
+                for (name, found) in topics.into_iter().zip(found) {
+                    let topic = match found {
+                        None => {
+                            actions.push(reply(request.ok(json!({"topic": name}))));
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            actions.push(failed(&request, e));
+                            continue;
+                        }
+                        Some(Ok(topic)) => topic,
+                    };
+                    let mut s = lock(&state);
+                    if s.subscribed.contains_key(&name) {
+                        // Named twice in the request.
                         actions.push(reply(request.ok(json!({"topic": name}))));
                         continue;
                     }
-                    if lock(&state).subscribed.len() >= MAX_SUBSCRIPTIONS {
+                    if s.subscribed.len() >= MAX_SUBSCRIPTIONS {
                         let error = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per socket");
                         actions.push(failed(&request, error));
                         continue;
                     }
-                    match find_open(&gw, &who, &name).await {
-                        Ok(topic) => {
-                            let subject = gw.config.nats.subjects.live(&name, topic.incarnation);
-                            lock(&state).subscribed.insert(name.clone(), topic);
-                            actions.push(Action::Join(subject));
-                            actions.push(reply(request.ok(json!({"topic": name}))));
-                        }
-                        Err(e) => actions.push(failed(&request, e)),
-                    }
+                    let subject = gw.config.nats.subjects.live(&name, topic.incarnation);
+                    s.subscribed.insert(name.clone(), topic);
+                    drop(s);
+                    actions.push(Action::Join(subject));
+                    actions.push(reply(request.ok(json!({"topic": name}))));
                 }
                 Action::Many(actions)
             }
