@@ -13,9 +13,7 @@
 
 use axum::http::StatusCode;
 use pgws_auth::Verified;
-use pgws_proto::{
-    valid_channel, Envelope, Notification, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL, WEBSOCKET_MESSAGE,
-};
+use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
 use serde_json::{Map, Value};
 
 use super::pgws::unix_now;
@@ -85,19 +83,13 @@ pub(crate) struct Direct {
     writes: bool,
 }
 
-/// What the core needs for a socket on the direct channel `channel`.
+/// What the core needs for a socket on the direct channel `channel` (a valid channel name:
+/// [`super::channel_grant`] checked it).
 pub(crate) fn admission(
     gw: &Gateway,
     verified: Verified,
     channel: String,
 ) -> Result<Admission, Refusal> {
-    if !valid_channel(&channel) {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_channel",
-            format!("Error: a channel name is 1 to {MAX_PG_CHANNEL} bytes without NUL"),
-        ));
-    }
     let config = &gw.config;
     let reserved = [
         Some(config.listen_channel.as_str()),

@@ -1,11 +1,12 @@
 //! Protocol modules: what differs between the protocols the gateway speaks.
 //!
-//! The router ([`admit`]) sends each upgrade to a module by its path; the module parses the
-//! URL, authorises (a JWT at once, an API key through a bridge), and says what the socket
-//! reads ([`Admission`]). Then the socket core (`socket`, `session`, `hub`, `uplink`) runs it
-//! the same way for every protocol: burst writes, pings, the slow-consumer and back-pressure
-//! policies, expiry, shutdown, metrics and traces. While the socket runs, the module only turns
-//! client frames into [`Action`]s.
+//! The router ([`admit`]) reads what a handshake asks for ([`request`], a pure function of the
+//! URL and headers), decides a channel socket's protocol and channels ([`channel_grant`],
+//! pure too) and hands the handshake to its module, which authorises (a JWT at once, an API
+//! key through a bridge) and says what the socket reads ([`Admission`]). Then the socket core
+//! (`socket`, `session`, `hub`, `uplink`) runs it the same way for every protocol: burst
+//! writes, pings, the slow-consumer and back-pressure policies, expiry, shutdown, metrics and
+//! traces. While the socket runs, the module only turns client frames into [`Action`]s.
 //!
 //! - [`pgws`]: postgres-websockets, the default (`/<channel>/<jwt>`, `/<jwt>`, ...).
 //! - [`direct`]: postgrest-ws direct channels, on the same URLs, for the channels of
@@ -15,7 +16,7 @@
 //! - [`live`]: Daptin's `/live` (JSON requests, custom topics), at exactly `/live` (a
 //!   postgres-websockets socket on a channel named `live` uses `/live/<jwt>`).
 //!
-//! A new protocol is a new module here and a line in [`admit`].
+//! A new protocol is a new module here, and a line in [`request`] and in [`admit`].
 
 pub(crate) mod direct;
 pub(crate) mod live;
@@ -26,18 +27,18 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use pgws_auth::Rejection;
-use pgws_proto::{valid_channel, MAX_PG_CHANNEL};
+use pgws_auth::{Authorizer, Grant, Rejection, Verified};
+use pgws_proto::{valid_channel, Topic, MAX_PG_CHANNEL};
 use pgws_service::telemetry::{self, TARGET as TRACE};
 
 use crate::handshake::{credentials, Credentials};
 use crate::presence::Registration;
 use crate::session::Accepted;
 use crate::uplink::Pending;
-use crate::Gateway;
+use crate::{DirectChannels, Gateway};
 
 /// A data frame from the client.
 pub(crate) enum Frame {
@@ -150,26 +151,66 @@ impl Refusal {
     }
 }
 
+/// What a handshake asks for, read from its URL and headers alone (before any token,
+/// key or bridge is consulted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// `/ws/pub/<apikey>/<domain>/<topic>`: the key percent-decoded, at most
+    /// [`pgws_proto::MAX_APIKEY`] bytes.
+    Publish { apikey: String, topic: Topic },
+    /// `/ws/sub/<domain>/<topic>`.
+    Subscribe(Topic),
+    /// `/live`: Daptin's protocol, authorised by a token.
+    Live(Credentials),
+    /// Any other path: a socket on channels, authorised by a token.
+    Channels(Credentials),
+}
+
+/// Reads what a handshake for `path` and `query` with `headers` asks for; refuses a
+/// malformed wspubsub path.
+pub(crate) fn request(
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Request, Refusal> {
+    if let Some(rest) = path.strip_prefix("/ws/pub/") {
+        let (apikey, topic) = pubsub::publisher_path(rest)?;
+        return Ok(Request::Publish { apikey, topic });
+    }
+    if let Some(rest) = path.strip_prefix("/ws/sub/") {
+        return pubsub::subscriber_path(rest).map(Request::Subscribe);
+    }
+    let creds = credentials(path, query, headers);
+    if path == "/live" || path == "/live/" {
+        return Ok(Request::Live(creds));
+    }
+    Ok(Request::Channels(creds))
+}
+
 /// The router: authorises the handshake of `parts` with the module its path belongs to and
 /// registers the socket.
 pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, Refusal> {
-    let path = parts.uri.path();
-    if let Some(rest) = path.strip_prefix("/ws/pub/") {
-        return pubsub::publisher(gw, rest).await;
-    }
-    if let Some(rest) = path.strip_prefix("/ws/sub/") {
-        return pubsub::subscriber(gw, rest).await;
-    }
-    let creds = credentials(path, parts.uri.query(), &parts.headers);
+    let admission = match request(parts.uri.path(), parts.uri.query(), &parts.headers)? {
+        Request::Publish { apikey, topic } => return pubsub::publisher(gw, &apikey, topic).await,
+        Request::Subscribe(topic) => return pubsub::subscriber(gw, topic).await,
+        Request::Live(creds) => {
+            settle(gw, &creds).await;
+            live::admission(gw, &creds)?
+        }
+        Request::Channels(creds) => {
+            settle(gw, &creds).await;
+            channel_socket(gw, &creds)?
+        }
+    };
+    Ok(gw.accept(admission).await)
+}
+
+/// With keys from a JWKS URL, a token naming a key id not fetched yet waits (briefly) for a
+/// refresh that may bring it.
+async fn settle(gw: &Gateway, creds: &Credentials) {
     if let (Some(jwks), Some(token)) = (&gw.jwks, creds.token.as_deref()) {
         jwks.settle(&gw.config.authorizer, token).await;
     }
-    if path == "/live" || path == "/live/" {
-        let admission = live::admission(gw, &creds)?;
-        return Ok(gw.accept(admission).await);
-    }
-    let admission = channel_socket(gw, &creds)?;
-    Ok(gw.accept(admission).await)
 }
 
 /// The subprotocol to answer for a handshake at `parts` (a token offered there).
@@ -177,10 +218,26 @@ pub(crate) fn selected_protocol(parts: &Parts) -> Option<String> {
     credentials(parts.uri.path(), parts.uri.query(), &parts.headers).protocol
 }
 
-/// A socket on channels: postgres-websockets, or direct when its channel is one of
-/// `PGWS_DIRECT_CHANNELS`. As in postgrest-ws, a `channel` claim naming a direct channel wins
-/// over the path; otherwise the postgres-websockets rules pick the socket's channels.
-fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusal> {
+/// Which protocol serves a socket on channels, and on which channels.
+#[derive(Debug)]
+pub(crate) enum ChannelGrant {
+    /// postgres-websockets, on the grant's channels (each valid, none direct).
+    Pgws(Grant),
+    /// A postgrest-ws direct channel (valid, one of `PGWS_DIRECT_CHANNELS`).
+    Direct(Verified, String),
+}
+
+/// The decision of a channel socket's handshake, without side effects: the token verified at
+/// `now` (unix seconds), then the channel. As in postgrest-ws, a `channel` claim naming a
+/// direct channel wins over the path; otherwise the postgres-websockets rules pick the
+/// socket's channels, and a direct channel among them must be the only one. Every channel
+/// returned is a valid PostgreSQL channel name.
+pub(crate) fn channel_grant(
+    authorizer: &Authorizer,
+    direct: &DirectChannels,
+    creds: &Credentials,
+    now: u64,
+) -> Result<ChannelGrant, Refusal> {
     let Some(token) = creds.token.as_deref() else {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -188,15 +245,15 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
             "Error: missing token",
         ));
     };
-    let verified = gw
-        .config
-        .authorizer
-        .verify(token, unix_secs())
+    let verified = authorizer
+        .verify(token, now)
         .map_err(|r| Refusal::token(&r))?;
-    let direct = &gw.config.direct;
     if let Some(channel) = verified.channel_claim().filter(|c| direct.contains(c)) {
         let channel = channel.to_owned();
-        return direct::admission(gw, verified, channel);
+        if !valid_channel(&channel) {
+            return Err(invalid_channel());
+        }
+        return Ok(ChannelGrant::Direct(verified, channel));
     }
     let grant = verified
         .grant(creds.channel.as_deref())
@@ -204,29 +261,43 @@ fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusa
     // A channel is a PostgreSQL identifier; bounding it also bounds every subject built
     // from it (NATS refuses long control lines, and would drop this gateway's connection).
     if grant.channels.iter().any(|c| !valid_channel(c)) {
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_channel",
-            format!("Error: a channel name is 1 to {MAX_PG_CHANNEL} bytes without NUL"),
-        ));
+        return Err(invalid_channel());
     }
     if !grant.channels.iter().any(|c| direct.contains(c)) {
-        return Ok(pgws::admission(gw, grant));
+        return Ok(ChannelGrant::Pgws(grant));
     }
     match <[String; 1]>::try_from(grant.channels) {
         Ok([channel]) => {
-            let verified = pgws_auth::Verified {
+            let verified = Verified {
                 mode: grant.mode,
                 claims: grant.claims,
                 expires_at: grant.expires_at,
             };
-            direct::admission(gw, verified, channel)
+            Ok(ChannelGrant::Direct(verified, channel))
         }
         Err(_) => Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "mixed_channels",
             "Error: a direct channel cannot share a socket with other channels",
         )),
+    }
+}
+
+fn invalid_channel() -> Refusal {
+    Refusal::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_channel",
+        format!("Error: a channel name is 1 to {MAX_PG_CHANNEL} bytes without NUL"),
+    )
+}
+
+/// A socket on channels: postgres-websockets, or direct when its channel is one of
+/// `PGWS_DIRECT_CHANNELS`.
+fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusal> {
+    let config = &gw.config;
+    match channel_grant(&config.authorizer, &config.direct, creds, unix_secs())? {
+        ChannelGrant::Pgws(grant) => Ok(pgws::admission(gw, grant)),
+        ChannelGrant::Direct(verified, channel) => direct::admission(gw, verified, channel),
     }
 }
 
@@ -252,4 +323,42 @@ pub(crate) fn unix_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(domain: &str, topic: &str) -> Topic {
+        Topic {
+            domain: domain.to_owned(),
+            topic: topic.to_owned(),
+        }
+    }
+
+    #[test]
+    fn paths_route_to_their_protocol() {
+        let none = HeaderMap::new();
+        let publish = Request::Publish {
+            apikey: "k 1".to_owned(),
+            topic: topic("d", "t"),
+        };
+        assert_eq!(
+            request("/ws/pub/k%201/d/t", None, &none).ok(),
+            Some(publish)
+        );
+        assert_eq!(
+            request("/ws/sub/d/t", None, &none).ok(),
+            Some(Request::Subscribe(topic("d", "t")))
+        );
+        let Ok(Request::Channels(creds)) = request("/chat/a.b.c", Some("x=1"), &none) else {
+            panic!("a channel socket");
+        };
+        assert_eq!(
+            (creds.channel.as_deref(), creds.token.as_deref()),
+            (Some("chat"), Some("a.b.c"))
+        );
+        let refused = request("/ws/pub/k/d", None, &none).expect_err("two segments");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    }
 }

@@ -70,13 +70,30 @@ impl Protocol for Subscriber {
     }
 }
 
-/// `/ws/pub/<apikey>/<domain>/<topic>` (`rest` is what follows `/ws/pub/`).
-pub(crate) async fn publisher(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted, Refusal> {
+/// Reads `/ws/pub/<apikey>/<domain>/<topic>` (`rest` is what follows `/ws/pub/`): the
+/// percent-decoded key and the topic.
+pub(crate) fn publisher_path(rest: &str) -> Result<(String, Topic), Refusal> {
     let [apikey, domain, topic] = segments(rest)?;
     if apikey.is_empty() || apikey.len() > MAX_APIKEY {
         return Err(forbidden());
     }
     let topic = topic_of(domain, topic)?;
+    Ok((decode(apikey), topic))
+}
+
+/// Reads `/ws/sub/<domain>/<topic>` (`rest` is what follows `/ws/sub/`).
+pub(crate) fn subscriber_path(rest: &str) -> Result<Topic, Refusal> {
+    let [domain, topic] = segments(rest)?;
+    topic_of(domain, topic)
+}
+
+/// A publisher with `apikey` for `topic`: the key checked by a bridge, the topic claimed from
+/// the leader's registry.
+pub(crate) async fn publisher(
+    gw: &Arc<Gateway>,
+    apikey: &str,
+    topic: Topic,
+) -> Result<Accepted, Refusal> {
     check_key(gw, apikey, &topic.domain).await?;
     let op = RegistryOp::Claim {
         topic: topic.clone(),
@@ -109,10 +126,8 @@ pub(crate) async fn publisher(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted,
         .await)
 }
 
-/// `/ws/sub/<domain>/<topic>` (`rest` is what follows `/ws/sub/`).
-pub(crate) async fn subscriber(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted, Refusal> {
-    let [domain, topic] = segments(rest)?;
-    let topic = topic_of(domain, topic)?;
+/// A subscriber of `topic`, kept when the leader's registry knows the topic.
+pub(crate) async fn subscriber(gw: &Arc<Gateway>, topic: Topic) -> Result<Accepted, Refusal> {
     // Subscribed first, then asked: a topic closed in between closes this socket too. Only
     // a found topic is registered (the leader takes a registered topic it does not know for
     // one whose close was missed).
@@ -147,7 +162,7 @@ pub(crate) async fn subscriber(gw: &Arc<Gateway>, rest: &str) -> Result<Accepted
     }
 }
 
-/// Exactly `N` non-empty, percent-decoded path segments.
+/// Exactly `N` path segments, as written (the callers bound and decode them).
 fn segments<const N: usize>(rest: &str) -> Result<[&str; N], Refusal> {
     let parts: Vec<&str> = rest.split('/').collect();
     let parts: [&str; N] = parts.try_into().map_err(|_| {
@@ -197,7 +212,7 @@ fn unavailable(why: &str) -> Refusal {
 /// Asks a bridge whether `apikey` may publish in `domain`.
 async fn check_key(gw: &Gateway, apikey: &str, domain: &str) -> Result<(), Refusal> {
     let check = KeyCheck {
-        apikey: decode(apikey),
+        apikey: apikey.to_owned(),
         domain: domain.to_owned(),
     };
     let body = serde_json::to_vec(&check).map_err(|e| unavailable(&e.to_string()))?;
