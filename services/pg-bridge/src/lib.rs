@@ -28,6 +28,8 @@ mod bus;
 mod config;
 mod db;
 mod dedup;
+#[doc(hidden)]
+pub mod fuzzing;
 mod keys;
 mod leader;
 mod listener;

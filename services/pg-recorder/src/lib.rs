@@ -22,13 +22,16 @@
 //! dispatcher mode the ledger keeps rows for twice `PGWS_AUDIT_MAX_AGE` (no record can be
 //! redelivered later than that).
 //!
-//! Code map: `config`; `record` (parse or dead-letter); `schema` (migrations, partitions,
-//! retention); `store` (the batch transaction, dispatcher SQL, error classes); `consumer` (the
-//! pull and writer stages, retries); `metrics`. Tests use the real PostgreSQL and NATS, a
-//! database and a NATS prefix per test (`test_support`).
+//! Code map: `config`; `record` (parse or dead-letter; `fuzzing`, hidden, is the fuzz
+//! targets' door to it); `schema` (migrations, partitions, retention); `store` (the batch
+//! transaction, dispatcher SQL, error classes); `consumer` (the pull and writer stages,
+//! retries); `metrics`. Tests use the real PostgreSQL and NATS, a database and a NATS prefix
+//! per test (`test_support`).
 
 mod config;
 mod consumer;
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod record;
 mod schema;

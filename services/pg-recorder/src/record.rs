@@ -207,7 +207,7 @@ pub(crate) fn parse(
 
 /// The common case, without building a JSON tree: a well-formed envelope with no escaped NUL
 /// anywhere. `None` sends the message to [`checked_parse`], which says what is wrong with it.
-fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record> {
+pub(crate) fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record> {
     let hdrs = hdrs?;
     let id = hdrs.get(headers::MSG_ID)?.as_str();
     let notify_channel = hdrs.get(headers::NOTIFY_CHANNEL).map_or("", |v| v.as_str());
@@ -244,7 +244,7 @@ fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record> {
 }
 
 /// Parses one message with every check, saying why it is malformed.
-fn checked_parse(
+pub(crate) fn checked_parse(
     stream: &str,
     seq: u64,
     data: &[u8],

@@ -13,9 +13,12 @@
 //! accepted socket; `socket` runs one websocket; `hub` holds subscriptions and fans out;
 //! `uplink` sends client messages to the bridges; `presence` keeps the leader bridge informed
 //! (direct channels, topics); `limits` bounds what one client may take; `jwks` keeps the keys
-//! of a JWKS URL fresh; `metrics` counts.
+//! of a JWKS URL fresh; `metrics` counts; `fuzzing` (hidden) is the fuzz targets' door to the
+//! handshake.
 
 mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod hub;
 mod jwks;

@@ -25,8 +25,9 @@ use axum::extract::ws::Message;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::FutureExt as _;
+use pgws_auth::Authorizer;
 use pgws_proto::{LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, MAX_TOPICS_PER_OWNER};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use self::request::{event, Bad, Method, Request};
 use super::{unix_secs, Action, Admission, Frame, Protocol, Refusal};
@@ -63,8 +64,13 @@ struct Live {
     state: Arc<Mutex<State>>,
 }
 
-/// Admits a `/live` socket.
-pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admission, Refusal> {
+/// The token of a `/live` handshake verified at `now` (unix seconds), without side effects:
+/// its claims and expiry.
+pub(crate) fn verify(
+    authorizer: &Authorizer,
+    creds: &Credentials,
+    now: u64,
+) -> Result<(Map<String, Value>, Option<u64>), Refusal> {
     let Some(token) = creds.token.as_deref().filter(|t| !t.is_empty()) else {
         return Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
@@ -72,14 +78,15 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
             "Error: missing token",
         ));
     };
-    let (claims, expires_at) = gw
-        .config
-        .authorizer
-        .verify_claims(token, unix_secs())
-        .map_err(|r| Refusal {
-            status: StatusCode::UNAUTHORIZED,
-            ..Refusal::token(&r)
-        })?;
+    authorizer.verify_claims(token, now).map_err(|r| Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        ..Refusal::token(&r)
+    })
+}
+
+/// Admits a `/live` socket.
+pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admission, Refusal> {
+    let (claims, expires_at) = verify(&gw.config.authorizer, creds, unix_secs())?;
     let text = |key: &str| claims.get(key).and_then(Value::as_str).map(str::to_owned);
     let role = text("role");
     let who = Identity {
