@@ -3,7 +3,9 @@
 //! A PostgreSQL channel (or a postgres-websockets channel, which is any string) cannot be used
 //! as a NATS subject token as is: `.`, `*`, `>` and whitespace have meaning there. The mapping
 //! keeps `[A-Za-z0-9-]` and writes every other byte as `_XX` (upper-case hex), so it is
-//! reversible for any string, and the empty string becomes a lone `_`.
+//! reversible for any string, and the empty string becomes a lone `_`. Decoding accepts only
+//! what encoding writes: each channel has one token and each token one channel, so two
+//! subjects never stand for the same channel.
 
 use std::fmt;
 
@@ -190,6 +192,10 @@ pub enum TokenError {
     /// The decoded bytes are not UTF-8.
     #[error("channel token does not decode to UTF-8")]
     Utf8,
+    /// Not the spelling the encoder writes: an empty token, or an escape of a byte that is
+    /// written as itself (`_41` for `A`).
+    #[error("channel token is not in its encoded form")]
+    NotEncoded,
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -212,10 +218,12 @@ pub fn encode_channel(channel: &str) -> String {
     out
 }
 
-/// The inverse of [`encode_channel`].
+/// The inverse of [`encode_channel`]: `Ok` only for a token it writes.
 pub fn decode_channel(token: &str) -> Result<String, TokenError> {
-    if token == "_" {
-        return Ok(String::new());
+    match token {
+        "_" => return Ok(String::new()),
+        "" => return Err(TokenError::NotEncoded),
+        _ => {}
     }
     let bytes = token.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -228,10 +236,14 @@ pub fn decode_channel(token: &str) -> Result<String, TokenError> {
         } else if b == b'_' {
             let hi = bytes.get(i + 1).and_then(|&c| hex_val(c));
             let lo = bytes.get(i + 2).and_then(|&c| hex_val(c));
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+            let byte = match (hi, lo) {
+                (Some(hi), Some(lo)) => hi << 4 | lo,
                 _ => return Err(TokenError::Escape),
+            };
+            if byte.is_ascii_alphanumeric() || byte == b'-' {
+                return Err(TokenError::NotEncoded);
             }
+            out.push(byte);
             i += 3;
         } else {
             return Err(TokenError::Byte(b));
@@ -292,6 +304,22 @@ mod tests {
         assert_eq!(decode_channel("_FF"), Err(TokenError::Utf8));
     }
 
+    /// Found by fuzzing (`fuzz/fuzz_targets/subject_token.rs`): the empty token and escapes
+    /// of bytes the encoder keeps decoded too, so that `pgws.deliver._63hat` read as the
+    /// delivery subject of `chat`.
+    #[test]
+    fn a_token_decodes_only_in_its_encoded_form() {
+        for other_spelling in ["", "_63hat", "a_2D", "_30", "_5a"] {
+            assert!(
+                decode_channel(other_spelling).is_err(),
+                "{other_spelling:?}"
+            );
+        }
+        assert_eq!(decode_channel("_").as_deref(), Ok(""));
+        assert_eq!(decode_channel("_5F_2E").as_deref(), Ok("_."));
+        assert_eq!(subjects().channel_of_deliver("pgws.deliver._63hat"), None);
+    }
+
     #[test]
     fn prefixes_are_validated() {
         assert!(Prefix::new("pgws").is_ok());
@@ -322,6 +350,13 @@ mod tests {
         #[test]
         fn postgres_identifiers_round_trip(channel in "[\\PC]{1,63}") {
             prop_assert_eq!(decode_channel(&encode_channel(&channel)), Ok(channel));
+        }
+
+        #[test]
+        fn a_decoded_token_encodes_back_to_itself(token in "([A-Za-z0-9_-]|_[0-9A-F]{2}){0,8}") {
+            if let Ok(channel) = decode_channel(&token) {
+                prop_assert_eq!(encode_channel(&channel), token);
+            }
         }
 
         #[test]
