@@ -5,7 +5,8 @@
 //! `{"event":"WebsocketMessage","channel":"chat","payload":"...","claims":{...,"message_delivered_at":1602719440.72}}`.
 //! Notifications coming back are routed by their `channel` field.
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 /// The event name of a message sent by a socket.
@@ -43,12 +44,29 @@ pub struct Envelope<'a> {
     pub claims: ClaimsWithTime<'a>,
 }
 
-/// The claims of the socket's token with `message_delivered_at` (unix seconds) added.
-#[derive(Debug, Serialize)]
+/// The claims of the socket's token with `message_delivered_at` (unix seconds) set: added,
+/// or replacing a claim of that name (as postgres-websockets does), so the member appears
+/// once and always holds the gateway's time.
+#[derive(Debug)]
 pub struct ClaimsWithTime<'a> {
-    #[serde(flatten)]
     claims: &'a Map<String, Value>,
     message_delivered_at: f64,
+}
+
+/// The claim the gateway sets in every envelope.
+const DELIVERED_AT: &str = "message_delivered_at";
+
+impl Serialize for ClaimsWithTime<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in self.claims {
+            if name != DELIVERED_AT {
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.serialize_entry(DELIVERED_AT, &self.message_delivered_at)?;
+        map.end()
+    }
 }
 
 /// Why a notification payload could not be routed.
@@ -121,6 +139,20 @@ mod tests {
             r#"{"event":"WebsocketMessage","channel":"chat","payload":"hi \"there\"","claims":{"mode":"rw","user":7,"message_delivered_at":1.5}}"#
         );
         assert_eq!(Envelope::route(&json), Ok("chat".to_owned()));
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/envelope.rs`): a token with its own
+    /// `message_delivered_at` claim made an envelope that named the member twice.
+    #[test]
+    fn the_gateway_time_replaces_a_claim_of_that_name() {
+        let mut claims = Map::new();
+        claims.insert("message_delivered_at".into(), Value::from("forged"));
+        claims.insert("mode".into(), Value::from("r"));
+        let json = Envelope::new(WEBSOCKET_MESSAGE, "c", "p", &claims, 2.5).to_json();
+        assert_eq!(
+            json,
+            r#"{"event":"WebsocketMessage","channel":"c","payload":"p","claims":{"mode":"r","message_delivered_at":2.5}}"#
+        );
     }
 
     #[test]
