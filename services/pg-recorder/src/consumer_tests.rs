@@ -178,6 +178,46 @@ async fn malformed_records_are_dead_letters_and_the_rest_of_the_batch_is_recorde
 }
 
 #[tokio::test]
+async fn escaped_surrogates_are_judged_before_the_database() {
+    let test = TestDb::create().await;
+    let mut db = database(&test);
+    let with = |claim: &str| {
+        format!(
+            r#"{{"event":"E","channel":"c","payload":"p","claims":{{"x":"{claim}","message_delivered_at":1700000000}}}}"#
+        )
+    };
+    let mut batch = Batch::default();
+    batch.push(
+        "s",
+        1,
+        with(r"a\udc00b").as_bytes(),
+        Some(&headers(Some("lone"))),
+    );
+    batch.push(
+        "s",
+        2,
+        with(r"\ud83d\ude00").as_bytes(),
+        Some(&headers(Some("pair"))),
+    );
+    let metrics = write(&mut db, &Mode::Table, &batch).await;
+    assert_eq!((metrics.rows.get(), metrics.dead_letters.get()), (1, 1));
+    let check = test.client().await;
+    // The parser's reason: the record never made PostgreSQL refuse the batch.
+    let reason: String = check
+        .query_one("SELECT reason FROM pgws_audit.dead_letters", &[])
+        .await
+        .expect("dead letter")
+        .get(0);
+    assert_eq!(reason, "not a JSON object");
+    let x: String = check
+        .query_one("SELECT claims->>'x' FROM pgws_audit.messages", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(x, "\u{1f600}");
+}
+
+#[tokio::test]
 async fn a_record_the_database_refuses_is_a_dead_letter_and_blocks_nothing() {
     let test = TestDb::create().await;
     let check = test.migrated().await;

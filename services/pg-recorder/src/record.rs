@@ -206,13 +206,14 @@ pub(crate) fn parse(
 }
 
 /// The common case, without building a JSON tree: a well-formed envelope with no escaped NUL
-/// anywhere. `None` sends the message to [`checked_parse`], which says what is wrong with it.
+/// and no escaped surrogate anywhere. `None` sends the message to [`checked_parse`], which
+/// says what is wrong with it.
 pub(crate) fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record> {
     let hdrs = hdrs?;
     let id = hdrs.get(headers::MSG_ID)?.as_str();
     let notify_channel = hdrs.get(headers::NOTIFY_CHANNEL).map_or("", |v| v.as_str());
     let text = std::str::from_utf8(data).ok()?;
-    let suspicious = |s: &str| s.contains('\0') || s.contains("\\u0000");
+    let suspicious = |s: &str| s.contains('\0') || s.contains("\\u0000") || has_surrogate_escape(s);
     if id.is_empty() || suspicious(text) || suspicious(id) || suspicious(notify_channel) {
         return None;
     }
@@ -240,6 +241,21 @@ pub(crate) fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record
         received_at,
         notify_channel: notify_channel.to_owned(),
         envelope: text.to_owned(),
+    })
+}
+
+/// Whether `text` holds an escaped UTF-16 surrogate (`\ud800` to `\udfff`). The claims are
+/// kept as raw JSON and serde_json does not check the escapes of what it skips, while
+/// PostgreSQL's `jsonb` refuses an unpaired surrogate: such a record takes the checked parse,
+/// which reads every string (a proper pair is fine there).
+fn has_surrogate_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    text.match_indices("\\u").any(|(i, _)| {
+        matches!(bytes.get(i + 2), Some(b'd' | b'D'))
+            && matches!(
+                bytes.get(i + 3),
+                Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')
+            )
     })
 }
 
@@ -464,6 +480,30 @@ mod tests {
             "Pgws-Msg-Ids lists 2 ids for 3 envelopes"
         );
         assert_eq!(batch.dead[0].part, 0);
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/recorder_record.rs`): the fast parse kept an
+    /// escaped unpaired surrogate in the claims, which PostgreSQL's `jsonb` refuses, failing
+    /// the transaction of the whole batch.
+    #[test]
+    fn escaped_unpaired_surrogates_are_malformed() {
+        let with = |claim: &str| {
+            format!(
+                r#"{{"event":"E","channel":"c","payload":"p","claims":{{"x":"{claim}","message_delivered_at":1}}}}"#
+            )
+        };
+        for lone in [r"a\udc00b", r"\ud800", r"\uD83D", r"\ud83d\u0041"] {
+            let record = with(lone);
+            let h = hdrs(Some("x"));
+            assert!(fast_parse(record.as_bytes(), Some(&h)).is_none(), "{lone}");
+            let err = parse("s", 1, record.as_bytes(), Some(&h)).expect_err(lone);
+            assert_eq!(err.reason, "not a JSON object");
+        }
+        let pair = with(r"\ud83d\ude00");
+        let r = parse("s", 1, pair.as_bytes(), Some(&hdrs(Some("x")))).expect("a pair");
+        assert_eq!(r.claims, "{\"message_delivered_at\":1,\"x\":\"\u{1f600}\"}");
+        assert!(!has_surrogate_escape(r"\ud7ff\ue000\u00d8"));
+        assert!(has_surrogate_escape(r"\uDFFF") && has_surrogate_escape(r"\udA00"));
     }
 
     #[test]
