@@ -140,6 +140,11 @@ async fn keys_topics_and_publishers_are_checked() -> anyhow::Result<()> {
     let refused =
         status(WsClient::connect(&format!("{}/ws/pub/{KEY}/{domain}", stack.ws_url(0))).await);
     assert!(refused.contains("400"), "{refused}");
+    // A NUL in the key or the domain never reaches the database (its query would fail: 503).
+    let refused = status(publisher(&stack, 0, "k%00", &domain, "t").await);
+    assert!(refused.contains("403"), "{refused}");
+    let refused = status(publisher(&stack, 0, KEY, "d%00", "t").await);
+    assert!(refused.contains("400"), "{refused}");
 
     // One publisher per topic across gateways: the second gets 409, the first keeps it.
     let mut first = publisher(&stack, 0, KEY, &domain, "t").await?;

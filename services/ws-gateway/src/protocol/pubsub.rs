@@ -71,14 +71,19 @@ impl Protocol for Subscriber {
 }
 
 /// Reads `/ws/pub/<apikey>/<domain>/<topic>` (`rest` is what follows `/ws/pub/`): the
-/// percent-decoded key and the topic.
+/// percent-decoded key and the topic. A key with a NUL is refused here: no key holds one
+/// (PostgreSQL text cannot), and the bridge's query would fail on it.
 pub(crate) fn publisher_path(rest: &str) -> Result<(String, Topic), Refusal> {
     let [apikey, domain, topic] = segments(rest)?;
     if apikey.is_empty() || apikey.len() > MAX_APIKEY {
         return Err(forbidden());
     }
     let topic = topic_of(domain, topic)?;
-    Ok((decode(apikey), topic))
+    let apikey = decode(apikey);
+    if apikey.contains('\0') {
+        return Err(forbidden());
+    }
+    Ok((apikey, topic))
 }
 
 /// Reads `/ws/sub/<domain>/<topic>` (`rest` is what follows `/ws/sub/`).
@@ -179,14 +184,18 @@ fn decode(segment: &str) -> String {
     percent_decode_str(segment).decode_utf8_lossy().into_owned()
 }
 
+/// The percent-decoded domain and topic, bounded; the domain (PostgreSQL text in the key
+/// check) without NUL.
 fn topic_of(domain: &str, topic: &str) -> Result<Topic, Refusal> {
     let (domain, topic) = (decode(domain), decode(topic));
-    if domain.is_empty() || domain.len() > MAX_DOMAIN || topic.is_empty() || topic.len() > MAX_TOPIC
-    {
+    let bad_domain = domain.is_empty() || domain.len() > MAX_DOMAIN || domain.contains('\0');
+    if bad_domain || topic.is_empty() || topic.len() > MAX_TOPIC {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             "invalid_topic",
-            format!("a domain is 1 to {MAX_DOMAIN} bytes and a topic 1 to {MAX_TOPIC} bytes"),
+            format!(
+                "a domain is 1 to {MAX_DOMAIN} bytes without NUL and a topic 1 to {MAX_TOPIC} bytes"
+            ),
         ));
     }
     Ok(Topic { domain, topic })
@@ -260,5 +269,23 @@ mod tests {
         assert!(topic_of("d", "").is_err());
         assert!(topic_of(&"d".repeat(65), "t").is_err());
         assert_eq!(topic_of("a%20b", "t").expect("valid").domain, "a b");
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/handshake.rs`): a NUL in a key or a domain
+    /// reached the bridge's key query, which PostgreSQL refused: 503 and a warning for each
+    /// such handshake instead of a refusal.
+    #[test]
+    fn keys_and_domains_hold_no_nul() {
+        let status = |r: Result<(String, Topic), Refusal>| r.map(|_| ()).map_err(|e| e.status);
+        assert_eq!(
+            status(publisher_path("k%00/d/t")),
+            Err(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            status(publisher_path("k/d%00/t")),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert!(subscriber_path("d%00/t").is_err());
+        assert_eq!(status(publisher_path("k/d/t%00")), Ok(()));
     }
 }
