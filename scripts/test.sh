@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: format and lint checks, unit and property tests, and the end-to-end tests
 # that start the real binaries against real PostgreSQL and NATS (started, or installed and
-# started, by scripts/ensure-services.sh when absent).
+# started, by scripts/ensure-services.sh when absent), then a short run of every fuzz target
+# (scripts/fuzz.sh, FUZZ_SECONDS each, 10 by default here).
 #
 # CARGO_TARGET_DIR defaults to /var/tmp/pgws-target, outside the clone, so that repeated runs
 # (and CI on a fresh clone) reuse the build.
@@ -16,6 +17,11 @@ bash scripts/browser-test-setup.sh
 bash scripts/deploy-test-setup.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz crate is outside the workspace; it is checked on stable too.
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings
 # The end-to-end tests run the binaries of this build.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
+cargo test --manifest-path fuzz/Cargo.toml --lib --locked
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh
