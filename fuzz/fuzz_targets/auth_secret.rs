@@ -1,18 +1,25 @@
-//! Parsing `PGWS_JWT_SECRET` (`pgws_auth::Authorizer::from_secret`): an HMAC secret, base64
-//! or not, a JWK or a JWKS document. Any text is refused with an error or accepted; the keys
-//! of an accepted secret then verify tokens of every algorithm without panicking.
+//! Parsing `PGWS_JWT_SECRET` (`pgws_auth::Authorizer::from_secret`: an HMAC secret, base64
+//! or not, a JWK or a JWKS document) and the documents a `PGWS_JWKS_URL` serves
+//! (`pgws_auth::KeySet::install`). Any text is refused with an error or accepted; the keys of
+//! an accepted one then verify tokens of every algorithm without panicking; a refused JWKS
+//! document leaves the keys installed before it in place.
 //!
 //! Input: one byte of flags (bit 0: `PGWS_JWT_SECRET_BASE64`; bits 1-2: the signature's
-//! length), then the secret's text, so that a JWK or JWKS file with a byte in front is a
-//! seed.
+//! length; bit 3: a JWKS URL's document instead of the secret), then the text, so that a JWK
+//! or JWKS file with a byte in front is a seed.
 
 #![no_main]
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use libfuzzer_sys::fuzz_target;
-use pgws_auth::Authorizer;
+use std::sync::Arc;
+
+use pgws_auth::{Authorizer, KeySet, MAX_JWKS_KEYS};
 use pgws_fuzz::NOW;
+
+/// The document a JWKS URL served before the fuzzed one.
+const JWKS: &str = include_str!("../../libs/pgws-auth/tests/keys/jwks.json");
 
 const ALGORITHMS: &[&str] = &[
     "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
@@ -23,9 +30,26 @@ fuzz_target!(|data: &[u8]| {
     let Some((flags, secret)) = data.split_first() else {
         return;
     };
-    let secret = String::from_utf8_lossy(secret);
-    let Ok(authorizer) = Authorizer::from_secret(&secret, flags & 1 == 1) else {
-        return;
+    let authorizer = if flags & 8 == 0 {
+        let secret = String::from_utf8_lossy(secret);
+        let Ok(authorizer) = Authorizer::from_secret(&secret, flags & 1 == 1) else {
+            return;
+        };
+        authorizer
+    } else {
+        let set = Arc::new(KeySet::new());
+        let before = set.install(JWKS.as_bytes()).expect("the test keys install");
+        match set.install(secret) {
+            Ok(n) => assert!(
+                n == set.len() && (1..=MAX_JWKS_KEYS).contains(&n),
+                "{n} keys"
+            ),
+            Err(_) => {
+                assert_eq!(set.len(), before, "a refused document changed the keys");
+                assert!(set.contains_kid("hmac-1"));
+            }
+        }
+        Authorizer::from_key_set(set)
     };
     let claims = URL_SAFE_NO_PAD.encode(br#"{"mode":"rw","channel":"chat"}"#);
     let length = [0, 64, 96, 256][usize::from(flags >> 1 & 3)];

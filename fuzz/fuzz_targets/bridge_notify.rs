@@ -1,10 +1,11 @@
 //! The bridge's NOTIFY request check (`validate`, through `pg_bridge::fuzzing`) and the
 //! transactions it cuts a batch into (`plan`): any bodies, as JSON from a gateway or any
 //! bytes. Nothing panics; an accepted request holds only notifications PostgreSQL takes
-//! (channel 1 to 63 bytes, payload at most 7999 bytes, no NUL) and reads back the same from
-//! its own JSON; a refusal that names a notification names a bad one; the plan keeps every
-//! notification once, in order, never repeats a (channel, payload) pair in a transaction,
-//! and keeps a request without a repeat of its own in one transaction.
+//! (channel 1 to 63 bytes, payload at most 7999 bytes, no NUL) and an id (its dedup key) that
+//! is not empty and has no NUL, and reads back the same from its own JSON; a refusal that
+//! names a notification names the first bad one; the plan keeps every notification once, in
+//! order, never repeats a (channel, payload) pair in a transaction, and keeps a request
+//! without a repeat of its own in one transaction.
 
 #![no_main]
 
@@ -43,6 +44,12 @@ fn body(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
         notifications.push(n);
     }
     let mut request = serde_json::json!({ "notifications": notifications });
+    if u.arbitrary()? {
+        request["id"] = serde_json::Value::from(u.arbitrary::<String>()?);
+    }
+    if u.arbitrary()? {
+        request["deadline_ms"] = pgws_fuzz::number(u)?;
+    }
     if u.ratio(1, 4)? {
         request[u.arbitrary::<String>()?] = pgws_fuzz::value(u, 1)?;
     }
@@ -74,6 +81,9 @@ fuzz_target!(|input: Input| {
         match validate_notify(body) {
             Ok(request) => {
                 assert!(request.notifications.iter().all(takes), "{request:?}");
+                if let Some(id) = &request.id {
+                    assert!(!id.is_empty() && !id.contains('\0'), "{id:?}");
+                }
                 let again = serde_json::to_vec(&request).expect("encodes");
                 assert_eq!(validate_notify(&again).as_ref(), Ok(&request));
                 accepted.push(request);

@@ -1,6 +1,6 @@
 //! The gateway's handshake (`ws_gateway::fuzzing::handshake`): request targets for every
 //! protocol (`/<channel>/<jwt>`, `/<jwt>`, `?token=`, `Authorization`,
-//! `Sec-WebSocket-Protocol`, `/ws/pub/...`, `/ws/sub/...`, and any bytes), with tokens really
+//! `Sec-WebSocket-Protocol`, `/ws/pub/...`, `/ws/sub/...`, `/live`, and any bytes), with tokens really
 //! signed with the configured key or not. Nothing panics, and what is accepted is bounded:
 //! wspubsub keys, domains and topics within their limits, keys and domains without NUL
 //! (they are PostgreSQL text in the bridge's key check), channels valid PostgreSQL names
@@ -58,7 +58,7 @@ impl<'a> Arbitrary<'a> for Input {
         };
         let channel = pgws_fuzz::channel(u)?;
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let target = match u.int_in_range(0..=8)? {
+        let target = match u.int_in_range(0..=9)? {
             // postgres-websockets: the path.
             0 => format!("/{}/{}", segment(u, &channel)?, segment(u, &token)?),
             1 => format!("/{}", segment(u, &token)?),
@@ -97,6 +97,16 @@ impl<'a> Arbitrary<'a> for Input {
                     .map(|p| segment(u, p))
                     .collect::<Result<Vec<_>>>()?;
                 format!("/ws/sub/{}", parts.join("/"))
+            }
+            // Daptin's /live, the token beside the path.
+            7 => {
+                let path = *u.choose(&["/live", "/live/", "/live/x"])?;
+                if u.arbitrary()? {
+                    format!("{path}?token={}", segment(u, &token)?)
+                } else {
+                    headers.push((b"authorization".to_vec(), format!("Bearer {token}").into()));
+                    path.to_owned()
+                }
             }
             _ => u.arbitrary()?,
         };
@@ -171,6 +181,11 @@ fuzz_target!(|input: Input| {
             topic_ok(&domain, &topic);
         }
         Handshake::Subscribe { domain, topic } => topic_ok(&domain, &topic),
+        Handshake::Live { expires_at } => {
+            if let Some(expires_at) = expires_at {
+                assert!(expires_at > input.now);
+            }
+        }
         Handshake::Channels {
             direct,
             channels,

@@ -1,8 +1,10 @@
 //! The recorder's audit record parser (`Batch::push` through `pg_recorder::fuzzing`): any
-//! body with any `Nats-Msg-Id`, `Pgws-Msg-Ids` and `Pgws-Notify-Channel` headers. Nothing
-//! panics; every envelope becomes a row or a dead letter, in order; a row is one PostgreSQL
-//! takes (no NUL in text, claims that `jsonb` accepts, a time between 1970 and 9999);
-//! a dead letter too; and the fast parse, when it answers, agrees with the checked one.
+//! body with any `Nats-Msg-Id`, `Pgws-Msg-Ids`, `Pgws-Notify-Channel` and `Pgws-Outcome`
+//! headers. Nothing panics; an outcome record becomes one failure report (ids without NUL, a
+//! reason of at most 1024 bytes) or one dead letter; every envelope becomes a row or a dead
+//! letter, in order; a row is one PostgreSQL takes (no NUL in text, claims that `jsonb`
+//! accepts, a time between 1970 and 9999); a dead letter too; and the fast parse, when it
+//! answers, agrees with the checked one.
 
 #![no_main]
 
@@ -101,6 +103,15 @@ impl<'a> Arbitrary<'a> for Input {
         if u.ratio(7, 8)? {
             hdrs.push((headers::NOTIFY_CHANNEL.to_owned(), u.arbitrary()?));
         }
+        // Now and then an outcome record (NOTIFY failures reported by a gateway).
+        if u.ratio(1, 8)? {
+            let outcome = if u.arbitrary()? {
+                headers::OUTCOME_FAILED.to_owned()
+            } else {
+                u.arbitrary()?
+            };
+            hdrs.push((headers::OUTCOME.to_owned(), outcome));
+        }
         // Other headers, named apart from the contract's (their names are case-insensitive).
         let others = u.arbitrary::<Vec<(String, String)>>()?;
         hdrs.extend(others.into_iter().map(|(n, v)| (format!("X-{n}"), v)));
@@ -145,6 +156,21 @@ fuzz_target!(|input: Input| {
         .collect();
     let pushed = push(&input.body, &hdrs);
     let first = |name: &str| hdrs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    if first(headers::OUTCOME).is_some() {
+        // One failure report or one dead letter, and no row.
+        assert!(pushed.rows.is_empty());
+        assert_eq!(pushed.failures.len() + pushed.dead.len(), 1);
+        for failure in &pushed.failures {
+            assert!(!failure.ids.is_empty());
+            assert!(failure
+                .ids
+                .iter()
+                .all(|id| !id.is_empty() && !id.contains('\0')));
+            assert!(!failure.reason.contains('\0') && failure.reason.len() <= 1024);
+        }
+        return;
+    }
+    assert!(pushed.failures.is_empty());
     let parts: Vec<&[u8]> = match first(headers::MSG_IDS) {
         None => vec![input.body.as_slice()],
         Some(ids) => {

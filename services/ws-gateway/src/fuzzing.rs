@@ -5,9 +5,9 @@
 //! bridge or of NATS: the request target and headers read as hyper hands them over, the path
 //! routed to its protocol ([`crate::protocol::request`]), and for a socket on channels the
 //! token verified and the channel rules applied ([`crate::protocol::channel_grant`]), for a
-//! `/live` socket its token verified. The
-//! answer is plain data, so the targets can check what was decided without the gateway's
-//! types being public.
+//! `/live` socket its token verified. [`live_frame`] runs `/live`'s request parser on a client
+//! frame. The answers are plain data, so the targets can check what was decided without the
+//! gateway's types being public.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use pgws_auth::Authorizer;
@@ -101,4 +101,31 @@ pub fn handshake(
         },
     };
     Some(decided)
+}
+
+/// A `/live` client frame the gateway read as a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveRequest {
+    /// The method as the client spelled it.
+    pub name: String,
+    /// The `ok:true` reply to it (with empty data).
+    pub ok_reply: String,
+    /// The `ok:false` reply to it.
+    pub error_reply: String,
+    /// Its `topicName` list, as `subscribe` and `unsubscribe` read it.
+    pub topics: Result<Vec<String>, String>,
+    /// Its one topic, as the other methods read it (`name`, else `topicName`).
+    pub topic: Result<String, String>,
+}
+
+/// What `/live` makes of a client frame: a request, or the `ok:false` reply the client gets.
+pub fn live_frame(text: &str) -> Result<LiveRequest, String> {
+    let request = live::request::parse(text).map_err(|bad| bad.reply())?;
+    Ok(LiveRequest {
+        name: request.name.clone(),
+        ok_reply: request.ok(serde_json::json!({})),
+        error_reply: request.error("refused"),
+        topics: request.topics(),
+        topic: request.topic(&["name", "topicName"]),
+    })
 }
