@@ -229,6 +229,29 @@ mod tests {
         serde_json::from_str(text).expect("JSON")
     }
 
+    /// Found by fuzzing (`fuzz/fuzz_targets/live_request.rs`): serde_json's default float
+    /// parsing may be a unit in the last place off, so a float id came back as another
+    /// number (`3.1850645326773252e-304` as `3.185064532677325e-304`) and the client could not
+    /// match the reply; the workspace now builds serde_json with `float_roundtrip`.
+    #[test]
+    fn a_float_id_comes_back_exactly() {
+        for id in [
+            "3.1850645326773252e-304",
+            "0.30000000000000004",
+            "1.7976931348623157e308",
+        ] {
+            let r = parse(&format!(r#"{{"id":{id},"method":"ping"}}"#)).expect("valid");
+            let reply = r.ok(json!({}));
+            // The number written back, read exactly (by Rust, not by serde_json).
+            let echoed = reply
+                .split(r#""id":"#)
+                .nth(1)
+                .and_then(|r| r.split(',').next());
+            let echoed = echoed.and_then(|n| n.parse::<f64>().ok());
+            assert_eq!(echoed, id.parse::<f64>().ok(), "{reply}");
+        }
+    }
+
     #[test]
     fn requests_parse_with_any_id() {
         let r = parse(r#"{"id":[1,"a"],"method":"subscribe","attributes":{"topicName":"a, b"}}"#)
