@@ -149,6 +149,18 @@ fn reply(text: String) -> Action {
     Action::Reply(Message::text(text))
 }
 
+/// An event frame for a topic's subscribers on every gateway, then the sender's reply.
+fn publish_then_reply(subject: String, frame: String, answer: String) -> Action {
+    Action::Many(vec![
+        Action::Publish {
+            subject,
+            payload: Bytes::from(frame),
+            binary: false,
+        },
+        reply(answer),
+    ])
+}
+
 /// An `ok:false` reply to `request`.
 fn failed(request: &Request, error: impl AsRef<str>) -> Action {
     reply(request.error(error.as_ref()))
@@ -248,14 +260,8 @@ impl Live {
         let source = self.who.sub.clone();
         let publish = move |request: &Request, topic: &LiveTopic| {
             let frame = event(&topic.name, "new-message", source.as_deref(), &message);
-            Action::Many(vec![
-                Action::Publish {
-                    subject: subjects.live(&topic.name, topic.incarnation),
-                    payload: Bytes::from(frame),
-                    binary: false,
-                },
-                reply(request.ok(json!({"topic": topic.name}))),
-            ])
+            let subject = subjects.live(&topic.name, topic.incarnation);
+            publish_then_reply(subject, frame, request.ok(json!({"topic": topic.name})))
         };
         let known = lock(&self.state).known.get(&name).cloned();
         if let Some(topic) = known {
@@ -342,14 +348,8 @@ impl Live {
                             // Its subscribers hear it; the name's next topic has another
                             // subject, so they hear nothing of it.
                             let frame = event(&t.name, "destroy-topic", None, &json!({}));
-                            Action::Many(vec![
-                                Action::Publish {
-                                    subject: gw.config.nats.subjects.live(&t.name, t.incarnation),
-                                    payload: Bytes::from(frame),
-                                    binary: false,
-                                },
-                                reply(request.ok(json!({"topic": t.name}))),
-                            ])
+                            let subject = gw.config.nats.subjects.live(&t.name, t.incarnation);
+                            publish_then_reply(subject, frame, request.ok(json!({"topic": t.name})))
                         }
                         (LiveOutcome::Absent, _) => failed(&request, no_topic(&name)),
                         (LiveOutcome::Forbidden, _) => failed(
