@@ -57,12 +57,40 @@ pub const FRAME_BINARY: &str = "binary";
 /// wspubsub topic whose publisher did not come back within the grace period).
 pub const CLOSE: &str = "Pgws-Close";
 
+/// On a table event: where the change lies in the database's commit order,
+/// `<commit LSN>.<index in its transaction>` (two decimal numbers). A leader that took over
+/// publishes again what its predecessor may have published; gateways drop an event whose
+/// position is not after the last one of its subject ([`change_position`]).
+pub const CHANGE: &str = "Pgws-Change";
+
+/// The [`CHANGE`] value of a change.
+pub fn change(commit_lsn: u64, index: u64) -> String {
+    format!("{commit_lsn}.{index}")
+}
+
+/// A [`CHANGE`] value read back, comparable in commit order.
+pub fn change_position(value: &str) -> Option<(u64, u64)> {
+    let (lsn, index) = value.split_once('.')?;
+    Some((lsn.parse().ok()?, index.parse().ok()?))
+}
+
 /// W3C trace context (on NOTIFY requests, deliveries and audit records) when tracing is on.
 pub const TRACEPARENT: &str = "traceparent";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_positions_compare_in_commit_order() {
+        let a = change_position(&change(10, 2)).unwrap();
+        let b = change_position(&change(10, 3)).unwrap();
+        let c = change_position(&change(11, 0)).unwrap();
+        assert!(a < b && b < c);
+        for bad in ["", "1", "1.", ".1", "x.1", "1.-1"] {
+            assert_eq!(change_position(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn listened_at_reads_back_as_an_age() {

@@ -6,8 +6,16 @@
 //! every gateway. Each creation of a name gets a new `incarnation`; a topic's messages travel
 //! on [`crate::Subjects::live`] of that incarnation, so subscribers of a destroyed topic never
 //! hear a later topic of the same name.
+//!
+//! Table topics (`PGWS_TABLE_TOPICS`) are answered by the same service: a `get` with a
+//! [`Reader`] names a table topic's permission class ([`LiveClass`]) when the reader may
+//! SELECT the table; a gateway then reads the class's subject ([`crate::Subjects::table`]) and
+//! reports the class to the leader bridge, whose change capture publishes there the events of
+//! the rows that class may see, one visibility check per class, not per socket.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
 
 /// Most custom topics one owner may have.
 pub const MAX_TOPICS_PER_OWNER: i64 = 1000;
@@ -40,10 +48,63 @@ pub enum LiveTopicOp {
         caller: Option<String>,
         admin: bool,
     },
-    /// The topic `name`.
-    Get { name: String },
-    /// The topics `caller` may see: public ones, its own, every one for an admin.
-    List { caller: Option<String>, admin: bool },
+    /// The topic `name`; with a `reader`, a table topic's class for that reader.
+    Get {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reader: Option<Reader>,
+    },
+    /// The topics `caller` may see: public ones, its own, every one for an admin; and the
+    /// table topics whose table `role` may SELECT.
+    List {
+        caller: Option<String>,
+        admin: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<String>,
+    },
+}
+
+/// Who wants to read a table topic: what PostgreSQL sees of a socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reader {
+    /// The token's `role` claim (PostgREST's convention).
+    pub role: Option<String>,
+    /// The token's whole claims, as `request.jwt.claims`.
+    pub claims: Map<String, Value>,
+    /// The role is one of `PGWS_ADMIN_ROLES`.
+    pub admin: bool,
+}
+
+/// A permission class of a table topic: the sockets PostgreSQL treats the same when they read
+/// the table, so one visibility check serves them all.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LiveClass {
+    /// The table topic.
+    pub topic: String,
+    /// The role the check runs as (`SET LOCAL ROLE`).
+    pub role: String,
+    /// The claims the table's policies can read, as compact JSON with sorted keys (the value
+    /// of `request.jwt.claims` during the check); all of them when that cannot be narrowed.
+    pub claims: String,
+    /// Sees every row, and the whole old row of a delete (admins, BYPASSRLS roles).
+    pub all: bool,
+}
+
+impl LiveClass {
+    /// The class's name in subjects: 32 hex digits of the SHA-256 of its fields (two classes
+    /// that differ in any field never share a subject).
+    pub fn key(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [&self.topic, &self.role, &self.claims] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update([u8::from(self.all)]);
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// A custom topic.
@@ -73,7 +134,8 @@ pub enum LiveOutcome {
     Exists,
     /// No such topic.
     Absent,
-    /// `destroy` by someone else than its owner or an admin.
+    /// `destroy` by someone else than its owner or an admin; a table topic the reader may
+    /// not SELECT, or one written to or destroyed (see `error`).
     Forbidden,
     /// `create` by an owner who has [`MAX_TOPICS_PER_OWNER`] topics already.
     Limit,
@@ -91,6 +153,12 @@ pub struct LiveTopicReply {
     /// `list`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<LiveTopic>,
+    /// `get` of a table topic with a reader: the reader's class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<LiveClass>,
+    /// `list`: the table topics the role may read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -102,7 +170,17 @@ impl LiveTopicReply {
             outcome,
             topic: None,
             topics: Vec::new(),
+            class: None,
+            tables: Vec::new(),
             error: None,
+        }
+    }
+
+    /// An outcome and why.
+    pub fn refused(outcome: LiveOutcome, error: impl Into<String>) -> Self {
+        Self {
+            error: Some(error.into()),
+            ..Self::outcome(outcome)
         }
     }
 
@@ -139,7 +217,10 @@ mod tests {
 
     #[test]
     fn ops_are_tagged() {
-        let op = LiveTopicOp::Get { name: "t".into() };
+        let op = LiveTopicOp::Get {
+            name: "t".into(),
+            reader: None,
+        };
         assert_eq!(
             serde_json::to_string(&op).unwrap(),
             r#"{"op":"get","name":"t"}"#
@@ -164,5 +245,42 @@ mod tests {
         assert!(!t.open_to(None, false));
         assert!(t.open_to(None, true));
         assert!(LiveTopic { public: true, ..t }.open_to(None, false));
+    }
+
+    #[test]
+    fn classes_differing_anywhere_have_other_keys() {
+        let c = LiveClass {
+            topic: "orders".into(),
+            role: "web".into(),
+            claims: r#"{"sub":"ann"}"#.into(),
+            all: false,
+        };
+        let key = c.key();
+        assert_eq!(key.len(), 32);
+        assert_eq!(key, c.clone().key());
+        // The lengths are hashed too: moving a byte from one field to the next is another class.
+        let shifted = LiveClass {
+            topic: "orders".into(),
+            role: "we".into(),
+            claims: r#"b{"sub":"ann"}"#.into(),
+            all: false,
+        };
+        for other in [
+            LiveClass {
+                all: true,
+                ..c.clone()
+            },
+            LiveClass {
+                role: "web2".into(),
+                ..c.clone()
+            },
+            LiveClass {
+                claims: r#"{"sub":"bob"}"#.into(),
+                ..c.clone()
+            },
+            shifted,
+        ] {
+            assert_ne!(other.key(), key, "{other:?}");
+        }
     }
 }

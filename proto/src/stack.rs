@@ -36,6 +36,9 @@ pub struct Presence {
     /// Topics some subscriber socket of the gateway is on.
     #[serde(default)]
     pub subscribed: Vec<Topic>,
+    /// `/live` table topic classes some socket of the gateway reads.
+    #[serde(default)]
+    pub classes: Vec<crate::LiveClass>,
 }
 
 /// A request on [`crate::Subjects::registry`], answered by the leader bridge with a

@@ -123,6 +123,17 @@ impl Subjects {
         )
     }
 
+    /// The change events of a `/live` table topic that one permission class may see, from the
+    /// leader bridge's change capture to the gateways of the class's sockets.
+    pub fn table(&self, class: &crate::LiveClass) -> String {
+        format!(
+            "{}.table.{}.{}",
+            self.prefix,
+            encode_channel(&class.topic),
+            class.key()
+        )
+    }
+
     /// Gateways publish every accepted client message envelope (and connection event) here,
     /// captured by the JetStream stream [`Subjects::audit_stream`].
     pub fn audit(&self) -> String {
