@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # ensure-services.sh: makes sure the two services the pgws stack depends on answer locally:
-#   - PostgreSQL on 127.0.0.1:5432, user postgres, trust auth (database postgres);
-#   - NATS with JetStream on 127.0.0.1:4222.
+#   - PostgreSQL on 127.0.0.1:5432, user postgres, trust auth (database postgres), with
+#     wal_level=logical (the change capture of /live table topics reads the WAL through a
+#     logical replication slot): a local cluster with another wal_level is set and restarted once;
+##   - NATS with JetStream on 127.0.0.1:4222.
 # Idempotent and quick when both already answer (two probes, no changes). Otherwise it installs
 # the missing Debian package(s) with apt-get and starts the server, then waits up to 15 s for
 # it. Runs as root as is; as another user it needs sudo for the install/start steps.
@@ -134,6 +136,42 @@ ensure_postgres() {
   fi
 }
 
+# Table topics (/live) read committed changes through a logical replication slot: the server
+# needs wal_level=logical, which only a restart applies.
+ensure_logical_wal() {
+  command -v psql >/dev/null 2>&1 || return 0
+  local uri=${PGWS_DB_URI:-$DEFAULT_DB_URI} level ver keep
+  level=$(psql -w -X -q -At -c 'show wal_level' "$uri" 2>/dev/null) || return 0
+  if [[ $uri == "$DEFAULT_DB_URI" ]]; then
+    # A slot nobody reads (no bridge running) keeps WAL: bound it, as the compose stack does.
+    keep=$(psql -w -X -q -At -c 'show max_slot_wal_keep_size' "$uri" 2>/dev/null) || true
+    if [[ $keep == -1 ]]; then
+      say "setting max_slot_wal_keep_size=2GB (a replication slot holds at most that much WAL)"
+      psql -w -X -q -c "ALTER SYSTEM SET max_slot_wal_keep_size = '2GB'" -c 'SELECT pg_reload_conf()' \
+        "$uri" >/dev/null || die "cannot set max_slot_wal_keep_size"
+    fi
+  fi
+  [[ $level == logical ]] && return 0
+  ver=$(pg_version)
+  if [[ $uri != "$DEFAULT_DB_URI" || -z $ver || ! -d /etc/postgresql/${ver}/main ]]; then
+    say "WARNING: wal_level is '$level' on $uri; /live table topics need wal_level=logical" \
+      "(ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
+    return 0
+  fi
+  say "setting wal_level=logical (was '$level') and restarting PostgreSQL cluster ${ver}/main"
+  psql -w -X -q -c 'ALTER SYSTEM SET wal_level = logical' "$uri" ||
+    die "cannot set wal_level=logical (ALTER SYSTEM needs a superuser)"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main restart ||
+    die "pg_ctlcluster $ver main restart failed"
+  local i
+  for ((i = 0; i < WAIT_SECONDS * 2; i++)); do
+    pg_ready && break
+    sleep 0.5
+  done
+  level=$(psql -w -X -q -At -c 'show wal_level' "$uri" 2>/dev/null) || true
+  [[ $level == logical ]] || die "wal_level is still '$level' after the restart"
+}
+
 # ---------------------------------------------------------------- NATS
 port_open() {
   # shellcheck disable=SC2016 # $1/$2 are expanded by the inner bash
@@ -192,4 +230,5 @@ ensure_nats() {
 }
 
 ensure_postgres
+ensure_logical_wal
 ensure_nats

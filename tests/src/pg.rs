@@ -63,7 +63,7 @@ impl PrivatePg {
 
     fn start_server(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c wal_level=logical",
             self.port,
             self.dir.to_string_lossy()
         );

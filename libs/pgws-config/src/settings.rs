@@ -72,6 +72,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     "admin_roles",
     "jwks_url",
     "jwks_refresh",
+    "table_topics",
+    "capture_slot",
+    "live_classes",
 ];
 
 /// The merged raw settings: lower-case keys without prefix, values as text.

@@ -46,6 +46,45 @@ pub struct BridgeConfig {
     /// the keys in `pgws_bridge.notify_requests`; false gives at-least-once toward PostgreSQL
     /// (a retried request may be NOTIFYed twice) and needs no table.
     pub notify_dedup: bool,
+    /// `PGWS_TABLE_TOPICS`: the tables whose committed changes `/live` sockets may read.
+    pub table_topics: Vec<TablePattern>,
+    /// `PGWS_CAPTURE_SLOT`: the logical replication slot (and publication) of the capture.
+    pub capture_slot: String,
+    /// `PGWS_LIVE_CLASSES`: `policy` (default) or `subscriber` (one class per socket: the
+    /// baseline of the benchmark, never for production).
+    pub class_per_subscriber: bool,
+}
+
+/// One entry of `PGWS_TABLE_TOPICS`: `schema.table`, or `schema.*` for every table of a schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePattern {
+    pub schema: String,
+    /// `None` for `*`.
+    pub table: Option<String>,
+}
+
+impl TablePattern {
+    /// Reads one entry; a bare `table` means `public.table`.
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let (schema, table) = entry.split_once('.').unwrap_or(("public", entry));
+        if entry == "*" {
+            return Err("\"*\" alone: name the schema, schema.*".to_owned());
+        }
+        let ok = |name: &str| {
+            !name.is_empty()
+                && name.len() <= pgws_proto::MAX_PG_CHANNEL
+                && !name.chars().any(|c| c.is_control() || c == ',')
+        };
+        if !ok(schema) || !(table == "*" || ok(table)) || table.contains('.') {
+            return Err(format!(
+                "{entry:?} is not schema.table or schema.* (names of 1 to 63 bytes)"
+            ));
+        }
+        Ok(Self {
+            schema: schema.to_owned(),
+            table: (table != "*").then(|| table.to_owned()),
+        })
+    }
 }
 
 /// Default `PGWS_PUBSUB_GRACE`, seconds.
@@ -106,6 +145,54 @@ impl BridgeConfig {
 
         let notify_dedup = p.text("notify_dedup").is_none() || p.flag("notify_dedup");
 
+        let mut table_topics = Vec::new();
+        for entry in p
+            .text("table_topics")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            match TablePattern::parse(entry) {
+                Ok(t) => table_topics.push(t),
+                Err(e) => p.push(format!("PGWS_TABLE_TOPICS: {e}")),
+            }
+        }
+        let default_slot = format!(
+            "pgws_{}",
+            nats.subjects
+                .prefix()
+                .as_str()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                })
+                .collect::<String>()
+        );
+        let capture_slot = p.text_or("capture_slot", &default_slot);
+        if capture_slot.is_empty()
+            || capture_slot.len() > pgws_proto::MAX_PG_CHANNEL
+            || !capture_slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            p.push(format!(
+                "PGWS_CAPTURE_SLOT: {capture_slot:?}: lower-case letters, digits and _, at most 63"
+            ));
+        }
+        let class_per_subscriber = match p.text("live_classes").as_deref() {
+            None | Some("policy") => false,
+            Some("subscriber") => true,
+            Some(other) => {
+                p.push(format!(
+                    "PGWS_LIVE_CLASSES: {other:?} is neither policy nor subscriber"
+                ));
+                false
+            }
+        };
+
         p.finish(Self {
             db,
             nats,
@@ -117,6 +204,9 @@ impl BridgeConfig {
             pubsub_grace: Duration::from_secs(grace),
             pubsub_keys_table,
             notify_dedup,
+            table_topics,
+            capture_slot,
+            class_per_subscriber,
         })
     }
 }
@@ -141,6 +231,35 @@ mod tests {
         assert_eq!(c.admin.addr.port(), 9101);
         assert_eq!(c.nats.subjects.notify(), "pgws.notify");
         assert!(c.notify_dedup);
+        assert!(c.table_topics.is_empty());
+        assert_eq!(c.capture_slot, "pgws_pgws");
+        assert!(!c.class_per_subscriber);
+    }
+
+    #[test]
+    fn table_topics_are_tables_or_schemas() {
+        let c = config(&[
+            ("PGWS_DB_URI", "postgres://x"),
+            ("PGWS_TABLE_TOPICS", "public.orders, items ,app.*"),
+            ("PGWS_NATS_PREFIX", "My-Stack"),
+        ])
+        .expect("valid");
+        let t = |schema: &str, table: Option<&str>| TablePattern {
+            schema: schema.into(),
+            table: table.map(Into::into),
+        };
+        assert_eq!(
+            c.table_topics,
+            [
+                t("public", Some("orders")),
+                t("public", Some("items")),
+                t("app", None)
+            ]
+        );
+        assert_eq!(c.capture_slot, "pgws_my_stack");
+        for bad in ["a.b.c", ".x", "x.", "*", "a.\u{1}"] {
+            assert!(TablePattern::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 
 mod batch;
 mod bus;
+mod capture;
 mod config;
 mod db;
 mod dedup;
@@ -33,6 +34,7 @@ pub mod fuzzing;
 mod keys;
 mod leader;
 mod listener;
+mod live_tables;
 mod live_topics;
 mod metrics;
 mod notifier;
@@ -143,6 +145,16 @@ async fn serve(
             nats: nats.clone(),
             metrics: bridge_metrics.clone(),
             grace: config.pubsub_grace,
+            classes: watch::channel(Arc::default()).0,
+            capture: (!config.table_topics.is_empty()).then(|| capture::Capture {
+                pg: pg.clone(),
+                slot: config.capture_slot.clone(),
+                patterns: config.table_topics.clone(),
+                subjects: config.nats.subjects.clone(),
+                nats: nats.clone(),
+                metrics: bridge_metrics.clone(),
+                settle: registry::settle(),
+            }),
         },
     };
     shutdown.spawn(election.run(first, shutdown.token.clone()));
@@ -161,6 +173,8 @@ async fn serve(
         subjects: config.nats.subjects.clone(),
         nats: nats.clone(),
         shutdown: shutdown.clone(),
+        tables: config.table_topics.clone(),
+        per_subscriber: config.class_per_subscriber,
     };
     let (topics_fatal, token) = (fatal_tx.clone(), shutdown.token.clone());
     shutdown.spawn(async move {

@@ -30,13 +30,17 @@ use async_nats::{Client as Nats, HeaderMap, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
-use pgws_proto::{headers, Envelope, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic};
+use pgws_proto::{
+    headers, Envelope, LiveClass, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
+};
 use pgws_service::telemetry::{self, TARGET as TRACE};
+use tokio::sync::watch;
 use tokio::time::{interval_at, sleep_until, timeout, Instant, Interval, MissedTickBehavior};
 use tokio_postgres::{AsyncMessage, Client, Notification};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::reply;
+use crate::capture::Capture;
 use crate::db::quote_ident;
 use crate::leader::{drive, Duty, End, Messages};
 use crate::metrics::BridgeMetrics;
@@ -60,6 +64,10 @@ pub(crate) struct Listener {
     pub(crate) metrics: BridgeMetrics,
     /// How long an orphan wspubsub topic waits for a new publisher (`PGWS_PUBSUB_GRACE`).
     pub(crate) grace: Duration,
+    /// The `/live` table classes the registry knows, for the capture.
+    pub(crate) classes: watch::Sender<Arc<Vec<LiveClass>>>,
+    /// The change capture of `/live` table topics, when `PGWS_TABLE_TOPICS` names some.
+    pub(crate) capture: Option<Capture>,
 }
 
 impl Duty for Listener {
@@ -69,7 +77,17 @@ impl Duty for Listener {
         messages: &'a mut Messages,
         token: &'a CancellationToken,
     ) -> BoxFuture<'a, End> {
-        Box::pin(self.listen(client, messages, token))
+        Box::pin(async move {
+            self.classes.send_replace(Arc::default());
+            let Some(capture) = &self.capture else {
+                return self.listen(client, messages, token).await;
+            };
+            // The capture lives exactly as long as the leadership.
+            tokio::select! {
+                end = self.listen(client, messages, token) => end,
+                never = capture.run(self.classes.subscribe(), token) => match never {},
+            }
+        })
     }
 }
 
@@ -178,6 +196,7 @@ impl Listener {
                 },
                 _ = wake(deadline), if deadline.is_some() => {
                     let changes = registry.expire(Instant::now());
+                    self.share_classes(&registry);
                     self.apply(changes, &mut queued).await;
                 },
                 outcome = in_flight(&mut probe), if probe.is_some() => {
@@ -221,6 +240,7 @@ impl Listener {
         let answer = match request.op {
             RegistryOp::Report { presence } => {
                 let changes = registry.report(&request.gateway, presence, now);
+                self.share_classes(registry);
                 self.apply(changes, queued).await;
                 if let Some(to) = m.reply {
                     queued.replies.push(to);
@@ -232,6 +252,18 @@ impl Listener {
             RegistryOp::Lookup { topic } => registry.lookup(&topic, now),
         };
         reply(&self.nats, m.reply.as_ref(), &answer).await;
+    }
+
+    /// Hands the registry's table classes to the capture, when they changed.
+    fn share_classes(&self, registry: &Registry) {
+        let classes = registry.classes();
+        self.classes.send_if_modified(|shared| {
+            if **shared == classes {
+                return false;
+            }
+            *shared = Arc::new(classes);
+            true
+        });
     }
 
     /// Queues the LISTEN/UNLISTEN statements of `changes` and closes ended topics.

@@ -49,6 +49,8 @@ async fn start(
             nats,
             metrics: metrics.clone(),
             grace: Duration::from_secs(1),
+            classes: tokio::sync::watch::channel(std::sync::Arc::default()).0,
+            capture: None,
         },
     };
     let token = shutdown.token.child_token();

@@ -7,6 +7,11 @@
 //! `incarnation` is new at each creation (an identity column), which names the NATS subject of
 //! its messages.
 //!
+//! Table topics (`PGWS_TABLE_TOPICS`, [`crate::live_tables`]) are answered here too: a `get`
+//! with a reader answers the reader's permission class (or why it may not read the table), a
+//! `list` adds the table topics the role may SELECT, and a custom topic cannot take a table
+//! topic's name.
+//!
 //! Bounds: one connection per bridge (opened again after it failed), at most
 //! [`CONCURRENCY`] requests in flight, lists of at most [`MAX_LIST`] topics,
 //! [`MAX_TOPICS_PER_OWNER`] topics per owner (checked before each creation; two creations at
@@ -23,7 +28,9 @@ use tokio_postgres::{Client, Config, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::reply;
+use crate::config::TablePattern;
 use crate::db::LazyClient;
+use crate::live_tables::{self, Refused};
 
 /// Requests in flight per bridge.
 const CONCURRENCY: usize = 16;
@@ -46,6 +53,10 @@ pub(crate) struct LiveTopics {
     pub(crate) subjects: Subjects,
     pub(crate) nats: Nats,
     pub(crate) shutdown: Shutdown,
+    /// `PGWS_TABLE_TOPICS`.
+    pub(crate) tables: Vec<TablePattern>,
+    /// `PGWS_LIVE_CLASSES=subscriber`.
+    pub(crate) per_subscriber: bool,
 }
 
 impl LiveTopics {
@@ -61,7 +72,7 @@ impl LiveTopics {
             let conn = &conn;
             async move {
                 let answer = match serde_json::from_slice::<LiveTopicOp>(&m.payload) {
-                    Ok(op) => answer(conn, &op).await,
+                    Ok(op) => this.answer(conn, &op).await,
                     Err(e) => LiveTopicReply::unavailable(format!("invalid topic request: {e}")),
                 };
                 reply(&this.nats, m.reply.as_ref(), &answer).await;
@@ -75,34 +86,100 @@ impl LiveTopics {
     }
 }
 
-async fn answer(conn: &LazyClient, op: &LiveTopicOp) -> LiveTopicReply {
-    let name = match op {
+impl LiveTopics {
+    async fn answer(&self, conn: &LazyClient, op: &LiveTopicOp) -> LiveTopicReply {
+        let client = match connect(conn, op).await {
+            Ok(c) => c,
+            Err(reply) => return reply,
+        };
+        match self.execute(&client, op).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(error = %e, "live topic request failed");
+                LiveTopicReply::unavailable("topic request failed")
+            }
+        }
+    }
+
+    /// Table topics first: their names are taken.
+    async fn execute(
+        &self,
+        db: &Client,
+        op: &LiveTopicOp,
+    ) -> Result<LiveTopicReply, tokio_postgres::Error> {
+        let tables = live_tables::resolve(db, &self.tables).await?;
+        if let LiveTopicOp::List { admin, role, .. } = op {
+            let mut reply = execute(db, op).await?;
+            if reply.outcome == LiveOutcome::Ok {
+                reply.tables = live_tables::readable(db, &tables, role.as_deref(), *admin).await?;
+            }
+            return Ok(reply);
+        }
+        let table = tables.iter().find(|t| Some(&t.topic) == name_of(op));
+        let Some(table) = table else {
+            return execute(db, op).await;
+        };
+        let refused = LiveTopicReply::refused;
+        Ok(match op {
+            LiveTopicOp::Get {
+                reader: Some(reader),
+                ..
+            } => match live_tables::class_of(db, table, reader, self.per_subscriber).await {
+                Ok(class) => LiveTopicReply {
+                    class: Some(class),
+                    ..LiveTopicReply::outcome(LiveOutcome::Ok)
+                },
+                Err(Refused::Forbidden(why)) => refused(LiveOutcome::Forbidden, why),
+                Err(Refused::Db(e)) => return Err(e),
+            },
+            LiveTopicOp::Get { name, .. } => refused(
+                LiveOutcome::Forbidden,
+                format!("{name:?} is a table topic: only the database writes to it"),
+            ),
+            LiveTopicOp::Create { name, .. } => refused(
+                LiveOutcome::Exists,
+                format!("{name:?} is the name of a table topic"),
+            ),
+            LiveTopicOp::Destroy { name, .. } => refused(
+                LiveOutcome::Forbidden,
+                format!("{name:?} is a table topic: it cannot be destroyed"),
+            ),
+            LiveTopicOp::List { .. } => execute(db, op).await?,
+        })
+    }
+}
+
+fn name_of(op: &LiveTopicOp) -> Option<&String> {
+    match op {
         LiveTopicOp::Create { name, .. }
         | LiveTopicOp::Destroy { name, .. }
-        | LiveTopicOp::Get { name } => Some(name),
+        | LiveTopicOp::Get { name, .. } => Some(name),
         LiveTopicOp::List { .. } => None,
-    };
-    if name.is_some_and(|n| !valid_live_topic(n)) {
-        return LiveTopicReply::unavailable("invalid topic name");
     }
-    let client = match conn.get().await {
+}
+
+/// The service's connection, with its table created; `Err` is the answer when there is none.
+async fn connect(
+    conn: &LazyClient,
+    op: &LiveTopicOp,
+) -> Result<std::sync::Arc<Client>, LiveTopicReply> {
+    let name = name_of(op);
+    if name.is_some_and(|n| !valid_live_topic(n)) {
+        return Err(LiveTopicReply::unavailable("invalid topic name"));
+    }
+    match conn.get().await {
         Ok((client, fresh)) => {
             if fresh {
                 if let Err(e) = crate::db::ensure_table(&client, TABLE, SCHEMA).await {
                     tracing::warn!(error = %e, "cannot create pgws_live.topics");
-                    return LiveTopicReply::unavailable("cannot create pgws_live.topics");
+                    return Err(LiveTopicReply::unavailable(
+                        "cannot create pgws_live.topics",
+                    ));
                 }
             }
-            client
+            Ok(client)
         }
-        Err(_) => return LiveTopicReply::unavailable("database unavailable"),
-    };
-    match execute(&client, op).await {
-        Ok(reply) => reply,
-        Err(e) => {
-            tracing::warn!(error = %e, "live topic request failed");
-            LiveTopicReply::unavailable("topic request failed")
-        }
+        Err(_) => Err(LiveTopicReply::unavailable("database unavailable")),
     }
 }
 
@@ -159,11 +236,11 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
                 },
             }
         }
-        LiveTopicOp::Get { name } => match get(db, name).await? {
+        LiveTopicOp::Get { name, .. } => match get(db, name).await? {
             Some(t) => LiveTopicReply::topic(t),
             None => LiveTopicReply::outcome(LiveOutcome::Absent),
         },
-        LiveTopicOp::List { caller, admin } => {
+        LiveTopicOp::List { caller, admin, .. } => {
             let sql = format!(
                 "SELECT {COLUMNS} FROM pgws_live.topics WHERE public OR owner = $1 OR $2
                  ORDER BY name LIMIT $3"

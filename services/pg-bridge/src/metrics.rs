@@ -48,6 +48,12 @@ pub(crate) struct BridgeMetrics {
     pub(crate) direct_channels: Gauge,
     /// API-key checks answered, by outcome (valid, refused, error).
     pub(crate) key_checks: Family<Outcome, Counter>,
+    /// Row changes the capture read from the slot.
+    pub(crate) capture_changes: Counter,
+    /// Visibility queries the capture ran (one per table, class and batch).
+    pub(crate) capture_checks: Counter,
+    /// Table events the capture published (one per change and class that may see it).
+    pub(crate) capture_events: Counter,
 }
 
 impl BridgeMetrics {
@@ -124,6 +130,21 @@ impl BridgeMetrics {
                 "wspubsub API-key checks answered, by outcome (valid, refused, error)",
                 Family::default(),
             ),
+            capture_changes: metrics.register(
+                "bridge_capture_changes",
+                "Committed row changes of the table topics read from the replication slot",
+                Counter::default(),
+            ),
+            capture_checks: metrics.register(
+                "bridge_capture_checks",
+                "Visibility queries run for table events (one per table, class and batch)",
+                Counter::default(),
+            ),
+            capture_events: metrics.register(
+                "bridge_capture_events",
+                "Table events published (one per change and permission class that sees it)",
+                Counter::default(),
+            ),
         }
     }
 }
@@ -152,6 +173,9 @@ mod tests {
             "pgws_bridge_listener_reconnects_total",
             "pgws_bridge_notification_queue_usage 0.25",
             "pgws_bridge_direct_channels 0",
+            "pgws_bridge_capture_changes_total 0",
+            "pgws_bridge_capture_checks_total 0",
+            "pgws_bridge_capture_events_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -10,11 +10,12 @@
 //! the gateways report again, so for [`Registry::settle`] it answers `Retry` where an answer
 //! would depend on what it does not know yet.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use pgws_proto::{
-    valid_channel, Presence, RegistryReply, Topic, PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
+    valid_channel, LiveClass, Presence, RegistryReply, Topic, PRESENCE_EXPIRY_SECS,
+    PRESENCE_INTERVAL_SECS,
 };
 use tokio::time::Instant;
 
@@ -45,6 +46,8 @@ impl Changes {
 #[derive(Debug)]
 struct GatewayState {
     channels: HashSet<String>,
+    /// `/live` table classes its sockets read.
+    classes: BTreeSet<LiveClass>,
     seen: Instant,
 }
 
@@ -105,9 +108,11 @@ impl Registry {
             .entry(gateway.to_owned())
             .or_insert_with(|| GatewayState {
                 channels: HashSet::new(),
+                classes: BTreeSet::new(),
                 seen: now,
             });
         state.seen = now;
+        state.classes = presence.classes.into_iter().collect();
         let added: Vec<String> = wanted.difference(&state.channels).cloned().collect();
         let removed: Vec<String> = state.channels.difference(&wanted).cloned().collect();
         state.channels = wanted;
@@ -152,6 +157,12 @@ impl Registry {
             }
         }
         changes
+    }
+
+    /// The `/live` table classes some gateway reads, each once, sorted.
+    pub(crate) fn classes(&self) -> Vec<LiveClass> {
+        let all: BTreeSet<&LiveClass> = self.gateways.values().flat_map(|g| &g.classes).collect();
+        all.into_iter().cloned().collect()
     }
 
     /// A publisher on `gateway` wants `topic`.
@@ -285,7 +296,30 @@ mod tests {
             channels: channels.iter().map(|c| (*c).to_owned()).collect(),
             published: published.iter().map(|t| topic(t)).collect(),
             subscribed: subscribed.iter().map(|t| topic(t)).collect(),
+            classes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn classes_are_the_union_of_the_gateways_and_expire_with_them() {
+        let (mut r, now) = settled();
+        let class = |role: &str| LiveClass {
+            topic: "orders".into(),
+            role: role.into(),
+            claims: "{}".into(),
+            all: false,
+        };
+        let with = |classes: Vec<LiveClass>| Presence {
+            classes,
+            ..Presence::default()
+        };
+        r.report("g1", with(vec![class("a"), class("b")]), now);
+        r.report("g2", with(vec![class("b")]), now + Duration::from_secs(10));
+        assert_eq!(r.classes(), [class("a"), class("b")]);
+        r.report("g1", with(vec![]), now + Duration::from_secs(10));
+        assert_eq!(r.classes(), [class("b")]);
+        r.expire(now + Duration::from_secs(10 + PRESENCE_EXPIRY_SECS));
+        assert!(r.classes().is_empty());
     }
 
     fn settled() -> (Registry, Instant) {
