@@ -18,6 +18,7 @@ mod frames;
 mod gaps;
 mod listener;
 mod live;
+mod live_tables;
 mod load;
 mod metrics;
 mod pubsub;

@@ -230,6 +230,9 @@ struct Channel {
     subscribers: RwLock<HashMap<u64, Subscriber>>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
+    /// The position of the last table event passed on (`/live` table topics): a leader
+    /// bridge that took over publishes again what may have been published already.
+    last_change: Mutex<Option<(u64, u64)>>,
 }
 
 /// The subjects with local readers.
@@ -393,6 +396,7 @@ impl Hub {
             subscribers: RwLock::new(HashMap::new()),
             ready,
             stop: self.shutdown.token.child_token(),
+            last_change: Mutex::new(None),
         });
         self.metrics.channels.inc();
         let hub = Arc::clone(self);
@@ -472,6 +476,14 @@ impl Hub {
                 }
             }
             return;
+        }
+        if let Some(at) = header(headers::CHANGE).and_then(|v| headers::change_position(&v)) {
+            let mut last = state.last_change.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|seen| at <= seen) {
+                self.metrics.changes_repeated.inc();
+                return;
+            }
+            *last = Some(at);
         }
         let binary = header(headers::FRAME).is_some_and(|f| f == headers::FRAME_BINARY);
         let payload = msg.payload;

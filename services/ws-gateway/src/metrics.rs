@@ -21,6 +21,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) deliveries: Counter,
     pub(crate) bytes_out: Counter,
     pub(crate) notifications_in: Counter,
+    /// `/live` table events dropped because their subject already passed that position on.
+    pub(crate) changes_repeated: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) abandoned: Counter,
     pub(crate) budget_disconnects: Counter,
@@ -99,6 +101,11 @@ impl GatewayMetrics {
             notifications_in: m.register(
                 "gateway_notifications",
                 "Notifications received from NATS for local channels",
+                Counter::default(),
+            ),
+            changes_repeated: m.register(
+                "gateway_table_events_repeated",
+                "Table events dropped because their position was already passed on (a new leader bridge publishing again)",
                 Counter::default(),
             ),
             slow_consumers: m.register(

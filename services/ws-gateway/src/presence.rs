@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgws_proto::{
-    Presence as State, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
+    LiveClass, Presence as State, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
     PRESENCE_INTERVAL_SECS,
 };
 use pgws_service::Shutdown;
@@ -39,6 +39,8 @@ pub(crate) enum Registration {
     Published(Topic),
     /// A subscriber socket reads this topic.
     Subscribed(Topic),
+    /// A `/live` socket reads this table topic class: resolves once the leader knows it.
+    Class(LiveClass),
 }
 
 enum Command {
@@ -70,6 +72,7 @@ impl Presence {
             channels: BTreeMap::new(),
             published: BTreeSet::new(),
             subscribed: BTreeMap::new(),
+            classes: BTreeMap::new(),
         };
         shutdown.spawn(task.run(rx, shutdown.token.clone()));
         Self { tx }
@@ -114,6 +117,8 @@ struct Task {
     published: BTreeSet<Topic>,
     /// Local subscriber sockets per topic.
     subscribed: BTreeMap<Topic, usize>,
+    /// Local `/live` sockets per table class.
+    classes: BTreeMap<LiveClass, usize>,
 }
 
 impl Task {
@@ -128,6 +133,7 @@ impl Task {
                     self.channels.clear();
                     self.published.clear();
                     self.subscribed.clear();
+                    self.classes.clear();
                     self.report().await;
                     return;
                 }
@@ -195,6 +201,7 @@ impl Task {
         match what {
             Registration::Direct(channel) => count(&mut self.channels, channel, add),
             Registration::Subscribed(topic) => count(&mut self.subscribed, topic, add),
+            Registration::Class(class) => count(&mut self.classes, class, add),
             Registration::Published(topic) => {
                 if add {
                     self.published.insert(topic.clone())
@@ -210,6 +217,7 @@ impl Task {
             channels: self.channels.keys().cloned().collect(),
             published: self.published.iter().cloned().collect(),
             subscribed: self.subscribed.keys().cloned().collect(),
+            classes: self.classes.keys().cloned().collect(),
         };
         if let Err(e) = self.request(RegistryOp::Report { presence }).await {
             tracing::debug!(error = e, "presence report not answered");

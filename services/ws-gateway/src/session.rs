@@ -52,24 +52,34 @@ impl Membership {
         self.gw.presence.add(what).await;
     }
 
-    /// Joins `subject` while the socket runs (a socket admitted with `dynamic`); resolves once
-    /// the subscription is live. False when the socket cannot subscribe at runtime.
-    pub(crate) async fn join(&mut self, subject: &str) -> bool {
+    /// Joins `subject` while the socket runs (a socket admitted with `dynamic`) and registers
+    /// `what`; resolves once the subscription is live and the leader knows. False when the
+    /// socket cannot subscribe at runtime.
+    pub(crate) async fn join(&mut self, subject: &str, what: Option<Registration>) -> bool {
         let Some(sub) = &self.dynamic else {
             return false;
         };
         if !self.subjects.iter().any(|s| s == subject) {
             self.subjects.push(subject.to_owned());
             self.gw.hub.join(subject, self.id, sub.clone()).await;
+            if let Some(what) = what {
+                self.register(what).await;
+            }
         }
         true
     }
 
-    /// Leaves `subject`, if the socket reads it.
-    pub(crate) fn leave(&mut self, subject: &str) {
+    /// Leaves `subject`, if the socket reads it, and releases `what`.
+    pub(crate) fn leave(&mut self, subject: &str, what: Option<Registration>) {
         if let Some(i) = self.subjects.iter().position(|s| s == subject) {
             self.subjects.swap_remove(i);
             self.gw.hub.leave(subject, self.id);
+            if let Some(what) = what {
+                if let Some(i) = self.registrations.iter().position(|r| *r == what) {
+                    self.registrations.swap_remove(i);
+                    self.gw.presence.remove(what);
+                }
+            }
         }
     }
 }

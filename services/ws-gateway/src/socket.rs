@@ -242,8 +242,8 @@ fn perform<'a>(
                 send_close(ws, code, &reason).await;
                 false
             }
-            Action::Join(subject) => {
-                if !membership.join(&subject).await {
+            Action::Join(subject, registration) => {
+                if !membership.join(&subject, registration).await {
                     tracing::warn!(
                         subject,
                         "a socket without dynamic subscriptions asked to join"
@@ -251,8 +251,8 @@ fn perform<'a>(
                 }
                 true
             }
-            Action::Leave(subject) => {
-                membership.leave(&subject);
+            Action::Leave(subject, registration) => {
+                membership.leave(&subject, registration);
                 true
             }
             Action::Many(actions) => {

@@ -73,11 +73,11 @@ pub(crate) enum Action {
     Reply(Message),
     /// Close the socket with this close frame.
     Close(u16, String),
-    /// Start reading a fan-out subject (a socket admitted with `dynamic`); the actions after it
-    /// run once the subscription is live.
-    Join(String),
-    /// Stop reading a fan-out subject.
-    Leave(String),
+    /// Start reading a fan-out subject (a socket admitted with `dynamic`), and register what
+    /// the leader must know of it; the actions after it run once both are done.
+    Join(String, Option<Registration>),
+    /// Stop reading a fan-out subject, and release its registration.
+    Leave(String, Option<Registration>),
     /// Several actions, in order.
     Many(Vec<Action>),
     /// Work that needs an answer from elsewhere (a bridge): awaited before the socket's next

@@ -5,6 +5,12 @@
 //! the socket's identity (an event's `source`, a topic's owner) and a `role` listed in
 //! `PGWS_ADMIN_ROLES` makes it an admin. Requests and replies: [`request`].
 //!
+//! Table topics (`PGWS_TABLE_TOPICS`, read by the bridges) carry the committed changes of
+//! their table: a socket that subscribes is placed by a bridge in its permission class (its
+//! `role` claim and the claims the table's policies read); it then reads the class's subject,
+//! and the gateway reports the class to the leader bridge, whose change capture publishes
+//! there what that class may SELECT.
+//!
 //! Custom topics are kept by the bridges (`pgws_live.topics`, see pg-bridge's `live_topics`),
 //! so every gateway sees the same ones and they survive restarts. By default only the owner
 //! and admins may subscribe and publish; `create-topic` with `"public": true` opens a topic to
@@ -26,12 +32,15 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::FutureExt as _;
 use pgws_auth::Authorizer;
-use pgws_proto::{LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, MAX_TOPICS_PER_OWNER};
+use pgws_proto::{
+    LiveClass, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Reader, MAX_TOPICS_PER_OWNER,
+};
 use serde_json::{json, Map, Value};
 
 use self::request::{event, Bad, Method, Request};
 use super::{unix_secs, Action, Admission, Frame, Protocol, Refusal};
 use crate::handshake::Credentials;
+use crate::presence::Registration;
 use crate::Gateway;
 
 /// How long a request waits for a bridge's answer.
@@ -45,15 +54,54 @@ const MAX_KNOWN: usize = 256;
 struct Identity {
     /// The token's `sub` claim, when it is a string.
     sub: Option<String>,
+    /// The token's `role` claim, when it is a string.
+    role: Option<String>,
     /// Its `role` is in `PGWS_ADMIN_ROLES`.
     admin: bool,
+    /// The token's claims (what table visibility checks see as `request.jwt.claims`).
+    claims: Map<String, Value>,
+}
+
+impl Identity {
+    fn reader(&self) -> Reader {
+        Reader {
+            role: self.role.clone(),
+            claims: self.claims.clone(),
+            admin: self.admin,
+        }
+    }
+}
+
+/// A topic a socket reads.
+#[derive(Clone)]
+enum Found {
+    Custom(LiveTopic),
+    /// A table topic, in this class.
+    Table(LiveClass),
+}
+
+impl Found {
+    fn subject(&self, gw: &Gateway) -> String {
+        let subjects = &gw.config.nats.subjects;
+        match self {
+            Found::Custom(t) => subjects.live(&t.name, t.incarnation),
+            Found::Table(c) => subjects.table(c),
+        }
+    }
+
+    fn registration(&self) -> Option<Registration> {
+        match self {
+            Found::Custom(_) => None,
+            Found::Table(c) => Some(Registration::Class(c.clone())),
+        }
+    }
 }
 
 /// What the socket reads and may write.
 #[derive(Default)]
 struct State {
     /// Subscribed topics by name.
-    subscribed: HashMap<String, LiveTopic>,
+    subscribed: HashMap<String, Found>,
     /// Topics found open to this socket (for publishing without asking again).
     known: HashMap<String, LiveTopic>,
 }
@@ -91,7 +139,11 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
     let role = text("role");
     let who = Identity {
         sub: text("sub"),
-        admin: role.is_some_and(|r| gw.config.admin_roles.contains(&r)),
+        admin: role
+            .as_ref()
+            .is_some_and(|r| gw.config.admin_roles.contains(r)),
+        role,
+        claims,
     };
     Ok(Admission {
         label: "live",
@@ -187,7 +239,7 @@ impl Live {
                         if known {
                             None
                         } else {
-                            Some(find_open(gw, who, name).await)
+                            Some(find(gw, who, name, true).await)
                         }
                     }
                 });
@@ -216,10 +268,11 @@ impl Live {
                         actions.push(failed(&request, error));
                         continue;
                     }
-                    let subject = gw.config.nats.subjects.live(&name, topic.incarnation);
+                    let subject = topic.subject(&gw);
+                    let registration = topic.registration();
                     s.subscribed.insert(name.clone(), topic);
                     drop(s);
-                    actions.push(Action::Join(subject));
+                    actions.push(Action::Join(subject, registration));
                     actions.push(reply(request.ok(json!({"topic": name}))));
                 }
                 Action::Many(actions)
@@ -238,8 +291,8 @@ impl Live {
         for name in topics {
             match state.subscribed.remove(&name) {
                 Some(topic) => {
-                    let subject = self.gw.config.nats.subjects.live(&name, topic.incarnation);
-                    actions.push(Action::Leave(subject));
+                    let subject = topic.subject(&self.gw);
+                    actions.push(Action::Leave(subject, topic.registration()));
                     actions.push(reply(request.ok(json!({"topic": name}))));
                 }
                 None => actions.push(failed(request, format!("not subscribed to {name:?}"))),
@@ -274,8 +327,9 @@ impl Live {
         );
         Action::Await(
             async move {
-                match find_open(&gw, &who, &name).await {
-                    Ok(topic) => {
+                match find(&gw, &who, &name, false).await {
+                    Ok(Found::Table(_)) => failed(&request, table_written(&name)),
+                    Ok(Found::Custom(topic)) => {
                         let mut s = lock(&state);
                         if s.known.len() >= MAX_KNOWN {
                             s.known.clear();
@@ -312,10 +366,14 @@ impl Live {
                 };
                 match ask(&gw, &op).await {
                     Ok(r) => match (r.outcome, r.topic) {
-                        (LiveOutcome::Ok, Some(t)) => reply(request.ok(describe(&gw, &t))),
-                        (LiveOutcome::Exists, _) => {
-                            failed(&request, format!("topic {name:?} exists"))
+                        (LiveOutcome::Ok, Some(t)) => {
+                            let found = Found::Custom(t);
+                            reply(request.ok(describe(&gw, &name, &found)))
                         }
+                        (LiveOutcome::Exists, _) => failed(
+                            &request,
+                            r.error.unwrap_or_else(|| format!("topic {name:?} exists")),
+                        ),
                         (LiveOutcome::Limit, _) => failed(
                             &request,
                             format!("one owner may have at most {MAX_TOPICS_PER_OWNER} topics"),
@@ -354,7 +412,9 @@ impl Live {
                         (LiveOutcome::Absent, _) => failed(&request, no_topic(&name)),
                         (LiveOutcome::Forbidden, _) => failed(
                             &request,
-                            format!("only the owner of {name:?} or an admin may destroy it"),
+                            r.error.unwrap_or_else(|| {
+                                format!("only the owner of {name:?} or an admin may destroy it")
+                            }),
                         ),
                         (_, _) => failed(&request, unavailable(r.error.as_deref())),
                     },
@@ -372,10 +432,14 @@ impl Live {
                 let op = LiveTopicOp::List {
                     caller: who.sub.clone(),
                     admin: who.admin,
+                    role: who.role.clone(),
                 };
                 match ask(&gw, &op).await {
                     Ok(r) if r.outcome == LiveOutcome::Ok => {
-                        let names: Vec<&str> = r.topics.iter().map(|t| t.name.as_str()).collect();
+                        let tables = r.tables.iter().map(String::as_str);
+                        let names: Vec<&str> = tables
+                            .chain(r.topics.iter().map(|t| t.name.as_str()))
+                            .collect();
                         reply(request.ok(json!({"topics": names})))
                     }
                     Ok(r) => failed(&request, unavailable(r.error.as_deref())),
@@ -394,8 +458,8 @@ impl Live {
         let (gw, who) = (Arc::clone(&self.gw), Arc::clone(&self.who));
         Action::Await(
             async move {
-                match find_open(&gw, &who, &name).await {
-                    Ok(topic) => reply(request.ok(describe(&gw, &topic))),
+                match find(&gw, &who, &name, true).await {
+                    Ok(found) => reply(request.ok(describe(&gw, &name, &found))),
                     Err(e) => failed(&request, e),
                 }
             }
@@ -408,16 +472,29 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `get-topic`'s answer: `subscribers` counts this gateway's sockets on the topic.
-fn describe(gw: &Gateway, topic: &LiveTopic) -> Value {
-    let subject = gw.config.nats.subjects.live(&topic.name, topic.incarnation);
-    json!({
-        "name": topic.name,
-        "type": "custom",
-        "owner": topic.owner,
-        "public": topic.public,
-        "subscribers": gw.hub.readers(&subject),
-    })
+/// `get-topic`'s answer: `subscribers` counts this gateway's sockets on the topic (on a
+/// table topic: those in the caller's permission class).
+fn describe(gw: &Gateway, name: &str, found: &Found) -> Value {
+    let subscribers = gw.hub.readers(&found.subject(gw));
+    match found {
+        Found::Custom(topic) => json!({
+            "name": topic.name,
+            "type": "custom",
+            "owner": topic.owner,
+            "public": topic.public,
+            "subscribers": subscribers,
+        }),
+        Found::Table(_) => json!({
+            "name": name,
+            "type": "table",
+            "owner": null,
+            "subscribers": subscribers,
+        }),
+    }
+}
+
+fn table_written(name: &str) -> String {
+    format!("{name:?} is a table topic: only the database writes to it")
 }
 
 fn no_topic(name: &str) -> String {
@@ -428,17 +505,23 @@ fn unavailable(why: Option<&str>) -> String {
     format!("topics are unavailable now: {}", why.unwrap_or("no answer"))
 }
 
-/// The custom topic `name` if this socket may use it. A topic it may not use is reported as
-/// absent, so private topics do not show.
-async fn find_open(gw: &Gateway, who: &Identity, name: &str) -> Result<LiveTopic, String> {
+/// The topic `name` if this socket may use it: a custom topic, or (`read`) a table topic in
+/// the socket's class. A custom topic it may not use is reported as absent, so private topics
+/// do not show; a table topic it may not read says why.
+async fn find(gw: &Gateway, who: &Identity, name: &str, read: bool) -> Result<Found, String> {
     let op = LiveTopicOp::Get {
         name: name.to_owned(),
+        reader: read.then(|| who.reader()),
     };
     let r = ask(gw, &op).await?;
-    match (r.outcome, r.topic) {
-        (LiveOutcome::Ok, Some(t)) if t.open_to(who.sub.as_deref(), who.admin) => Ok(t),
-        (LiveOutcome::Ok, Some(_)) | (LiveOutcome::Absent, _) => Err(no_topic(name)),
-        (_, _) => Err(unavailable(r.error.as_deref())),
+    match (r.outcome, r.topic, r.class) {
+        (LiveOutcome::Ok, Some(t), _) if t.open_to(who.sub.as_deref(), who.admin) => {
+            Ok(Found::Custom(t))
+        }
+        (LiveOutcome::Ok, None, Some(class)) if read => Ok(Found::Table(class)),
+        (LiveOutcome::Ok, Some(_), _) | (LiveOutcome::Absent, _, _) => Err(no_topic(name)),
+        (LiveOutcome::Forbidden, _, _) => Err(r.error.unwrap_or_else(|| no_topic(name))),
+        (_, _, _) => Err(unavailable(r.error.as_deref())),
     }
 }
 

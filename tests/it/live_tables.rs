@@ -1,0 +1,430 @@
+//! `/live` table topics: events from plain SQL writes, in commit order, filtered by the
+//! table's privileges and row-level security per socket, whole rows of any size, deletes per
+//! kind of subscriber, and capture across a bridge failover and a PostgreSQL restart.
+
+use std::time::Duration;
+
+use pgws_tests::{token, unique, PrivatePg, Stack, WsClient};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A schema with `orders` (row-level security: a reader sees the rows whose `owner` is its
+/// `sub`), a role `<schema>_web` that may SELECT it, a role `<schema>_none` that may not, and
+/// the roles dropped (and the stack's slot and publication too) when it drops.
+struct Fixture {
+    schema: String,
+    uri: String,
+    slot: String,
+}
+
+impl Fixture {
+    /// Creates the fixture for a stack with NATS prefix `prefix` (so its slot is dropped
+    /// too); declared before the stack, it drops after the stack's processes are gone.
+    async fn create(uri: &str, prefix: &str) -> anyhow::Result<Self> {
+        let schema = unique("lt").replace('-', "_");
+        let (db, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        db.batch_execute(&format!(
+            "CREATE SCHEMA {s};
+             CREATE TABLE {s}.orders (id bigserial PRIMARY KEY, owner text NOT NULL,
+                                      note text, big text);
+             ALTER TABLE {s}.orders ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON {s}.orders FOR SELECT
+               USING (owner = current_setting('request.jwt.claims', true)::json ->> 'sub');
+             CREATE ROLE {s}_web NOLOGIN;
+             CREATE ROLE {s}_none NOLOGIN;
+             GRANT USAGE ON SCHEMA {s} TO {s}_web, {s}_none;
+             GRANT SELECT ON {s}.orders TO {s}_web;",
+            s = schema
+        ))
+        .await?;
+        Ok(Self {
+            schema,
+            uri: uri.to_owned(),
+            slot: format!(
+                "pgws_{}",
+                prefix
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    })
+                    .collect::<String>()
+            ),
+        })
+    }
+
+    fn topics(&self) -> (String, String) {
+        (
+            "PGWS_TABLE_TOPICS".to_owned(),
+            format!("{}.orders", self.schema),
+        )
+    }
+
+    fn role(&self, which: &str) -> String {
+        format!("{}_{which}", self.schema)
+    }
+
+    /// Waits until the leader bridge created the stack's slot: changes committed from then on
+    /// are captured.
+    async fn slot_ready(&self) -> anyhow::Result<()> {
+        let db = self.db().await?;
+        let ready = pgws_tests::eventually(T, || async {
+            db.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        })
+        .await;
+        anyhow::ensure!(ready, "no replication slot {}", self.slot);
+        Ok(())
+    }
+
+    async fn db(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (db, conn) = tokio_postgres::connect(&self.uri, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(db)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let s = &self.schema;
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = '{slot}' AND NOT active;
+             DROP PUBLICATION IF EXISTS {slot};
+             DROP SCHEMA IF EXISTS {s} CASCADE;
+             DROP ROLE IF EXISTS {s}_web; DROP ROLE IF EXISTS {s}_none;",
+            slot = self.slot
+        );
+        let _ = std::process::Command::new("psql")
+            .args(["-X", "-q", "-d", &self.uri, "-c", &sql])
+            .output();
+    }
+}
+
+/// A `/live` socket on gateway `i` with these claims.
+async fn live(stack: &Stack, i: usize, claims: &Value) -> anyhow::Result<WsClient> {
+    WsClient::connect(&format!("{}/live?token={}", stack.ws_url(i), token(claims))).await
+}
+
+async fn call(ws: &mut WsClient, method: &str, attributes: Value) -> anyhow::Result<Value> {
+    ws.send_text(&json!({"id": method, "method": method, "attributes": attributes}).to_string())
+        .await?;
+    ws.next_json(T).await
+}
+
+async fn subscribe(ws: &mut WsClient, topic: &str) -> anyhow::Result<()> {
+    let reply = call(ws, "subscribe", json!({"topicName": topic})).await?;
+    anyhow::ensure!(reply["ok"] == true, "subscribe refused: {reply}");
+    Ok(())
+}
+
+/// The next `n` events, as `(event, id, attributes)`.
+async fn events(ws: &mut WsClient, n: usize) -> anyhow::Result<Vec<(String, String, Value)>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let e = match ws.next_json(T).await {
+            Ok(e) => e,
+            Err(e) => anyhow::bail!("{e} after {} of {n} events: {out:?}", out.len()),
+        };
+        anyhow::ensure!(e["type"] == "event", "not an event: {e}");
+        out.push((
+            e["event"].as_str().unwrap_or_default().to_owned(),
+            e["data"]["id"].as_str().unwrap_or_default().to_owned(),
+            e["data"].get("attributes").cloned().unwrap_or(Value::Null),
+        ));
+    }
+    Ok(out)
+}
+
+async fn assert_quiet(ws: &mut WsClient, what: &str) {
+    if let Ok(frame) = ws.next_text(Duration::from_millis(700)).await {
+        panic!("{what}: unexpected frame {frame}");
+    }
+}
+
+fn kinds(events: &[(String, String, Value)]) -> Vec<(&str, &str)> {
+    events
+        .iter()
+        .map(|(e, id, _)| (e.as_str(), id.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn sql_writes_reach_each_socket_as_its_role_and_policies_allow() -> anyhow::Result<()> {
+    let prefix = unique("t");
+    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix;
+    stack.extra = vec![fx.topics(), ("PGWS_ADMIN_ROLES".into(), "boss".into())];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let web = fx.role("web");
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": web})).await?;
+    let mut bob = live(&stack, 1, &json!({"sub": "bob", "role": web})).await?;
+    let mut boss = live(&stack, 1, &json!({"sub": "root", "role": "boss"})).await?;
+    let mut none = live(&stack, 0, &json!({"sub": "eve", "role": fx.role("none")})).await?;
+    let mut anon = live(&stack, 0, &json!({"sub": "x"})).await?;
+    for ws in [&mut ann, &mut bob, &mut boss] {
+        subscribe(ws, "orders").await?;
+    }
+    fx.slot_ready().await?;
+    let refused = call(&mut none, "subscribe", json!({"topicName": "orders"})).await?;
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("may not SELECT"),
+        "{refused}"
+    );
+    let refused = call(&mut anon, "subscribe", json!({"topicName": "orders"})).await?;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("\"role\" claim"),
+        "{refused}"
+    );
+
+    // Plain SQL, as psql would send it: no API involved.
+    let db = fx.db().await?;
+    let s = &fx.schema;
+    let big = "x".repeat(20_000);
+    // One statement at a time, each its own transaction, as psql sends them.
+    for sql in [
+        format!("INSERT INTO {s}.orders (owner, note) VALUES ('ann', 'first')"),
+        format!("BEGIN; INSERT INTO {s}.orders (owner, note) VALUES ('ann', 'never'); ROLLBACK"),
+        format!("INSERT INTO {s}.orders (owner, note) VALUES ('bob', 'second')"),
+        format!("UPDATE {s}.orders SET note = 'changed' WHERE owner = 'ann'"),
+    ] {
+        db.batch_execute(&sql).await?;
+    }
+    // Visibility is checked on the row as it is when its batch is read: a row deleted by
+    // then is not shown to classes that need the check. Bob reads his row before it goes.
+    let bobs = events(&mut bob, 1).await?;
+    assert_eq!(kinds(&bobs), [("create", "3")]);
+    for sql in [
+        format!("DELETE FROM {s}.orders WHERE owner = 'bob'"),
+        format!("INSERT INTO {s}.orders (owner, note, big) VALUES ('ann', 'large', '{big}')"),
+    ] {
+        db.batch_execute(&sql).await?;
+    }
+    // Ids: 1 ann, 2 rolled back, 3 bob, 4 ann (large).
+    let got = events(&mut ann, 4).await?;
+    assert_eq!(
+        kinds(&got),
+        [
+            ("create", "1"),
+            ("update", "1"),
+            ("delete", "3"),
+            ("create", "4")
+        ]
+    );
+    assert_eq!(
+        got[0].2,
+        json!({"id": 1, "owner": "ann", "note": "first", "big": null})
+    );
+    assert_eq!(got[1].2["note"], "changed");
+    // A deleted row can no longer be checked: readers get its id only.
+    assert_eq!(got[2].2, Value::Null);
+    assert_eq!(got[3].2["big"].as_str().map(str::len), Some(20_000));
+
+    let got = events(&mut bob, 1).await?;
+    assert_eq!(kinds(&got), [("delete", "3")]);
+    assert_eq!(got[0].2, Value::Null);
+
+    let got = events(&mut boss, 5).await?;
+    assert_eq!(
+        kinds(&got),
+        [
+            ("create", "1"),
+            ("create", "3"),
+            ("update", "1"),
+            ("delete", "3"),
+            ("create", "4")
+        ]
+    );
+    // Admins get the whole old row of a delete.
+    assert_eq!(
+        got[3].2,
+        json!({"id": 3, "owner": "bob", "note": "second", "big": null})
+    );
+    for (ws, who) in [(&mut ann, "ann"), (&mut bob, "bob"), (&mut boss, "boss")] {
+        assert_quiet(ws, who).await;
+    }
+    assert_quiet(&mut none, "a refused socket").await;
+
+    // Unsubscribed: nothing more.
+    let reply = call(&mut ann, "unsubscribe", json!({"topicName": "orders"})).await?;
+    assert_eq!(reply["ok"], true, "{reply}");
+    db.batch_execute(&format!("INSERT INTO {s}.orders (owner) VALUES ('ann')"))
+        .await?;
+    assert_eq!(kinds(&events(&mut boss, 1).await?), [("create", "5")]);
+    assert_quiet(&mut ann, "ann after unsubscribe").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn table_topics_are_listed_described_and_protected() -> anyhow::Result<()> {
+    let prefix = unique("t");
+    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix;
+    stack.extra = vec![fx.topics()];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let mut web = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    let mut none = live(&stack, 0, &json!({"sub": "eve", "role": fx.role("none")})).await?;
+
+    let list = call(&mut web, "list-topic", json!({})).await?;
+    let topics = list["data"]["topics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(topics.contains(&json!("orders")), "{list}");
+    let list = call(&mut none, "list-topic", json!({})).await?;
+    let topics = list["data"]["topics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!topics.contains(&json!("orders")), "{list}");
+
+    let got = call(&mut web, "get-topic", json!({"topicName": "orders"})).await?;
+    assert_eq!(got["data"]["type"], "table", "{got}");
+    assert_eq!(got["data"]["name"], "orders", "{got}");
+
+    for (method, attributes, needle) in [
+        ("create-topic", json!({"name": "orders"}), "table topic"),
+        (
+            "destroy-topic",
+            json!({"name": "orders"}),
+            "cannot be destroyed",
+        ),
+        (
+            "new-message",
+            json!({"topicName": "orders", "message": {"a": 1}}),
+            "only the database writes",
+        ),
+    ] {
+        let reply = call(&mut web, method, attributes).await?;
+        assert_eq!(reply["ok"], false, "{method}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap_or("").contains(needle),
+            "{method}: {reply}"
+        );
+    }
+    Ok(())
+}
+
+/// Inserts `n` rows (notes `0..n`), one transaction each, `pause` apart.
+async fn insert_rows(
+    db: &tokio_postgres::Client,
+    schema: &str,
+    n: usize,
+    pause: Duration,
+) -> anyhow::Result<()> {
+    for i in 0..n {
+        let sql = format!("INSERT INTO {schema}.orders (owner, note) VALUES ('ann', '{i}')");
+        db.batch_execute(&sql).await?;
+        tokio::time::sleep(pause).await;
+    }
+    Ok(())
+}
+
+/// Reads create events until `n` distinct rows were seen or nothing came for a while;
+/// returns the notes in arrival order and how many events repeated a row.
+async fn collect_creates(ws: &mut WsClient, n: usize) -> anyhow::Result<(Vec<i64>, usize)> {
+    let mut seen = Vec::new();
+    let mut repeated = 0;
+    while seen.len() < n {
+        let Ok(e) = ws.next_json(Duration::from_secs(30)).await else {
+            break;
+        };
+        let note: i64 = e["data"]["attributes"]["note"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        if seen.contains(&note) {
+            repeated += 1;
+        } else {
+            seen.push(note);
+        }
+    }
+    Ok((seen, repeated))
+}
+
+#[tokio::test]
+async fn a_leader_killed_mid_stream_loses_and_repeats_no_change() -> anyhow::Result<()> {
+    let prefix = unique("t");
+    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix;
+    stack.extra = vec![fx.topics()];
+    stack.add_bridge(&[]).await?;
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    let leader = stack.leader().await.expect("a leader");
+    let db = fx.db().await?;
+    let schema = fx.schema.clone();
+    let n = 200;
+    let writer =
+        tokio::spawn(async move { insert_rows(&db, &schema, n, Duration::from_millis(15)).await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    stack.bridges[leader].signal("KILL")?;
+    let (seen, repeated) = collect_creates(&mut ann, n).await?;
+    writer.await??;
+    let expected: Vec<i64> = (0..n as i64).collect();
+    assert_eq!(seen, expected, "every committed row once, in commit order");
+    assert_eq!(repeated, 0, "no row twice");
+    assert_quiet(&mut ann, "after the last row").await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> {
+    let pg = PrivatePg::start()?;
+    let prefix = unique("t");
+    let fx = Fixture::create(&pg.uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix;
+    stack.extra = vec![fx.topics(), ("PGWS_DB_URI".into(), pg.uri())];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    {
+        let db = fx.db().await?;
+        insert_rows(&db, &fx.schema, 50, Duration::from_millis(5)).await?;
+    }
+    pg.stop()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pg.restart()?;
+    {
+        let db = fx.db().await?;
+        for i in 50..100 {
+            db.batch_execute(&format!(
+                "INSERT INTO {}.orders (owner, note) VALUES ('ann', '{i}')",
+                fx.schema
+            ))
+            .await?;
+        }
+    }
+    let (seen, repeated) = collect_creates(&mut ann, 100).await?;
+    assert_eq!(seen, (0..100).collect::<Vec<i64>>());
+    assert_eq!(repeated, 0);
+    Ok(())
+}
