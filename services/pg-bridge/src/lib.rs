@@ -25,6 +25,7 @@
 
 mod batch;
 mod bus;
+mod capture;
 mod config;
 mod db;
 mod dedup;
