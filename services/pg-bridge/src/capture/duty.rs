@@ -41,8 +41,9 @@ use crate::metrics::BridgeMetrics;
 const PEEK_CHANGES: i32 = 5000;
 /// The pause after a peek that found nothing.
 const IDLE_POLL: Duration = Duration::from_millis(20);
-/// How often an idle slot is moved to the WAL position read before an empty peek, so that it
-/// does not hold WAL written for other databases.
+/// How often an idle slot is moved to the WAL flush position read before an empty peek (the
+/// peek read everything committed before it), so that it does not hold WAL written for other
+/// databases.
 const IDLE_ADVANCE: Duration = Duration::from_secs(5);
 
 /// The classes the gateways report, as the leader's registry knows them.
@@ -136,9 +137,11 @@ impl Capture {
                 return Ok(());
             }
             let before: String = client
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
                 .await?
                 .get(0);
+            let before = pgoutput::parse_lsn(&before)
+                .ok_or_else(|| anyhow::anyhow!("unreadable WAL position {before:?}"))?;
             let rows = client
                 .query(
                     "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
@@ -148,7 +151,7 @@ impl Capture {
                 .await?;
             if rows.is_empty() {
                 if idle_since.elapsed() >= IDLE_ADVANCE {
-                    self.advance(client, &before).await?;
+                    self.advance(client, before).await?;
                     idle_since = tokio::time::Instant::now();
                 }
                 pause(token, IDLE_POLL).await;
@@ -175,7 +178,7 @@ impl Capture {
                 .inc_by(batch.changes.len() as u64);
             if let Some(end) = batch.end_lsn {
                 self.nats.flush().await?;
-                self.advance(client, &pgoutput::format_lsn(end)).await?;
+                self.advance(client, end).await?;
             }
         }
     }
@@ -388,11 +391,12 @@ impl Capture {
         Ok(())
     }
 
-    async fn advance(&self, client: &Client, lsn: &str) -> anyhow::Result<()> {
+    /// Confirms everything before `lsn`: the slot will not return it again.
+    async fn advance(&self, client: &Client, lsn: u64) -> anyhow::Result<()> {
         client
             .query_one(
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&self.slot, &lsn],
+                &[&self.slot, &pgoutput::format_lsn(lsn)],
             )
             .await?;
         Ok(())

@@ -30,9 +30,6 @@
 //! deletes carry the whole old row (`O`), TOASTed values included; an update that leaves a
 //! TOASTed value alone sends it as `u` in the new tuple.
 
-// Used by the capture duty.
-#![allow(dead_code)]
-
 use serde::Serialize;
 use serde_json::{Number, Value};
 
