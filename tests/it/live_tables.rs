@@ -428,3 +428,69 @@ async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> 
     assert_eq!(repeated, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_event_published_again_reaches_a_socket_once() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use pgws_proto::{headers, LiveClass, Prefix, Subjects};
+
+    let prefix = unique("t");
+    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix.clone();
+    stack.extra = vec![fx.topics()];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let role = fx.role("web");
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": role, "iat": 1})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    // The class a bridge puts ann in: her role and the one claim the policy reads.
+    let class = LiveClass {
+        topic: "orders".into(),
+        role,
+        claims: r#"{"sub":"ann"}"#.into(),
+        all: false,
+    };
+    let subject = Subjects::new(Prefix::new(&prefix)?).table(&class);
+    let nats = async_nats::connect(pgws_tests::nats_url()).await?;
+    let mut tap = nats.subscribe(subject.clone()).await?;
+    nats.flush().await?;
+
+    let db = fx.db().await?;
+    db.batch_execute(&format!(
+        "INSERT INTO {}.orders (owner, note) VALUES ('ann', 'once')",
+        fx.schema
+    ))
+    .await?;
+    let first = tokio::time::timeout(T, tap.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no event on the class subject {subject}"))?;
+    assert_eq!(kinds(&events(&mut ann, 1).await?), [("create", "1")]);
+    let position = first
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CHANGE))
+        .map(|v| v.as_str().to_owned())
+        .expect("a position");
+
+    // What a leader that took over publishes again is dropped.
+    nats.publish_with_headers(
+        subject.clone(),
+        first.headers.clone().unwrap_or_default(),
+        first.payload.clone(),
+    )
+    .await?;
+    nats.flush().await?;
+    assert_quiet(&mut ann, "the same position again").await;
+
+    // A later position passes.
+    let (lsn, index) = headers::change_position(&position).expect("a position");
+    let mut later = async_nats::HeaderMap::new();
+    later.insert(headers::CHANGE, headers::change(lsn, index + 1).as_str());
+    nats.publish_with_headers(subject, later, first.payload.clone())
+        .await?;
+    nats.flush().await?;
+    assert_eq!(kinds(&events(&mut ann, 1).await?), [("create", "1")]);
+    Ok(())
+}
