@@ -326,14 +326,14 @@ async fn table_topics_are_listed_described_and_protected() -> anyhow::Result<()>
     Ok(())
 }
 
-/// Inserts `n` rows (notes `0..n`), one transaction each, `pause` apart.
+/// Inserts a row for each note of `notes`, one transaction each, `pause` apart.
 async fn insert_rows(
     db: &tokio_postgres::Client,
     schema: &str,
-    n: usize,
+    notes: std::ops::Range<usize>,
     pause: Duration,
 ) -> anyhow::Result<()> {
-    for i in 0..n {
+    for i in notes {
         let sql = format!("INSERT INTO {schema}.orders (owner, note) VALUES ('ann', '{i}')");
         db.batch_execute(&sql).await?;
         tokio::time::sleep(pause).await;
@@ -341,26 +341,39 @@ async fn insert_rows(
     Ok(())
 }
 
-/// Reads create events until `n` distinct rows were seen or nothing came for a while;
-/// returns the notes in arrival order and how many events repeated a row.
-async fn collect_creates(ws: &mut WsClient, n: usize) -> anyhow::Result<(Vec<i64>, usize)> {
-    let mut seen = Vec::new();
-    let mut repeated = 0;
-    while seen.len() < n {
-        let Ok(e) = ws.next_json(Duration::from_secs(30)).await else {
-            break;
-        };
-        let note: i64 = e["data"]["attributes"]["note"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(-1);
-        if seen.contains(&note) {
-            repeated += 1;
-        } else {
-            seen.push(note);
+/// The create events a socket received: the rows' notes in arrival order, how many events
+/// repeated a row, and the longest pause between two events.
+#[derive(Default)]
+struct Received {
+    notes: Vec<i64>,
+    repeated: usize,
+    last: Option<std::time::Instant>,
+    longest: Duration,
+}
+
+impl Received {
+    /// Reads events until `n` distinct rows were seen or nothing came for 30 s.
+    async fn until(&mut self, ws: &mut WsClient, n: usize) {
+        while self.notes.len() < n {
+            let Ok(e) = ws.next_json(Duration::from_secs(30)).await else {
+                return;
+            };
+            let now = std::time::Instant::now();
+            if let Some(last) = self.last {
+                self.longest = self.longest.max(now - last);
+            }
+            self.last = Some(now);
+            let note: i64 = e["data"]["attributes"]["note"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(-1);
+            if self.notes.contains(&note) {
+                self.repeated += 1;
+            } else {
+                self.notes.push(note);
+            }
         }
     }
-    Ok((seen, repeated))
 }
 
 #[tokio::test]
@@ -379,17 +392,27 @@ async fn a_leader_killed_mid_stream_loses_and_repeats_no_change() -> anyhow::Res
     let leader = stack.leader().await.expect("a leader");
     let db = fx.db().await?;
     let schema = fx.schema.clone();
-    let n = 200;
+    // 600 rows over about 10 s: the leader (reading after its 6 s settle) catches up, then
+    // streams; it is killed while rows keep coming.
+    let n = 600;
     let writer =
-        tokio::spawn(async move { insert_rows(&db, &schema, n, Duration::from_millis(15)).await });
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::spawn(
+            async move { insert_rows(&db, &schema, 0..n, Duration::from_millis(15)).await },
+        );
+    // The leader is publishing: kill it mid-stream.
+    let mut got = Received::default();
+    got.until(&mut ann, 450).await;
     stack.bridges[leader].signal("KILL")?;
-    let (seen, repeated) = collect_creates(&mut ann, n).await?;
+    got.until(&mut ann, n).await;
     writer.await??;
     let expected: Vec<i64> = (0..n as i64).collect();
-    assert_eq!(seen, expected, "every committed row once, in commit order");
-    assert_eq!(repeated, 0, "no row twice");
+    assert_eq!(
+        got.notes, expected,
+        "every committed row once, in commit order"
+    );
+    assert_eq!(got.repeated, 0, "no row twice");
     assert_quiet(&mut ann, "after the last row").await;
+    eprintln!("longest pause between two events: {:?}", got.longest);
     Ok(())
 }
 
@@ -406,26 +429,25 @@ async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> 
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
     subscribe(&mut ann, "orders").await?;
     fx.slot_ready().await?;
-    {
-        let db = fx.db().await?;
-        insert_rows(&db, &fx.schema, 50, Duration::from_millis(5)).await?;
-    }
+    let db = fx.db().await?;
+    insert_rows(&db, &fx.schema, 0..50, Duration::from_millis(5)).await?;
+    // Delivered, so the capture runs: restart PostgreSQL under it, then commit more rows
+    // while the bridge reconnects.
+    let mut got = Received::default();
+    got.until(&mut ann, 20).await;
+    drop(db);
     pg.stop()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     pg.restart()?;
-    {
-        let db = fx.db().await?;
-        for i in 50..100 {
-            db.batch_execute(&format!(
-                "INSERT INTO {}.orders (owner, note) VALUES ('ann', '{i}')",
-                fx.schema
-            ))
-            .await?;
-        }
-    }
-    let (seen, repeated) = collect_creates(&mut ann, 100).await?;
-    assert_eq!(seen, (0..100).collect::<Vec<i64>>());
-    assert_eq!(repeated, 0);
+    let db = fx.db().await?;
+    insert_rows(&db, &fx.schema, 50..150, Duration::ZERO).await?;
+    got.until(&mut ann, 150).await;
+    assert_eq!(
+        got.notes,
+        (0..150).collect::<Vec<i64>>(),
+        "every row once, in order"
+    );
+    assert_eq!(got.repeated, 0, "no row twice");
+    eprintln!("longest pause between two events: {:?}", got.longest);
     Ok(())
 }
 
