@@ -89,11 +89,21 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     // The shipped file is for the prefix `pgws`; the stack gets a database of its own so that
     // its leader election meets no other stack of that prefix.
     let db = TempDb::create().await?;
+    {
+        let (c, conn) = tokio_postgres::connect(&db.uri, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.batch_execute("CREATE TABLE public.notes (id serial PRIMARY KEY, body text)")
+            .await?;
+    }
+    let slot = pgws_tests::unique("bus").replace('-', "_");
     let mut stack = Stack::new();
     stack.prefix = "pgws".into();
     stack.extra = vec![
         ("PGWS_NATS_URL".into(), nats.url()),
         ("PGWS_DB_URI".into(), db.uri.clone()),
+        ("PGWS_TABLE_TOPICS".into(), "public.notes".into()),
+        ("PGWS_CAPTURE_SLOT".into(), slot.clone()),
+        ("PGWS_ADMIN_ROLES".into(), "admin".into()),
     ];
     let mut env = stack.env();
     env.extend([
@@ -148,6 +158,42 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         assert_eq!(reply["ok"], true, "{reply}");
     }
     assert_eq!(reader.next_json(T).await?["data"], "hi");
+
+    // A `/live` table topic: the leader's capture publishes a committed row to the admin's
+    // class, and the gateway's credentials cannot publish an event there.
+    let admin = token(&json!({"sub": "ops", "role": "admin"}));
+    let mut ops = WsClient::connect(&format!("{}/live?token={admin}", stack.ws_url(0))).await?;
+    let subscribe = live_call(&mut ops, "subscribe", json!({"topicName": "notes"})).await?;
+    assert_eq!(subscribe["ok"], true, "{subscribe}");
+    let (tdb, conn) = tokio_postgres::connect(&db.uri, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let slot_made = eventually(T, || async {
+        tdb.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    })
+    .await;
+    assert!(slot_made, "no capture slot");
+    let class = pgws_proto::LiveClass {
+        topic: "notes".into(),
+        role: "admin".into(),
+        claims: "{}".into(),
+        all: true,
+    };
+    let subject = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?).table(&class);
+    let forging = client_as(&nats, "gateway", "gateway-secret", "ws-gateway").await?;
+    let fake = json!({"type": "event", "topic": "notes", "forged": true}).to_string();
+    forging.publish(subject, fake.into()).await?;
+    forging.flush().await?;
+    tdb.batch_execute("INSERT INTO public.notes (body) VALUES ('from SQL')")
+        .await?;
+    let event = ops.next_json(Duration::from_secs(20)).await?;
+    assert_eq!(event["data"]["attributes"]["body"], "from SQL", "{event}");
 
     // Whoever holds the gateway's credentials cannot publish a delivery or a gap marker: the
     // socket sees only what the database notified.

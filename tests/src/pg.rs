@@ -146,7 +146,13 @@ fn with_database(uri: &str, name: &str) -> String {
 
 impl Drop for TempDb {
     fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Logical replication slots (a table capture's) keep a database from being dropped.
+        let sql = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE database = '{0}' AND NOT active;
+             DROP DATABASE IF EXISTS {0} WITH (FORCE)",
+            self.name
+        );
         // Its own thread and runtime: drop may run inside the test's runtime.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
