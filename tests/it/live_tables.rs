@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(20);
 
 /// A schema with `orders` (row-level security: a reader sees the rows whose `owner` is its
-/// `sub`), a role `<schema>_web` that may SELECT it, a role `<schema>_none` that may not, and
-/// the roles dropped (and the stack's slot and publication too) when it drops.
+/// `sub`; the role `<schema>_audit` also every row not owned by bob), the roles `<schema>_web`
+/// and `<schema>_audit` that may SELECT it, a role `<schema>_none` that may not, and the roles
+/// dropped (and the stack's slot and publication too) when it drops.
 struct Fixture {
     schema: String,
     uri: String,
@@ -33,9 +34,11 @@ impl Fixture {
              CREATE POLICY own ON {s}.orders FOR SELECT
                USING (owner = current_setting('request.jwt.claims', true)::json ->> 'sub');
              CREATE ROLE {s}_web NOLOGIN;
+             CREATE ROLE {s}_audit NOLOGIN;
              CREATE ROLE {s}_none NOLOGIN;
-             GRANT USAGE ON SCHEMA {s} TO {s}_web, {s}_none;
-             GRANT SELECT ON {s}.orders TO {s}_web;",
+             CREATE POLICY audit ON {s}.orders FOR SELECT TO {s}_audit USING (owner <> 'bob');
+             GRANT USAGE ON SCHEMA {s} TO {s}_web, {s}_audit, {s}_none;
+             GRANT SELECT ON {s}.orders TO {s}_web, {s}_audit;",
             s = schema
         ))
         .await?;
@@ -101,7 +104,8 @@ impl Drop for Fixture {
               WHERE slot_name = '{slot}' AND NOT active;
              DROP PUBLICATION IF EXISTS {slot};
              DROP SCHEMA IF EXISTS {s} CASCADE;
-             DROP ROLE IF EXISTS {s}_web; DROP ROLE IF EXISTS {s}_none;",
+             DROP ROLE IF EXISTS {s}_web; DROP ROLE IF EXISTS {s}_audit;
+             DROP ROLE IF EXISTS {s}_none;",
             slot = self.slot
         );
         let _ = std::process::Command::new("psql")
@@ -172,9 +176,10 @@ async fn sql_writes_reach_each_socket_as_its_role_and_policies_allow() -> anyhow
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": web})).await?;
     let mut bob = live(&stack, 1, &json!({"sub": "bob", "role": web})).await?;
     let mut boss = live(&stack, 1, &json!({"sub": "root", "role": "boss"})).await?;
+    let mut audit = live(&stack, 0, &json!({"sub": "aud", "role": fx.role("audit")})).await?;
     let mut none = live(&stack, 0, &json!({"sub": "eve", "role": fx.role("none")})).await?;
     let mut anon = live(&stack, 0, &json!({"sub": "x"})).await?;
-    for ws in [&mut ann, &mut bob, &mut boss] {
+    for ws in [&mut ann, &mut bob, &mut boss, &mut audit] {
         subscribe(ws, "orders").await?;
     }
     fx.slot_ready().await?;
@@ -259,7 +264,24 @@ async fn sql_writes_reach_each_socket_as_its_role_and_policies_allow() -> anyhow
         got[3].2,
         json!({"id": 3, "owner": "bob", "note": "second", "big": null})
     );
-    for (ws, who) in [(&mut ann, "ann"), (&mut bob, "bob"), (&mut boss, "boss")] {
+    // Another role, another policy: every row but bob's, and his delete's id.
+    let got = events(&mut audit, 4).await?;
+    assert_eq!(
+        kinds(&got),
+        [
+            ("create", "1"),
+            ("update", "1"),
+            ("delete", "3"),
+            ("create", "4")
+        ]
+    );
+    assert_eq!(got[2].2, Value::Null);
+    for (ws, who) in [
+        (&mut ann, "ann"),
+        (&mut bob, "bob"),
+        (&mut boss, "boss"),
+        (&mut audit, "audit"),
+    ] {
         assert_quiet(ws, who).await;
     }
     assert_quiet(&mut none, "a refused socket").await;
