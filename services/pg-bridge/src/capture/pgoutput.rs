@@ -408,11 +408,14 @@ pub(crate) fn to_json(type_oid: Oid, text: &str) -> Value {
     let parsed = match type_oid {
         types::INT2 | types::INT4 | types::INT8 => text.parse::<i64>().ok().map(Value::from),
         types::OID => text.parse::<u32>().ok().map(Value::from),
+        // A whole number stays an integer (`3`, not `3.0`), as PostgREST shows it; `-0`
+        // keeps its sign as a float.
         types::FLOAT4 | types::FLOAT8 | types::NUMERIC => text
-            .parse::<f64>()
+            .parse::<i64>()
             .ok()
-            .and_then(Number::from_f64)
-            .map(Value::Number),
+            .filter(|_| text != "-0")
+            .map(Value::from)
+            .or_else(|| text.parse::<f64>().ok().and_then(Number::from_f64).map(Value::Number)),
         types::BOOL => match text {
             "t" => Some(Value::Bool(true)),
             "f" => Some(Value::Bool(false)),
@@ -887,6 +890,8 @@ mod tests {
             (1700, "12.50", json!(12.5)),
             (1700, "NaN", json!("NaN")),
             (1700, "0.1", json!(0.1)),
+            (1700, "3", json!(3)),
+            (701, "-7", json!(-7)),
             (
                 1700,
                 &format!("1{}", "0".repeat(400)),
