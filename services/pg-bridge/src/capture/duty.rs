@@ -2,21 +2,20 @@
 //! what each permission class may see, publish, then move the slot.
 //!
 //! One batch: `pg_logical_slot_peek_binary_changes` (at most [`PEEK_CHANGES`] messages, whole
-//! transactions) -> for each table and each class reading it, one visibility query over the
-//! batch's rows (`SET LOCAL ROLE`, `request.jwt.claims`, `SELECT key ... WHERE key IN (...)`,
-//! in a read-only transaction) -> each visible event published to the class's subject, in
-//! commit order, with its position -> NATS flushed -> `pg_replication_slot_advance` past the
-//! batch. A leader that dies before the advance leaves the batch in the slot for the next one
-//! (gateways drop what they already passed on), so nothing committed is lost or shown twice.
+//! transactions) -> for each table and each class reading it, one visibility check over the
+//! batch's rows ([`super::visibility`]) -> each visible event published to the class's
+//! subject, in commit order, with its position -> NATS flushed -> `pg_replication_slot_advance`
+//! past the batch. A leader that dies before the advance leaves the batch in the slot for the
+//! next one (gateways drop what they already passed on), so nothing committed is lost or
+//! shown twice.
 //!
-//! Classes without the capture's check: `all` classes (admins, BYPASSRLS) see every row and a
-//! delete's whole old row; for other classes a deleted row cannot be checked any more, so
-//! every class of the table (each may SELECT it) gets the delete with its id only. Visibility
-//! is that of the row as it is when the batch is checked (milliseconds after its commit): a
-//! row changed again meanwhile is checked in its newer state, and a row deleted meanwhile is
-//! not shown to classes that need the check.
+//! Classes without a check: `all` classes (admins, BYPASSRLS) see every row and a delete's
+//! whole old row. A deleted row cannot be checked any more, so every class of the table (each
+//! may SELECT it) gets the delete with its id only. A row that still exists is checked as it is
+//! when the batch is read (milliseconds after its commit); one that no longer exists by its
+//! committed values.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +25,12 @@ use bytes::Bytes;
 use pgws_config::DbConfig;
 use pgws_proto::{headers, LiveClass, Subjects};
 use tokio::sync::watch;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
 use super::events::{Kind, RowChange, Table, Tables, Transactions};
 use super::pgoutput::{self, Relation};
+use super::visibility::{self, Vanished, Visible};
 use crate::config::TablePattern;
 use crate::db::{self, quote_ident};
 use crate::live_tables::{self, TableTopic};
@@ -287,6 +286,22 @@ impl Capture {
                 key.push((i, row.get::<_, String>(1)));
             }
         }
+        let columns = client
+            .query(
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+                  WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped",
+                &[&relation.oid],
+            )
+            .await?;
+        let by_name: HashMap<String, String> = columns
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        let types: Vec<String> = relation
+            .columns
+            .iter()
+            .filter_map(|c| by_name.get(&c.name).cloned())
+            .collect();
         if key.len() != rows.len() || key.is_empty() {
             tracing::warn!(
                 table = %topic.topic,
@@ -302,6 +317,7 @@ impl Capture {
                 qualified: topic.qualified(),
                 relation: relation.clone(),
                 key,
+                types,
             }),
         );
         Ok(())
@@ -315,24 +331,42 @@ impl Capture {
         tables: &Tables,
         classes: &[LiveClass],
     ) -> anyhow::Result<()> {
-        // Per class: its subject and the keys it may see (None: everything).
+        // Per class: its subject and what it may see (None: everything).
         let mut plans: Vec<Plan<'_>> = Vec::new();
         let mut by_topic: HashMap<&str, Vec<usize>> = HashMap::new();
         for (oid, table) in tables {
-            let keys: Vec<Vec<String>> = changes
+            let readers: Vec<&LiveClass> =
+                classes.iter().filter(|c| c.topic == table.topic).collect();
+            if readers.is_empty() {
+                continue;
+            }
+            // This table's creates and updates, by index in the batch, with their keys.
+            let written: Vec<(usize, &RowChange, Vec<String>)> = changes
                 .iter()
-                .filter(|c| c.relation == *oid && c.kind != Kind::Delete)
-                .filter_map(|c| table.key_of(c))
+                .enumerate()
+                .filter(|(_, c)| c.relation == *oid && c.kind != Kind::Delete)
+                .filter_map(|(i, c)| table.key_of(c).map(|k| (i, c, k)))
                 .collect();
-            let readers = classes.iter().filter(|c| c.topic == table.topic);
+            let keys: Vec<Vec<String>> = written.iter().map(|(_, _, k)| k.clone()).collect();
+            let checked = readers.iter().any(|c| !c.all) && !keys.is_empty();
+            // Rows created or updated in the batch and gone since: checked by their values.
+            let mut vanished: Vec<Vanished> = Vec::new();
+            if checked {
+                let exist = visibility::existing(client, table, &keys).await?;
+                vanished = written
+                    .iter()
+                    .filter(|(_, _, k)| !exist.contains(k))
+                    .map(|(i, c, _)| (*i as i64, table.texts(c)))
+                    .collect();
+            }
             for class in readers {
                 let visible = if class.all {
                     None
                 } else if keys.is_empty() {
-                    Some(HashSet::new())
+                    Some(Visible::default())
                 } else {
                     self.metrics.capture_checks.inc();
-                    match visible(client, table, class, &keys).await {
+                    match visibility::check(client, table, class, &keys, &vanished).await {
                         Ok(v) => Some(v),
                         Err(e) => {
                             tracing::warn!(
@@ -341,7 +375,7 @@ impl Capture {
                                 error = %e,
                                 "visibility check failed: the class gets none of this batch"
                             );
-                            Some(HashSet::new())
+                            Some(Visible::default())
                         }
                     }
                 };
@@ -352,7 +386,7 @@ impl Capture {
                 plans.push((class, self.subjects.table(class), visible));
             }
         }
-        for change in changes {
+        for (index, change) in changes.iter().enumerate() {
             let Some(table) = tables.get(&change.relation) else {
                 continue;
             };
@@ -370,7 +404,11 @@ impl Capture {
                     })
                 } else {
                     let seen = match (&key, visible) {
-                        (Some(k), Some(v)) => change.kind == Kind::Delete || v.contains(k),
+                        (Some(k), Some(v)) => {
+                            change.kind == Kind::Delete
+                                || v.keys.contains(k)
+                                || v.vanished.contains(&(index as i64))
+                        }
                         _ => false,
                     };
                     if !seen {
@@ -403,68 +441,8 @@ impl Capture {
     }
 }
 
-/// A class reading a batch: its subject, and the keys it may see (`None`: every row).
-type Plan<'a> = (&'a LiveClass, String, Option<HashSet<Vec<String>>>);
-
-/// The keys of `keys` that `class` may SELECT now.
-async fn visible(
-    client: &mut Client,
-    table: &Table,
-    class: &LiveClass,
-    keys: &[Vec<String>],
-) -> Result<HashSet<Vec<String>>, tokio_postgres::Error> {
-    let columns: Vec<String> = table
-        .key
-        .iter()
-        .map(|(i, _)| format!("t.{}", quote_ident(&table.relation.columns[*i].name)))
-        .collect();
-    let casts: Vec<String> = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(n, (_, ty))| format!("u.c{n}::{ty}"))
-        .collect();
-    let names: Vec<String> = (0..table.key.len()).map(|n| format!("c{n}")).collect();
-    let arrays: Vec<String> = (1..=table.key.len())
-        .map(|n| format!("${n}::text[]"))
-        .collect();
-    let sql = format!(
-        "SELECT {} FROM {} t WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
-        columns
-            .iter()
-            .map(|c| format!("{c}::text"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        table.qualified,
-        columns.join(", "),
-        casts.join(", "),
-        arrays.join(", "),
-        names.join(", "),
-    );
-    let params: Vec<Vec<&str>> = (0..table.key.len())
-        .map(|n| keys.iter().map(|k| k[n].as_str()).collect())
-        .collect();
-    let params: Vec<&(dyn ToSql + Sync)> =
-        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    let tx = client.build_transaction().read_only(true).start().await?;
-    tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&class.role)))
-        .await?;
-    tx.execute(
-        "SELECT set_config('request.jwt.claims', $1, true)",
-        &[&class.claims],
-    )
-    .await?;
-    let rows = tx.query(&sql, &params).await?;
-    tx.commit().await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (0..table.key.len())
-                .map(|n| r.get::<_, String>(n))
-                .collect()
-        })
-        .collect())
-}
+/// A class reading a batch: its subject, and what it may see (`None`: every row).
+type Plan<'a> = (&'a LiveClass, String, Option<Visible>);
 
 async fn pause(token: &CancellationToken, delay: Duration) {
     tokio::select! {

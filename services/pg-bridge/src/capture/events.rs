@@ -120,6 +120,9 @@ pub(crate) struct Table {
     pub(crate) relation: Relation,
     /// The primary key: column indexes in `relation` and SQL type names; empty without one.
     pub(crate) key: Vec<(usize, String)>,
+    /// Each column's SQL type name, in `relation`'s order (empty when the catalog and the
+    /// Relation message disagree, e.g. during an ALTER TABLE).
+    pub(crate) types: Vec<String>,
 }
 
 impl Table {
@@ -148,6 +151,27 @@ impl Table {
             row.insert(column.name.clone(), value);
         }
         row
+    }
+
+    /// The text value of each column the change shows (`None`: NULL, or not sent and no whole
+    /// old row to take it from).
+    pub(crate) fn texts(&self, change: &RowChange) -> Vec<Option<String>> {
+        let (main, fallback) = match change.kind {
+            Kind::Delete => (change.old.as_ref(), None),
+            _ => (change.new.as_ref(), change.old.as_ref()),
+        };
+        (0..self.relation.columns.len())
+            .map(|i| {
+                let datum = match main.and_then(|t| t.get(i)) {
+                    Some(Datum::UnchangedToast) => fallback.and_then(|old| old.get(i)),
+                    other => other,
+                };
+                match datum {
+                    Some(Datum::Text(t)) => Some(t.clone()),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     /// The primary key's text values, or `None` (no primary key, or a key column missing).
@@ -215,6 +239,7 @@ mod tests {
                 columns: vec![col("id", 20), col("note", 25), col("big", 25)],
             },
             key: vec![(0, "bigint".into())],
+            types: vec!["bigint".into(), "text".into(), "text".into()],
         }
     }
 

@@ -4,10 +4,12 @@
 //!
 //! - [`pgoutput`]: the decoder of the plugin's messages.
 //! - [`events`]: transactions, rows, keys and event frames, without I/O.
+//! - [`visibility`]: what a permission class may see of a batch, one query per table and class.
 //! - [`duty`]: the loop: peek, check, publish, advance.
 
 mod duty;
 mod events;
 pub(crate) mod pgoutput;
+mod visibility;
 
 pub(crate) use duty::Capture;

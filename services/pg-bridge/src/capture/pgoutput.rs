@@ -415,7 +415,12 @@ pub(crate) fn to_json(type_oid: Oid, text: &str) -> Value {
             .ok()
             .filter(|_| text != "-0")
             .map(Value::from)
-            .or_else(|| text.parse::<f64>().ok().and_then(Number::from_f64).map(Value::Number)),
+            .or_else(|| {
+                text.parse::<f64>()
+                    .ok()
+                    .and_then(Number::from_f64)
+                    .map(Value::Number)
+            }),
         types::BOOL => match text {
             "t" => Some(Value::Bool(true)),
             "f" => Some(Value::Bool(false)),

@@ -1,0 +1,243 @@
+//! Which changes of a batch a permission class may see, asked of PostgreSQL once per table,
+//! class and batch, in a read-only transaction as the class's role with its claims
+//! (`SET LOCAL ROLE`, `request.jwt.claims`), as PostgREST runs a `SELECT`.
+//!
+//! - A row that still exists is checked as it is: `SELECT <key> FROM <table> WHERE <key> IN
+//!   (<the batch's keys>)`, so privileges and row-level security apply exactly as to any
+//!   query of that role.
+//! - A row created or updated in the batch that no longer exists (deleted since, often within
+//!   the same batch) cannot be selected: its values as committed are checked against the
+//!   table's row-level security condition for that role instead, the way PostgreSQL combines
+//!   it (permissive policies OR'ed, restrictive ones AND'ed, none: nothing; no row-level
+//!   security, an owner without FORCE, a superuser or BYPASSRLS: everything), with the policy
+//!   expressions as `pg_get_expr` prints them, over a relation of those values named like the
+//!   table.
+
+use std::collections::HashSet;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient};
+
+use pgws_proto::LiveClass;
+
+use super::events::Table;
+use crate::db::quote_ident;
+
+/// A row of the batch whose key no longer exists: the change's index in the batch and its
+/// columns' text values (`None`: NULL or not sent).
+pub(crate) type Vanished = (i64, Vec<Option<String>>);
+
+/// What a class may see of a batch.
+#[derive(Debug, Default)]
+pub(crate) struct Visible {
+    /// Keys of existing rows the class may select.
+    pub(crate) keys: HashSet<Vec<String>>,
+    /// Indexes of vanished changes whose values the class may see.
+    pub(crate) vanished: HashSet<i64>,
+}
+
+/// `(key column expressions, the key IN (...) condition over arrays $1..$n)`.
+fn key_match(table: &Table, alias: &str) -> (Vec<String>, String) {
+    let columns: Vec<String> = table
+        .key
+        .iter()
+        .map(|(i, _)| format!("{alias}.{}", quote_ident(&table.relation.columns[*i].name)))
+        .collect();
+    let casts: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(n, (_, ty))| format!("u.c{n}::{ty}"))
+        .collect();
+    let names: Vec<String> = (0..table.key.len()).map(|n| format!("c{n}")).collect();
+    let arrays: Vec<String> = (1..=table.key.len())
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let condition = format!(
+        "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        columns.join(", "),
+        casts.join(", "),
+        arrays.join(", "),
+        names.join(", "),
+    );
+    (columns, condition)
+}
+
+/// The key arrays of `keys`, one per key column.
+fn key_params(table: &Table, keys: &[Vec<String>]) -> Vec<Vec<String>> {
+    (0..table.key.len())
+        .map(|n| keys.iter().map(|k| k[n].clone()).collect())
+        .collect()
+}
+
+async fn select_keys(
+    db: &impl GenericClient,
+    table: &Table,
+    keys: &[Vec<String>],
+) -> Result<HashSet<Vec<String>>, tokio_postgres::Error> {
+    let (columns, condition) = key_match(table, "t");
+    let texts: Vec<String> = columns.iter().map(|c| format!("{c}::text")).collect();
+    let sql = format!(
+        "SELECT {} FROM {} t WHERE {condition}",
+        texts.join(", "),
+        table.qualified
+    );
+    let params = key_params(table, keys);
+    let params: Vec<&(dyn ToSql + Sync)> =
+        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    let rows = db.query(&sql, &params).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (0..table.key.len())
+                .map(|n| r.get::<_, String>(n))
+                .collect()
+        })
+        .collect())
+}
+
+/// The keys of `keys` whose rows exist now, as the bridge's own user sees them (an owner or
+/// superuser sees every row; under FORCE ROW LEVEL SECURITY fewer, which only sends more rows
+/// to the value check).
+pub(crate) async fn existing(
+    client: &Client,
+    table: &Table,
+    keys: &[Vec<String>],
+) -> Result<HashSet<Vec<String>>, tokio_postgres::Error> {
+    select_keys(client, table, keys).await
+}
+
+/// The row-level security condition PostgreSQL applies when `role` selects from `table`.
+async fn condition(
+    db: &impl GenericClient,
+    table: u32,
+    role: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let row = db
+        .query_opt(
+            "SELECT c.relrowsecurity, c.relforcerowsecurity,
+                    pg_has_role(r.oid, c.relowner, 'USAGE'), r.rolsuper OR r.rolbypassrls
+               FROM pg_class c, pg_roles r WHERE c.oid = $1::oid AND r.rolname = $2",
+            &[&table, &role],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok("false".to_owned());
+    };
+    let (rls, force, owner, bypass): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if !rls || bypass || (owner && !force) {
+        return Ok("true".to_owned());
+    }
+    let policies = db
+        .query(
+            "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive
+               FROM pg_policy p
+              WHERE p.polrelid = $1::oid AND p.polcmd IN ('r', '*')
+                AND ('0'::oid = ANY(p.polroles)
+                     OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS pr(oid)
+                                 WHERE pg_has_role($2, pr.oid, 'USAGE')))",
+            &[&table, &role],
+        )
+        .await?;
+    Ok(combine(
+        policies
+            .iter()
+            .map(|p| (p.get::<_, String>(0), p.get::<_, bool>(1))),
+    ))
+}
+
+/// Policies `(expression, permissive)` combined as PostgreSQL does for a SELECT.
+pub(crate) fn combine(policies: impl Iterator<Item = (String, bool)>) -> String {
+    let (mut permissive, mut restrictive) = (Vec::new(), Vec::new());
+    for (expr, is_permissive) in policies {
+        if is_permissive {
+            permissive.push(format!("({expr})"));
+        } else {
+            restrictive.push(format!("({expr})"));
+        }
+    }
+    if permissive.is_empty() {
+        return "false".to_owned();
+    }
+    let mut condition = format!("({})", permissive.join(" OR "));
+    for r in restrictive {
+        condition = format!("{condition} AND {r}");
+    }
+    condition
+}
+
+/// What `class` may see: of `keys` (existing rows), and of `vanished` (rows gone since).
+pub(crate) async fn check(
+    client: &mut Client,
+    table: &Table,
+    class: &LiveClass,
+    keys: &[Vec<String>],
+    vanished: &[Vanished],
+) -> Result<Visible, tokio_postgres::Error> {
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&class.role)))
+        .await?;
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        &[&class.claims],
+    )
+    .await?;
+    let mut visible = Visible::default();
+    if !keys.is_empty() {
+        visible.keys = select_keys(&tx, table, keys).await?;
+    }
+    if !vanished.is_empty() && table.types.len() == table.relation.columns.len() {
+        let condition = condition(&tx, table.relation.oid, &class.role).await?;
+        let alias = quote_ident(&table.name);
+        let columns: Vec<String> = table
+            .relation
+            .columns
+            .iter()
+            .zip(&table.types)
+            .enumerate()
+            .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
+            .collect();
+        let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
+        let arrays: Vec<String> = (2..table.types.len() + 2)
+            .map(|n| format!("${n}::text[]"))
+            .collect();
+        let sql = format!(
+            "SELECT {alias}.pgws_change FROM (SELECT u.n AS pgws_change, {} \
+               FROM unnest($1::int8[], {}) AS u(n, {})) AS {alias} WHERE {condition}",
+            columns.join(", "),
+            arrays.join(", "),
+            names.join(", "),
+        );
+        let indexes: Vec<i64> = vanished.iter().map(|(i, _)| *i).collect();
+        let values: Vec<Vec<Option<&str>>> = (0..table.types.len())
+            .map(|n| vanished.iter().map(|(_, v)| v[n].as_deref()).collect())
+            .collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes];
+        params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+        let rows = tx.query(&sql, &params).await?;
+        visible.vanished = rows.iter().map(|r| r.get(0)).collect();
+    }
+    tx.commit().await?;
+    Ok(visible)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_combine_as_postgres_does() {
+        let p = |e: &str, permissive| (e.to_owned(), permissive);
+        assert_eq!(combine(std::iter::empty()), "false");
+        assert_eq!(
+            combine([p("a", false)].into_iter()),
+            "false",
+            "restrictive alone"
+        );
+        assert_eq!(
+            combine([p("a", true), p("b", true), p("c", false)].into_iter()),
+            "((a) OR (b)) AND (c)"
+        );
+    }
+}
