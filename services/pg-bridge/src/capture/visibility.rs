@@ -175,7 +175,7 @@ pub(crate) async fn check(
     keys: &[Vec<String>],
     vanished: &[Vanished],
 ) -> Result<Visible, tokio_postgres::Error> {
-    let tx = client.build_transaction().read_only(true).start().await?;
+    let mut tx = client.build_transaction().read_only(true).start().await?;
     tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&class.role)))
         .await?;
     tx.execute(
@@ -188,38 +188,65 @@ pub(crate) async fn check(
         visible.keys = select_keys(&tx, table, keys).await?;
     }
     if !vanished.is_empty() && table.types.len() == table.relation.columns.len() {
-        let condition = condition(&tx, table.relation.oid, &class.role).await?;
-        let alias = quote_ident(&table.name);
-        let columns: Vec<String> = table
-            .relation
-            .columns
-            .iter()
-            .zip(&table.types)
-            .enumerate()
-            .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
-            .collect();
-        let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
-        let arrays: Vec<String> = (2..table.types.len() + 2)
-            .map(|n| format!("${n}::text[]"))
-            .collect();
-        let sql = format!(
-            "SELECT {alias}.pgws_change FROM (SELECT u.n AS pgws_change, {} \
-               FROM unnest($1::int8[], {}) AS u(n, {})) AS {alias} WHERE {condition}",
-            columns.join(", "),
-            arrays.join(", "),
-            names.join(", "),
-        );
-        let indexes: Vec<i64> = vanished.iter().map(|(i, _)| *i).collect();
-        let values: Vec<Vec<Option<&str>>> = (0..table.types.len())
-            .map(|n| vanished.iter().map(|(_, v)| v[n].as_deref()).collect())
-            .collect();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes];
-        params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
-        let rows = tx.query(&sql, &params).await?;
-        visible.vanished = rows.iter().map(|r| r.get(0)).collect();
+        // In a savepoint: a condition PostgreSQL cannot evaluate this way costs the vanished
+        // rows only, not the batch's other rows.
+        let sp = tx.transaction().await?;
+        match vanished_visible(&sp, table, class, vanished).await {
+            Ok(seen) => {
+                visible.vanished = seen;
+                sp.commit().await?;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    topic = %table.topic,
+                    role = %class.role,
+                    error = %e,
+                    "rows gone before their check cannot be checked by their values: not shown"
+                );
+                sp.rollback().await?;
+            }
+        }
     }
     tx.commit().await?;
     Ok(visible)
+}
+
+/// The indexes of `vanished` whose values `class` may see (in its role's transaction).
+async fn vanished_visible(
+    tx: &impl GenericClient,
+    table: &Table,
+    class: &LiveClass,
+    vanished: &[Vanished],
+) -> Result<HashSet<i64>, tokio_postgres::Error> {
+    let condition = condition(tx, table.relation.oid, &class.role).await?;
+    let alias = quote_ident(&table.name);
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .zip(&table.types)
+        .enumerate()
+        .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
+        .collect();
+    let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
+    let arrays: Vec<String> = (2..table.types.len() + 2)
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let sql = format!(
+        "SELECT {alias}.pgws_change FROM (SELECT u.n AS pgws_change, {} \
+           FROM unnest($1::int8[], {}) AS u(n, {})) AS {alias} WHERE {condition}",
+        columns.join(", "),
+        arrays.join(", "),
+        names.join(", "),
+    );
+    let indexes: Vec<i64> = vanished.iter().map(|(i, _)| *i).collect();
+    let values: Vec<Vec<Option<&str>>> = (0..table.types.len())
+        .map(|n| vanished.iter().map(|(_, v)| v[n].as_deref()).collect())
+        .collect();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes];
+    params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+    let rows = tx.query(&sql, &params).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 #[cfg(test)]
