@@ -12,9 +12,12 @@
 //!
 //! Bounds: commands wait in an unbounded queue, but each socket sends at most two per
 //! registration (one when it registers, one when it leaves), so the queue is bounded by the
-//! number of sockets; each request waits at most [`REQUEST_TIMEOUT`].
+//! number of sockets; each request waits at most [`REQUEST_TIMEOUT`]. A report must fit in one
+//! NATS message: `/live` sockets may hold at most [`MAX_CLASSES`] distinct table classes per
+//! gateway (checked when a socket subscribes).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +29,10 @@ use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+
+/// Most distinct `/live` table classes one gateway reports (a class is a few hundred bytes of
+/// a report; NATS carries 1 MiB per message by default).
+pub(crate) const MAX_CLASSES: usize = 2000;
 
 /// How long one request to the leader may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -54,6 +61,9 @@ enum Command {
 #[derive(Debug, Clone)]
 pub(crate) struct Presence {
     tx: mpsc::UnboundedSender<Command>,
+    /// Distinct table classes registered (counted as registrations are made, before the task
+    /// reports them).
+    classes: Arc<Mutex<BTreeMap<LiveClass, usize>>>,
 }
 
 impl Presence {
@@ -75,7 +85,21 @@ impl Presence {
             classes: BTreeMap::new(),
         };
         shutdown.spawn(task.run(rx, shutdown.token.clone()));
-        Self { tx }
+        Self {
+            tx,
+            classes: Arc::default(),
+        }
+    }
+
+    /// Counts a socket in `class` unless that makes more than [`MAX_CLASSES`] distinct ones;
+    /// false when refused. Released by [`Presence::remove`] of the class.
+    pub(crate) fn admit_class(&self, class: &LiveClass) -> bool {
+        let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        if !classes.contains_key(class) && classes.len() >= MAX_CLASSES {
+            return false;
+        }
+        *classes.entry(class.clone()).or_insert(0) += 1;
+        true
     }
 
     /// Registers `what`; for a direct channel, resolves once the leader LISTENs on it (or the
@@ -89,6 +113,10 @@ impl Presence {
 
     /// Forgets `what` (a socket ended).
     pub(crate) fn remove(&self, what: Registration) {
+        if let Registration::Class(class) = &what {
+            let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+            count(&mut classes, class, false);
+        }
         drop(self.tx.send(Command::Remove(what)));
     }
 
@@ -276,5 +304,35 @@ mod tests {
         assert!(count(&mut m, &"a", false));
         assert!(!count(&mut m, &"a", false));
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn distinct_table_classes_are_bounded_per_gateway() {
+        let presence = Presence {
+            tx: mpsc::unbounded_channel().0,
+            classes: Arc::default(),
+        };
+        let class = |n: usize| LiveClass {
+            topic: "orders".into(),
+            role: "web".into(),
+            claims: format!(r#"{{"sub":"u{n}"}}"#),
+            all: false,
+        };
+        for n in 0..MAX_CLASSES {
+            assert!(presence.admit_class(&class(n)));
+        }
+        assert!(
+            !presence.admit_class(&class(MAX_CLASSES)),
+            "one class too many"
+        );
+        assert!(
+            presence.admit_class(&class(0)),
+            "a known class takes another socket"
+        );
+        presence.remove(Registration::Class(class(1)));
+        assert!(
+            presence.admit_class(&class(MAX_CLASSES)),
+            "a class freed makes room"
+        );
     }
 }

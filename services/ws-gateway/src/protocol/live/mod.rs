@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value};
 use self::request::{event, Bad, Method, Request};
 use super::{unix_secs, Action, Admission, Frame, Protocol, Refusal};
 use crate::handshake::Credentials;
-use crate::presence::Registration;
+use crate::presence::{Registration, MAX_CLASSES};
 use crate::Gateway;
 
 /// How long a request waits for a bridge's answer.
@@ -267,6 +267,16 @@ impl Live {
                         let error = format!("at most {MAX_SUBSCRIPTIONS} subscriptions per socket");
                         actions.push(failed(&request, error));
                         continue;
+                    }
+                    if let Found::Table(class) = &topic {
+                        if !gw.presence.admit_class(class) {
+                            let error = format!(
+                                "this gateway serves at most {MAX_CLASSES} permission classes \
+                                 of table topics; try another gateway or later"
+                            );
+                            actions.push(failed(&request, error));
+                            continue;
+                        }
                     }
                     let subject = topic.subject(&gw);
                     let registration = topic.registration();
