@@ -183,5 +183,10 @@ if c and b and b["events_per_s"]:
     print(f"ratio classes/baseline: {c['events_per_s'] / b['events_per_s']:.1f}x (target 20x)")
 if t:
     print(f"SQL -> socket: {t['rows_per_s']:,.0f} row changes/s (target 10,000)")
+incomplete = [n for n, r in (("classes", c), ("baseline", b), ("throughput", t))
+              if r and not r.get("complete", True)]
+if incomplete:
+    print("INCOMPLETE (events missing or sockets closed): " + ", ".join(incomplete))
+    sys.exit(1)
 PY
 say "reports in $OUT"

@@ -559,3 +559,45 @@ async fn an_event_published_again_reaches_a_socket_once() -> anyhow::Result<()> 
     assert_eq!(kinds(&events(&mut ann, 1).await?), [("create", "1")]);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_large_transaction_reaches_a_subscriber_whole() -> anyhow::Result<()> {
+    let prefix = unique("t");
+    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
+    let mut stack = Stack::new();
+    stack.prefix = prefix;
+    stack.extra = vec![fx.topics()];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    // One transaction's rows come as one burst, far beyond PGWS_SEND_QUEUE's 1,024 messages
+    // (3.6 MB, within its 4 MiB): a client that reads a moment later gets them all.
+    let n = 6000;
+    fx.db()
+        .await?
+        .batch_execute(&format!(
+            "INSERT INTO {}.orders (owner, note, big)
+             SELECT 'ann', g::text, repeat('x', 500) FROM generate_series(0, {}) g",
+            fx.schema,
+            n - 1
+        ))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = Received::default();
+    got.until(&mut ann, n).await;
+    assert_eq!(
+        got.notes.len(),
+        n,
+        "every row of the transaction, the socket still open"
+    );
+    assert_eq!(got.notes, (0..n as i64).collect::<Vec<_>>());
+    assert_eq!(
+        stack.gateways[0]
+            .metric("pgws_gateway_slow_consumer_disconnects_total")
+            .await,
+        Some(0.0)
+    );
+    Ok(())
+}

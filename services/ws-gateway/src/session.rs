@@ -104,7 +104,7 @@ impl Gateway {
     /// are live, then registers it with the leader (a direct channel: until it is LISTENed).
     pub(crate) async fn accept(self: &Arc<Self>, admission: Admission) -> Accepted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.send_queue);
+        let (tx, rx) = mpsc::channel(admission.send_queue.unwrap_or(self.config.send_queue));
         let kick = Kick::new(&self.shutdown.token);
         let label = admission.label;
         self.metrics

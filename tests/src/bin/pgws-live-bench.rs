@@ -23,8 +23,8 @@
 //! `received_events`, `foreign_events` (events of another tenant's row: must be 0),
 //! `out_of_order` (an id not above the socket's previous one: a repeat or a reordering, must
 //! be 0), `closed_sockets`, `complete_sockets`, `seconds` (first insert to last event),
-//! `insert_seconds`, `drain_seconds` (last commit to last event), `events_per_s`,
-//! `rows_per_s`; with `BRIDGE_ADMIN` (the bridge's admin address, `host:port`) the deltas of
+//! `insert_seconds`, `drain_seconds` (last commit to last event), `events_per_s`, `complete`
+//! (every event arrived and no socket was closed), `rows_per_s` (0 unless complete); with `BRIDGE_ADMIN` (the bridge's admin address, `host:port`) the deltas of
 //! the bridge's capture counters over the measured part (`capture_checks`: visibility queries),
 //! with `GATEWAY_ADMIN` the gateway's (deliveries, slow-consumer disconnects); `stale_events`:
 //! events of rows written before the run (an earlier run's rows left in the slot), ignored;
@@ -525,7 +525,9 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
         "insert_seconds": (insert_seconds * 1000.0).round() / 1000.0,
         "drain_seconds": (drain_seconds * 1000.0).round() / 1000.0,
         "events_per_s": rate(received),
-        "rows_per_s": rate(rows),
+        // Only a run where every event arrived has a row rate.
+        "complete": received == expected_events && closed == 0,
+        "rows_per_s": if received == expected_events { rate(rows) } else { 0.0 },
         "live_classes": var("PGWS_LIVE_CLASSES", "policy"),
     });
     for (k, v) in counters_after {

@@ -118,6 +118,7 @@ pub(crate) fn admission(
         registrations,
         gaps: false,
         dynamic: false,
+        send_queue: None,
         expires_at: verified.expires_at,
         opening: None,
         protocol: Box::new(Direct {

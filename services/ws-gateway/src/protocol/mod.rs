@@ -114,6 +114,9 @@ pub(crate) struct Admission {
     pub(crate) gaps: bool,
     /// The socket joins and leaves subjects while it runs ([`Action::Join`]).
     pub(crate) dynamic: bool,
+    /// Messages its send queue holds, when not `PGWS_SEND_QUEUE` (bursts that are normal for
+    /// the protocol).
+    pub(crate) send_queue: Option<usize>,
     /// When the token expires (unix seconds): the socket is closed with 3001.
     pub(crate) expires_at: Option<u64>,
     /// A notification sent first (the meta channel's `ConnectionOpen`).

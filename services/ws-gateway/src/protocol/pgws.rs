@@ -36,6 +36,7 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
         registrations: Vec::new(),
         gaps,
         dynamic: false,
+        send_queue: None,
         expires_at: grant.expires_at,
         opening,
         protocol: Box::new(Pgws { grant }),

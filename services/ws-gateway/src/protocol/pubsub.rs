@@ -122,6 +122,7 @@ pub(crate) async fn publisher(
             registrations: vec![Registration::Published(topic.clone())],
             gaps: false,
             dynamic: false,
+            send_queue: None,
             expires_at: None,
             opening: None,
             protocol: Box::new(Publisher {
@@ -143,6 +144,7 @@ pub(crate) async fn subscriber(gw: &Arc<Gateway>, topic: Topic) -> Result<Accept
             registrations: Vec::new(),
             gaps: false,
             dynamic: false,
+            send_queue: None,
             expires_at: None,
             opening: None,
             protocol: Box::new(Subscriber),

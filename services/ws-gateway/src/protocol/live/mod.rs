@@ -45,6 +45,10 @@ use crate::Gateway;
 
 /// How long a request waits for a bridge's answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// Messages a `/live` socket's send queue holds at least: a table event comes per row, and a
+/// transaction's rows come at once (the queue's byte bound, `PGWS_SEND_QUEUE_BYTES`, still
+/// holds).
+const LIVE_SEND_QUEUE: usize = 16_384;
 /// Most topics one socket reads.
 pub(crate) const MAX_SUBSCRIPTIONS: usize = 256;
 /// Most topics a socket remembers it may publish on without asking a bridge again.
@@ -151,6 +155,7 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
         registrations: Vec::new(),
         gaps: false,
         dynamic: true,
+        send_queue: Some(gw.config.send_queue.max(LIVE_SEND_QUEUE)),
         expires_at,
         opening: None,
         protocol: Box::new(Live {
