@@ -601,3 +601,59 @@ async fn an_https_jwks_url_needs_a_trusted_certificate() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
+
+/// Runs `pgws-token` with the stack's settings and `args`: (exit code, stdout, stderr).
+fn token_tool(stack: &Stack, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(pgws_tests::binary_path("pgws-token"))
+        .args(args)
+        .env_clear()
+        .envs(stack.env())
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn the_token_tool_mints_what_the_gateway_accepts() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    // The test stack runs the public sample secret: refused without --local.
+    let (code, out, err) = token_tool(&stack, &["--channels", "chat", "--mode", "rw"])?;
+    assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
+    assert!(err.contains("--local"), "{err}");
+
+    let args = [
+        "--channels",
+        "chat",
+        "--mode",
+        "rw",
+        "--exp",
+        "10m",
+        "--claim",
+        "sub=alice",
+        "--local",
+    ];
+    let (code, jwt, err) = token_tool(&stack, &args)?;
+    assert_eq!(code, Some(0), "{err}");
+    let base = stack.ws_url(0);
+    let mut ws = WsClient::connect(&format!("{base}/chat/{jwt}")).await?;
+    ws.send_text("minted").await?;
+    let message = ws.next_json(T).await?;
+    assert_eq!(message["payload"], "minted");
+    assert_eq!(message["claims"]["sub"], "alice");
+    // The token names its channels: another one is refused, as for any token.
+    assert_eq!(
+        WsClient::refusal(&format!("{base}/other/{jwt}"), &[]).await,
+        "refused 400: No allowed channels"
+    );
+    // A bad option: usage and exit status 2.
+    let (code, _, err) = token_tool(&stack, &["--mode", "x"])?;
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("r, w or rw") && err.contains("usage:"),
+        "{err}"
+    );
+    Ok(())
+}

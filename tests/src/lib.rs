@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 pub use nats::{NatsCluster, NatsSite, PrivateNats};
 pub use pg::{PrivatePg, TempDb};
-pub use process::{Service, ServiceKind};
+pub use process::{binary_path, Service, ServiceKind};
 use serde_json::Value;
 pub use tokio_tungstenite::tungstenite::Message as Frame;
 pub use ws::{http_get, WsClient};

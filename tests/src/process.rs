@@ -34,7 +34,7 @@ impl ServiceKind {
 }
 
 /// The path of a workspace binary next to the test executable (`target/<profile>/`).
-pub(crate) fn binary_path(name: &str) -> PathBuf {
+pub fn binary_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/it-xxxx -> target/<profile>/<name>
     let dir = exe
