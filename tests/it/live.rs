@@ -357,3 +357,58 @@ async fn creating_topics_needs_a_subject_and_is_bounded_per_owner() -> anyhow::R
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_refreshed_token_moves_the_expiry_and_cannot_change_the_claims() -> anyhow::Result<()> {
+    let stack = live_stack().await?;
+    let now = pgws_tests::now();
+    let claims = |exp: u64| json!({"sub": "ann", "role": "web_user", "exp": exp});
+    let mut kept = WsClient::connect(&format!(
+        "{}/live?token={}",
+        stack.ws_url(0),
+        token(&claims(now + 3))
+    ))
+    .await?;
+    let mut lapsing = WsClient::connect(&format!(
+        "{}/live?token={}",
+        stack.ws_url(0),
+        token(&claims(now + 3))
+    ))
+    .await?;
+
+    // Refusals leave the socket as it was.
+    let other = token(&json!({"sub": "bob", "role": "web_user", "exp": now + 60}));
+    let wider = token(&json!({"sub": "ann", "role": "admin", "exp": now + 60}));
+    let expired = token(&claims(now - 120));
+    for (attributes, needle) in [
+        (json!({}), "missing attribute \"token\""),
+        (json!({"token": 7}), "must be a string"),
+        (json!({"token": "garbage"}), "token refused"),
+        (json!({"token": expired}), "token refused"),
+        (json!({"token": other}), "carries the socket's claims"),
+        (json!({"token": wider}), "carries the socket's claims"),
+    ] {
+        let reply = call(&mut lapsing, "refresh", attributes).await?;
+        assert_error(&reply, needle);
+    }
+
+    let later = now + 60;
+    let reply = call(
+        &mut kept,
+        "refresh",
+        json!({"token": token(&claims(later))}),
+    )
+    .await?;
+    assert_ok(&reply);
+    assert_eq!(reply["data"]["expires_at"], later);
+
+    // The lapsing socket closes at its token's expiry (3001), the refreshed one stays.
+    let started = std::time::Instant::now();
+    let (code, _) = lapsing.expect_close(Duration::from_secs(8)).await?;
+    assert_eq!(code, 3001);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pong = call(&mut kept, "ping", json!({})).await?;
+    assert_ok(&pong);
+    Ok(())
+}

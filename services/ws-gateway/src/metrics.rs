@@ -23,6 +23,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) notifications_in: Counter,
     /// `/live` table events dropped because their subject already passed that position on.
     pub(crate) changes_repeated: Counter,
+    /// Tokens replaced in-band (`/live` `refresh`).
+    pub(crate) refreshed: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) abandoned: Counter,
     pub(crate) budget_disconnects: Counter,
@@ -101,6 +103,11 @@ impl GatewayMetrics {
             notifications_in: m.register(
                 "gateway_notifications",
                 "Notifications received from NATS for local channels",
+                Counter::default(),
+            ),
+            refreshed: m.register(
+                "gateway_tokens_refreshed",
+                "Socket tokens replaced in-band (/live refresh), moving the socket's expiry",
                 Counter::default(),
             ),
             changes_repeated: m.register(

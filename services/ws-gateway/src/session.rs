@@ -23,6 +23,8 @@ pub(crate) struct Membership {
     label: &'static str,
     /// For protocols that subscribe while the socket runs (`/live`): how to reach the socket.
     dynamic: Option<Subscriber>,
+    /// A new expiry asked for by [`crate::protocol::Action::Expire`], for the socket loop.
+    pub(crate) expiry: Option<Option<u64>>,
 }
 
 impl Drop for Membership {
@@ -123,6 +125,7 @@ impl Gateway {
             gaps: admission.gaps,
             label,
             dynamic: None,
+            expiry: None,
         };
         let subscriber = Subscriber {
             tx,

@@ -9,6 +9,7 @@
 //! to a bridge, and the protocol's closing notification (`ConnectionClose`) is sent.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,8 +57,7 @@ pub(crate) async fn run(
     let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
     let per_request = gw.uplink.per_request();
     let mut rate = gw.config.max_message_rate.map(Rate::new);
-    let expiry = expiry_sleep(expires_at);
-    tokio::pin!(expiry);
+    let mut expiry = expiry_sleep(expires_at);
     let mut ping = tokio::time::interval(gw.config.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
@@ -86,7 +86,7 @@ pub(crate) async fn run(
                 }
                 closing = Some(Instant::now() + CLOSE_LINGER);
             }
-            _ = &mut expiry, if open => {
+            _ = wait(&mut expiry), if open => {
                 send_close(&mut ws, CLOSE_JWT_EXPIRED, "JWT expired").await;
                 break;
             }
@@ -159,6 +159,9 @@ pub(crate) async fn run(
                 };
                 if !perform(&gw, &mut ws, action, &mut pending, membership).await {
                     break;
+                }
+                if let Some(expires_at) = membership.expiry.take() {
+                    expiry = expiry_sleep(expires_at);
                 }
             }
             _ = ping.tick(), if open => {
@@ -263,6 +266,10 @@ fn perform<'a>(
                 }
                 true
             }
+            Action::Expire(expires_at) => {
+                membership.expiry = Some(expires_at);
+                true
+            }
             Action::Await(work) => {
                 let action = work.await;
                 perform(gw, ws, action, pending, membership).await
@@ -322,15 +329,23 @@ async fn in_flight(
     }
 }
 
-async fn expiry_sleep(expires_at: Option<u64>) {
-    match expires_at {
-        Some(exp) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            tokio::time::sleep(Duration::from_secs(exp.saturating_sub(now))).await;
-        }
+/// The sleep until the token's expiry (`None`: it never expires).
+fn expiry_sleep(expires_at: Option<u64>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    expires_at.map(|exp| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        Box::pin(tokio::time::sleep(Duration::from_secs(
+            exp.saturating_sub(now),
+        )))
+    })
+}
+
+/// Resolves when `sleep` ends; never without one.
+async fn wait(sleep: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match sleep {
+        Some(s) => s.as_mut().await,
         None => std::future::pending().await,
     }
 }

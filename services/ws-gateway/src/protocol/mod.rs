@@ -80,6 +80,8 @@ pub(crate) enum Action {
     Leave(String, Option<Registration>),
     /// Several actions, in order.
     Many(Vec<Action>),
+    /// The socket's token was replaced: it now expires then (unix seconds; `None`: never).
+    Expire(Option<u64>),
     /// Work that needs an answer from elsewhere (a bridge): awaited before the socket's next
     /// frame is read, so a socket's requests are answered in order; the future bounds its own
     /// time.

@@ -194,6 +194,7 @@ impl Protocol for Live {
             Method::DestroyTopic => self.destroy(request),
             Method::ListTopic => self.list(request),
             Method::GetTopic => self.get(request),
+            Method::Refresh => self.refresh(&request),
         }
     }
 
@@ -223,7 +224,45 @@ fn failed(request: &Request, error: impl AsRef<str>) -> Action {
     reply(request.error(error.as_ref()))
 }
 
+/// Claims a refreshed token may change: the rest must be those of the socket's token.
+const REFRESHABLE: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
+fn without_times(claims: &Map<String, Value>) -> Map<String, Value> {
+    claims
+        .iter()
+        .filter(|(k, _)| !REFRESHABLE.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 impl Live {
+    /// `refresh` (`token`): a new token for the same identity moves the socket's expiry; it may
+    /// differ from the socket's token only in `exp`, `iat`, `nbf` and `jti`, so what the socket
+    /// may read and write stays as it was granted.
+    fn refresh(&self, request: &Request) -> Action {
+        let token = match request.text("token") {
+            Ok(t) => t,
+            Err(e) => return failed(request, e),
+        };
+        let (claims, expires_at) = match self.gw.config.authorizer.verify_claims(token, unix_secs())
+        {
+            Ok(v) => v,
+            Err(r) => return failed(request, format!("token refused: {r}")),
+        };
+        if without_times(&claims) != without_times(&self.who.claims) {
+            return failed(
+                request,
+                "a refreshed token carries the socket's claims: only exp, iat, nbf and jti may \
+                 change",
+            );
+        }
+        self.gw.metrics.refreshed.inc();
+        Action::Many(vec![
+            Action::Expire(expires_at),
+            reply(request.ok(json!({"expires_at": expires_at}))),
+        ])
+    }
+
     fn subscribe(&self, request: Request) -> Action {
         let topics = match request.topics() {
             Ok(t) => t,

@@ -23,6 +23,8 @@ pub(crate) enum Method {
     ListTopic,
     GetTopic,
     Ping,
+    /// A new token for the same identity (in-band refresh).
+    Refresh,
 }
 
 impl Method {
@@ -38,6 +40,7 @@ impl Method {
             "list-topic" => Self::ListTopic,
             "get-topic" => Self::GetTopic,
             "ping" => Self::Ping,
+            "refresh" => Self::Refresh,
             _ => return None,
         })
     }
