@@ -657,3 +657,78 @@ async fn the_token_tool_mints_what_the_gateway_accepts() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_refresh_frame_moves_the_expiry_and_only_narrows_the_socket() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let pg = stack.pg().await?;
+    let now = now();
+    let claims = |mode: &str, channels: &[&str], exp: u64| json!({"sub": "alice", "mode": mode, "channels": channels, "refresh": true, "exp": exp});
+    let first = token(&claims("rw", &["chat", "room"], now + 3));
+    let mut ws = WsClient::connect(&format!("{}/{first}", stack.ws_url(0))).await?;
+    let refresh = |t: String| format!("\0refresh {t}");
+
+    // Refusals: the socket stays as it was.
+    for (t, needle) in [
+        ("garbage".to_owned(), "token refused"),
+        (
+            token(
+                &json!({"sub": "bob", "mode": "r", "channels": ["chat"], "refresh": true,
+                           "exp": now + 60}),
+            ),
+            "carries the socket's claims",
+        ),
+        (token(&claims("rw", &["other"], now + 60)), "allows none"),
+    ] {
+        ws.send_text(&refresh(t)).await?;
+        let reply = ws.next_json(T).await?;
+        assert_eq!(reply["event"], "Error", "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap_or("").contains(needle),
+            "{reply}"
+        );
+    }
+
+    // Narrower (read-only, one channel) and later: accepted.
+    ws.send_text(&refresh(token(&claims("r", &["chat"], now + 60))))
+        .await?;
+    let reply = ws.next_json(T).await?;
+    assert_eq!(
+        reply,
+        json!({"event": "TokenRefreshed", "expires_at": now + 60, "channels": ["chat"], "mode": "r"})
+    );
+    // It cannot widen again.
+    ws.send_text(&refresh(token(&claims("rw", &["chat"], now + 90))))
+        .await?;
+    let reply = ws.next_json(T).await?;
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("widen"),
+        "{reply}"
+    );
+
+    // Past the first token's expiry the socket lives, reads chat only and writes nothing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let room = json!({"channel": "room", "n": 1}).to_string();
+    let chat = json!({"channel": "chat", "n": 2}).to_string();
+    stack.notify(&pg, &room).await?;
+    stack.notify(&pg, &chat).await?;
+    assert_eq!(ws.next_text(T).await?, chat);
+    ws.send_text("hello").await?;
+    let reply = ws.next_json(T).await?;
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("read-only"),
+        "{reply}"
+    );
+
+    // Without the refresh claim the frame is a message like any other (refused: it holds NUL).
+    let plain = token(&json!({"mode": "rw", "channels": ["chat"]}));
+    let mut old = WsClient::connect(&format!("{}/{plain}", stack.ws_url(0))).await?;
+    old.send_text(&refresh(token(&claims("r", &["chat"], now + 60))))
+        .await?;
+    let reply = old.next_json(T).await?;
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("NUL"),
+        "{reply}"
+    );
+    Ok(())
+}

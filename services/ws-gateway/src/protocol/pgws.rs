@@ -2,16 +2,31 @@
 //! channels (notifications on `PGWS_LISTEN_CHANNEL` routed by their envelope's `channel`), and
 //! each frame it sends becomes one envelope per channel, NOTIFYed on the listen channel.
 //! Refused frames get an error frame `{"event":"Error","error":...}` and the socket stays.
+//!
+//! In-band token refresh, for sockets whose token has `"refresh": true` (others see no
+//! change): a text frame of NUL, `refresh `, then the new token (no client message can start
+//! so: NUL is refused in messages). The new token must verify, and may narrow but never widen
+//! the socket: its mode within the socket's, the socket's channels it still allows (the others
+//! are left), every other claim but `exp`, `iat`, `nbf` and `jti` unchanged. Answered
+//! `{"event":"TokenRefreshed","expires_at":...,"channels":[...],"mode":"r"|"w"|"rw"}`, or an
+//! error frame; the socket's expiry moves to the new token's.
 
 use super::{receive_span, Action, Admission, Frame, Protocol};
 use crate::uplink::Pending;
 use crate::Gateway;
 use axum::extract::ws::{Message, Utf8Bytes};
-use pgws_auth::Grant;
+use pgws_auth::{Grant, Mode};
 use pgws_proto::{ConnectionEvent, Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
+use serde_json::Value;
 
 /// The token claim that asks for gap signals (`"gaps": true`).
 const GAPS_CLAIM: &str = "gaps";
+/// The token claim that allows in-band refresh (`"refresh": true`).
+const REFRESH_CLAIM: &str = "refresh";
+/// A refresh frame starts so; the token follows.
+pub(crate) const REFRESH_PREFIX: &str = "\0refresh ";
+/// Claims a refresh may change freely; `mode`, `channel` and `channels` may only narrow.
+const REFRESHABLE: [&str; 7] = ["exp", "iat", "nbf", "jti", "mode", "channel", "channels"];
 
 /// A postgres-websockets socket.
 pub(crate) struct Pgws {
@@ -28,7 +43,7 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
         Vec::new()
     };
     // Opt-in: only sockets whose token asks for gap signals get them.
-    let gaps = reads && grant.claims.get(GAPS_CLAIM) == Some(&serde_json::Value::Bool(true));
+    let gaps = reads && grant.claims.get(GAPS_CLAIM) == Some(&Value::Bool(true));
     let opening = meta_notification(gw, &grant, ConnectionEvent::Open).map(Pending::untraced);
     Admission {
         label: "postgres-websockets",
@@ -45,6 +60,13 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
 
 impl Protocol for Pgws {
     fn frame(&mut self, gw: &Gateway, frame: Frame) -> Action {
+        if let Some(token) = frame
+            .as_text()
+            .and_then(|t| t.strip_prefix(REFRESH_PREFIX))
+            .filter(|_| self.grant.claims.get(REFRESH_CLAIM) == Some(&Value::Bool(true)))
+        {
+            return self.refresh(gw, token);
+        }
         let refused = match frame.as_text() {
             Some(text) => self.accept(gw, text),
             None => Err(refuse(
@@ -67,6 +89,70 @@ impl Protocol for Pgws {
 }
 
 impl Pgws {
+    /// A refresh frame's token: the socket narrows to what it allows, and its expiry moves.
+    fn refresh(&mut self, gw: &Gateway, token: &str) -> Action {
+        let refused = |why: String| Action::Reply(refuse(gw, "refresh_refused", &why));
+        let verified = match gw.config.authorizer.verify(token.trim(), unix_now() as u64) {
+            Ok(v) => v,
+            Err(e) => return refused(format!("token refused: {e}")),
+        };
+        let old = &self.grant;
+        let others = |claims: &serde_json::Map<String, Value>| {
+            claims
+                .iter()
+                .filter(|(k, _)| !REFRESHABLE.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        if others(&verified.claims) != others(&old.claims) {
+            return refused(
+                "a refreshed token carries the socket's claims: only exp, iat, nbf, jti, and a \
+                 narrower mode or channels may differ"
+                    .to_owned(),
+            );
+        }
+        let mode = verified.mode;
+        if (mode.can_read() && !old.mode.can_read()) || (mode.can_write() && !old.mode.can_write())
+        {
+            return refused("a refreshed token may not widen the socket's mode".to_owned());
+        }
+        let kept: Vec<String> = old
+            .channels
+            .iter()
+            .filter(|c| verified.clone().grant(Some(c)).is_ok())
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            return refused("the refreshed token allows none of the socket's channels".to_owned());
+        }
+        let subjects = &gw.config.nats.subjects;
+        let mut actions: Vec<Action> = old
+            .channels
+            .iter()
+            .filter(|c| old.mode.can_read() && (!mode.can_read() || !kept.contains(c)))
+            .map(|c| Action::Leave(subjects.deliver(c), None))
+            .collect();
+        let expires_at = verified.expires_at;
+        let reply = serde_json::json!({
+            "event": "TokenRefreshed",
+            "expires_at": expires_at,
+            "channels": kept,
+            "mode": match mode { Mode::Read => "r", Mode::Write => "w", Mode::ReadWrite => "rw" },
+        });
+        self.grant = Grant {
+            mode,
+            channels: kept,
+            claims: verified.claims,
+            expires_at,
+        };
+        gw.metrics.refreshed.inc();
+        actions.push(Action::Expire(expires_at));
+        actions.push(Action::Reply(Message::Text(Utf8Bytes::from(
+            reply.to_string(),
+        ))));
+        Action::Many(actions)
+    }
+
     /// Turns a client frame into notifications (one per channel of the socket), or an error
     /// frame for the client.
     fn accept(&self, gw: &Gateway, text: &str) -> Result<Action, Message> {
