@@ -115,6 +115,14 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "websocket listening");
 
+    // Every readiness check is registered before the admin listener answers, so that /readyz
+    // never reports fewer dependencies than it has.
+    let audit_ready = config.audit.enabled.then(|| {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ready);
+        readiness.add("audit", move || flag.load(Ordering::Relaxed));
+        ready
+    });
     let admin_token = shutdown.token.clone();
     let admin_readiness = readiness.clone();
     shutdown.spawn(async move {
@@ -147,10 +155,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         js: async_nats::jetstream::new(client.clone()),
         subject: config.nats.subjects.audit(),
     });
-    if let Some(audit) = &audit {
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&ready);
-        readiness.add("audit", move || flag.load(Ordering::Relaxed));
+    if let (Some(audit), Some(ready)) = (&audit, audit_ready) {
         let (js, subjects, limits) = (audit.js.clone(), config.nats.subjects.clone(), config.audit);
         let token = shutdown.token.clone();
         shutdown.spawn(async move {
