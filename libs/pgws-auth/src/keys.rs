@@ -88,6 +88,20 @@ fn decode_lenient_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
     ENGINE.decode(standard)
 }
 
+/// The bytes of a raw HMAC secret: its UTF-8, or (`base64`) what it decodes to in either
+/// alphabet, padded or not; never empty.
+pub fn hmac_secret(secret: &str, base64: bool) -> Result<Vec<u8>, SecretError> {
+    let bytes = if base64 {
+        decode_lenient_base64(secret.trim())?
+    } else {
+        secret.as_bytes().to_vec()
+    };
+    if bytes.is_empty() {
+        return Err(SecretError::Empty);
+    }
+    Ok(bytes)
+}
+
 /// Parses the resolved `PGWS_JWT_SECRET`; `base64` applies to a raw HMAC secret only.
 pub(crate) fn parse_secret(secret: &str, base64: bool) -> Result<KeyRing, SecretError> {
     if secret.is_empty() {
@@ -105,14 +119,7 @@ pub(crate) fn parse_secret(secret: &str, base64: bool) -> Result<KeyRing, Secret
             });
         }
     }
-    let bytes = if base64 {
-        decode_lenient_base64(secret.trim())?
-    } else {
-        secret.as_bytes().to_vec()
-    };
-    if bytes.is_empty() {
-        return Err(SecretError::Empty);
-    }
+    let bytes = hmac_secret(secret, base64)?;
     let key = VerifyingKey {
         kid: None,
         algorithms: AlgorithmFamily::Hmac.algorithms().to_vec(),

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 pub use claims::{allowed_channels, parse_mode, Mode};
 pub use jwks::{KeySet, MAX_JWKS_BYTES, MAX_JWKS_KEYS};
-pub use keys::SecretError;
+pub use keys::{hmac_secret, SecretError};
 
 /// Why a connection is refused; the `Display` text is the reference's message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

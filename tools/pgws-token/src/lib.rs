@@ -24,7 +24,6 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use pgws_config::{Problems, Settings};
 use serde_json::{Map, Value};
@@ -219,14 +218,7 @@ where
             "the secret is a JWK document: sign with the private key (--key) instead".to_owned(),
         );
     }
-    let bytes = if base64 {
-        let trimmed = secret.trim_end_matches('=');
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(trimmed.replace('+', "-").replace('/', "_"))
-            .map_err(|e| format!("the secret is not base64: {e}"))?
-    } else {
-        secret.into_bytes()
-    };
+    let bytes = pgws_auth::hmac_secret(&secret, base64).map_err(|e| e.to_string())?;
     let mut header = Header::new(alg);
     header.kid = o.kid.clone();
     Ok((EncodingKey::from_secret(&bytes), header))
@@ -314,6 +306,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use serde_json::json;
 
     fn args(list: &[&str]) -> Vec<String> {
