@@ -126,6 +126,22 @@ pub(crate) struct Admission {
     pub(crate) protocol: Box<dyn Protocol>,
 }
 
+/// Claims every token may change on an in-band refresh: its times and its id.
+pub(crate) const REFRESH_TIMES: [&str; 4] = ["exp", "iat", "nbf", "jti"];
+
+/// Whether a refreshed token's claims equal the socket's, apart from `REFRESH_TIMES` and
+/// `also` (claims the protocol checks itself).
+pub(crate) fn same_claims_apart_from(
+    new: &serde_json::Map<String, serde_json::Value>,
+    old: &serde_json::Map<String, serde_json::Value>,
+    also: &[&str],
+) -> bool {
+    let ignored = |k: &String| REFRESH_TIMES.contains(&k.as_str()) || also.contains(&k.as_str());
+    let new_kept = new.iter().filter(|(k, _)| !ignored(k));
+    let old_kept = old.iter().filter(|(k, _)| !ignored(k));
+    new_kept.eq(old_kept)
+}
+
 /// A refused handshake: the status and the body the client gets, and the metric's reason.
 #[derive(Debug)]
 pub(crate) struct Refusal {

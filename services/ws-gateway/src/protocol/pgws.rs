@@ -11,7 +11,7 @@
 //! `{"event":"TokenRefreshed","expires_at":...,"channels":[...],"mode":"r"|"w"|"rw"}`, or an
 //! error frame; the socket's expiry moves to the new token's.
 
-use super::{receive_span, Action, Admission, Frame, Protocol};
+use super::{receive_span, same_claims_apart_from, Action, Admission, Frame, Protocol};
 use crate::uplink::Pending;
 use crate::Gateway;
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -25,8 +25,8 @@ const GAPS_CLAIM: &str = "gaps";
 const REFRESH_CLAIM: &str = "refresh";
 /// A refresh frame starts so; the token follows.
 pub(crate) const REFRESH_PREFIX: &str = "\0refresh ";
-/// Claims a refresh may change freely; `mode`, `channel` and `channels` may only narrow.
-const REFRESHABLE: [&str; 7] = ["exp", "iat", "nbf", "jti", "mode", "channel", "channels"];
+/// Claims a refresh may narrow (checked by [`Pgws::refresh`]).
+const NARROWABLE: [&str; 3] = ["mode", "channel", "channels"];
 
 /// A postgres-websockets socket.
 pub(crate) struct Pgws {
@@ -97,14 +97,7 @@ impl Pgws {
             Err(e) => return refused(format!("token refused: {e}")),
         };
         let old = &self.grant;
-        let others = |claims: &serde_json::Map<String, Value>| {
-            claims
-                .iter()
-                .filter(|(k, _)| !REFRESHABLE.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<serde_json::Map<_, _>>()
-        };
-        if others(&verified.claims) != others(&old.claims) {
+        if !same_claims_apart_from(&verified.claims, &old.claims, &NARROWABLE) {
             return refused(
                 "a refreshed token carries the socket's claims: only exp, iat, nbf, jti, and a \
                  narrower mode or channels may differ"

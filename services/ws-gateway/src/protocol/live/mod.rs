@@ -38,7 +38,7 @@ use pgws_proto::{
 use serde_json::{json, Map, Value};
 
 use self::request::{event, Bad, Method, Request};
-use super::{unix_secs, Action, Admission, Frame, Protocol, Refusal};
+use super::{same_claims_apart_from, unix_secs, Action, Admission, Frame, Protocol, Refusal};
 use crate::handshake::Credentials;
 use crate::presence::{Registration, MAX_CLASSES};
 use crate::Gateway;
@@ -224,17 +224,6 @@ fn failed(request: &Request, error: impl AsRef<str>) -> Action {
     reply(request.error(error.as_ref()))
 }
 
-/// Claims a refreshed token may change: the rest must be those of the socket's token.
-const REFRESHABLE: [&str; 4] = ["exp", "iat", "nbf", "jti"];
-
-fn without_times(claims: &Map<String, Value>) -> Map<String, Value> {
-    claims
-        .iter()
-        .filter(|(k, _)| !REFRESHABLE.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
 impl Live {
     /// `refresh` (`token`): a new token for the same identity moves the socket's expiry; it may
     /// differ from the socket's token only in `exp`, `iat`, `nbf` and `jti`, so what the socket
@@ -249,7 +238,7 @@ impl Live {
             Ok(v) => v,
             Err(r) => return failed(request, format!("token refused: {r}")),
         };
-        if without_times(&claims) != without_times(&self.who.claims) {
+        if !same_claims_apart_from(&claims, &self.who.claims, &[]) {
             return failed(
                 request,
                 "a refreshed token carries the socket's claims: only exp, iat, nbf and jti may \
