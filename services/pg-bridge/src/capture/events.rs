@@ -126,27 +126,28 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// The row a change shows: the new row of a create or update (unchanged large values
-    /// from the old row), the old row of a delete.
-    pub(crate) fn row(&self, change: &RowChange) -> Map<String, Value> {
+    /// What a change shows of column `i`: the new row's value (an unchanged large value from
+    /// the old row), or the old row's for a delete; `None` when it was not sent.
+    fn datum<'c>(&self, change: &'c RowChange, i: usize) -> Option<&'c Datum> {
         let (main, fallback) = match change.kind {
             Kind::Delete => (change.old.as_ref(), None),
             _ => (change.new.as_ref(), change.old.as_ref()),
         };
+        match main?.get(i) {
+            Some(Datum::UnchangedToast) => fallback.and_then(|old| old.get(i)),
+            other => other,
+        }
+        .filter(|d| !matches!(d, Datum::UnchangedToast))
+    }
+
+    /// The row a change shows (columns not sent and not in a whole old row are left out).
+    pub(crate) fn row(&self, change: &RowChange) -> Map<String, Value> {
         let mut row = Map::new();
-        let Some(main) = main else {
-            return row;
-        };
         for (i, column) in self.relation.columns.iter().enumerate() {
-            let datum = match main.get(i) {
-                Some(Datum::UnchangedToast) => fallback.and_then(|old| old.get(i)),
-                other => other,
-            };
-            let value = match datum {
+            let value = match self.datum(change, i) {
                 Some(Datum::Text(t)) => super::pgoutput::to_json(column.type_oid, t),
-                Some(Datum::Null) => Value::Null,
-                // Not sent, and no whole old row to take it from.
-                Some(Datum::UnchangedToast) | None => continue,
+                Some(_) => Value::Null,
+                None => continue,
             };
             row.insert(column.name.clone(), value);
         }
@@ -156,20 +157,10 @@ impl Table {
     /// The text value of each column the change shows (`None`: NULL, or not sent and no whole
     /// old row to take it from).
     pub(crate) fn texts(&self, change: &RowChange) -> Vec<Option<String>> {
-        let (main, fallback) = match change.kind {
-            Kind::Delete => (change.old.as_ref(), None),
-            _ => (change.new.as_ref(), change.old.as_ref()),
-        };
         (0..self.relation.columns.len())
-            .map(|i| {
-                let datum = match main.and_then(|t| t.get(i)) {
-                    Some(Datum::UnchangedToast) => fallback.and_then(|old| old.get(i)),
-                    other => other,
-                };
-                match datum {
-                    Some(Datum::Text(t)) => Some(t.clone()),
-                    _ => None,
-                }
+            .map(|i| match self.datum(change, i) {
+                Some(Datum::Text(t)) => Some(t.clone()),
+                _ => None,
             })
             .collect()
     }
