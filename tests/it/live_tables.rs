@@ -20,9 +20,9 @@ struct Fixture {
 }
 
 impl Fixture {
-    /// Creates the fixture for a stack with NATS prefix `prefix` (so its slot is dropped
-    /// too); declared before the stack, it drops after the stack's processes are gone.
-    async fn create(uri: &str, prefix: &str) -> anyhow::Result<Self> {
+    /// Creates the fixture in the database of `uri`; declared before the stack
+    /// ([`Fixture::stack`]), it drops after the stack's processes are gone.
+    async fn create(uri: &str) -> anyhow::Result<Self> {
         let schema = unique("lt").replace('-', "_");
         let (db, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -43,27 +43,37 @@ impl Fixture {
         ))
         .await?;
         Ok(Self {
-            schema,
             uri: uri.to_owned(),
-            slot: format!(
-                "pgws_{}",
-                prefix
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() {
-                        c.to_ascii_lowercase()
-                    } else {
-                        '_'
-                    })
-                    .collect::<String>()
-            ),
+            slot: format!("{schema}_slot"),
+            schema,
         })
     }
 
-    fn topics(&self) -> (String, String) {
-        (
-            "PGWS_TABLE_TOPICS".to_owned(),
-            format!("{}.orders", self.schema),
-        )
+    /// A stack on this fixture's database capturing its table, with `bridges` bridges and
+    /// `gateways` gateways and `extra` settings for all.
+    async fn stack(
+        &self,
+        bridges: usize,
+        gateways: usize,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Stack> {
+        let mut stack = Stack::new();
+        stack.extra = [
+            ("PGWS_DB_URI", self.uri.as_str()),
+            ("PGWS_TABLE_TOPICS", &format!("{}.orders", self.schema)),
+            ("PGWS_CAPTURE_SLOT", &self.slot),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        for _ in 0..bridges {
+            stack.add_bridge(&[]).await?;
+        }
+        for _ in 0..gateways {
+            stack.add_gateway(&[]).await?;
+        }
+        Ok(stack)
     }
 
     fn role(&self, which: &str) -> String {
@@ -164,14 +174,8 @@ fn kinds(events: &[(String, String, Value)]) -> Vec<(&str, &str)> {
 
 #[tokio::test]
 async fn sql_writes_reach_each_socket_as_its_role_and_policies_allow() -> anyhow::Result<()> {
-    let prefix = unique("t");
-    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix;
-    stack.extra = vec![fx.topics(), ("PGWS_ADMIN_ROLES".into(), "boss".into())];
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 2, &[("PGWS_ADMIN_ROLES", "boss")]).await?;
     let web = fx.role("web");
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": web})).await?;
     let mut bob = live(&stack, 1, &json!({"sub": "bob", "role": web})).await?;
@@ -319,13 +323,8 @@ async fn sql_writes_reach_each_socket_as_its_role_and_policies_allow() -> anyhow
 
 #[tokio::test]
 async fn table_topics_are_listed_described_and_protected() -> anyhow::Result<()> {
-    let prefix = unique("t");
-    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix;
-    stack.extra = vec![fx.topics()];
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
     let mut web = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
     let mut none = live(&stack, 0, &json!({"sub": "eve", "role": fx.role("none")})).await?;
 
@@ -421,14 +420,8 @@ impl Received {
 
 #[tokio::test]
 async fn a_leader_killed_mid_stream_loses_and_repeats_no_change() -> anyhow::Result<()> {
-    let prefix = unique("t");
-    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix;
-    stack.extra = vec![fx.topics()];
-    stack.add_bridge(&[]).await?;
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(2, 1, &[]).await?;
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
     subscribe(&mut ann, "orders").await?;
     fx.slot_ready().await?;
@@ -462,13 +455,8 @@ async fn a_leader_killed_mid_stream_loses_and_repeats_no_change() -> anyhow::Res
 #[tokio::test]
 async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> {
     let pg = PrivatePg::start()?;
-    let prefix = unique("t");
-    let fx = Fixture::create(&pg.uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix;
-    stack.extra = vec![fx.topics(), ("PGWS_DB_URI".into(), pg.uri())];
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pg.uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
     subscribe(&mut ann, "orders").await?;
     fx.slot_ready().await?;
@@ -499,13 +487,8 @@ async fn an_event_published_again_reaches_a_socket_once() -> anyhow::Result<()> 
     use futures::StreamExt as _;
     use pgws_proto::{headers, LiveClass, Prefix, Subjects};
 
-    let prefix = unique("t");
-    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix.clone();
-    stack.extra = vec![fx.topics()];
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
     let role = fx.role("web");
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": role, "iat": 1})).await?;
     subscribe(&mut ann, "orders").await?;
@@ -517,7 +500,7 @@ async fn an_event_published_again_reaches_a_socket_once() -> anyhow::Result<()> 
         claims: r#"{"sub":"ann"}"#.into(),
         all: false,
     };
-    let subject = Subjects::new(Prefix::new(&prefix)?).table(&class);
+    let subject = Subjects::new(Prefix::new(&stack.prefix)?).table(&class);
     let nats = async_nats::connect(pgws_tests::nats_url()).await?;
     let mut tap = nats.subscribe(subject.clone()).await?;
     nats.flush().await?;
@@ -562,13 +545,8 @@ async fn an_event_published_again_reaches_a_socket_once() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn a_large_transaction_reaches_a_subscriber_whole() -> anyhow::Result<()> {
-    let prefix = unique("t");
-    let fx = Fixture::create(&pgws_tests::db_uri(), &prefix).await?;
-    let mut stack = Stack::new();
-    stack.prefix = prefix;
-    stack.extra = vec![fx.topics()];
-    stack.add_bridge(&[]).await?;
-    stack.add_gateway(&[]).await?;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
     let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
     subscribe(&mut ann, "orders").await?;
     fx.slot_ready().await?;
