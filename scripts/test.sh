@@ -2,7 +2,8 @@
 # The test command: format and lint checks, unit and property tests, and the end-to-end tests
 # that start the real binaries against real PostgreSQL and NATS (started, or installed and
 # started, by scripts/ensure-services.sh when absent), then a short run of every fuzz target
-# (scripts/fuzz.sh, FUZZ_SECONDS each, 10 by default here).
+# (scripts/fuzz.sh, FUZZ_SECONDS each, 10 by default here). The JavaScript client's tests
+# (clients/js, node's test runner) run against the same binaries.
 #
 # CARGO_TARGET_DIR defaults to /var/tmp/pgws-target, outside the clone, so that repeated runs
 # (and CI on a fresh clone) reuse the build.
@@ -23,5 +24,7 @@ cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnin
 # The end-to-end tests run the binaries of this build.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
+# The JavaScript client's tests, against the binaries just built.
+(cd clients/js && npm test)
 cargo test --manifest-path fuzz/Cargo.toml --lib --locked
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh

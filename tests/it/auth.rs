@@ -683,6 +683,7 @@ async fn a_refresh_frame_moves_the_expiry_and_only_narrows_the_socket() -> anyho
         ws.send_text(&refresh(t)).await?;
         let reply = ws.next_json(T).await?;
         assert_eq!(reply["event"], "Error", "{reply}");
+        assert_eq!(reply["request"], "refresh", "{reply}");
         assert!(
             reply["error"].as_str().unwrap_or("").contains(needle),
             "{reply}"

@@ -9,7 +9,7 @@
 //! the socket: its mode within the socket's, the socket's channels it still allows (the others
 //! are left), every other claim but `exp`, `iat`, `nbf` and `jti` unchanged. Answered
 //! `{"event":"TokenRefreshed","expires_at":...,"channels":[...],"mode":"r"|"w"|"rw"}`, or an
-//! error frame; the socket's expiry moves to the new token's.
+//! error frame marked `"request":"refresh"`; the socket's expiry moves to the new token's.
 
 use super::{receive_span, same_claims_apart_from, Action, Admission, Frame, Protocol};
 use crate::uplink::Pending;
@@ -91,7 +91,11 @@ impl Protocol for Pgws {
 impl Pgws {
     /// A refresh frame's token: the socket narrows to what it allows, and its expiry moves.
     fn refresh(&mut self, gw: &Gateway, token: &str) -> Action {
-        let refused = |why: String| Action::Reply(refuse(gw, "refresh_refused", &why));
+        let refused = |why: String| {
+            gw.metrics.refused("refresh_refused");
+            let json = serde_json::json!({"event": "Error", "error": why, "request": "refresh"});
+            Action::Reply(Message::Text(Utf8Bytes::from(json.to_string())))
+        };
         let verified = match gw.config.authorizer.verify(token.trim(), unix_now() as u64) {
             Ok(v) => v,
             Err(e) => return refused(format!("token refused: {e}")),
