@@ -6,14 +6,14 @@
 #      then starts pg-bridge, pg-recorder and ws-gateway in the background from the
 #      repository root, logs in .stack/<service>.log
 #   4. waits for each admin /readyz (gateway :9100, bridge :9101, recorder :9102), prints the
-#      example page's URL and a sample token, then runs until Ctrl-C / SIGTERM, which stops
-#      all three.
+#      demo page's URL with a sample token (made by the pgws-token just built), then runs until
+#      Ctrl-C / SIGTERM, which stops all three.
 # Every service must become ready; if one exits or never gets ready, the stack stops with its log.
 #
 # Usage: scripts/stack.sh [--check [--browser]] [ENV_FILE]
-#   --check   start everything, wait until ready, check the example page and a websocket round
+#   --check   start everything, wait until ready, check the demo page and a websocket round
 #             trip (two sockets on channel chat), stop everything; exit 0 if all passed.
-#   --browser with --check: also run the real-browser test tests/browser/chat.mjs (after
+#   --browser with --check: also run the real-browser test tests/browser/demo.mjs (after
 #             scripts/browser-test-setup.sh, which installs chromium / playwright-core if missing).
 # Env:   STACK_READY_TIMEOUT  seconds to wait for each service's /readyz (default 60)
 set -euo pipefail
@@ -54,6 +54,8 @@ READY_TIMEOUT=${STACK_READY_TIMEOUT:-60}
 
 # service name -> admin port (each service's built-in default; see deploy/sample.env)
 SERVICES=(pg-bridge pg-recorder ws-gateway)
+# built beside them: prints the sample token
+TOOLS=(pgws-token)
 declare -A ADMIN_PORT=([ws-gateway]=9100 [pg-bridge]=9101 [pg-recorder]=9102)
 declare -A PID=()
 
@@ -135,7 +137,7 @@ cargo build --release --workspace || die "cargo build failed"
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 BIN_DIR=$TARGET_DIR/release
-for name in "${SERVICES[@]}"; do
+for name in "${SERVICES[@]}" "${TOOLS[@]}"; do
   [[ -x $BIN_DIR/$name ]] || die "$BIN_DIR/$name was not built"
 done
 
@@ -193,39 +195,17 @@ wait_ready pg-recorder
 wait_ready ws-gateway
 
 # ---------------------------------------------------------------- sample token
-# HS256 JWT for {"mode":"rw","channel":"chat"} signed with PGWS_JWT_SECRET (raw HMAC string,
-# "@file", or base64 with PGWS_JWT_SECRET_BASE64=true). Empty for a JWK/JWKS secret.
-make_token() {
-  python3 - "$1" <<'PY'
-import base64, hashlib, hmac, json, os, sys
-
-secret = os.environ.get("PGWS_JWT_SECRET", "")
-if secret.startswith("@"):
-    with open(secret[1:], encoding="utf-8") as f:
-        secret = f.read()
-    if secret.endswith("\n"):
-        secret = secret[:-1]
-if secret.lstrip().startswith("{"):
-    sys.exit(0)  # a JWK or JWKS: cannot sign a sample token here
-if os.environ.get("PGWS_JWT_SECRET_BASE64", "").lower() in ("true", "1", "yes"):
-    s = secret.strip().replace("-", "+").replace("_", "/")
-    key = base64.b64decode(s + "=" * (-len(s) % 4))
-else:
-    key = secret.encode()
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-claims = b64(json.dumps(json.loads(sys.argv[1]), separators=(",", ":")).encode())
-signing_input = f"{header}.{claims}".encode()
-sig = b64(hmac.new(key, signing_input, hashlib.sha256).digest())
-print(f"{header}.{claims}.{sig}")
-PY
+# A token for the demo page: channel chat and the meta channel, read and write, for a day,
+# printed by pgws-token with the stack's PGWS_JWT_SECRET (--local: the public sample secret is
+# fine here). None when the secret is a JWK/JWKS (pgws-token would need the private key).
+META=${PGWS_META_CHANNEL:-}
+TOKEN_CHANNELS=chat${META:+,$META}
+TOKEN=$("$BIN_DIR/pgws-token" --channels "$TOKEN_CHANNELS" --mode rw --sub demo --exp 24h --local 2>"$STATE_DIR/pgws-token.err") || {
+  warn "no sample token: $(cat "$STATE_DIR/pgws-token.err")"
+  TOKEN=""
 }
-
-TOKEN=$(make_token '{"mode":"rw","channel":"chat"}') || die "could not compute the sample token"
 PAGE_URL="http://localhost:$WS_PORT/"
+PAGE_HASH="#token=$TOKEN&channel=chat${META:+&meta=$META}&listen=${PGWS_LISTEN_CHANNEL:-postgres-websockets-listener}"
 
 # ---------------------------------------------------------------- --check
 websocket_node() {
@@ -241,9 +221,9 @@ run_check() {
   local failed=0 code node_cmd
   code=$(curl -s -o "$STATE_DIR/index.html" -m 5 -w '%{http_code}' "http://127.0.0.1:$WS_PORT/" || true)
   if [[ $code == 200 ]] && grep -q 'pgws' "$STATE_DIR/index.html"; then
-    say "check: example page served (GET http://127.0.0.1:$WS_PORT/ -> 200)"
+    say "check: demo page served (GET http://127.0.0.1:$WS_PORT/ -> 200)"
   else
-    warn "check: GET http://127.0.0.1:$WS_PORT/ -> $code (expected 200 with the example page)"
+    warn "check: GET http://127.0.0.1:$WS_PORT/ -> $code (expected 200 with the demo page)"
     failed=1
   fi
 
@@ -303,9 +283,10 @@ JS
     if [[ -z $TOKEN ]]; then
       warn "check: no sample token (JWK secret); browser test skipped"
       failed=1
-    elif "$ROOT/scripts/browser-test-setup.sh" &&
+    # shellcheck disable=SC2086 # node_cmd is "node" plus an optional flag
+    elif "$ROOT/scripts/browser-test-setup.sh" && node_cmd=$(websocket_node) && [[ -n $node_cmd ]] &&
       PGWS_BROWSER_SCREENSHOT=${PGWS_BROWSER_SCREENSHOT:-$STATE_DIR/browser.png} \
-        node "$ROOT/tests/browser/chat.mjs" "http://127.0.0.1:$WS_PORT" "$TOKEN" "$TOKEN"; then
+        $node_cmd "$ROOT/tests/browser/demo.mjs" "http://127.0.0.1:$WS_PORT" "$TOKEN"; then
       say "check: browser test passed"
     else
       warn "check: browser test failed"
@@ -326,9 +307,9 @@ fi
 cat <<EOF
 
   pgws stack is running (env: ${ENV_FILE#"$ROOT"/})
-    example page:   $PAGE_URL
-    sample token:   ${TOKEN:-(none: the JWT secret is a JWK/JWKS)}   {"mode":"rw","channel":"chat"}
-    page + token:   ${PAGE_URL}#token=$TOKEN
+    demo page:      $PAGE_URL$PAGE_HASH
+    sample token:   ${TOKEN:-(none)}   {"mode":"rw","channels":[${TOKEN_CHANNELS//,/, }],"sub":"demo"}, 24 h
+                    more: $BIN_DIR/pgws-token --help
     websocket:      ws://localhost:$WS_PORT/chat/$TOKEN
     admin:          gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102
                     (/healthz /readyz /metrics)

@@ -26,5 +26,7 @@ cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 # The JavaScript client's tests, against the binaries just built.
 (cd clients/js && npm test)
+# The demo page, built on that client, in headless Chromium through a gateway restart.
+node --experimental-websocket tests/browser/demo.mjs
 cargo test --manifest-path fuzz/Cargo.toml --lib --locked
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh

@@ -17,7 +17,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid pgws --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin pgws
 COPY --from=builder /out/ws-gateway /usr/local/bin/ws-gateway
-# The example chat page, served as static files with PGWS_ROOT_PATH=/usr/share/pgws/chat.
+# The demo page with the JavaScript client it is built on, served as static files with
+# PGWS_ROOT_PATH=/usr/share/pgws/demo (the simpler chat example: /usr/share/pgws/chat).
+COPY examples/demo/index.html examples/demo/demo.js clients/js/pgws.js /usr/share/pgws/demo/
 COPY examples/chat /usr/share/pgws/chat
 USER 10001:10001
 # websockets and static files (PGWS_PORT), admin listener (PGWS_ADMIN_PORT)

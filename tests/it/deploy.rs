@@ -769,15 +769,22 @@ fn the_compose_env_files_set_only_real_settings() {
         env.get("PGWS_JWT_SECRET").map(String::as_str),
         Some(pgws_tests::SECRET)
     );
-    // The gateway's static root is where its image puts the example page.
+    // The gateway's static root is where its image puts the demo page and the client it
+    // imports (examples/demo/pgws.js is a link to clients/js/pgws.js, which an image cannot
+    // follow: the files are copied one by one).
     let root_path = &env["PGWS_ROOT_PATH"];
     let dockerfile = read("deploy/docker/ws-gateway.Dockerfile");
-    assert!(
-        dockerfile
-            .lines()
-            .any(|l| l.starts_with("COPY examples/chat ") && l.ends_with(&format!(" {root_path}"))),
-        "deploy/docker/ws-gateway.Dockerfile does not copy examples/chat to {root_path}"
-    );
+    let copy = dockerfile
+        .lines()
+        .find(|l| l.starts_with("COPY examples/demo/") && l.ends_with(&format!(" {root_path}/")))
+        .unwrap_or_else(|| panic!("ws-gateway.Dockerfile does not copy the demo to {root_path}/"));
+    for file in [
+        "examples/demo/index.html",
+        "examples/demo/demo.js",
+        "clients/js/pgws.js",
+    ] {
+        assert!(copy.split(' ').any(|w| w == file), "{copy} lacks {file}");
+    }
 }
 
 #[test]
