@@ -128,6 +128,24 @@ test('a gateway restart: backoff with jitter, a gap signal, and the channels wor
   await eventually('the echo', () => got.includes('after the restart'));
 });
 
+test("the server's gap signals reach the application; the socket stays", async (t) => {
+  const client = new PgwsClient({ url: stack.url, channel: 'gaps', token: token({ mode: 'r', gaps: true }) });
+  t.after(() => client.close());
+  const seen = record(client);
+  const got = [];
+  client.channel('gaps', (m) => got.push(m.payload));
+  await eventually('open', () => client.state === 'open');
+  // A new bridge LISTENs again: notifications sent meanwhile were lost, the socket is told.
+  await stack.killBridge();
+  await stack.startBridge();
+  await eventually('the gap signal', () => seen.of('gap').length >= 1, 15_000);
+  assert.equal(seen.of('gap')[0].reason, 'listener');
+  assert.deepEqual(seen.of('close'), []);
+  assert.deepEqual(seen.of('message'), [], 'the gap signal was handed over as a message');
+  await stack.notify({ channel: 'gaps', payload: 'after the gap' });
+  await eventually('a message after the gap', () => got.length === 1);
+});
+
 test('a token near expiry is refreshed in-band: the socket never closes', async (t) => {
   const sub = unique('refresh-');
   const asked = [];

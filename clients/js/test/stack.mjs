@@ -115,8 +115,8 @@ export class Stack {
       ...extra,
     };
     stack.port = await freePort();
-    stack.bridge = new Service('pg-bridge', { ...stack.base, PGWS_ADMIN_PORT: String(await freePort()) });
-    await stack.bridge.start();
+    stack.bridgeEnv = { ...stack.base, PGWS_ADMIN_PORT: String(await freePort()) };
+    await stack.startBridge();
     stack.gatewayEnv = {
       ...stack.base,
       PGWS_PORT: String(stack.port),
@@ -133,6 +133,16 @@ export class Stack {
   async startGateway() {
     this.gateway = new Service('ws-gateway', this.gatewayEnv);
     await this.gateway.start();
+  }
+
+  async startBridge() {
+    this.bridge = new Service('pg-bridge', this.bridgeEnv);
+    await this.bridge.start();
+  }
+
+  /** Kills the bridge: its LISTEN connection goes with it. */
+  async killBridge() {
+    await this.bridge.stop('SIGKILL');
   }
 
   /** Kills the gateway (no close frames: the sockets just drop). */
