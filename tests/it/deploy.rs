@@ -624,8 +624,21 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
             let otlp = service_env
                 .get("OTEL_EXPORTER_OTLP_ENDPOINT")
                 .unwrap_or_else(|| panic!("{name}: OTEL_EXPORTER_OTLP_ENDPOINT"));
-            // The services export OTLP over HTTP/protobuf: the collector's port 4318.
-            assert_eq!(otlp, "http://otel-collector:4318", "{name}");
+            // The endpoint is the collector's port for the protocol: 4318 for HTTP/protobuf
+            // (the default), 4317 for gRPC.
+            let protocol = service_env
+                .get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                .map_or("http/protobuf", String::as_str);
+            let port = match protocol {
+                "http/protobuf" => 4318,
+                "grpc" => 4317,
+                other => panic!("{name}: OTEL_EXPORTER_OTLP_PROTOCOL {other:?}"),
+            };
+            assert_eq!(
+                otlp,
+                &format!("http://otel-collector:{port}"),
+                "{name} ({protocol})"
+            );
             assert!(
                 compose
                     .env_files(&name)
@@ -907,11 +920,16 @@ fn the_observability_services_point_at_the_stack() {
         }
     }
 
-    // The collector takes OTLP on 4317 and sends traces to the Jaeger service.
+    // The collector takes OTLP over gRPC on 4317 and over HTTP on 4318, and sends traces to
+    // the Jaeger service.
     let otel = yaml("deploy/compose/otel-collector.yaml");
     assert_eq!(
         text(&otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]),
         "0.0.0.0:4317"
+    );
+    assert_eq!(
+        text(&otel["receivers"]["otlp"]["protocols"]["http"]["endpoint"]),
+        "0.0.0.0:4318"
     );
     let exporters = strings(&otel["service"]["pipelines"]["traces"]["exporters"]);
     assert!(!exporters.is_empty(), "the collector exports no traces");

@@ -1,7 +1,7 @@
-//! OpenTelemetry across the services: a real OTLP/HTTP receiver (protobuf, as a collector
-//! speaks it) in the test; one client message is one trace from the gateway through the
-//! bridge, one notification is one trace from the bridge to the gateway's fan-out, spans are
-//! flushed at shutdown, and log lines carry the trace id.
+//! OpenTelemetry across the services: real OTLP receivers in the test, over HTTP/protobuf and
+//! over gRPC, as a collector speaks them; one client message is one trace from the gateway
+//! through the bridge, one notification is one trace from the bridge to the gateway's fan-out,
+//! spans are flushed at shutdown, and log lines carry the trace id.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,12 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use pgws_tests::{eventually, unique, Stack};
@@ -51,6 +56,35 @@ fn text(kv: &KeyValue) -> String {
 
 type Spans = Arc<Mutex<Vec<Got>>>;
 
+/// Keeps the spans of an export request.
+fn keep(spans: &Spans, request: ExportTraceServiceRequest) {
+    let mut got = spans.lock().expect("spans");
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+            .map(text)
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                got.push(Got {
+                    service: service.clone(),
+                    name: s.name,
+                    trace: s.trace_id,
+                    id: s.span_id,
+                    parent: s.parent_span_id,
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), text(kv)))
+                        .collect(),
+                });
+            }
+        }
+    }
+}
+
 /// `POST /v1/traces` with an `ExportTraceServiceRequest` body, answered with an empty
 /// `ExportTraceServiceResponse`.
 async fn receive(
@@ -58,43 +92,52 @@ async fn receive(
     body: Bytes,
 ) -> ([(&'static str, &'static str); 1], Vec<u8>) {
     if let Ok(request) = ExportTraceServiceRequest::decode(body) {
-        let mut got = spans.lock().expect("spans");
-        for rs in request.resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
-                .map(text)
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    got.push(Got {
-                        service: service.clone(),
-                        name: s.name,
-                        trace: s.trace_id,
-                        id: s.span_id,
-                        parent: s.parent_span_id,
-                        attributes: s
-                            .attributes
-                            .iter()
-                            .map(|kv| (kv.key.clone(), text(kv)))
-                            .collect(),
-                    });
-                }
-            }
-        }
+        keep(&spans, request);
     }
     ([("content-type", "application/x-protobuf")], Vec::new())
 }
 
-async fn otlp_receiver() -> anyhow::Result<(SocketAddr, Spans)> {
+/// The OTLP trace service over gRPC.
+struct Receiver(Spans);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// The OTLP protocols a service exports with, as `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    HttpProtobuf,
+    Grpc,
+}
+
+/// An OTLP receiver for `protocol` on a port of its own.
+async fn otlp_receiver(protocol: Protocol) -> anyhow::Result<(SocketAddr, Spans)> {
     let spans: Spans = Arc::default();
-    let app = axum::Router::new()
-        .route("/v1/traces", post(receive))
-        .with_state(Arc::clone(&spans));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    match protocol {
+        Protocol::HttpProtobuf => {
+            let app = axum::Router::new()
+                .route("/v1/traces", post(receive))
+                .with_state(Arc::clone(&spans));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        Protocol::Grpc => {
+            let service = TraceServiceServer::new(Receiver(Arc::clone(&spans)));
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            tokio::spawn(
+                tonic::transport::Server::builder().serve_with_incoming(service, incoming),
+            );
+        }
+    }
     Ok((addr, spans))
 }
 
@@ -114,13 +157,32 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn a_message_and_a_notification_are_each_one_trace_across_the_services() -> anyhow::Result<()>
-{
-    let (addr, spans) = otlp_receiver().await?;
+async fn a_message_and_a_notification_are_each_one_trace_across_the_services_over_http(
+) -> anyhow::Result<()> {
+    one_trace_each(Protocol::HttpProtobuf).await
+}
+
+#[tokio::test]
+async fn a_message_and_a_notification_are_each_one_trace_across_the_services_over_grpc(
+) -> anyhow::Result<()> {
+    one_trace_each(Protocol::Grpc).await
+}
+
+/// A client message and the notification it becomes, traced across the services, exported
+/// over `protocol` to a receiver that speaks only that protocol.
+async fn one_trace_each(protocol: Protocol) -> anyhow::Result<()> {
+    let (addr, spans) = otlp_receiver(protocol).await?;
+    // The endpoint of both is the collector's base address: HTTP appends /v1/traces, gRPC
+    // does not.
     let endpoint = format!("http://{addr}");
+    let name = match protocol {
+        Protocol::HttpProtobuf => "http/protobuf",
+        Protocol::Grpc => "grpc",
+    };
     // A long export delay: the spans reach the receiver because shutdown flushes them.
     let mut stack = Stack::start_with(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", name),
         ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
         ("PGWS_LOG", "info,ws_gateway=debug"),
     ])
@@ -154,7 +216,7 @@ async fn a_message_and_a_notification_are_each_one_trace_across_the_services() -
     let spans = spans.lock().expect("spans").clone();
     assert!(
         complete,
-        "spans missing; got {:#?}",
+        "spans missing over {name}; got {:#?}",
         spans
             .iter()
             .map(|s| (&s.service, &s.name))
@@ -219,15 +281,17 @@ async fn a_message_and_a_notification_are_each_one_trace_across_the_services() -
 }
 
 #[tokio::test]
-async fn without_otel_settings_nothing_is_exported_and_grpc_is_refused() -> anyhow::Result<()> {
-    // A gRPC protocol setting is a configuration error (exit 64) naming the variable.
+async fn without_otel_settings_nothing_is_exported_and_an_unsupported_protocol_is_refused(
+) -> anyhow::Result<()> {
+    // An unsupported protocol (OTLP's JSON over HTTP) is a configuration error (exit 64)
+    // naming the variable.
     let stack = Stack::new();
     let mut env = stack.env();
     env.push((
         "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
-        "http://127.0.0.1:4317".into(),
+        "http://127.0.0.1:4318".into(),
     ));
-    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()));
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/json".into()));
     let out = pgws_tests::Service::command(pgws_tests::ServiceKind::Bridge, &env)
         .output()
         .await?;

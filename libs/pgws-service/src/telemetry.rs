@@ -3,15 +3,18 @@
 //! Logs: structured lines with `tracing`, text by default, JSON lines with
 //! `PGWS_LOG_FORMAT=json`; the filter comes from `PGWS_LOG` (then `RUST_LOG`), default `info`.
 //!
-//! Traces: OpenTelemetry spans exported over OTLP (HTTP/protobuf) when the standard variables
-//! ask for it: `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` set, or
+//! Traces: OpenTelemetry spans exported over OTLP when the standard variables ask for it:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` set, or
 //! `OTEL_TRACES_EXPORTER=otlp`; not when `OTEL_SDK_DISABLED=true` or
-//! `OTEL_TRACES_EXPORTER=none`. The SDK reads the rest itself (`OTEL_SERVICE_NAME`, default
-//! the service's name; `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`,
-//! `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, ...). The message spans use the target
-//! [`TARGET`]; without export no layer is interested in that target, so creating those spans
-//! costs one cached check. With export, log lines written inside a message span carry its
-//! `trace_id`.
+//! `OTEL_TRACES_EXPORTER=none`. `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+//! `OTEL_EXPORTER_OTLP_PROTOCOL`, chooses the transport: `http/protobuf` (the default; port
+//! 4318, `/v1/traces` appended to `OTEL_EXPORTER_OTLP_ENDPOINT`) or `grpc` (port 4317, the
+//! endpoint as given; plain text, no TLS). The SDK reads the rest itself
+//! (`OTEL_SERVICE_NAME`, default the service's name; `OTEL_TRACES_SAMPLER`,
+//! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, ...).
+//! The message spans use the target [`TARGET`]; without export no layer is interested in
+//! that target, so creating those spans costs one cached check. With export, log lines
+//! written inside a message span carry its `trace_id`.
 //!
 //! The W3C trace context travels in NATS headers (`traceparent`): [`inject`] on the sending
 //! side, [`adopt`] on the receiving side.
@@ -47,6 +50,9 @@ pub fn tracing_enabled() -> bool {
 #[derive(Debug, Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// The gRPC exporter's own runtime: its connection lives there, apart from the service's
+    /// runtime, which is gone before the last spans are flushed.
+    grpc: Option<tokio::runtime::Runtime>,
 }
 
 impl Telemetry {
@@ -58,14 +64,25 @@ impl Telemetry {
                 eprintln!("telemetry: flushing spans at shutdown failed: {e}");
             }
         }
+        // Only after the flush: the batch processor's thread exports through this runtime.
+        if let Some(runtime) = self.grpc {
+            runtime.shutdown_background();
+        }
     }
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    HttpProtobuf,
+    Grpc,
 }
 
 /// Where the OpenTelemetry variables point, read from `env`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Export {
     Off,
-    Otlp,
+    Otlp(Protocol),
 }
 
 /// Decides from the `OTEL_*` variables whether to export, or says what is wrong with them.
@@ -89,25 +106,46 @@ pub(crate) fn export_from(env: impl Fn(&str) -> Option<String>) -> Result<Export
         }
         None => {}
     }
+    let mut protocol = Protocol::HttpProtobuf;
     for key in [
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
     ] {
         if let Some(p) = set(key) {
-            if p != "http/protobuf" {
-                return Err(format!(
-                    "{key}: {p:?} is not supported; pgws exports OTLP over http/protobuf (the collector's port 4318)"
-                ));
-            }
+            protocol = match p.trim().to_ascii_lowercase().as_str() {
+                "http/protobuf" => Protocol::HttpProtobuf,
+                "grpc" => Protocol::Grpc,
+                _ => {
+                    return Err(format!(
+                        "{key}: {p:?} is not supported (grpc, the collector's port 4317, or http/protobuf, its port 4318)"
+                    ))
+                }
+            };
             break;
         }
     }
-    Ok(Export::Otlp)
+    if protocol == Protocol::Grpc {
+        for key in [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            if let Some(e) = set(key) {
+                if e.trim().to_ascii_lowercase().starts_with("https://") {
+                    return Err(format!(
+                        "{key}: {e:?}: gRPC export has no TLS built in; use an http:// endpoint, or http/protobuf for a TLS collector"
+                    ));
+                }
+                break;
+            }
+        }
+    }
+    Ok(Export::Otlp(protocol))
 }
 
 /// Installs the global subscriber (logs, and the trace exporter when the `OTEL_*` variables
-/// ask for it). Call it before any async runtime starts (the exporter runs on a thread of its
-/// own). An error names the variable that is wrong.
+/// ask for it). Call it before any async runtime starts: the exporter runs on a thread of its
+/// own (the SDK's batch processor), and the gRPC exporter's connection on a one-thread runtime
+/// of its own, kept until [`Telemetry::shutdown`]. An error names the variable that is wrong.
 pub fn init_telemetry(settings: &Settings, service: &str) -> Result<Telemetry, String> {
     let export = export_from(|k| std::env::var(k).ok())?;
     let filter = settings
@@ -130,13 +168,11 @@ pub fn init_telemetry(settings: &Settings, service: &str) -> Result<Telemetry, S
     } else {
         fmt.with_filter(filter).boxed()
     };
+    let mut grpc = None;
     let (provider, traces) = match export {
         Export::Off => (None, None),
-        Export::Otlp => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .build()
-                .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+        Export::Otlp(protocol) => {
+            let exporter = exporter(protocol, &mut grpc)?;
             let mut resource = Resource::builder();
             if std::env::var("OTEL_SERVICE_NAME").map_or(true, |v| v.is_empty()) {
                 resource = resource.with_service_name(service.to_owned());
@@ -158,7 +194,40 @@ pub fn init_telemetry(settings: &Settings, service: &str) -> Result<Telemetry, S
     if result.is_ok() && provider.is_some() {
         EXPORTING.store(true, Ordering::Relaxed);
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry { provider, grpc })
+}
+
+/// The OTLP span exporter for `protocol`. The gRPC (tonic) client needs a Tokio runtime for
+/// its connection: it gets one of its own, left in `grpc`; the batch processor's thread only
+/// hands it requests and waits for the answers.
+fn exporter(
+    protocol: Protocol,
+    grpc: &mut Option<tokio::runtime::Runtime>,
+) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let built = match protocol {
+        Protocol::HttpProtobuf => builder
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build(),
+        Protocol::Grpc => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("gRPC trace export: cannot start its runtime: {e}"))?;
+            // The channel connects lazily; its worker task is spawned on the runtime entered.
+            let built = {
+                let _entered = runtime.enter();
+                builder.with_tonic().build()
+            };
+            *grpc = Some(runtime);
+            built
+        }
+    };
+    built.map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))
 }
 
 /// Records the span's trace id in its `trace_id` field (declared `Empty`), so the log lines
@@ -256,18 +325,18 @@ mod tests {
         assert_eq!(decide(&[]), Ok(Export::Off));
         assert_eq!(
             decide(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]),
-            Ok(Export::Otlp)
+            Ok(Export::Otlp(Protocol::HttpProtobuf))
         );
         assert_eq!(
             decide(&[(
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                 "http://c:4318/v1/traces"
             )]),
-            Ok(Export::Otlp)
+            Ok(Export::Otlp(Protocol::HttpProtobuf))
         );
         assert_eq!(
             decide(&[("OTEL_TRACES_EXPORTER", "otlp")]),
-            Ok(Export::Otlp)
+            Ok(Export::Otlp(Protocol::HttpProtobuf))
         );
         assert_eq!(
             decide(&[
@@ -288,18 +357,79 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
             ]),
-            Ok(Export::Otlp)
+            Ok(Export::Otlp(Protocol::HttpProtobuf))
+        );
+        assert_eq!(
+            decide(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            ]),
+            Ok(Export::Otlp(Protocol::Grpc))
+        );
+        assert_eq!(
+            decide(&[
+                ("OTEL_TRACES_EXPORTER", "otlp"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+            ]),
+            Ok(Export::Otlp(Protocol::Grpc))
+        );
+        // The traces' own variable wins, either way.
+        assert_eq!(
+            decide(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+            ]),
+            Ok(Export::Otlp(Protocol::Grpc))
+        );
+        assert_eq!(
+            decide(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+            ]),
+            Ok(Export::Otlp(Protocol::HttpProtobuf))
+        );
+        // Empty is unset.
+        assert_eq!(
+            decide(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", ""),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            ]),
+            Ok(Export::Otlp(Protocol::Grpc))
         );
     }
 
     #[test]
     fn unsupported_otel_settings_are_named() {
-        let grpc = decide(&[
+        let json = decide(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ])
+        .expect_err("http/json");
+        assert!(json.starts_with("OTEL_EXPORTER_OTLP_PROTOCOL:"), "{json}");
+        assert!(json.contains("http/json"), "{json}");
+        // The variable that decided is the one named.
+        let bad = decide(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "thrift"),
         ])
-        .expect_err("grpc");
-        assert!(grpc.starts_with("OTEL_EXPORTER_OTLP_PROTOCOL:"), "{grpc}");
+        .expect_err("thrift");
+        assert!(
+            bad.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:"),
+            "{bad}"
+        );
+        let tls = decide(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .expect_err("grpc over TLS");
+        assert!(
+            tls.starts_with("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:"),
+            "{tls}"
+        );
         let zipkin = decide(&[("OTEL_TRACES_EXPORTER", "zipkin")]).expect_err("zipkin");
         assert!(zipkin.starts_with("OTEL_TRACES_EXPORTER:"), "{zipkin}");
     }
