@@ -143,3 +143,18 @@ export declare class LiveClient extends Connection<Events & { event: LiveEvent }
   getTopic(name: string): Promise<Record<string, unknown>>;
   ping(): Promise<unknown>;
 }
+
+export interface PubSubClientOptions extends Omit<ClientOptions, 'token' | 'getToken' | 'refreshBefore'> {
+  /** wspubsub's domain and topic. */
+  domain: string;
+  topic: string;
+  /** The domain's API key: given, the client is the topic's publisher; omitted, a subscriber. */
+  key?: string;
+}
+
+export declare class PubSubClient extends Connection<Events & { message: { data: string | ArrayBuffer } }> {
+  constructor(options: PubSubClientOptions);
+  readonly publisher: boolean;
+  /** Publishes a frame (publishers only; a subscriber throws `PgwsError` `invalid`). */
+  send(data: string | ArrayBuffer | ArrayBufferView): void;
+}

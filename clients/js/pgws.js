@@ -1,10 +1,11 @@
 // pgws client: one ES module, no build step, no dependencies (browsers, Node 22+, or Node 20
 // with --experimental-websocket, or any WebSocket class passed as `options.WebSocket`).
 //
-//   PgwsClient  postgres-websockets (and postgrest-ws direct) channels
-//   LiveClient  the `/live` API: topics and table topics, methods as promises
+//   PgwsClient    postgres-websockets (and postgrest-ws direct) channels
+//   LiveClient    the `/live` API: topics and table topics, methods as promises
+//   PubSubClient  wspubsub's API-key topics (a publisher, or a subscriber)
 //
-// Both keep the token out of the URL (it travels in `Sec-WebSocket-Protocol`), reconnect with
+// The first two keep the token out of the URL (it travels in `Sec-WebSocket-Protocol`), reconnect with
 // exponential backoff and full jitter, ask `getToken` for a new token before the current one
 // expires (in-band when the server allows it, by reconnecting otherwise), and tell the
 // application what it may have missed (`gap` events) and what went wrong (`error` events).
@@ -115,7 +116,7 @@ class Connection extends Emitter {
     if (!options || typeof options.url !== 'string') {
       throw new TypeError('options.url is required (e.g. "ws://localhost:3000")');
     }
-    if (options.token === undefined && typeof options.getToken !== 'function') {
+    if (this.usesTokens() && options.token === undefined && typeof options.getToken !== 'function') {
       throw new TypeError('options.token or options.getToken is required');
     }
     this.options = { ...DEFAULTS, ...options };
@@ -168,15 +169,18 @@ class Connection extends Emitter {
     }
   }
 
-  /** Sends a text frame; throws when the socket is not open. */
-  sendRaw(text) {
+  /** Sends a frame; throws when the socket is not open. */
+  sendRaw(data) {
     if (!this.#ws || this.#ws.readyState !== 1) {
       throw new PgwsError('not_open', `cannot send while ${this.state}`);
     }
-    this.#ws.send(text);
+    this.#ws.send(data);
   }
 
   // Hooks for subclasses.
+  usesTokens() {
+    return true;
+  }
   path() {
     return '/';
   }
@@ -188,6 +192,7 @@ class Connection extends Emitter {
   }
 
   async #nextToken(reason) {
+    if (!this.usesTokens()) return null;
     if (typeof this.options.getToken === 'function') {
       const token = await this.options.getToken({ reason, claims: this.claims });
       if (typeof token !== 'string' || token === '') {
@@ -202,7 +207,7 @@ class Connection extends Emitter {
     const generation = ++this.#generation;
     let token = given;
     try {
-      token ??= await this.#nextToken(reason);
+      if (token === undefined) token = await this.#nextToken(reason);
     } catch (err) {
       if (generation !== this.#generation || this.#closed) return;
       this.emit('error', err instanceof PgwsError ? err : new PgwsError('token', String(err?.message ?? err)));
@@ -218,7 +223,10 @@ class Connection extends Emitter {
     this.#token = token;
     let ws;
     try {
-      ws = new this.WebSocket(this.url + this.path(), ['pgws', token]);
+      ws = token === null
+        ? new this.WebSocket(this.url + this.path())
+        : new this.WebSocket(this.url + this.path(), ['pgws', token]);
+      ws.binaryType = 'arraybuffer';
     } catch (err) {
       this.#stop(new PgwsError('url', `cannot open ${this.url + this.path()}: ${err?.message ?? err}`));
       return;
@@ -621,5 +629,48 @@ export class LiveClient extends Connection {
       return;
     }
     this.emit('error', new PgwsError('protocol', 'unexpected frame from the server', msg));
+  }
+}
+
+/**
+ * wspubsub's API-key topics: with `key`, the topic's publisher (`send` text or binary); without,
+ * a subscriber (`message` events with the frames, text as strings and binary as ArrayBuffers).
+ * The key is part of wspubsub's URL. A subscriber whose topic has no publisher (refused with
+ * 404, or closed with 4004 when its publisher left) keeps retrying with backoff, so it is back
+ * when a publisher is; a second publisher (409) does the same until the topic is free.
+ */
+export class PubSubClient extends Connection {
+  constructor(options) {
+    for (const name of ['domain', 'topic']) {
+      if (typeof options?.[name] !== 'string' || options[name] === '') {
+        throw new TypeError(`options.${name} is required`);
+      }
+    }
+    super(options);
+  }
+
+  usesTokens() {
+    return false;
+  }
+
+  /** True for a publisher (an API key was given). */
+  get publisher() {
+    return typeof this.options.key === 'string';
+  }
+
+  path() {
+    const e = encodeURIComponent;
+    const { key, domain, topic } = this.options;
+    return this.publisher ? `/ws/pub/${e(key)}/${e(domain)}/${e(topic)}` : `/ws/sub/${e(domain)}/${e(topic)}`;
+  }
+
+  /** Publishes a frame (publishers only): a string, an ArrayBuffer or a typed array. */
+  send(data) {
+    if (!this.publisher) throw new PgwsError('invalid', 'a subscriber cannot publish (give options.key)');
+    this.sendRaw(data);
+  }
+
+  frame(data) {
+    this.emit('message', { data });
   }
 }

@@ -150,10 +150,14 @@ export class Stack {
     await this.gateway.stop('SIGKILL');
   }
 
-  /** Runs SQL with psql against the stack's database; resolves with its output. */
-  async sql(statement) {
+  /** Runs SQL with psql against the stacks' database; resolves with its output. */
+  static async sqlOnly(statement) {
     const { stdout } = await promisify(execFile)('psql', [DB_URI, '-XAtq', '-v', 'ON_ERROR_STOP=1', '-c', statement]);
     return stdout;
+  }
+
+  sql(statement) {
+    return Stack.sqlOnly(statement);
   }
 
   /** NOTIFYs `payload` (an object, sent as JSON) on the stack's listen channel. */
