@@ -58,6 +58,20 @@ export function decodeClaims(token) {
   }
 }
 
+/** Calls each handler with `value`; one that throws stops neither the others nor the socket
+ * (its error is thrown again on its own, where the console shows it). */
+function callEach(handlers, value) {
+  for (const handler of [...(handlers ?? [])]) {
+    try {
+      handler(value);
+    } catch (err) {
+      setTimeout(() => {
+        throw err;
+      });
+    }
+  }
+}
+
 class Emitter {
   #handlers = new Map();
 
@@ -80,16 +94,7 @@ class Emitter {
       if (type === 'error') console.warn('pgws:', value?.message ?? value);
       return;
     }
-    for (const handler of [...set]) {
-      try {
-        handler(value);
-      } catch (err) {
-        // One broken handler must not stop the others, nor the socket.
-        setTimeout(() => {
-          throw err;
-        });
-      }
-    }
+    callEach(set, value);
   }
 }
 
@@ -418,15 +423,7 @@ export class PgwsClient extends Connection {
       data,
     };
     this.emit('message', message);
-    for (const handler of this.#channels.get(message.channel) ?? []) {
-      try {
-        handler(message);
-      } catch (err) {
-        setTimeout(() => {
-          throw err;
-        });
-      }
-    }
+    callEach(this.#channels.get(message.channel), message);
   }
 
   refreshInBand(token) {
@@ -613,15 +610,7 @@ export class LiveClient extends Connection {
     }
     if (msg?.type === 'event') {
       this.emit('event', msg);
-      for (const handler of this.#topics.get(msg.topic) ?? []) {
-        try {
-          handler(msg);
-        } catch (err) {
-          setTimeout(() => {
-            throw err;
-          });
-        }
-      }
+      callEach(this.#topics.get(msg.topic), msg);
       return;
     }
     if (msg?.event === 'Gap') {

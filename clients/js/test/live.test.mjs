@@ -3,7 +3,9 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { LiveClient, LiveError } from '../pgws.js';
-import { Stack, eventually, now, sleep, token, unique } from './stack.mjs';
+import { Stack, eventually, now, record, sleep, token, unique } from './stack.mjs';
+
+const EVENTS = ['open', 'close', 'reconnecting', 'gap', 'error', 'token', 'event'];
 
 let stack;
 before(async () => {
@@ -12,15 +14,6 @@ before(async () => {
 after(async () => {
   await stack?.stop();
 });
-
-function record(client) {
-  const seen = [];
-  for (const type of ['open', 'close', 'reconnecting', 'gap', 'error', 'token', 'event']) {
-    client.on(type, (value) => seen.push({ type, value }));
-  }
-  seen.of = (type) => seen.filter((e) => e.type === type).map((e) => e.value);
-  return seen;
-}
 
 test('methods are promises; events reach the topic handlers; refusals reject', async (t) => {
   const sub = unique('ann-');
@@ -62,7 +55,7 @@ test('a gateway restart: requests made meanwhile wait, subscriptions come back, 
   const sub = unique('carl-');
   const client = new LiveClient({ url: stack.url, token: token({ sub }), initialDelay: 100, maxDelay: 500 });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   const topic = unique('room-');
   await client.createTopic(topic);
   const events = [];
@@ -97,7 +90,7 @@ test('a token near expiry is refreshed with the refresh method: the socket never
     refreshBefore: 2,
   });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   await client.ping();
   await eventually('the refresh', () => seen.of('token').length === 1, 6_000);
   assert.equal(seen.of('token')[0].inBand, true);

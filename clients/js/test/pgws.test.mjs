@@ -2,7 +2,9 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { PgwsClient, PgwsError } from '../pgws.js';
-import { Stack, eventually, now, sleep, token, unique } from './stack.mjs';
+import { Stack, eventually, now, record, sleep, token, unique } from './stack.mjs';
+
+const EVENTS = ['open', 'close', 'reconnecting', 'gap', 'error', 'token', 'message'];
 
 let stack;
 before(async () => {
@@ -11,16 +13,6 @@ before(async () => {
 after(async () => {
   await stack?.stop();
 });
-
-/** Every event of a client, in order, with the time it came. */
-function record(client) {
-  const seen = [];
-  for (const type of ['open', 'close', 'reconnecting', 'gap', 'error', 'token', 'message']) {
-    client.on(type, (value) => seen.push({ type, value, at: Date.now() }));
-  }
-  seen.of = (type) => seen.filter((e) => e.type === type).map((e) => e.value);
-  return seen;
-}
 
 /** A WebSocket class that remembers the URLs and protocols it was opened with. */
 function spyingWebSocket() {
@@ -39,7 +31,7 @@ test('channels: the token stays out of the URL, messages reach their channel han
   const { Spy, opened } = spyingWebSocket();
   const client = new PgwsClient({ url: stack.url, token: jwt, WebSocket: Spy });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   const chat = [];
   const news = [];
   client.channel('chat', (m) => chat.push(m));
@@ -69,7 +61,7 @@ test('channels: the token stays out of the URL, messages reach their channel han
 test('a refused message surfaces as an error event and the socket stays', async (t) => {
   const client = new PgwsClient({ url: stack.url, channel: 'chat', token: token({ mode: 'r' }) });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   await eventually('open', () => client.state === 'open');
   client.send('from a read-only socket');
   await eventually('an error', () => seen.of('error').length === 1);
@@ -101,7 +93,7 @@ test('a gateway restart: backoff with jitter, a gap signal, and the channels wor
     maxDelay: 800,
   });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   const got = [];
   client.channel('restart', (m) => got.push(m.payload));
   await eventually('open', () => client.state === 'open');
@@ -131,7 +123,7 @@ test('a gateway restart: backoff with jitter, a gap signal, and the channels wor
 test("the server's gap signals reach the application; the socket stays", async (t) => {
   const client = new PgwsClient({ url: stack.url, channel: 'gaps', token: token({ mode: 'r', gaps: true }) });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   const got = [];
   client.channel('gaps', (m) => got.push(m.payload));
   await eventually('open', () => client.state === 'open');
@@ -160,7 +152,7 @@ test('a token near expiry is refreshed in-band: the socket never closes', async 
     refreshBefore: 2,
   });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   const got = [];
   client.channel('fresh', (m) => got.push(m.payload));
   await eventually('open', () => client.state === 'open');
@@ -182,7 +174,7 @@ test('without the refresh claim the client reconnects with the new token before 
     refreshBefore: 2,
   });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   await eventually('open', () => client.state === 'open');
   await eventually('the second open', () => seen.of('open').length === 2, 6_000);
   assert.deepEqual(seen.of('token').map((e) => e.inBand), [false]);
@@ -207,7 +199,7 @@ test('a refused in-band refresh is reported, and a reconnection with the token f
     refreshBefore: 2,
   });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   await eventually('the reconnection', () => seen.of('open').length === 2, 8_000);
   const errors = seen.of('error');
   assert.equal(errors.length, 1);
@@ -219,7 +211,7 @@ test('a refused in-band refresh is reported, and a reconnection with the token f
 test('a fixed token that expires: close 3001, an error, no reconnection', async (t) => {
   const client = new PgwsClient({ url: stack.url, channel: 'chat', token: token({ mode: 'r', exp: now() + 2 }) });
   t.after(() => client.close());
-  const seen = record(client);
+  const seen = record(client, EVENTS);
   await eventually('open', () => client.state === 'open');
   await eventually('the close', () => seen.of('close').length === 1, 5_000);
   assert.equal(seen.of('close')[0].code, 3001);

@@ -3,7 +3,9 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { PubSubClient } from '../pgws.js';
-import { Stack, eventually, sleep, unique } from './stack.mjs';
+import { Stack, eventually, record, sleep, unique } from './stack.mjs';
+
+const EVENTS = ['open', 'close', 'reconnecting', 'gap', 'error', 'message'];
 
 const KEY = 'f47ac10b-58cc-4372-a567-0e02b2c3d479';
 const table = unique('jsclient_apikeys_');
@@ -23,15 +25,6 @@ after(async () => {
   await Stack.sqlOnly(`DROP TABLE IF EXISTS ${table}`);
 });
 
-function record(client) {
-  const seen = [];
-  for (const type of ['open', 'close', 'reconnecting', 'gap', 'error', 'message']) {
-    client.on(type, (value) => seen.push({ type, value }));
-  }
-  seen.of = (type) => seen.filter((e) => e.type === type).map((e) => e.value);
-  return seen;
-}
-
 const opts = (topic, extra = {}) => ({ url: stack.url, domain: 'test', topic, initialDelay: 100, maxDelay: 400, ...extra });
 
 test('a publisher reaches every subscriber, text and binary, in order', async (t) => {
@@ -40,7 +33,7 @@ test('a publisher reaches every subscriber, text and binary, in order', async (t
   t.after(() => pub.close());
   await eventually('the publisher', () => pub.state === 'open');
   const subs = [new PubSubClient(opts(topic)), new PubSubClient(opts(topic))];
-  const got = subs.map((s) => record(s));
+  const got = subs.map((s) => record(s, EVENTS));
   t.after(() => subs.forEach((s) => s.close()));
   await eventually('the subscribers', () => subs.every((s) => s.state === 'open'));
   pub.send('headline');
@@ -58,7 +51,7 @@ test('a subscriber waits for its publisher, and comes back after the publisher i
   const topic = unique('late-');
   const sub = new PubSubClient(opts(topic));
   t.after(() => sub.close());
-  const seen = record(sub);
+  const seen = record(sub, EVENTS);
   await sleep(800); // no publisher: refused (404), retried
   assert.equal(sub.state, 'connecting');
   assert.ok(seen.of('reconnecting').length >= 2, `${seen.of('reconnecting').length} attempts`);
@@ -83,7 +76,7 @@ test('a subscriber waits for its publisher, and comes back after the publisher i
 test('a refused key: no connection, and maxAttempts ends the retries with an error', async (t) => {
   const pub = new PubSubClient(opts(unique('nokey-'), { key: '00000000-0000-0000-0000-000000000000', maxAttempts: 2 }));
   t.after(() => pub.close());
-  const seen = record(pub);
+  const seen = record(pub, EVENTS);
   await eventually('giving up', () => pub.state === 'closed', 5_000);
   assert.equal(seen.of('open').length, 0);
   assert.equal(seen.of('error').at(-1).code, 'gave_up');

@@ -44,6 +44,17 @@ export async function eventually(what, check, ms = 10_000) {
   }
 }
 
+/** Every event of `types` a client emits, in order, with the time it came;
+ * `seen.of(type)` lists the values of one type. */
+export function record(client, types) {
+  const seen = [];
+  for (const type of types) {
+    client.on(type, (value) => seen.push({ type, value, at: Date.now() }));
+  }
+  seen.of = (type) => seen.filter((e) => e.type === type).map((e) => e.value);
+  return seen;
+}
+
 async function freePort() {
   return new Promise((resolve, reject) => {
     const server = createServer();
