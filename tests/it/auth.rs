@@ -480,79 +480,11 @@ async fn a_gateway_without_its_jwks_does_not_start() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
-    let status = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "openssl {args:?} failed");
-    Ok(())
-}
-
 #[tokio::test]
 async fn an_https_jwks_url_needs_a_trusted_certificate() -> anyhow::Result<()> {
     // A test CA and a certificate for localhost signed by it.
-    let dir = std::env::temp_dir().join(pgws_tests::unique("pgws-jwks-tls-"));
+    let dir = pgws_tests::test_certificates("pgws-jwks-tls-", "DNS:localhost")?;
     std::fs::create_dir_all(dir.join("www"))?;
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )?;
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=pgws test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    )?;
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.csr",
-        ],
-    )?;
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "leaf.ext",
-            "-out",
-            "leaf.pem",
-        ],
-    )?;
     std::fs::write(
         dir.join("www/jwks.json"),
         jwks_of(&["rsa_public.jwk.json"])?,

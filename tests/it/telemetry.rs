@@ -1,9 +1,10 @@
 //! OpenTelemetry across the services: real OTLP receivers in the test, over HTTP/protobuf and
-//! over gRPC, as a collector speaks them; one client message is one trace from the gateway
+//! over gRPC (plain text and TLS), as a collector speaks them; one client message is one trace from the gateway
 //! through the bridge, one notification is one trace from the bridge to the gateway's fan-out,
 //! spans are flushed at shutdown, and log lines carry the trace id.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,15 +112,21 @@ impl TraceService for Receiver {
     }
 }
 
-/// The OTLP protocols a service exports with, as `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+/// The OTLP transports a service exports with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     HttpProtobuf,
     Grpc,
+    /// gRPC over TLS.
+    GrpcTls,
 }
 
-/// An OTLP receiver for `protocol` on a port of its own.
-async fn otlp_receiver(protocol: Protocol) -> anyhow::Result<(SocketAddr, Spans)> {
+/// An OTLP receiver for `protocol` on a port of its own; over TLS with the certificate
+/// `leaf.pem` (key `leaf.key`) in `tls`.
+async fn otlp_receiver(
+    protocol: Protocol,
+    tls: Option<&Path>,
+) -> anyhow::Result<(SocketAddr, Spans)> {
     let spans: Spans = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -130,12 +137,19 @@ async fn otlp_receiver(protocol: Protocol) -> anyhow::Result<(SocketAddr, Spans)
                 .with_state(Arc::clone(&spans));
             tokio::spawn(async move { axum::serve(listener, app).await });
         }
-        Protocol::Grpc => {
+        Protocol::Grpc | Protocol::GrpcTls => {
             let service = TraceServiceServer::new(Receiver(Arc::clone(&spans)));
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            tokio::spawn(
-                tonic::transport::Server::builder().serve_with_incoming(service, incoming),
-            );
+            let mut server = tonic::transport::Server::builder();
+            if let Some(dir) = tls {
+                let identity = tonic::transport::Identity::from_pem(
+                    std::fs::read(dir.join("leaf.pem"))?,
+                    std::fs::read(dir.join("leaf.key"))?,
+                );
+                server = server
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+            }
+            tokio::spawn(server.serve_with_incoming(service, incoming));
         }
     }
     Ok((addr, spans))
@@ -168,25 +182,44 @@ async fn a_message_and_a_notification_are_each_one_trace_across_the_services_ove
     one_trace_each(Protocol::Grpc).await
 }
 
+#[tokio::test]
+async fn a_message_and_a_notification_are_each_one_trace_across_the_services_over_grpc_with_tls(
+) -> anyhow::Result<()> {
+    one_trace_each(Protocol::GrpcTls).await
+}
+
 /// A client message and the notification it becomes, traced across the services, exported
 /// over `protocol` to a receiver that speaks only that protocol.
 async fn one_trace_each(protocol: Protocol) -> anyhow::Result<()> {
-    let (addr, spans) = otlp_receiver(protocol).await?;
+    // Over TLS: a test CA, and the receiver's certificate for 127.0.0.1 signed by it.
+    let certs = match protocol {
+        Protocol::GrpcTls => Some(pgws_tests::test_certificates(
+            "pgws-otlp-tls-",
+            "IP:127.0.0.1",
+        )?),
+        _ => None,
+    };
+    let (addr, spans) = otlp_receiver(protocol, certs.as_deref()).await?;
     // The endpoint of both is the collector's base address: HTTP appends /v1/traces, gRPC
     // does not.
-    let endpoint = format!("http://{addr}");
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{addr}");
     let name = match protocol {
         Protocol::HttpProtobuf => "http/protobuf",
-        Protocol::Grpc => "grpc",
+        Protocol::Grpc | Protocol::GrpcTls => "grpc",
     };
+    let ca = certs.map(|dir| dir.join("ca.pem").to_string_lossy().into_owned());
     // A long export delay: the spans reach the receiver because shutdown flushes them.
-    let mut stack = Stack::start_with(&[
+    let mut env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", name),
         ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
         ("PGWS_LOG", "info,ws_gateway=debug"),
-    ])
-    .await?;
+    ];
+    if let Some(ca) = &ca {
+        env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()));
+    }
+    let mut stack = Stack::start_with(&env).await?;
     let channel = unique("traced-");
     let mut ws = stack.connect(0, &channel, &json!({"mode": "rw"})).await?;
     ws.send_text("follow me").await?;
@@ -216,7 +249,7 @@ async fn one_trace_each(protocol: Protocol) -> anyhow::Result<()> {
     let spans = spans.lock().expect("spans").clone();
     assert!(
         complete,
-        "spans missing over {name}; got {:#?}",
+        "spans missing over {endpoint} ({name}); got {:#?}",
         spans
             .iter()
             .map(|s| (&s.service, &s.name))
@@ -276,6 +309,33 @@ async fn one_trace_each(protocol: Protocol) -> anyhow::Result<()> {
         log.lines()
             .any(|l| l.contains("fanned out") && l.contains(&id)),
         "no log line with trace_id={id}:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ca_file_that_cannot_be_read_stops_a_service_naming_the_variable() -> anyhow::Result<()> {
+    let stack = Stack::new();
+    let mut env = stack.env();
+    let missing = std::env::temp_dir().join(unique("pgws-no-such-ca-"));
+    for (k, v) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:4317"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            &*missing.to_string_lossy(),
+        ),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let out = pgws_tests::Service::command(pgws_tests::ServiceKind::Bridge, &env)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        "{stderr}"
     );
     Ok(())
 }

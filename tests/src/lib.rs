@@ -349,3 +349,81 @@ async fn sweep_stale_streams() {
         })
         .await;
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl {args:?} failed");
+    Ok(())
+}
+
+/// A new folder (`prefix` and a unique suffix, under the temporary directory) with a test CA
+/// (`ca.pem`, `ca.key`) and a certificate signed by it for `san` (`leaf.pem`, `leaf.key`),
+/// `san` as openssl's subjectAltName spells it (`DNS:localhost`, `IP:127.0.0.1`). openssl
+/// makes them.
+pub fn test_certificates(prefix: &str, san: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"),
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pgws test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=pgws test server",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+        ],
+    )?;
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ],
+    )?;
+    Ok(dir)
+}

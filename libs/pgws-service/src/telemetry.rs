@@ -9,7 +9,12 @@
 //! `OTEL_TRACES_EXPORTER=none`. `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
 //! `OTEL_EXPORTER_OTLP_PROTOCOL`, chooses the transport: `http/protobuf` (the default; port
 //! 4318, `/v1/traces` appended to `OTEL_EXPORTER_OTLP_ENDPOINT`) or `grpc` (port 4317, the
-//! endpoint as given; plain text, no TLS). The SDK reads the rest itself
+//! endpoint as given). gRPC is over TLS (rustls, ring) with an `https://` endpoint (or one
+//! without a scheme, unless `OTEL_EXPORTER_OTLP_(TRACES_)INSECURE=true`): the server is checked
+//! against the system's roots, or instead against the PEM CA file in
+//! `OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE`; `OTEL_EXPORTER_OTLP_(TRACES_)CLIENT_CERTIFICATE`
+//! and `_CLIENT_KEY` present a client certificate. The files are read at start; one that cannot
+//! be read or holds nothing usable is an error naming its variable. The SDK reads the rest itself
 //! (`OTEL_SERVICE_NAME`, default the service's name; `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, ...).
 //! The message spans use the target [`TARGET`]; without export no layer is interested in
@@ -124,22 +129,134 @@ pub(crate) fn export_from(env: impl Fn(&str) -> Option<String>) -> Result<Export
             break;
         }
     }
-    if protocol == Protocol::Grpc {
-        for key in [
+    Ok(Export::Otlp(protocol))
+}
+
+/// The first of `keys` that is set (not empty), with its name.
+fn first_set(env: &impl Fn(&str) -> Option<String>, keys: [&'static str; 2]) -> Option<Named> {
+    keys.into_iter().find_map(|k| {
+        env(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(|v| (k, v))
+    })
+}
+
+/// Whether the gRPC exporter connects over TLS, its endpoint resolved as the exporter does:
+/// `https://`, or no scheme unless `OTEL_EXPORTER_OTLP_(TRACES_)INSECURE=true`. The default
+/// endpoint (`http://localhost:4317`) is plain text.
+pub(crate) fn grpc_over_tls(env: impl Fn(&str) -> Option<String>) -> bool {
+    let Some((_, endpoint)) = first_set(
+        &env,
+        [
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ] {
-            if let Some(e) = set(key) {
-                if e.trim().to_ascii_lowercase().starts_with("https://") {
-                    return Err(format!(
-                        "{key}: {e:?}: gRPC export has no TLS built in; use an http:// endpoint, or http/protobuf for a TLS collector"
-                    ));
-                }
-                break;
-            }
-        }
+        ],
+    ) else {
+        return false;
+    };
+    let endpoint = endpoint.to_ascii_lowercase();
+    if endpoint.starts_with("https://") {
+        return true;
     }
-    Ok(Export::Otlp(protocol))
+    if endpoint.contains("://") {
+        return false;
+    }
+    // The exporter reads these without trimming, and only `true` (any case) is insecure.
+    let insecure = env("OTEL_EXPORTER_OTLP_TRACES_INSECURE")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_INSECURE"))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    !insecure
+}
+
+/// A file named by a variable: the variable and the path.
+type Named = (&'static str, String);
+
+/// The PEM files of a TLS connection, each with the variable that names it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct TlsFiles {
+    /// The CA trusted instead of the system's roots.
+    ca: Option<Named>,
+    /// The client's certificate (chain) and its private key.
+    client: Option<(Named, Named)>,
+}
+
+/// The TLS files the `OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE`, `_CLIENT_CERTIFICATE` and
+/// `_CLIENT_KEY` variables name; a client certificate without its key (or the reverse) is an
+/// error.
+pub(crate) fn tls_files(env: impl Fn(&str) -> Option<String>) -> Result<TlsFiles, String> {
+    let ca = first_set(
+        &env,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ],
+    );
+    let cert = first_set(
+        &env,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        ],
+    );
+    let key = first_set(
+        &env,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ],
+    );
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some((k, _)), None) => {
+            return Err(format!(
+                "{k}: a client certificate needs its key (OTEL_EXPORTER_OTLP_CLIENT_KEY)"
+            ))
+        }
+        (None, Some((k, _))) => {
+            return Err(format!(
+                "{k}: a client key needs its certificate (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)"
+            ))
+        }
+    };
+    Ok(TlsFiles { ca, client })
+}
+
+/// Reads a PEM file named by the variable `key`, with at least one certificate in it.
+fn read_certificates(key: &str, path: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{key}: {path}: {e}"))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{key}: {path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{key}: {path}: no PEM certificate in it"));
+    }
+    Ok(pem)
+}
+
+/// The gRPC exporter's TLS settings: the CA file's certificates, else the system's roots (found
+/// when the connection is built); and the client's certificate, if any.
+fn tls_config(
+    files: &TlsFiles,
+) -> Result<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig, String> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+    let config = match &files.ca {
+        Some((key, path)) => ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read_certificates(key, path)?)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    let Some(((cert_key, cert_path), (key_key, key_path))) = &files.client else {
+        return Ok(config);
+    };
+    let cert = read_certificates(cert_key, cert_path)?;
+    let pem = std::fs::read(key_path).map_err(|e| format!("{key_key}: {key_path}: {e}"))?;
+    match rustls_pemfile::private_key(&mut pem.as_slice()) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(format!("{key_key}: {key_path}: no PEM private key in it")),
+        Err(e) => return Err(format!("{key_key}: {key_path}: {e}")),
+    }
+    Ok(config.identity(Identity::from_pem(cert, pem)))
 }
 
 /// Installs the global subscriber (logs, and the trace exporter when the `OTEL_*` variables
@@ -204,7 +321,7 @@ fn exporter(
     protocol: Protocol,
     grpc: &mut Option<tokio::runtime::Runtime>,
 ) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let built = match protocol {
         Protocol::HttpProtobuf => builder
@@ -218,10 +335,15 @@ fn exporter(
                 .enable_all()
                 .build()
                 .map_err(|e| format!("gRPC trace export: cannot start its runtime: {e}"))?;
+            let mut builder = builder.with_tonic();
+            if grpc_over_tls(|k| std::env::var(k).ok()) {
+                let files = tls_files(|k| std::env::var(k).ok())?;
+                builder = builder.with_tls_config(tls_config(&files)?);
+            }
             // The channel connects lazily; its worker task is spawned on the runtime entered.
             let built = {
                 let _entered = runtime.enter();
-                builder.with_tonic().build()
+                builder.build()
             };
             *grpc = Some(runtime);
             built
@@ -421,17 +543,135 @@ mod tests {
             bad.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL:"),
             "{bad}"
         );
-        let tls = decide(&[
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ])
-        .expect_err("grpc over TLS");
-        assert!(
-            tls.starts_with("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:"),
-            "{tls}"
+        // gRPC over TLS is no longer refused.
+        assert_eq!(
+            decide(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ]),
+            Ok(Export::Otlp(Protocol::Grpc))
         );
         let zipkin = decide(&[("OTEL_TRACES_EXPORTER", "zipkin")]).expect_err("zipkin");
         assert!(zipkin.starts_with("OTEL_TRACES_EXPORTER:"), "{zipkin}");
+    }
+
+    fn env_of<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        |k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn the_endpoint_decides_whether_grpc_is_over_tls() {
+        let tls = |vars: &[(&str, &str)]| grpc_over_tls(env_of(vars));
+        assert!(!tls(&[]), "the default endpoint is plain text");
+        assert!(!tls(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")]));
+        assert!(tls(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "HTTPS://c:4317")]));
+        // The traces' own endpoint wins.
+        assert!(tls(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317")
+        ]));
+        assert!(!tls(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317")
+        ]));
+        // Without a scheme: TLS unless insecure.
+        assert!(tls(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317")]));
+        assert!(!tls(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "TRUE")
+        ]));
+        assert!(tls(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+            ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "false")
+        ]));
+    }
+
+    #[test]
+    fn tls_files_come_from_the_otel_variables() {
+        let files = |vars: &[(&str, &str)]| tls_files(env_of(vars));
+        assert_eq!(files(&[]), Ok(TlsFiles::default()));
+        assert_eq!(
+            files(&[
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/all.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/traces.pem")
+            ]),
+            Ok(TlsFiles {
+                ca: Some((
+                    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                    "/traces.pem".into()
+                )),
+                client: None
+            })
+        );
+        assert_eq!(
+            files(&[
+                ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/k.pem")
+            ]),
+            Ok(TlsFiles {
+                ca: None,
+                client: Some((
+                    ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem".into()),
+                    ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/k.pem".into())
+                ))
+            })
+        );
+        let half = files(&[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem")])
+            .expect_err("a certificate without its key");
+        assert!(
+            half.starts_with("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE:"),
+            "{half}"
+        );
+        let half = files(&[("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "/k.pem")])
+            .expect_err("a key without its certificate");
+        assert!(
+            half.starts_with("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY:"),
+            "{half}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_invalid_tls_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("pgws-otlp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").expect("junk");
+        let junk = junk.to_string_lossy().into_owned();
+        let ca = |path: &str| TlsFiles {
+            ca: Some(("OTEL_EXPORTER_OTLP_CERTIFICATE", path.to_owned())),
+            client: None,
+        };
+        let missing = tls_config(&ca("/nonexistent/ca.pem")).expect_err("missing");
+        assert!(
+            missing.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE: /nonexistent/ca.pem:"),
+            "{missing}"
+        );
+        let invalid = tls_config(&ca(&junk)).expect_err("invalid");
+        assert!(
+            invalid.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE:") && invalid.contains("no PEM"),
+            "{invalid}"
+        );
+        let key = tls_config(&TlsFiles {
+            ca: None,
+            client: Some((
+                (
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    "/nonexistent/c.pem".into(),
+                ),
+                ("OTEL_EXPORTER_OTLP_CLIENT_KEY", junk.clone()),
+            )),
+        })
+        .expect_err("missing client certificate");
+        assert!(
+            key.starts_with("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE:"),
+            "{key}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
