@@ -308,7 +308,7 @@ cat <<EOF
 
   pgws stack is running (env: ${ENV_FILE#"$ROOT"/})
     demo page:      $PAGE_URL$PAGE_HASH
-    sample token:   ${TOKEN:-(none)}   {"mode":"rw","channels":[${TOKEN_CHANNELS//,/, }],"sub":"demo"}, 24 h
+    sample token:   ${TOKEN:-(none)}   {"mode":"rw","channels":["${TOKEN_CHANNELS//,/\",\"}"],"sub":"demo"}, 24 h
                     more: $BIN_DIR/pgws-token --help
     websocket:      ws://localhost:$WS_PORT/chat/$TOKEN
     admin:          gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102
