@@ -582,7 +582,8 @@ export class LiveClient extends Connection {
       entry.reject(new PgwsError(error.code, `${entry.method}: ${error.message}`));
     }
     this.#pending.clear();
-    if (this.state === 'closed' || error.code === 'closed' || error.code === 'gave_up' || error.code === 'token_expired') {
+    // Requests still waiting for a socket wait on, unless none will come.
+    if (this.state === 'closed') {
       for (const entry of this.#waiting) {
         clearTimeout(entry.timer);
         entry.reject(new PgwsError(error.code, `${entry.method}: ${error.message}`));
@@ -611,10 +612,6 @@ export class LiveClient extends Connection {
     if (msg?.type === 'event') {
       this.emit('event', msg);
       callEach(this.#topics.get(msg.topic), msg);
-      return;
-    }
-    if (msg?.event === 'Gap') {
-      this.emit('gap', { reason: msg.reason });
       return;
     }
     this.emit('error', new PgwsError('protocol', 'unexpected frame from the server', msg));

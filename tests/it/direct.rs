@@ -128,14 +128,7 @@ async fn direct_socket_refusals_are_clear() -> anyhow::Result<()> {
 /// A stack whose every channel is direct (`*`), so the postgres-websockets probe of
 /// `Stack::start` cannot be used: waits until a direct channel delivers on every gateway.
 async fn star_stack(bridges: usize, gateways: usize) -> anyhow::Result<Stack> {
-    let mut stack = Stack::new();
-    stack.extra = vec![("PGWS_DIRECT_CHANNELS".into(), "*".into())];
-    for _ in 0..bridges {
-        stack.add_bridge(&[]).await?;
-    }
-    for _ in 0..gateways {
-        stack.add_gateway(&[]).await?;
-    }
+    let stack = Stack::start_sized(&[("PGWS_DIRECT_CHANNELS", "*")], bridges, gateways).await?;
     let db = stack.pg().await?;
     for i in 0..gateways {
         let probe = unique("probe-");

@@ -57,23 +57,14 @@ impl Fixture {
         gateways: usize,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Stack> {
-        let mut stack = Stack::new();
-        stack.extra = [
+        let topics = format!("{}.orders", self.schema);
+        let mut env = vec![
             ("PGWS_DB_URI", self.uri.as_str()),
-            ("PGWS_TABLE_TOPICS", &format!("{}.orders", self.schema)),
-            ("PGWS_CAPTURE_SLOT", &self.slot),
-        ]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-        for _ in 0..bridges {
-            stack.add_bridge(&[]).await?;
-        }
-        for _ in 0..gateways {
-            stack.add_gateway(&[]).await?;
-        }
-        Ok(stack)
+            ("PGWS_TABLE_TOPICS", topics.as_str()),
+            ("PGWS_CAPTURE_SLOT", self.slot.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        Stack::start_sized(&env, bridges, gateways).await
     }
 
     fn role(&self, which: &str) -> String {

@@ -43,18 +43,9 @@ async fn pubsub_stack_of(
         &[&domain, &KEY],
     )
     .await?;
-    let mut stack = Stack::new();
-    stack.extra = [("PGWS_PUBSUB_KEYS_TABLE", table.as_str())]
-        .iter()
-        .chain(extra)
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    for _ in 0..bridges {
-        stack.add_bridge(&[]).await?;
-    }
-    for _ in 0..gateways {
-        stack.add_gateway(&[]).await?;
-    }
+    let mut env = vec![("PGWS_PUBSUB_KEYS_TABLE", table.as_str())];
+    env.extend_from_slice(extra);
+    let stack = Stack::start_sized(&env, bridges, gateways).await?;
     stack.wait_flowing(0).await?;
     Ok((stack, table, domain))
 }

@@ -55,28 +55,8 @@ async fn the_root_path_is_served_and_nothing_outside_it() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn tls_serves_when_certificate_and_key_are_set() -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(pgws_tests::unique("pgws-tls-"));
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    assert!(status.success(), "openssl failed");
+    let dir = pgws_tests::test_certificates("pgws-tls-", "DNS:localhost")?;
+    let (cert, key) = (dir.join("leaf.pem"), dir.join("leaf.key"));
     let (c, k) = (
         cert.to_string_lossy().into_owned(),
         key.to_string_lossy().into_owned(),

@@ -136,14 +136,30 @@ impl Stack {
 
     /// Like [`Stack::start`] with extra settings for every service.
     pub async fn start_with(extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let stack = Self::start_sized(extra, 1, 1).await?;
+        stack.wait_flowing(0).await?;
+        Ok(stack)
+    }
+
+    /// `bridges` bridges, then `gateways` gateways, each ready, with `extra` settings for every
+    /// service; without the delivery probe of [`Stack::start`] (callers that need one wait in
+    /// their own way).
+    pub async fn start_sized(
+        extra: &[(&str, &str)],
+        bridges: usize,
+        gateways: usize,
+    ) -> anyhow::Result<Self> {
         let mut stack = Self::new();
         stack.extra = extra
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        stack.add_bridge(&[]).await?;
-        stack.add_gateway(&[]).await?;
-        stack.wait_flowing(0).await?;
+        for _ in 0..bridges {
+            stack.add_bridge(&[]).await?;
+        }
+        for _ in 0..gateways {
+            stack.add_gateway(&[]).await?;
+        }
         Ok(stack)
     }
 

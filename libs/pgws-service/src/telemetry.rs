@@ -434,12 +434,16 @@ impl Extractor for ReadHeaders<'_> {
 mod tests {
     use super::*;
 
-    fn decide(vars: &[(&str, &str)]) -> Result<Export, String> {
-        export_from(|k| {
+    fn env_of<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        |k| {
             vars.iter()
                 .find(|(name, _)| *name == k)
                 .map(|(_, v)| (*v).to_owned())
-        })
+        }
+    }
+
+    fn decide(vars: &[(&str, &str)]) -> Result<Export, String> {
+        export_from(env_of(vars))
     }
 
     #[test]
@@ -553,14 +557,6 @@ mod tests {
         );
         let zipkin = decide(&[("OTEL_TRACES_EXPORTER", "zipkin")]).expect_err("zipkin");
         assert!(zipkin.starts_with("OTEL_TRACES_EXPORTER:"), "{zipkin}");
-    }
-
-    fn env_of<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        |k| {
-            vars.iter()
-                .find(|(name, _)| *name == k)
-                .map(|(_, v)| (*v).to_owned())
-        }
     }
 
     #[test]
