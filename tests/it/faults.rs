@@ -351,6 +351,18 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() ->
         open().await == Some(0.0)
     })
     .await;
+    // Nor does its kernel keep what could not be written: the connection is reset, not left
+    // in FIN-WAIT-1 with a full send buffer until TCP gives up on the peer.
+    let port = gw.addr.map_or(0, |a| a.port());
+    let unsent = || {
+        pgws_tests::tcp_connections(port)
+            .into_iter()
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect::<Vec<_>>()
+    };
+    let freed =
+        pgws_tests::eventually(Duration::from_secs(5), || async { unsent().is_empty() }).await;
+    let held = unsent();
     let (peak, rss) = memory_kib(pid);
     let ended = stalled.expect_end(T).await?;
     eprintln!("stalled client: found the end after what the network held: {ended:?}");
@@ -358,6 +370,10 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() ->
         released,
         "the gateway kept the non-reading socket ({:?} open)",
         open().await
+    );
+    assert!(
+        freed,
+        "the gateway's kernel still holds unsent bytes for the dropped socket: {held:?}"
     );
     let mib = |k: u64| k as f64 / 1024.0;
     eprintln!(

@@ -314,6 +314,55 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// The kernel's TCP connections on local port `port` (listeners left out), as
+/// `/proc/net/tcp` and `tcp6` show them: `(state, bytes sent but not acknowledged or not yet
+/// sent)` each, the state as the kernel names it (`ESTABLISHED`, `FIN_WAIT1`, ...).
+pub fn tcp_connections(port: u16) -> Vec<(&'static str, u64)> {
+    const STATES: [&str; 12] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+    ];
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(queues)) =
+                (fields.get(1), fields.get(3), fields.get(4))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let state = usize::from_str_radix(state, 16)
+                .ok()
+                .and_then(|s| STATES.get(s).copied())
+                .unwrap_or("?");
+            let unsent = queues
+                .split(':')
+                .next()
+                .and_then(|q| u64::from_str_radix(q, 16).ok())
+                .unwrap_or(0);
+            if local_port == Some(port) && state != "LISTEN" {
+                found.push((state, unsent));
+            }
+        }
+    }
+    found
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

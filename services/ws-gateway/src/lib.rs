@@ -10,7 +10,8 @@
 //!
 //! Code map: [`config`] reads settings; `server` accepts connections and upgrades; `protocol`
 //! routes a handshake to its module (`handshake` finds a token); `session` registers an
-//! accepted socket; `socket` runs one websocket; `hub` holds subscriptions and fans out;
+//! accepted socket; `socket` runs one websocket (`transport`: its TCP connection, reset
+//! instead of closed when the socket is given up); `hub` holds subscriptions and fans out;
 //! `uplink` sends client messages to the bridges; `presence` keeps the leader bridge informed
 //! (direct channels, topics); `limits` bounds what one client may take; `jwks` keeps the keys
 //! of a JWKS URL fresh; `metrics` counts; `fuzzing` (hidden) is the fuzz targets' door to the
@@ -30,6 +31,7 @@ mod protocol;
 mod server;
 mod session;
 mod socket;
+mod transport;
 mod uplink;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -23,6 +23,7 @@ use tower_http::services::ServeDir;
 
 use crate::limits::Peer;
 use crate::protocol::{self, Refusal};
+use crate::transport::{Conn, Reset};
 use crate::{socket, Gateway};
 
 /// Loads the certificate chain and key into a TLS acceptor.
@@ -100,9 +101,11 @@ pub(crate) async fn serve(
         };
         drop(tcp.set_nodelay(true));
         let peer = Peer(peer.ip());
+        let (tcp, reset) = Conn::new(tcp);
         let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(peer);
+                req.extensions_mut().insert(reset.clone());
                 req
             },
         ));
@@ -219,12 +222,15 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
         upgrade.set_selected_protocol(protocol);
     }
     let owner = gw.shutdown.tracker.token();
+    // Armed when the socket is given up with bytes it could not write.
+    let reset = parts.extensions.get::<Reset>().cloned().unwrap_or_default();
     upgrade.on_upgrade(move |ws| async move {
         let _owned = (owner, slot);
         let mut membership = accepted.membership;
         socket::run(
             Arc::clone(&membership.gw),
             ws,
+            reset,
             accepted.session,
             &mut membership,
         )

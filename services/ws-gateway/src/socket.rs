@@ -7,6 +7,10 @@
 //! it), the one NOTIFY request in flight, pings, the token's expiry and the kick (slow
 //! consumer, a closed topic, or shutdown). On the way out every accepted frame is still handed
 //! to a bridge, and the protocol's closing notification (`ConnectionClose`) is sent.
+//!
+//! A socket ends with a close frame when one can go out within a second; otherwise (its client
+//! stopped reading, or answers no ping) its connection is reset, so that neither its task nor
+//! the kernel keeps what it could not write.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -25,6 +29,7 @@ use crate::hub::{Kick, Queued};
 use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
 use crate::session::{Membership, Session};
+use crate::transport::Reset;
 use crate::uplink::Pending;
 use crate::Gateway;
 
@@ -43,6 +48,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(5);
 pub(crate) async fn run(
     gw: Arc<Gateway>,
     mut ws: WebSocket,
+    reset: Reset,
     session: Session,
     membership: &mut Membership,
 ) {
@@ -78,16 +84,16 @@ pub(crate) async fn run(
             biased;
             _ = kick.kicked(), if open => {
                 if let Some((code, reason)) = kick.reason() {
-                    send_close(&mut ws, *code, reason).await;
+                    send_close(&mut ws, &reset, *code, reason).await;
                     break;
                 }
-                if !send_close(&mut ws, CLOSE_GOING_AWAY, "server shutting down").await {
+                if !send_close(&mut ws, &reset, CLOSE_GOING_AWAY, "server shutting down").await {
                     break;
                 }
                 closing = Some(Instant::now() + CLOSE_LINGER);
             }
             _ = wait(&mut expiry), if open => {
-                send_close(&mut ws, CLOSE_JWT_EXPIRED, "JWT expired").await;
+                send_close(&mut ws, &reset, CLOSE_JWT_EXPIRED, "JWT expired").await;
                 break;
             }
             _ = linger(closing) => break,
@@ -111,6 +117,7 @@ pub(crate) async fn run(
                 };
                 if !written {
                     gw.metrics.abandoned.inc();
+                    reset.arm();
                     break;
                 }
             }
@@ -120,7 +127,7 @@ pub(crate) async fn run(
                     gw.metrics.notify_failed.inc_by(n as u64);
                     tracing::warn!(reason, messages = n, "client messages not delivered to the database");
                     let action = protocol.undelivered(n, &reason);
-                    if open && !perform(&gw, &mut ws, action, &mut pending, membership).await {
+                    if open && !perform(&gw, &mut ws, &reset, action, &mut pending, membership).await {
                         break;
                     }
                 }
@@ -139,7 +146,7 @@ pub(crate) async fn run(
                         tracing::debug!(error = %e, "socket read failed");
                         if too_big(e) {
                             gw.metrics.refused("too_big");
-                            send_close(&mut ws, CLOSE_TOO_BIG, "message too big").await;
+                            send_close(&mut ws, &reset, CLOSE_TOO_BIG, "message too big").await;
                         }
                         break;
                     }
@@ -148,7 +155,7 @@ pub(crate) async fn run(
                     // What was accepted before still goes to the database (below the loop).
                     gw.metrics.refused("rate_limit");
                     if open {
-                        send_close(&mut ws, CLOSE_POLICY, "message rate limit exceeded").await;
+                        send_close(&mut ws, &reset, CLOSE_POLICY, "message rate limit exceeded").await;
                     }
                     break;
                 }
@@ -157,7 +164,7 @@ pub(crate) async fn run(
                     Action::Reply(_) | Action::Close(..) if !open => Action::None,
                     action => action,
                 };
-                if !perform(&gw, &mut ws, action, &mut pending, membership).await {
+                if !perform(&gw, &mut ws, &reset, action, &mut pending, membership).await {
                     break;
                 }
                 if let Some(expires_at) = membership.expiry.take() {
@@ -165,11 +172,14 @@ pub(crate) async fn run(
                 }
             }
             _ = ping.tick(), if open => {
+                // A silent peer may also have stopped reading: what it was sent goes too.
                 if unanswered >= 2 {
+                    reset.arm();
                     break;
                 }
                 unanswered += 1;
                 if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    reset.arm();
                     break;
                 }
             }
@@ -215,6 +225,7 @@ fn too_big(e: axum::Error) -> bool {
 fn perform<'a>(
     gw: &'a Gateway,
     ws: &'a mut WebSocket,
+    reset: &'a Reset,
     action: Action,
     pending: &'a mut VecDeque<Pending>,
     membership: &'a mut Membership,
@@ -242,7 +253,7 @@ fn perform<'a>(
             }
             Action::Reply(message) => ws.send(message).await.is_ok(),
             Action::Close(code, reason) => {
-                send_close(ws, code, &reason).await;
+                send_close(ws, reset, code, &reason).await;
                 false
             }
             Action::Join(subject, registration) => {
@@ -260,7 +271,7 @@ fn perform<'a>(
             }
             Action::Many(actions) => {
                 for action in actions {
-                    if !perform(gw, ws, action, pending, membership).await {
+                    if !perform(gw, ws, reset, action, pending, membership).await {
                         return false;
                     }
                 }
@@ -272,7 +283,7 @@ fn perform<'a>(
             }
             Action::Await(work) => {
                 let action = work.await;
-                perform(gw, ws, action, pending, membership).await
+                perform(gw, ws, reset, action, pending, membership).await
             }
         }
     })
@@ -284,16 +295,21 @@ fn take_batch(pending: &mut VecDeque<Pending>, per_request: usize) -> Vec<Pendin
     pending.drain(..n).collect()
 }
 
-/// Sends a close frame (bounded wait); false when the socket is gone.
-async fn send_close(ws: &mut WebSocket, code: u16, reason: &str) -> bool {
+/// Sends a close frame (bounded wait); false when it could not go out (the socket is gone, or
+/// its client does not read), and then the connection is reset rather than closed.
+async fn send_close(ws: &mut WebSocket, reset: &Reset, code: u16, reason: &str) -> bool {
     let frame = Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from(reason),
     }));
-    matches!(
+    let sent = matches!(
         tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await,
         Ok(Ok(()))
-    )
+    );
+    if !sent {
+        reset.arm();
+    }
+    sent
 }
 
 async fn linger(closing: Option<Instant>) {
