@@ -1,6 +1,7 @@
 //! The bus as a trust boundary: the stack on a private nats-server running the shipped
 //! configuration (`deploy/compose/nats.conf`, one user per service), where every service works
-//! and a client holding the gateway's credentials can forge nothing.
+//! and a client holding the gateway's credentials can forge nothing, nor touch the audit
+//! stream the recorder owns.
 
 use std::time::Duration;
 
@@ -105,23 +106,36 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         ("PGWS_CAPTURE_SLOT".into(), slot.clone()),
         ("PGWS_ADMIN_ROLES".into(), "admin".into()),
     ];
-    let mut env = stack.env();
-    env.extend([
-        ("PGWS_NATS_USER".into(), "recorder".into()),
-        ("PGWS_NATS_PASSWORD".into(), "recorder-secret".into()),
-    ]);
-    let recorder = Service::start(ServiceKind::Recorder, &env).await?;
+    let as_user = |user: &str, password: &str| {
+        let mut env = stack.env();
+        env.extend([
+            ("PGWS_NATS_USER".into(), user.into()),
+            ("PGWS_NATS_PASSWORD".into(), password.into()),
+        ]);
+        env
+    };
+    // A gateway started before the recorder waits for it to create the audit stream: it may
+    // not create (nor change) the stream itself.
+    let gateway =
+        Service::start(ServiceKind::Gateway, &as_user("gateway", "gateway-secret")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = pgws_tests::http_get(gateway.admin, "/readyz").await?;
+    assert!(
+        status == 503 && body.contains("audit"),
+        "a gateway without the audit stream answered {status} {body:?}"
+    );
+    let recorder = Service::start(
+        ServiceKind::Recorder,
+        &as_user("recorder", "recorder-secret"),
+    )
+    .await?;
     recorder.wait_ready().await?;
+    gateway.wait_ready().await?;
+    stack.gateways.push(gateway);
     stack
         .add_bridge(&[
             ("PGWS_NATS_USER", "bridge"),
             ("PGWS_NATS_PASSWORD", "bridge-secret"),
-        ])
-        .await?;
-    stack
-        .add_gateway(&[
-            ("PGWS_NATS_USER", "gateway"),
-            ("PGWS_NATS_PASSWORD", "gateway-secret"),
         ])
         .await?;
     // A database NOTIFY reaches a socket.
@@ -239,7 +253,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     );
 
     // Nor read another service's replies (the records the recorder pulls), nor delete the
-    // audit stream.
+    // audit stream, nor change its limits (records that expire before they are recorded).
     let mut snoop = forger.subscribe("_INBOX.pgws.pg-recorder.>").await?;
     let mut all = forger.subscribe("_INBOX.>").await?;
     let delete = forger.request("$JS.API.STREAM.DELETE.pgws-audit", "".into());
@@ -247,6 +261,27 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     assert!(
         !matches!(deleted, Ok(Ok(_))),
         "the gateway's credentials reached the JetStream API"
+    );
+    let owner = client_as(&nats, "recorder", "recorder-secret", "pg-recorder").await?;
+    let config = || async {
+        let info = owner
+            .request("$JS.API.STREAM.INFO.pgws-audit", "".into())
+            .await?;
+        let info: Value = serde_json::from_slice(&info.payload)?;
+        anyhow::Ok(info["config"].clone())
+    };
+    let mut shorter = config().await?;
+    assert_eq!(shorter["max_age"], 604_800_000_000_000u64, "{shorter}");
+    shorter["max_age"] = json!(3_600_000_000_000u64);
+    let update = forger.request(
+        "$JS.API.STREAM.UPDATE.pgws-audit",
+        shorter.to_string().into(),
+    );
+    let updated = tokio::time::timeout(Duration::from_secs(3), update).await;
+    let now = config().await?;
+    assert_eq!(
+        now["max_age"], 604_800_000_000_000u64,
+        "the gateway's credentials changed the audit stream ({updated:?}): {now}"
     );
     ws.send_text("after the attempts").await?;
     assert_eq!(ws.next_json(T).await?["payload"], "after the attempts");

@@ -650,7 +650,13 @@ fn every_compose_service_is_health_checked_and_started_in_order() {
                 .map(|(k, _)| k)
                 .collect();
             assert!(deps.contains("nats"), "{name} does not wait for NATS");
-            if package != "ws-gateway" {
+            if package == "ws-gateway" {
+                // nats.conf lets a gateway read the audit stream, not create it.
+                assert!(
+                    deps.contains("pg-recorder"),
+                    "{name} does not wait for the recorder, which creates the audit stream"
+                );
+            } else {
                 assert!(
                     deps.contains("postgres"),
                     "{name} does not wait for PostgreSQL"

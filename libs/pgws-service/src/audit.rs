@@ -1,10 +1,12 @@
-//! The audit stream: created (or brought to the configured limits) by whichever service starts
-//! first, so it exists before the first client message is sent.
+//! The audit stream. The recorder owns it: it creates the stream or brings it to the configured
+//! limits. A gateway only makes sure it exists, creating it when no recorder has yet (so that
+//! it exists before the first client message), and never changes one that does.
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::Context;
+use async_nats::jetstream::{Context, ErrorCode};
 use pgws_config::AuditConfig;
 use pgws_proto::Subjects;
 
@@ -27,8 +29,9 @@ pub fn audit_stream_config(subjects: &Subjects, audit: &AuditConfig) -> Config {
     }
 }
 
-/// Creates the audit stream, or updates its limits when it exists; retries until it succeeds
-/// or `give_up` resolves (NATS may still be coming up).
+/// Creates the audit stream, or brings it to the configured limits when it exists: the
+/// recorder's part, as the stream's owner. Retries until it succeeds or `give_up` resolves
+/// (NATS may still be coming up).
 pub async fn ensure_audit_stream(
     js: &Context,
     subjects: &Subjects,
@@ -36,18 +39,73 @@ pub async fn ensure_audit_stream(
     give_up: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let config = audit_stream_config(subjects, audit);
+    retrying(&config.name, give_up, || async {
+        js.create_or_update_stream(config.clone())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// Makes sure the audit stream exists, never changing one that does: a gateway's part. The
+/// stream is created with the configured limits only when it is missing (a gateway started
+/// before any recorder), so a NATS user that may only read the stream's information (as the
+/// shipped NATS authorization gives the gateways) waits here for the recorder to create it,
+/// and no gateway can change the limits the recorder set. Retries until it succeeds or
+/// `give_up` resolves.
+pub async fn await_audit_stream(
+    js: &Context,
+    subjects: &Subjects,
+    audit: &AuditConfig,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let config = audit_stream_config(subjects, audit);
+    retrying(&config.name, give_up, || async {
+        match js.get_stream(&config.name).await {
+            Ok(_) => Ok(()),
+            Err(e) if missing(&e) => js
+                .create_stream(config.clone())
+                .await
+                .map(drop)
+                .map_err(|e| format!("the stream does not exist and creating it failed: {e}")),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// The stream is not there (as opposed to NATS not answering).
+fn missing(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Runs `attempt` until it succeeds (backing off from 200 ms to 5 s, with a warning each
+/// time) or `give_up` resolves.
+async fn retrying<F, Fut>(
+    stream: &str,
+    give_up: impl std::future::Future<Output = ()>,
+    mut attempt: F,
+) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     tokio::pin!(give_up);
     let mut wait = Duration::from_millis(200);
     loop {
-        match js.create_or_update_stream(config.clone()).await {
-            Ok(_) => {
-                tracing::info!(stream = config.name, "audit stream ready");
+        match attempt().await {
+            Ok(()) => {
+                tracing::info!(stream, "audit stream ready");
                 return Ok(());
             }
-            Err(e) => tracing::warn!(stream = config.name, error = %e, "audit stream not ready"),
+            Err(error) => tracing::warn!(stream, error, "audit stream not ready"),
         }
         tokio::select! {
-            _ = &mut give_up => return Err("gave up creating the audit stream".to_owned()),
+            _ = &mut give_up => return Err("gave up waiting for the audit stream".to_owned()),
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(Duration::from_secs(5));

@@ -14,7 +14,7 @@ mod shutdown;
 pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
-pub use audit::{audit_stream_config, ensure_audit_stream};
+pub use audit::{audit_stream_config, await_audit_stream, ensure_audit_stream};
 pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;
 pub use nats::{connect_nats, connect_nats_watched};

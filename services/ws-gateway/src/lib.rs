@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pgws_service::{
-    connect_nats_watched, ensure_audit_stream, serve_admin, Metrics, Readiness, Shutdown,
+    await_audit_stream, connect_nats_watched, serve_admin, Metrics, Readiness, Shutdown,
 };
 use tokio::net::TcpListener;
 
@@ -161,7 +161,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         let (js, subjects, limits) = (audit.js.clone(), config.nats.subjects.clone(), config.audit);
         let token = shutdown.token.clone();
         shutdown.spawn(async move {
-            if ensure_audit_stream(&js, &subjects, &limits, token.cancelled())
+            if await_audit_stream(&js, &subjects, &limits, token.cancelled())
                 .await
                 .is_ok()
             {
