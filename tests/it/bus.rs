@@ -105,6 +105,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         ("PGWS_TABLE_TOPICS".into(), "public.notes".into()),
         ("PGWS_CAPTURE_SLOT".into(), slot.clone()),
         ("PGWS_ADMIN_ROLES".into(), "admin".into()),
+        ("PGWS_DIRECT_CHANNELS".into(), "room_direct".into()),
     ];
     let as_user = |user: &str, password: &str| {
         let mut env = stack.env();
@@ -250,6 +251,34 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     assert!(
         answer == r#""absent""# || answer == r#""retry""#,
         "the first answer is {answer}, not the leader's"
+    );
+
+    // Nor make the leader LISTEN on a channel that is not a direct channel and read what is
+    // notified there: the bridge refuses that channel of a forged report, and LISTENs on the
+    // configured direct channel of the same report.
+    let subjects = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?);
+    let mut spied = forger.subscribe(subjects.direct("payroll")).await?;
+    let mut direct = forger.subscribe(subjects.direct("room_direct")).await?;
+    forger.flush().await?;
+    let report = pgws_proto::RegistryRequest {
+        gateway: "forger".into(),
+        op: pgws_proto::RegistryOp::Report {
+            presence: pgws_proto::Presence {
+                channels: vec!["payroll".into(), "room_direct".into()],
+                ..Default::default()
+            },
+        },
+    };
+    let answered = forger.request(subjects.registry(), serde_json::to_vec(&report)?.into());
+    tokio::time::timeout(T, answered).await??;
+    pg.batch_execute("SELECT pg_notify('payroll', 'salaries'), pg_notify('room_direct', 'hello')")
+        .await?;
+    let heard = tokio::time::timeout(T, direct.next()).await?;
+    assert_eq!(heard.map(|m| m.payload), Some("hello".into()));
+    let spied = tokio::time::timeout(Duration::from_millis(500), spied.next()).await;
+    assert!(
+        spied.is_err(),
+        "a forged report made the leader LISTEN on a channel that is not direct: {spied:?}"
     );
 
     // Nor read another service's replies (the records the recorder pulls), nor delete the

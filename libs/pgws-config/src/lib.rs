@@ -6,8 +6,10 @@
 //! through [`Settings`] and reports every problem at once ([`Problems`]), never at first use.
 //! Values starting with `@` are read from the named file where a setting says so (secrets).
 
+mod direct;
 mod sections;
 mod settings;
 
+pub use direct::DirectChannels;
 pub use sections::{AdminConfig, AuditConfig, DbConfig, NatsAuth, NatsConfig};
 pub use settings::{ConfigError, Problems, Settings, KNOWN_KEYS};

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use pgws_config::{AdminConfig, ConfigError, DbConfig, NatsConfig, Problems, Settings};
+use pgws_config::{
+    AdminConfig, ConfigError, DbConfig, DirectChannels, NatsConfig, Problems, Settings,
+};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
 /// The default admin port of pg-bridge (the gateway and recorder have their own).
@@ -46,6 +48,9 @@ pub struct BridgeConfig {
     /// the keys in `pgws_bridge.notify_requests`; false gives at-least-once toward PostgreSQL
     /// (a retried request may be NOTIFYed twice) and needs no table.
     pub notify_dedup: bool,
+    /// `PGWS_DIRECT_CHANNELS`: the channels the leader LISTENs on when a gateway reports a
+    /// socket on one (the gateways' setting; any other channel a report names is refused).
+    pub direct_channels: DirectChannels,
     /// `PGWS_TABLE_TOPICS`: the tables whose committed changes `/live` sockets may read.
     pub table_topics: Vec<TablePattern>,
     /// `PGWS_CAPTURE_SLOT`: the logical replication slot (and publication) of the capture.
@@ -145,6 +150,15 @@ impl BridgeConfig {
 
         let notify_dedup = p.text("notify_dedup").is_none() || p.flag("notify_dedup");
 
+        let direct_channels = DirectChannels::parse(&p.text_or("direct_channels", ""));
+        for c in direct_channels.names() {
+            if !pgws_proto::valid_channel(c) {
+                p.push(format!(
+                    "PGWS_DIRECT_CHANNELS: {c:?} is not a PostgreSQL channel name (1 to {MAX_PG_CHANNEL} bytes)"
+                ));
+            }
+        }
+
         let mut table_topics = Vec::new();
         for entry in p
             .text("table_topics")
@@ -204,6 +218,7 @@ impl BridgeConfig {
             pubsub_grace: Duration::from_secs(grace),
             pubsub_keys_table,
             notify_dedup,
+            direct_channels,
             table_topics,
             capture_slot,
             class_per_subscriber,

@@ -145,6 +145,7 @@ async fn serve(
             nats: nats.clone(),
             metrics: bridge_metrics.clone(),
             grace: config.pubsub_grace,
+            direct: config.direct_channels.clone(),
             classes: watch::channel(Arc::default()).0,
             capture: (!config.table_topics.is_empty()).then(|| capture::Capture {
                 pg: pg.clone(),

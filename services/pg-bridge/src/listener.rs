@@ -30,6 +30,7 @@ use async_nats::{Client as Nats, HeaderMap, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
+use pgws_config::DirectChannels;
 use pgws_proto::{
     headers, Envelope, LiveClass, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
 };
@@ -64,6 +65,8 @@ pub(crate) struct Listener {
     pub(crate) metrics: BridgeMetrics,
     /// How long an orphan wspubsub topic waits for a new publisher (`PGWS_PUBSUB_GRACE`).
     pub(crate) grace: Duration,
+    /// The channels gateways may have LISTENed (`PGWS_DIRECT_CHANNELS`).
+    pub(crate) direct: DirectChannels,
     /// The `/live` table classes the registry knows, for the capture.
     pub(crate) classes: watch::Sender<Arc<Vec<LiveClass>>>,
     /// The change capture of `/live` table topics, when `PGWS_TABLE_TOPICS` names some.
@@ -136,7 +139,7 @@ impl Listener {
         {
             tracing::warn!(error = %e, "cannot publish the gap marker");
         }
-        let mut registry = Registry::new(self.grace, Instant::now());
+        let mut registry = Registry::new(self.grace, self.direct.clone(), Instant::now());
         let mut queued = Queued::default();
         let mut statement: Option<(Statement, Vec<Subject>)> = None;
 
@@ -240,6 +243,14 @@ impl Listener {
         let answer = match request.op {
             RegistryOp::Report { presence } => {
                 let changes = registry.report(&request.gateway, presence, now);
+                for channel in &changes.refused {
+                    tracing::warn!(
+                        gateway = %request.gateway,
+                        channel,
+                        "a gateway reported a direct channel that is not in PGWS_DIRECT_CHANNELS here: not listening on it"
+                    );
+                    self.metrics.direct_refused.inc();
+                }
                 self.share_classes(registry);
                 self.apply(changes, queued).await;
                 if let Some(to) = m.reply {

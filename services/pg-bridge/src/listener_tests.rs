@@ -49,6 +49,7 @@ async fn start(
             nats,
             metrics: metrics.clone(),
             grace: Duration::from_secs(1),
+            direct: pgws_config::DirectChannels::All,
             classes: tokio::sync::watch::channel(std::sync::Arc::default()).0,
             capture: None,
         },

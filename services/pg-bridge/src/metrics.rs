@@ -46,6 +46,8 @@ pub(crate) struct BridgeMetrics {
     pub(crate) queue_usage: Gauge<f64, AtomicU64>,
     /// Direct channels the leader LISTENs on for the gateways.
     pub(crate) direct_channels: Gauge,
+    /// Channels gateways reported that are not in `PGWS_DIRECT_CHANNELS` (not LISTENed).
+    pub(crate) direct_refused: Counter,
     /// API-key checks answered, by outcome (valid, refused, error).
     pub(crate) key_checks: Family<Outcome, Counter>,
     /// Row changes the capture read from the slot.
@@ -125,6 +127,11 @@ impl BridgeMetrics {
                 "Direct channels the leader LISTENs on because some gateway's sockets read them",
                 Gauge::default(),
             ),
+            direct_refused: metrics.register(
+                "bridge_direct_channels_refused",
+                "Channels gateways reported that are not in this bridge's PGWS_DIRECT_CHANNELS, not LISTENed (once per gateway and channel)",
+                Counter::default(),
+            ),
             key_checks: metrics.register(
                 "bridge_key_checks",
                 "wspubsub API-key checks answered, by outcome (valid, refused, error)",
@@ -173,6 +180,7 @@ mod tests {
             "pgws_bridge_listener_reconnects_total",
             "pgws_bridge_notification_queue_usage 0.25",
             "pgws_bridge_direct_channels 0",
+            "pgws_bridge_direct_channels_refused_total 0",
             "pgws_bridge_capture_changes_total 0",
             "pgws_bridge_capture_checks_total 0",
             "pgws_bridge_capture_events_total 0",

@@ -2,6 +2,10 @@
 //! needs (reference-counted by gateway, so the leader LISTENs exactly while one uses a
 //! channel) and who publishes each wspubsub topic.
 //!
+//! A report is input from the bus, not trusted: a channel it names is LISTENed only when it is
+//! a valid name and one of this bridge's `PGWS_DIRECT_CHANNELS`, so whoever holds a gateway's
+//! NATS credentials cannot make the leader LISTEN on (and publish) any other channel.
+//!
 //! Each gateway reports its whole state ([`Presence`]), so a report replaces what the gateway
 //! said before and applying it twice changes nothing; a gateway silent for
 //! [`PRESENCE_EXPIRY_SECS`] is dropped. A topic whose publisher left (released, or its gateway
@@ -13,6 +17,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
+use pgws_config::DirectChannels;
 use pgws_proto::{
     valid_channel, LiveClass, Presence, RegistryReply, Topic, PRESENCE_EXPIRY_SECS,
     PRESENCE_INTERVAL_SECS,
@@ -34,18 +39,26 @@ pub(crate) struct Changes {
     pub(crate) unlisten: Vec<String>,
     /// Orphan topics whose grace period ended: close their subscribers.
     pub(crate) closed: Vec<Topic>,
+    /// Channels a gateway reported for the first time that are not direct channels here:
+    /// not LISTENed.
+    pub(crate) refused: Vec<String>,
 }
 
 impl Changes {
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.listen.is_empty() && self.unlisten.is_empty() && self.closed.is_empty()
+        self.listen.is_empty()
+            && self.unlisten.is_empty()
+            && self.closed.is_empty()
+            && self.refused.is_empty()
     }
 }
 
 #[derive(Debug)]
 struct GatewayState {
     channels: HashSet<String>,
+    /// Channels it reports that are not direct channels here.
+    refused: HashSet<String>,
     /// `/live` table classes its sockets read.
     classes: BTreeSet<LiveClass>,
     seen: Instant,
@@ -68,19 +81,23 @@ pub(crate) struct Registry {
     /// being closed, not missed.
     closed: HashMap<Topic, Instant>,
     grace: Duration,
+    /// The channels a gateway may have LISTENed (`PGWS_DIRECT_CHANNELS`).
+    direct: DirectChannels,
     /// Until then, answers that depend on the whole stack's state are `Retry`.
     settled_at: Instant,
 }
 
 impl Registry {
-    /// An empty registry of a leader that took over at `now`.
-    pub(crate) fn new(grace: Duration, now: Instant) -> Self {
+    /// An empty registry of a leader that took over at `now`, which LISTENs on the `direct`
+    /// channels gateways report and no others.
+    pub(crate) fn new(grace: Duration, direct: DirectChannels, now: Instant) -> Self {
         Self {
             gateways: HashMap::new(),
             refs: HashMap::new(),
             topics: HashMap::new(),
             closed: HashMap::new(),
             grace,
+            direct,
             settled_at: now + settle(),
         }
     }
@@ -98,20 +115,23 @@ impl Registry {
     /// Replaces the state of `gateway` with `presence`.
     pub(crate) fn report(&mut self, gateway: &str, presence: Presence, now: Instant) -> Changes {
         let mut changes = Changes::default();
-        let wanted: HashSet<String> = presence
+        let (wanted, refused): (HashSet<String>, HashSet<String>) = presence
             .channels
             .into_iter()
             .filter(|c| valid_channel(c))
-            .collect();
+            .partition(|c| self.direct.contains(c));
         let state = self
             .gateways
             .entry(gateway.to_owned())
             .or_insert_with(|| GatewayState {
                 channels: HashSet::new(),
+                refused: HashSet::new(),
                 classes: BTreeSet::new(),
                 seen: now,
             });
         state.seen = now;
+        changes.refused = refused.difference(&state.refused).cloned().collect();
+        state.refused = refused;
         state.classes = presence.classes.into_iter().collect();
         let added: Vec<String> = wanted.difference(&state.channels).cloned().collect();
         let removed: Vec<String> = state.channels.difference(&wanted).cloned().collect();
@@ -324,7 +344,7 @@ mod tests {
 
     fn settled() -> (Registry, Instant) {
         let t0 = Instant::now();
-        (Registry::new(GRACE, t0), t0 + settle())
+        (Registry::new(GRACE, DirectChannels::All, t0), t0 + settle())
     }
 
     #[test]
@@ -350,6 +370,30 @@ mod tests {
         let long = "x".repeat(64);
         let c = r.report("g", presence(&["", &long, "a\0b", "ok"], &[], &[]), now);
         assert_eq!(c.listen, vec!["ok"]);
+    }
+
+    #[test]
+    fn only_this_bridges_direct_channels_are_listened() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(GRACE, DirectChannels::parse("chat,news"), t0);
+        let c = r.report("g", presence(&["chat", "secrets", "payroll"], &[], &[]), t0);
+        assert_eq!(c.listen, vec!["chat"]);
+        let mut refused = c.refused.clone();
+        refused.sort();
+        assert_eq!(refused, vec!["payroll", "secrets"]);
+        assert!(!r.is_listened("secrets"));
+        // Refused once per gateway: the next report of the same channels changes nothing.
+        assert!(r
+            .report("g", presence(&["chat", "secrets", "payroll"], &[], &[]), t0)
+            .is_empty());
+        let c = r.report("g", presence(&["news", "secrets"], &[], &[]), t0);
+        assert_eq!(
+            (c.listen, c.unlisten, c.refused),
+            (vec!["news".to_owned()], vec!["chat".to_owned()], vec![])
+        );
+        let mut none = Registry::new(GRACE, DirectChannels::None, t0);
+        let c = none.report("g", presence(&["chat"], &[], &[]), t0);
+        assert!(c.listen.is_empty() && c.refused == ["chat"]);
     }
 
     #[test]
@@ -404,7 +448,7 @@ mod tests {
     #[test]
     fn a_new_leader_asks_to_retry_until_it_knows_the_stack() {
         let t0 = Instant::now();
-        let mut r = Registry::new(GRACE, t0);
+        let mut r = Registry::new(GRACE, DirectChannels::All, t0);
         assert_eq!(r.lookup(&topic("t"), t0), RegistryReply::Retry);
         assert_eq!(r.claim("g2", topic("t"), t0), RegistryReply::Retry);
         // A report rebuilds the publisher: known answers come at once.

@@ -46,7 +46,7 @@ use tokio::net::TcpListener;
 
 pub use config::GatewayConfig;
 pub use jwks::JwksConfig;
-pub use protocol::direct::DirectChannels;
+pub use pgws_config::DirectChannels;
 
 use hub::Hub;
 use jwks::Jwks;

@@ -27,55 +27,6 @@ const CLOSE_INVALID: u16 = 1007;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_SERVER_ERROR: u16 = 1011;
 
-/// Which channels are direct (`PGWS_DIRECT_CHANNELS`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum DirectChannels {
-    /// None: every channel is postgres-websockets (the default).
-    #[default]
-    None,
-    /// These channels.
-    Some(std::collections::HashSet<String>),
-    /// `*`: every channel.
-    All,
-}
-
-impl DirectChannels {
-    /// Parses a comma list of channel names, or `*`.
-    pub fn parse(text: &str) -> Self {
-        let names: std::collections::HashSet<String> = text
-            .split(',')
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if names.contains("*") {
-            Self::All
-        } else if names.is_empty() {
-            Self::None
-        } else {
-            Self::Some(names)
-        }
-    }
-
-    /// Whether `channel` is served directly.
-    pub fn contains(&self, channel: &str) -> bool {
-        match self {
-            Self::None => false,
-            Self::Some(names) => names.contains(channel),
-            Self::All => true,
-        }
-    }
-
-    /// The listed names (none for `*`).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        let names = match self {
-            Self::Some(names) => Some(names.iter().map(String::as_str)),
-            _ => None,
-        };
-        names.into_iter().flatten()
-    }
-}
-
 /// A socket on a direct channel.
 pub(crate) struct Direct {
     channel: String,
@@ -183,19 +134,5 @@ impl Protocol for Direct {
             CLOSE_SERVER_ERROR,
             "a message could not be delivered to the database".to_owned(),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_setting_is_a_list_or_a_star() {
-        assert_eq!(DirectChannels::parse(""), DirectChannels::None);
-        let some = DirectChannels::parse("chat, news ,");
-        assert!(some.contains("chat") && some.contains("news") && !some.contains("x"));
-        assert!(DirectChannels::parse("a,*").contains("anything"));
-        assert!(!DirectChannels::None.contains("chat"));
     }
 }
