@@ -107,6 +107,32 @@ impl Subjects {
         )
     }
 
+    /// The leader bridge closes a wspubsub topic's subscribers here (its publisher left and
+    /// none took over in time): an empty message with a [`crate::headers::CLOSE`] header. Only
+    /// bridges may publish on it, while a topic's own subject carries whatever its publisher's
+    /// gateway sends, so a close is never taken from there.
+    pub fn topic_close(&self, topic: &crate::Topic) -> String {
+        format!(
+            "{}.topicclose.{}.{}",
+            self.prefix,
+            encode_channel(&topic.domain),
+            encode_channel(&topic.topic)
+        )
+    }
+
+    /// Every topic close, for a gateway's one subscription.
+    pub fn topic_closes(&self) -> String {
+        format!("{}.topicclose.>", self.prefix)
+    }
+
+    /// The topic subject ([`Subjects::topic`]) that a [`Subjects::topic_close`] subject closes.
+    pub fn topic_of_close(&self, subject: &str) -> Option<String> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".topicclose.")?;
+        Some(format!("{}.topic.{rest}", self.prefix))
+    }
+
     /// `/live` custom topics ([`crate::LiveTopicOp`], request/reply, any bridge: queue group
     /// [`Subjects::bridge_queue`]).
     pub fn live_topics(&self) -> String {
@@ -295,6 +321,14 @@ mod tests {
             topic: "news".into(),
         };
         assert_eq!(subjects().topic(&t), "pgws.topic.ex_2Ecom.news");
+        let close = subjects().topic_close(&t);
+        assert_eq!(close, "pgws.topicclose.ex_2Ecom.news");
+        assert_eq!(
+            subjects().topic_of_close(&close),
+            Some(subjects().topic(&t))
+        );
+        assert_eq!(subjects().topic_of_close(&subjects().topic(&t)), None);
+        assert_eq!(subjects().topic_of_close("pgwsx.topicclose.a.b"), None);
         assert_eq!(subjects().audit_stream(), "pgws-audit");
         assert_eq!(
             subjects().inbox_prefix("ws-gateway"),

@@ -13,6 +13,7 @@ use pgws_tests::{
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(10);
+const API_KEY: &str = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
 
 const PASSWORDS: [(&str, &str); 3] = [
     ("NATS_GATEWAY_PASSWORD", "gateway-secret"),
@@ -95,6 +96,14 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         tokio::spawn(conn);
         c.batch_execute("CREATE TABLE public.notes (id serial PRIMARY KEY, body text)")
             .await?;
+        c.batch_execute(&format!(
+            "CREATE TABLE apikeys (id serial PRIMARY KEY, domain varchar(64) NOT NULL UNIQUE,
+                username varchar(254) NOT NULL, apikey varchar(36) NOT NULL UNIQUE,
+                insert_ts timestamp NOT NULL DEFAULT now(), active boolean NOT NULL DEFAULT false);
+             INSERT INTO apikeys (domain, username, apikey, active)
+                VALUES ('example.com', 'ops@example.com', '{API_KEY}', true)"
+        ))
+        .await?;
     }
     let slot = pgws_tests::unique("bus").replace('-', "_");
     let mut stack = Stack::new();
@@ -106,6 +115,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         ("PGWS_CAPTURE_SLOT".into(), slot.clone()),
         ("PGWS_ADMIN_ROLES".into(), "admin".into()),
         ("PGWS_DIRECT_CHANNELS".into(), "room_direct".into()),
+        ("PGWS_PUBSUB_GRACE".into(), "1".into()),
     ];
     let as_user = |user: &str, password: &str| {
         let mut env = stack.env();
@@ -252,6 +262,37 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         answer == r#""absent""# || answer == r#""retry""#,
         "the first answer is {answer}, not the leader's"
     );
+
+    // Nor close a wspubsub topic's subscribers: only the bridges may publish on a topic's close
+    // subject, and a close header on the topic's own subject (which publishers' gateways write)
+    // is ignored. The leader's close, once the publisher is gone, does arrive.
+    let topic = pgws_proto::Topic {
+        domain: "example.com".into(),
+        topic: "news".into(),
+    };
+    let topics = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?);
+    let mut publisher = WsClient::connect(&format!(
+        "{}/ws/pub/{API_KEY}/example.com/news",
+        stack.ws_url(0)
+    ))
+    .await?;
+    let mut reader =
+        WsClient::connect(&format!("{}/ws/sub/example.com/news", stack.ws_url(0))).await?;
+    for subject in [topics.topic(&topic), topics.topic_close(&topic)] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(pgws_proto::headers::CLOSE, "4004 forged");
+        forger.publish_with_headers(subject, h, "".into()).await?;
+    }
+    forger.flush().await?;
+    publisher.send_text("still open").await?;
+    assert_eq!(
+        reader.next_text(T).await?,
+        "still open",
+        "a forged close got through"
+    );
+    drop(publisher);
+    let (code, reason) = reader.expect_close(T).await?;
+    assert_eq!(code, 4004, "{reason}");
 
     // Nor make the leader LISTEN on a channel that is not a direct channel and read what is
     // notified there: the bridge refuses that channel of a forged report, and LISTENs on the

@@ -301,7 +301,7 @@ impl Listener {
         h.insert(headers::CLOSE, TOPIC_CLOSED);
         if let Err(e) = self
             .nats
-            .publish_with_headers(self.subjects.topic(topic), h, Bytes::new())
+            .publish_with_headers(self.subjects.topic_close(topic), h, Bytes::new())
             .await
         {
             tracing::warn!(error = %e, "cannot close a topic");

@@ -6,8 +6,10 @@
 //! says so) and that frame (a reference-counted buffer) is queued to every socket on the
 //! subject. Each socket's queue is bounded: a socket whose queue is full is a slow consumer and
 //! is disconnected (counted), so a reader that stops reading never grows the gateway's memory
-//! past that bound. A message with a `Pgws-Close` header closes every socket of its subject
-//! with that close frame instead.
+//! past that bound. The leader bridge closes a wspubsub topic's sockets with a message on the
+//! topic's close subject (`<prefix>.topicclose.<domain>.<topic>`, which only bridges may
+//! publish), its `Pgws-Close` header giving the close frame; the same header on a data subject
+//! (which a publisher's gateway writes) is ignored, and that message dropped.
 //!
 //! Gap signals: sockets whose token asks for them (claim `"gaps": true`) get
 //! `{"event":"Gap","reason":"..."}` when database -> socket delivery may have been interrupted:
@@ -235,6 +237,17 @@ struct Channel {
     last_change: Mutex<Option<(u64, u64)>>,
 }
 
+impl Channel {
+    /// Closes every local socket of the subject with `code` and `reason`.
+    fn close_all(&self, code: u16, reason: &str) {
+        if let Ok(subs) = self.subscribers.read() {
+            for sub in subs.values() {
+                sub.kick.close(code, reason);
+            }
+        }
+    }
+}
+
 /// The subjects with local readers.
 pub(crate) struct Hub {
     client: async_nats::Client,
@@ -357,6 +370,48 @@ impl Hub {
         }
     }
 
+    /// Closes the local sockets of the topics the leader bridge closes (on their close subjects,
+    /// which only bridges may publish), with the close frame its `Pgws-Close` header gives.
+    /// Runs until shutdown.
+    pub(crate) async fn relay_topic_closes(self: Arc<Self>) {
+        let mut closes = match self.client.subscribe(self.subjects.topic_closes()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe to topic closes");
+                return;
+            }
+        };
+        let token = self.shutdown.token.clone();
+        loop {
+            let msg = tokio::select! {
+                _ = token.cancelled() => break,
+                msg = closes.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+            };
+            let Some(subject) = self.subjects.topic_of_close(&msg.subject) else {
+                continue;
+            };
+            let close = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::CLOSE))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let (code, reason) = close.split_once(' ').unwrap_or((close.as_str(), ""));
+            let code = code.parse().unwrap_or(CLOSE_GOING_AWAY);
+            let reason: String = reason.chars().take(120).collect();
+            let state = match self.channels.lock() {
+                Ok(channels) => channels.get(&subject).cloned(),
+                Err(_) => None,
+            };
+            if let Some(state) = state {
+                state.close_all(code, &reason);
+            }
+        }
+    }
+
     /// Removes socket `id` from `subject`; the last reader's departure ends the subscription.
     pub(crate) fn leave(&self, subject: &str, id: u64) {
         let Ok(mut channels) = self.channels.lock() else {
@@ -466,15 +521,8 @@ impl Hub {
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
-        if let Some(close) = header(headers::CLOSE) {
-            let (code, reason) = close.split_once(' ').unwrap_or((close.as_str(), ""));
-            let code = code.parse().unwrap_or(CLOSE_GOING_AWAY);
-            let reason: String = reason.chars().take(120).collect();
-            if let Ok(subs) = state.subscribers.read() {
-                for sub in subs.values() {
-                    sub.kick.close(code, reason.clone());
-                }
-            }
+        if header(headers::CLOSE).is_some() {
+            tracing::debug!("a close header on a data subject: dropped");
             return;
         }
         if let Some(at) = header(headers::CHANGE).and_then(|v| headers::change_position(&v)) {

@@ -153,6 +153,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     );
     let resync = presence.clone();
     shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects, move || resync.resync()));
+    shutdown.spawn(Arc::clone(&hub).relay_topic_closes());
     let audit = config.audit.enabled.then(|| Audit {
         js: async_nats::jetstream::new(client.clone()),
         subject: config.nats.subjects.audit(),
