@@ -377,3 +377,49 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     assert!(wrong.is_err(), "a wrong password was accepted");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_gateway_under_the_earlier_authorization_still_becomes_ready() -> anyhow::Result<()> {
+    // Before gateways read the audit stream's information, the shipped file let them create
+    // and update it instead: a copy of that block must not leave a new gateway unready.
+    let earlier = |site: &NatsSite| {
+        let conf = shipped_conf(site);
+        let info = r#""pgws.sync", "$JS.API.STREAM.INFO.pgws-audit""#;
+        assert!(conf.contains(info), "the gateway's stream permission moved");
+        conf.replace(
+            info,
+            r#""pgws.sync", "$JS.API.STREAM.CREATE.pgws-audit", "$JS.API.STREAM.UPDATE.pgws-audit""#,
+        )
+    };
+    let nats = PrivateNats::start_configured(earlier, &PASSWORDS).await?;
+    let db = TempDb::create().await?;
+    let mut stack = Stack::new();
+    stack.prefix = "pgws".into();
+    stack.extra = vec![
+        ("PGWS_NATS_URL".into(), nats.url()),
+        ("PGWS_DB_URI".into(), db.uri.clone()),
+    ];
+    let mut env = stack.env();
+    env.extend([
+        ("PGWS_NATS_USER".into(), "recorder".into()),
+        ("PGWS_NATS_PASSWORD".into(), "recorder-secret".into()),
+    ]);
+    let recorder = Service::start(ServiceKind::Recorder, &env).await?;
+    recorder.wait_ready().await?;
+    // Other limits than the recorder's: the gateway's create finds the stream there and
+    // leaves it as it is.
+    stack
+        .add_gateway(&[
+            ("PGWS_NATS_USER", "gateway"),
+            ("PGWS_NATS_PASSWORD", "gateway-secret"),
+            ("PGWS_AUDIT_MAX_BYTES", "8388608"),
+        ])
+        .await?;
+    let owner = client_as(&nats, "recorder", "recorder-secret", "pg-recorder").await?;
+    let info = owner
+        .request("$JS.API.STREAM.INFO.pgws-audit", "".into())
+        .await?;
+    let info: Value = serde_json::from_slice(&info.payload)?;
+    assert_eq!(info["config"]["max_bytes"], 16 << 20, "{info}");
+    Ok(())
+}

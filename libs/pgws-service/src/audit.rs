@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{Context, ErrorCode};
 use pgws_config::AuditConfig;
@@ -69,7 +69,15 @@ pub async fn await_audit_stream(
                 .await
                 .map(drop)
                 .map_err(|e| format!("the stream does not exist and creating it failed: {e}")),
-            Err(e) => Err(e.to_string()),
+            // No answer: NATS is not there, or this user may not read the stream's information
+            // (the NATS authorization shipped before gateways read it let them create the
+            // stream instead). Creating it tells whether it exists; an existing stream is
+            // never changed by a create.
+            Err(info) => match js.create_stream(config.clone()).await {
+                Ok(_) => Ok(()),
+                Err(e) if exists(&e) => Ok(()),
+                Err(e) => Err(format!("{info}; creating it: {e}")),
+            },
         }
     })
     .await
@@ -80,6 +88,14 @@ fn missing(e: &async_nats::jetstream::context::GetStreamError) -> bool {
     matches!(
         e.kind(),
         GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// A create found the stream there already (with other limits).
+fn exists(e: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        e.kind(),
+        CreateStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NAME_EXIST
     )
 }
 
