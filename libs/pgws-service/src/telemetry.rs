@@ -104,33 +104,35 @@ pub(crate) fn export_from(env: impl Fn(&str) -> Option<String>) -> Result<Export
             ))
         }
         Some(_) => {}
-        None if set("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
-            && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() =>
-        {
-            return Ok(Export::Off)
-        }
+        None if first_set(&env, ENDPOINTS).is_none() => return Ok(Export::Off),
         None => {}
     }
-    let mut protocol = Protocol::HttpProtobuf;
-    for key in [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Some(p) = set(key) {
-            protocol = match p.trim().to_ascii_lowercase().as_str() {
-                "http/protobuf" => Protocol::HttpProtobuf,
-                "grpc" => Protocol::Grpc,
-                _ => {
-                    return Err(format!(
-                        "{key}: {p:?} is not supported (grpc, the collector's port 4317, or http/protobuf, its port 4318)"
-                    ))
-                }
-            };
-            break;
-        }
-    }
+    let protocol = match first_set(
+        &env,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ],
+    ) {
+        None => Protocol::HttpProtobuf,
+        Some((key, p)) => match p.to_ascii_lowercase().as_str() {
+            "http/protobuf" => Protocol::HttpProtobuf,
+            "grpc" => Protocol::Grpc,
+            _ => {
+                return Err(format!(
+                    "{key}: {p:?} is not supported (grpc, the collector's port 4317, or http/protobuf, its port 4318)"
+                ))
+            }
+        },
+    };
     Ok(Export::Otlp(protocol))
 }
+
+/// Where traces go, the traces-only variable first.
+const ENDPOINTS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
 
 /// The first of `keys` that is set (not empty), with its name.
 fn first_set(env: &impl Fn(&str) -> Option<String>, keys: [&'static str; 2]) -> Option<Named> {
@@ -146,13 +148,7 @@ fn first_set(env: &impl Fn(&str) -> Option<String>, keys: [&'static str; 2]) -> 
 /// `https://`, or no scheme unless `OTEL_EXPORTER_OTLP_(TRACES_)INSECURE=true`. The default
 /// endpoint (`http://localhost:4317`) is plain text.
 pub(crate) fn grpc_over_tls(env: impl Fn(&str) -> Option<String>) -> bool {
-    let Some((_, endpoint)) = first_set(
-        &env,
-        [
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ],
-    ) else {
+    let Some((_, endpoint)) = first_set(&env, ENDPOINTS) else {
         return false;
     };
     let endpoint = endpoint.to_ascii_lowercase();
