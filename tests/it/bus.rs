@@ -62,6 +62,16 @@ async fn client_as(
     )
 }
 
+/// The audit stream's configuration, read with the recorder's credentials (its owner).
+async fn audit_stream_config(nats: &PrivateNats) -> anyhow::Result<Value> {
+    let owner = client_as(nats, "recorder", "recorder-secret", "pg-recorder").await?;
+    let info = owner
+        .request("$JS.API.STREAM.INFO.pgws-audit", "".into())
+        .await?;
+    let info: Value = serde_json::from_slice(&info.payload)?;
+    Ok(info["config"].clone())
+}
+
 /// A `/live` request on `ws` and its reply.
 async fn live_call(ws: &mut WsClient, method: &str, attributes: Value) -> anyhow::Result<Value> {
     let request = json!({"id": method, "method": method, "attributes": attributes});
@@ -105,6 +115,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         ))
         .await?;
     }
+    let subjects = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?);
     let slot = pgws_tests::unique("bus").replace('-', "_");
     let mut stack = Stack::new();
     stack.prefix = "pgws".into();
@@ -210,7 +221,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         claims: "{}".into(),
         all: true,
     };
-    let subject = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?).table(&class);
+    let subject = subjects.table(&class);
     let forging = client_as(&nats, "gateway", "gateway-secret", "ws-gateway").await?;
     let fake = json!({"type": "event", "topic": "notes", "forged": true}).to_string();
     forging.publish(subject, fake.into()).await?;
@@ -270,7 +281,6 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         domain: "example.com".into(),
         topic: "news".into(),
     };
-    let topics = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?);
     let mut publisher = WsClient::connect(&format!(
         "{}/ws/pub/{API_KEY}/example.com/news",
         stack.ws_url(0)
@@ -278,7 +288,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     .await?;
     let mut reader =
         WsClient::connect(&format!("{}/ws/sub/example.com/news", stack.ws_url(0))).await?;
-    for subject in [topics.topic(&topic), topics.topic_close(&topic)] {
+    for subject in [subjects.topic(&topic), subjects.topic_close(&topic)] {
         let mut h = async_nats::HeaderMap::new();
         h.insert(pgws_proto::headers::CLOSE, "4004 forged");
         forger.publish_with_headers(subject, h, "".into()).await?;
@@ -297,7 +307,6 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
     // Nor make the leader LISTEN on a channel that is not a direct channel and read what is
     // notified there: the bridge refuses that channel of a forged report, and LISTENs on the
     // configured direct channel of the same report.
-    let subjects = pgws_proto::Subjects::new(pgws_proto::Prefix::new("pgws")?);
     let mut spied = forger.subscribe(subjects.direct("payroll")).await?;
     let mut direct = forger.subscribe(subjects.direct("room_direct")).await?;
     forger.flush().await?;
@@ -332,15 +341,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         !matches!(deleted, Ok(Ok(_))),
         "the gateway's credentials reached the JetStream API"
     );
-    let owner = client_as(&nats, "recorder", "recorder-secret", "pg-recorder").await?;
-    let config = || async {
-        let info = owner
-            .request("$JS.API.STREAM.INFO.pgws-audit", "".into())
-            .await?;
-        let info: Value = serde_json::from_slice(&info.payload)?;
-        anyhow::Ok(info["config"].clone())
-    };
-    let mut shorter = config().await?;
+    let mut shorter = audit_stream_config(&nats).await?;
     assert_eq!(shorter["max_age"], 604_800_000_000_000u64, "{shorter}");
     shorter["max_age"] = json!(3_600_000_000_000u64);
     let update = forger.request(
@@ -348,7 +349,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         shorter.to_string().into(),
     );
     let updated = tokio::time::timeout(Duration::from_secs(3), update).await;
-    let now = config().await?;
+    let now = audit_stream_config(&nats).await?;
     assert_eq!(
         now["max_age"], 604_800_000_000_000u64,
         "the gateway's credentials changed the audit stream ({updated:?}): {now}"
@@ -415,11 +416,7 @@ async fn a_gateway_under_the_earlier_authorization_still_becomes_ready() -> anyh
             ("PGWS_AUDIT_MAX_BYTES", "8388608"),
         ])
         .await?;
-    let owner = client_as(&nats, "recorder", "recorder-secret", "pg-recorder").await?;
-    let info = owner
-        .request("$JS.API.STREAM.INFO.pgws-audit", "".into())
-        .await?;
-    let info: Value = serde_json::from_slice(&info.payload)?;
-    assert_eq!(info["config"]["max_bytes"], 16 << 20, "{info}");
+    let config = audit_stream_config(&nats).await?;
+    assert_eq!(config["max_bytes"], 16 << 20, "{config}");
     Ok(())
 }
