@@ -119,9 +119,15 @@ pub struct TempDb {
 impl TempDb {
     /// Creates a database with a random name.
     pub async fn create() -> anyhow::Result<Self> {
+        Self::create_with("").await
+    }
+
+    /// Creates a database with a random name and `options` (of `CREATE DATABASE ... WITH`,
+    /// such as an encoding).
+    pub async fn create_with(options: &str) -> anyhow::Result<Self> {
         let name = crate::unique("pgws_test_");
         let db = crate::pg().await?;
-        db.batch_execute(&format!("CREATE DATABASE {name}"))
+        db.batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .context("CREATE DATABASE")?;
         let uri = with_database(&crate::db_uri(), &name);

@@ -5,12 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgws_config::DbConfig;
+use pgws_service::prometheus_client::metrics::counter::Counter;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Config, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
 use pgws_service::Shutdown;
 use tokio::sync::Mutex;
+
+use crate::wire::{self, Io, Mended};
 
 /// Creates `table` with `ddl` (run in a transaction, serialised with other bridges by an
 /// advisory lock on the table's name) unless it exists. Checking first means the CREATE
@@ -81,8 +84,9 @@ impl LazyClient {
     }
 }
 
-/// A connection's I/O half, driven by its owner.
-pub(crate) type PgConnection = Connection<Socket, NoTlsStream>;
+/// The LISTEN connection's I/O half, driven by its owner: its notifications are mended
+/// ([`crate::wire`]).
+pub(crate) type PgConnection = Connection<Mended<Box<dyn Io>>, NoTlsStream>;
 
 /// Bound on one connection attempt when the URI sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,14 +106,26 @@ pub(crate) fn pg_config(uri: &str) -> Result<Config, tokio_postgres::Error> {
 /// One connection attempt.
 pub(crate) async fn connect(
     config: &Config,
-) -> Result<(Client, PgConnection), tokio_postgres::Error> {
+) -> Result<(Client, Connection<Socket, NoTlsStream>), tokio_postgres::Error> {
     config.connect(NoTls).await
+}
+
+/// One attempt at a connection that will LISTEN: its notifications are made valid UTF-8
+/// (counted in `mended`) instead of failing the connection.
+pub(crate) async fn connect_listening(
+    config: &Config,
+    mended: &Counter,
+) -> anyhow::Result<(Client, PgConnection)> {
+    let socket = wire::open(config).await?;
+    let stream = Mended::new(socket, mended.clone());
+    Ok(config.connect_raw(stream, NoTls).await?)
 }
 
 /// The first connection of the process: `retries` attempts (at least one), 1 s doubling
 /// between them. `Ok(None)` when shutdown was requested meanwhile.
 pub(crate) async fn connect_first(
     config: &Config,
+    mended: &Counter,
     retries: u32,
     token: &CancellationToken,
 ) -> anyhow::Result<Option<(Client, PgConnection)>> {
@@ -118,7 +134,7 @@ pub(crate) async fn connect_first(
     loop {
         let result = tokio::select! {
             _ = token.cancelled() => return Ok(None),
-            r = connect(config) => r,
+            r = connect_listening(config, mended) => r,
         };
         let error = match result {
             Ok(pair) => return Ok(Some(pair)),
@@ -126,7 +142,7 @@ pub(crate) async fn connect_first(
         };
         attempt += 1;
         if attempt >= attempts {
-            return Err(anyhow::Error::new(error).context(format!(
+            return Err(error.context(format!(
                 "cannot connect to the database after {attempts} attempts"
             )));
         }

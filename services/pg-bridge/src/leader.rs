@@ -86,7 +86,7 @@ impl<D: Duty> Election<D> {
                 None => {
                     let result = tokio::select! {
                         _ = token.cancelled() => return,
-                        r = db::connect(&self.pg) => r,
+                        r = db::connect_listening(&self.pg, &self.metrics.notifications_mended) => r,
                     };
                     match result {
                         Ok(pair) => {
@@ -137,6 +137,19 @@ impl<D: Duty> Election<D> {
         let mut messages: Messages = Box::pin(futures::stream::poll_fn(move |cx| {
             connection.poll_message(cx)
         }));
+        // On a SQL_ASCII database PostgreSQL checks each notification against the client's
+        // encoding and fails the session on bytes that are not UTF-8: asked for SQL_ASCII, it
+        // sends them as they are, and the connection's reader mends them (`crate::wire`).
+        let raw = client.simple_query(
+            "SELECT set_config('client_encoding', 'SQL_ASCII', false) \
+             WHERE current_setting('server_encoding') = 'SQL_ASCII'",
+        );
+        if let Err(end) = drive(&mut messages, token, raw).await.and_then(|r| {
+            r.map(drop)
+                .map_err(|e| End::Lost(format!("setting the client encoding: {e}")))
+        }) {
+            return end;
+        }
         let end = match self.acquire(&client, &mut messages, token).await {
             Ok(()) => {
                 self.set_leader(true);

@@ -39,6 +39,7 @@ mod live_topics;
 mod metrics;
 mod notifier;
 mod registry;
+mod wire;
 mod worker;
 
 use std::sync::{Arc, OnceLock};
@@ -125,7 +126,14 @@ async fn serve(
         probe.get().is_some_and(|up| *up.borrow() > 0)
     });
 
-    let Some(first) = db::connect_first(&pg, config.db.retries, &shutdown.token).await? else {
+    let Some(first) = db::connect_first(
+        &pg,
+        &bridge_metrics.notifications_mended,
+        config.db.retries,
+        &shutdown.token,
+    )
+    .await?
+    else {
         return Ok(());
     };
     tracing::info!("database connected");

@@ -34,9 +34,11 @@ async fn start(
     let app = unique("listener");
     let mut pg = db::pg_config(DB_URI).expect("uri");
     pg.application_name(&app);
-    let first = db::connect(&pg).await.expect("connects");
-    let state = Arc::new(LeaderState::default());
     let metrics = BridgeMetrics::register(&Metrics::new());
+    let first = db::connect_listening(&pg, &metrics.notifications_mended)
+        .await
+        .expect("connects");
+    let state = Arc::new(LeaderState::default());
     let election = Election {
         pg,
         key: subjects.leader_lock_key(),
@@ -158,6 +160,7 @@ async fn report(nats: &async_nats::Client, subjects: &Subjects, channels: &[&str
                 channels: channels.iter().map(|c| (*c).to_owned()).collect(),
                 ..Presence::default()
             },
+            part: None,
         },
     };
     let body = serde_json::to_vec(&request).expect("encodes");

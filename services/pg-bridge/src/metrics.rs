@@ -42,6 +42,8 @@ pub(crate) struct BridgeMetrics {
     pub(crate) listener_connected: Gauge,
     /// LISTEN connections re-established after the first one.
     pub(crate) listener_reconnects: Counter,
+    /// Notifications that were not valid UTF-8, delivered with those bytes replaced.
+    pub(crate) notifications_mended: Counter,
     /// `pg_notification_queue_usage()` as last seen by the leader (0..1).
     pub(crate) queue_usage: Gauge<f64, AtomicU64>,
     /// Direct channels the leader LISTENs on for the gateways.
@@ -117,6 +119,11 @@ impl BridgeMetrics {
                 "LISTEN connections re-established after the first",
                 Counter::default(),
             ),
+            notifications_mended: metrics.register(
+                "bridge_notifications_mended",
+                "Notifications that were not valid UTF-8 (a SQL_ASCII database), delivered with those bytes replaced by U+FFFD",
+                Counter::default(),
+            ),
             queue_usage: metrics.register(
                 "bridge_notification_queue_usage",
                 "Fraction of PostgreSQL's NOTIFY queue in use, as seen by the leader",
@@ -178,6 +185,7 @@ mod tests {
             "pgws_bridge_leader 0",
             "pgws_bridge_listener_connected 0",
             "pgws_bridge_listener_reconnects_total",
+            "pgws_bridge_notifications_mended_total 0",
             "pgws_bridge_notification_queue_usage 0.25",
             "pgws_bridge_direct_channels 0",
             "pgws_bridge_direct_channels_refused_total 0",
