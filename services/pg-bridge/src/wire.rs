@@ -18,7 +18,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use pgws_service::prometheus_client::metrics::counter::Counter;
@@ -87,7 +87,12 @@ pub(crate) struct Mended<S> {
     passing: usize,
     /// Notifications whose bytes were replaced.
     mended: Counter,
+    /// When that was last logged (at most once per [`LOG_EVERY`]).
+    logged: Option<Instant>,
 }
+
+/// How often mended notifications are logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl<S> Mended<S> {
     pub(crate) fn new(inner: S, mended: Counter) -> Self {
@@ -97,6 +102,7 @@ impl<S> Mended<S> {
             output: BytesMut::new(),
             passing: 0,
             mended,
+            logged: None,
         }
     }
 
@@ -132,9 +138,13 @@ impl<S> Mended<S> {
                 None => self.output.extend_from_slice(&message),
                 Some(fixed) => {
                     self.mended.inc();
-                    tracing::warn!(
-                        "a notification that is not valid UTF-8 (a SQL_ASCII database?) is delivered with its invalid bytes replaced by U+FFFD"
-                    );
+                    if self.logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                        self.logged = Some(Instant::now());
+                        tracing::warn!(
+                            total = self.mended.get(),
+                            "a notification that is not valid UTF-8 (a SQL_ASCII database?) is delivered with its invalid bytes replaced by U+FFFD (logged at most every 10 s)"
+                        );
+                    }
                     self.output.extend_from_slice(&fixed);
                 }
             }
