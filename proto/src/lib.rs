@@ -17,12 +17,12 @@ mod subject;
 pub use envelope::{ConnectionEvent, Envelope, EnvelopeError, WEBSOCKET_MESSAGE};
 pub use live::{
     valid_live_topic, LiveClass, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Reader,
-    MAX_LIVE_TOPIC, MAX_TOPICS_PER_OWNER,
+    MAX_CLASS_CLAIMS, MAX_LIVE_TOPIC, MAX_TOPICS_PER_OWNER,
 };
 pub use notify::{Notification, NotifyReply, NotifyRequest};
 pub use stack::{
-    Ack, KeyCheck, Presence, RegistryOp, RegistryReply, RegistryRequest, Topic,
-    PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
+    Ack, KeyCheck, Presence, RegistryOp, RegistryReply, RegistryRequest, ReportPart, Topic,
+    MAX_REPORT_PARTS, PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
 };
 pub use subject::{decode_channel, encode_channel, Prefix, PrefixError, Subjects, TokenError};
 

@@ -20,6 +20,11 @@ use sha2::{Digest as _, Sha256};
 /// Most custom topics one owner may have.
 pub const MAX_TOPICS_PER_OWNER: i64 = 1000;
 
+/// Most bytes of the claims a table topic's permission class keeps (its `claims` JSON): a
+/// class travels in the gateway's presence reports and is a key of the leader's work, so a
+/// token whose claims read by the table's policies are larger is refused for table topics.
+pub const MAX_CLASS_CLAIMS: usize = 4096;
+
 /// Longest topic name, in bytes (a table topic is named after a PostgreSQL identifier).
 pub const MAX_LIVE_TOPIC: usize = 63;
 

@@ -60,8 +60,12 @@ pub enum RegistryOp {
     /// The gateway's whole state (on every change, every [`PRESENCE_INTERVAL_SECS`], and when
     /// a new leader announced itself). Answered once its direct channels are LISTENed.
     Report {
-        /// The state.
+        /// The state, or one part of it (see `part`).
         presence: Presence,
+        /// Set when the state is too large for one message and comes in parts, in order:
+        /// the leader applies the union of the parts when the last one arrives.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        part: Option<ReportPart>,
     },
     /// A publisher wants the topic (new, or taken over within the grace period).
     Claim {
@@ -78,6 +82,67 @@ pub enum RegistryOp {
         /// The topic.
         topic: Topic,
     },
+}
+
+/// Which part of a report in several parts this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportPart {
+    /// The same for every part of one report, different for the next report.
+    pub id: u64,
+    /// 0 for the first part.
+    pub index: u32,
+    /// How many parts the report has (at most [`MAX_REPORT_PARTS`]).
+    pub count: u32,
+}
+
+/// Most parts of one report: with the smallest budget a gateway uses (32 KiB a part) that is
+/// 128 MiB of state, far more than any one gateway's sockets can hold.
+pub const MAX_REPORT_PARTS: u32 = 4096;
+
+impl Presence {
+    /// The state as parts whose JSON each takes at most about `budget` bytes (one item
+    /// larger than that makes a part of its own). One part, `self`, when it fits.
+    pub fn split(self, budget: usize) -> Vec<Presence> {
+        fn size<T: Serialize>(item: &T) -> usize {
+            serde_json::to_vec(item).map_or(0, |v| v.len()) + 1
+        }
+        // The empty state's JSON and the request around it.
+        const FRAME: usize = 256;
+        let mut parts = vec![Presence::default()];
+        let mut used = FRAME;
+        let mut room = |parts: &mut Vec<Presence>, n: usize| {
+            if used + n > budget && used > FRAME {
+                parts.push(Presence::default());
+                used = FRAME;
+            }
+            used += n;
+        };
+        for c in self.channels {
+            room(&mut parts, size(&c));
+            parts.last_mut().expect("one part").channels.push(c);
+        }
+        for t in self.published {
+            room(&mut parts, size(&t));
+            parts.last_mut().expect("one part").published.push(t);
+        }
+        for t in self.subscribed {
+            room(&mut parts, size(&t));
+            parts.last_mut().expect("one part").subscribed.push(t);
+        }
+        for c in self.classes {
+            room(&mut parts, size(&c));
+            parts.last_mut().expect("one part").classes.push(c);
+        }
+        parts
+    }
+
+    /// Adds the items of `part` (the leader joining a report's parts).
+    pub fn merge(&mut self, part: Presence) {
+        self.channels.extend(part.channels);
+        self.published.extend(part.published);
+        self.subscribed.extend(part.subscribed);
+        self.classes.extend(part.classes);
+    }
 }
 
 /// The leader's answer.
@@ -162,8 +227,45 @@ mod tests {
         assert_eq!(
             r.op,
             RegistryOp::Report {
-                presence: Presence::default()
+                presence: Presence::default(),
+                part: None,
             }
         );
+    }
+
+    #[test]
+    fn a_large_state_splits_into_parts_that_join_again() {
+        let topic = |i: usize| Topic {
+            domain: "d".into(),
+            topic: format!("{i:0>120}"),
+        };
+        let whole = Presence {
+            channels: (0..300).map(|i| format!("channel-{i}")).collect(),
+            published: (0..500).map(topic).collect(),
+            subscribed: (500..900).map(topic).collect(),
+            classes: Vec::new(),
+        };
+        let budget = 16 << 10;
+        let parts = whole.clone().split(budget);
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        let mut joined = Presence::default();
+        for part in parts {
+            let request = RegistryRequest {
+                gateway: "g".into(),
+                op: RegistryOp::Report {
+                    presence: part.clone(),
+                    part: Some(ReportPart {
+                        id: 1,
+                        index: 0,
+                        count: 1,
+                    }),
+                },
+            };
+            let len = serde_json::to_vec(&request).expect("encodes").len();
+            assert!(len <= budget, "a part of {len} bytes");
+            joined.merge(part);
+        }
+        assert_eq!(joined, whole);
+        assert_eq!(Presence::default().split(budget), vec![Presence::default()]);
     }
 }

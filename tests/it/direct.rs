@@ -238,3 +238,45 @@ async fn two_gateways_a_leader_failover_and_unlisten() -> anyhow::Result<()> {
     assert!(eventually(expiry, || async { listened(&stack).await == 0.0 }).await);
     Ok(())
 }
+
+/// A gateway's presence report larger than one NATS message (a server with a 16 KiB limit,
+/// 400 direct channels of 60 bytes) goes in parts: past the leader's presence expiry every
+/// channel is still LISTENed and its sockets still receive, and no report failed.
+#[tokio::test]
+async fn a_presence_report_larger_than_a_nats_message_keeps_the_gateway_served(
+) -> anyhow::Result<()> {
+    let nats = pgws_tests::PrivateNats::start_configured(
+        |site| {
+            format!(
+                "port: {}\nhttp_port: {}\nmax_payload: 16384\njetstream {{\n  store_dir: {:?}\n}}\n",
+                site.port,
+                site.monitor_port,
+                site.store.display().to_string()
+            )
+        },
+        &[],
+    )
+    .await?;
+    let base = unique("big-");
+    let channels: Vec<String> = (0..400).map(|i| format!("{base}-{i:0>48}")).collect();
+    let list = channels.join(",");
+    let url = nats.url();
+    let stack =
+        Stack::start_with(&[("PGWS_DIRECT_CHANNELS", &list), ("PGWS_NATS_URL", &url)]).await?;
+    let mut sockets = Vec::new();
+    for c in &channels {
+        sockets.push(stack.connect(0, c, &json!({"mode": "r"})).await?);
+    }
+    // Past the expiry a gateway whose reports never arrived is forgotten, and its channels
+    // UNLISTENed.
+    tokio::time::sleep(Duration::from_secs(pgws_proto::PRESENCE_EXPIRY_SECS + 3)).await;
+    let db = stack.pg().await?;
+    for i in [0, 199, 399] {
+        notify(&db, &channels[i], "still here").await?;
+        assert_eq!(sockets[i].next_text(T).await?, "still here", "channel {i}");
+    }
+    let gw = &stack.gateways[0];
+    let failed = gw.metric("pgws_gateway_presence_failures_total").await;
+    assert_eq!(failed, Some(0.0));
+    Ok(())
+}

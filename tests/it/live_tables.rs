@@ -570,3 +570,40 @@ async fn a_large_transaction_reaches_a_subscriber_whole() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A table topic's permission class keeps the claims its policies read, and travels in the
+/// gateway's presence reports: claims larger than the bound are refused, clearly, at
+/// `subscribe`, and a socket within it is served.
+#[tokio::test]
+async fn claims_too_large_for_a_class_are_refused_at_subscribe() -> anyhow::Result<()> {
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
+    let web = fx.role("web");
+    let huge = "u".repeat(pgws_proto::MAX_CLASS_CLAIMS + 1);
+    let mut refused = live(&stack, 0, &json!({"sub": huge, "role": web})).await?;
+    let reply = call(&mut refused, "subscribe", json!({"topicName": "orders"})).await?;
+    assert_eq!(reply["ok"], false, "{reply}");
+    let error = reply["error"].as_str().unwrap_or("");
+    assert!(error.contains("at most 4096"), "{reply}");
+    // Claims the policies do not read are not kept: they do not count.
+    let big_other = "o".repeat(8000);
+    let owner = "v".repeat(3000);
+    let mut served = live(
+        &stack,
+        0,
+        &json!({"sub": owner, "role": web, "other": big_other}),
+    )
+    .await?;
+    subscribe(&mut served, "orders").await?;
+    fx.slot_ready().await?;
+    let db = fx.db().await?;
+    let s = &fx.schema;
+    db.execute(
+        &format!("INSERT INTO {s}.orders (owner, note) VALUES ($1, 'mine')"),
+        &[&owner],
+    )
+    .await?;
+    let got = events(&mut served, 1).await?;
+    assert_eq!(kinds(&got), [("create", "1")]);
+    Ok(())
+}

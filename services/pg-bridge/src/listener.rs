@@ -241,8 +241,23 @@ impl Listener {
         };
         let now = Instant::now();
         let answer = match request.op {
-            RegistryOp::Report { presence } => {
-                let changes = registry.report(&request.gateway, presence, now);
+            RegistryOp::Report { presence, part } => {
+                let changes = match part {
+                    None => registry.report(&request.gateway, presence, now),
+                    Some(part) => match registry.report_part(&request.gateway, part, presence, now)
+                    {
+                        Ok(Some(changes)) => changes,
+                        Ok(None) => {
+                            reply(&self.nats, m.reply.as_ref(), &RegistryReply::Ok).await;
+                            return;
+                        }
+                        Err(why) => {
+                            tracing::warn!(gateway = %request.gateway, why, "a presence report in parts was dropped; the gateway sends it again");
+                            reply(&self.nats, m.reply.as_ref(), &RegistryReply::Retry).await;
+                            return;
+                        }
+                    },
+                };
                 for channel in &changes.refused {
                     tracing::warn!(
                         gateway = %request.gateway,

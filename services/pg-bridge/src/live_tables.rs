@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 use tokio_postgres::Client;
 
-use pgws_proto::{LiveClass, Reader};
+use pgws_proto::{LiveClass, Reader, MAX_CLASS_CLAIMS};
 
 use crate::config::TablePattern;
 use crate::db::quote_ident;
@@ -213,10 +213,19 @@ pub(crate) async fn class_of(
         // The benchmark's baseline: every socket a class of its own.
         claims.insert("pgws_subscriber".to_owned(), Value::from(uuid_like()));
     }
+    let claims = Value::Object(claims).to_string();
+    if claims.len() > MAX_CLASS_CLAIMS {
+        return Err(Refused::Forbidden(format!(
+            "the claims {}.{}'s policies read take {} bytes; a table topic takes at most {MAX_CLASS_CLAIMS}",
+            table.schema,
+            table.table,
+            claims.len()
+        )));
+    }
     Ok(LiveClass {
         topic: table.topic.clone(),
         role,
-        claims: Value::Object(claims).to_string(),
+        claims,
         all,
     })
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use pgws_config::DirectChannels;
 use pgws_proto::{
-    valid_channel, LiveClass, Presence, RegistryReply, Topic, PRESENCE_EXPIRY_SECS,
-    PRESENCE_INTERVAL_SECS,
+    valid_channel, LiveClass, Presence, RegistryReply, ReportPart, Topic, MAX_REPORT_PARTS,
+    PRESENCE_EXPIRY_SECS, PRESENCE_INTERVAL_SECS,
 };
 use tokio::time::Instant;
 
@@ -64,6 +64,16 @@ struct GatewayState {
     seen: Instant,
 }
 
+/// A report in parts, joined as they arrive.
+#[derive(Debug)]
+struct Parts {
+    id: u64,
+    /// The index expected next.
+    next: u32,
+    joined: Presence,
+    seen: Instant,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Holder {
     Publisher(String),
@@ -74,6 +84,8 @@ enum Holder {
 #[derive(Debug)]
 pub(crate) struct Registry {
     gateways: HashMap<String, GatewayState>,
+    /// Reports in parts not yet whole, by gateway.
+    parts: HashMap<String, Parts>,
     /// For each direct channel, how many gateways need it.
     refs: HashMap<String, usize>,
     topics: HashMap<Topic, Holder>,
@@ -93,6 +105,7 @@ impl Registry {
     pub(crate) fn new(grace: Duration, direct: DirectChannels, now: Instant) -> Self {
         Self {
             gateways: HashMap::new(),
+            parts: HashMap::new(),
             refs: HashMap::new(),
             topics: HashMap::new(),
             closed: HashMap::new(),
@@ -179,6 +192,55 @@ impl Registry {
         changes
     }
 
+    /// One part of a report too large for one message. The parts come in order; the last
+    /// one applies their union as [`Registry::report`] does (`Ok(Some(changes))`), earlier
+    /// ones are kept (`Ok(None)`). `Err` for a part out of order or out of bounds: the
+    /// report is dropped, and the gateway sends it again.
+    pub(crate) fn report_part(
+        &mut self,
+        gateway: &str,
+        part: ReportPart,
+        presence: Presence,
+        now: Instant,
+    ) -> Result<Option<Changes>, String> {
+        self.touch(gateway, now);
+        if part.count == 0 || part.count > MAX_REPORT_PARTS || part.index >= part.count {
+            self.parts.remove(gateway);
+            return Err(format!("part {} of {}", part.index, part.count));
+        }
+        if part.index == 0 {
+            self.parts.insert(
+                gateway.to_owned(),
+                Parts {
+                    id: part.id,
+                    next: 0,
+                    joined: Presence::default(),
+                    seen: now,
+                },
+            );
+        }
+        let Some(parts) = self
+            .parts
+            .get_mut(gateway)
+            .filter(|p| p.id == part.id && p.next == part.index)
+        else {
+            self.parts.remove(gateway);
+            return Err(format!("part {} out of order", part.index));
+        };
+        parts.joined.merge(presence);
+        parts.next += 1;
+        parts.seen = now;
+        if parts.next < part.count {
+            return Ok(None);
+        }
+        let whole = self
+            .parts
+            .remove(gateway)
+            .map(|p| p.joined)
+            .unwrap_or_default();
+        Ok(Some(self.report(gateway, whole, now)))
+    }
+
     /// The `/live` table classes some gateway reads, each once, sorted.
     pub(crate) fn classes(&self) -> Vec<LiveClass> {
         let all: BTreeSet<&LiveClass> = self.gateways.values().flat_map(|g| &g.classes).collect();
@@ -245,6 +307,8 @@ impl Registry {
                 }
             }
         }
+        self.parts
+            .retain(|_, p| now.duration_since(p.seen) < expiry);
         let mut closed = Vec::new();
         self.topics.retain(|topic, holder| match holder {
             Holder::Orphan { until } if *until <= now => {
@@ -362,6 +426,32 @@ mod tests {
         let c = r.report("g2", presence(&[], &[], &[]), now);
         assert_eq!(c.unlisten, vec!["a"]);
         assert_eq!(r.channels().count(), 0);
+    }
+
+    #[test]
+    fn a_report_in_parts_applies_when_whole() {
+        let (mut r, now) = settled();
+        let part = |id, index, count| ReportPart { id, index, count };
+        let p = |c: &str| presence(&[c], &[], &[]);
+        assert_eq!(r.report_part("g", part(1, 0, 3), p("a"), now), Ok(None));
+        assert_eq!(r.report_part("g", part(1, 1, 3), p("b"), now), Ok(None));
+        assert!(!r.is_listened("a"), "nothing applies before the last part");
+        let changes = r.report_part("g", part(1, 2, 3), p("c"), now);
+        let mut listen = changes.expect("in order").expect("whole").listen;
+        listen.sort();
+        assert_eq!(listen, ["a", "b", "c"]);
+        // A part missing or out of bounds drops the report; the next one starts afresh.
+        assert_eq!(r.report_part("g", part(2, 0, 2), p("x"), now), Ok(None));
+        assert!(r.report_part("g", part(3, 1, 2), p("y"), now).is_err());
+        assert!(r.report_part("g", part(2, 1, 2), p("y"), now).is_err());
+        assert!(r
+            .report_part("g", part(4, 0, MAX_REPORT_PARTS + 1), p("y"), now)
+            .is_err());
+        assert!(r.is_listened("a") && !r.is_listened("x"));
+        // One part alone is a whole report.
+        let c = r.report_part("g", part(5, 0, 1), p("z"), now);
+        assert_eq!(c.expect("ok").expect("whole").listen, ["z"]);
+        assert!(!r.is_listened("a"));
     }
 
     #[test]

@@ -149,6 +149,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         client.clone(),
         &config.nats.subjects,
         format!("{instance:016x}"),
+        metrics.presence_failures.clone(),
         &shutdown,
     );
     let resync = presence.clone();

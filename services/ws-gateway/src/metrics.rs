@@ -33,6 +33,8 @@ pub(crate) struct GatewayMetrics {
     pub(crate) delivery_latency: Histogram,
     pub(crate) jwks_refreshes: Family<Labels, Counter>,
     pub(crate) jwks_failures: Counter,
+    /// Presence reports the leader did not take (no answer, refused, or too large).
+    pub(crate) presence_failures: Counter,
     pub(crate) jwks_throttled: Counter,
     pub(crate) jwks_keys: Gauge,
     pub(crate) jwks_updated: Gauge,
@@ -149,6 +151,11 @@ impl GatewayMetrics {
                 "gateway_jwks_refreshes",
                 "Good JWKS documents fetched from PGWS_JWKS_URL and installed, by trigger (start, schedule, unknown_kid)",
                 Family::default(),
+            ),
+            presence_failures: m.register(
+                "gateway_presence_failures",
+                "Presence reports to the leader bridge that failed (sent again at the next change or heartbeat)",
+                Counter::default(),
             ),
             jwks_failures: m.register(
                 "gateway_jwks_refresh_failures",

@@ -12,9 +12,12 @@
 //!
 //! Bounds: commands wait in an unbounded queue, but each socket sends at most two per
 //! registration (one when it registers, one when it leaves), so the queue is bounded by the
-//! number of sockets; each request waits at most [`REQUEST_TIMEOUT`]. A report must fit in one
-//! NATS message: `/live` sockets may hold at most [`MAX_CLASSES`] distinct table classes per
-//! gateway (checked when a socket subscribes).
+//! number of sockets; each request waits at most [`REQUEST_TIMEOUT`]. A report larger than
+//! the server's message limit goes in parts ([`ReportPart`]) that the leader joins; every item
+//! of it is bounded (a channel, a topic, a table class: `MAX_CLASS_BYTES`), and `/live`
+//! sockets may hold at most [`MAX_CLASSES`] distinct table classes per gateway (checked when a
+//! socket subscribes). A report the leader does not take is a warning and
+//! `pgws_gateway_presence_failures_total`, and goes again at the next change or heartbeat.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -22,9 +25,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgws_proto::{
-    LiveClass, Presence as State, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
-    PRESENCE_INTERVAL_SECS,
+    LiveClass, Presence as State, RegistryOp, RegistryReply, RegistryRequest, ReportPart, Subjects,
+    Topic, PRESENCE_INTERVAL_SECS,
 };
+use pgws_service::prometheus_client::metrics::counter::Counter;
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, MissedTickBehavior};
@@ -33,6 +37,15 @@ use tokio_util::sync::CancellationToken;
 /// Most distinct `/live` table classes one gateway reports (a class is a few hundred bytes of
 /// a report; NATS carries 1 MiB per message by default).
 pub(crate) const MAX_CLASSES: usize = 2000;
+
+/// What a request answers when no leader bridge listens.
+const NO_LEADER: &str = "no leader bridge";
+
+/// The bytes a report's part may take of a NATS message of at most `max_payload` bytes
+/// (the server's limit, 1 MiB by default): room is left for the subject and headers.
+fn report_budget(max_payload: usize) -> usize {
+    (max_payload.saturating_sub(1024) * 3 / 4).max(1024)
+}
 
 /// How long one request to the leader may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -72,6 +85,7 @@ impl Presence {
         client: async_nats::Client,
         subjects: &Subjects,
         gateway: String,
+        failures: Counter,
         shutdown: &Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -79,6 +93,8 @@ impl Presence {
             client,
             subject: subjects.registry(),
             gateway,
+            failures,
+            reports: 0,
             channels: BTreeMap::new(),
             published: BTreeSet::new(),
             subscribed: BTreeMap::new(),
@@ -140,6 +156,10 @@ struct Task {
     client: async_nats::Client,
     subject: String,
     gateway: String,
+    /// Reports that failed.
+    failures: Counter,
+    /// Reports sent, for the id of a report in parts.
+    reports: u64,
     /// Local sockets per direct channel.
     channels: BTreeMap<String, usize>,
     published: BTreeSet<Topic>,
@@ -206,9 +226,24 @@ impl Task {
                             RegistryOp::Claim { topic } => Some(topic.clone()),
                             _ => None,
                         };
+                        // The leader knows topics by gateway, not by socket: a second
+                        // publisher of a topic this gateway holds is refused here.
+                        if claim.as_ref().is_some_and(|t| self.published.contains(t)) {
+                            drop(done.send(Ok(RegistryReply::Taken)));
+                            continue;
+                        }
                         let answer = self.request(op).await;
                         if let (Some(topic), Ok(RegistryReply::Ok)) = (claim, &answer) {
-                            self.published.insert(topic);
+                            self.published.insert(topic.clone());
+                            if let Err(Ok(_)) = done.send(answer) {
+                                // The handshake that asked is gone: nobody will release it.
+                                self.published.remove(&topic);
+                                let op = RegistryOp::Release { topic };
+                                if let Err(e) = self.request(op).await {
+                                    tracing::debug!(error = e, "topic release not confirmed");
+                                }
+                            }
+                            continue;
                         }
                         drop(done.send(answer));
                     }
@@ -240,16 +275,42 @@ impl Task {
         }
     }
 
-    async fn report(&self) {
+    /// Sends the whole state, in parts when it does not fit in one NATS message. A report
+    /// the leader does not take is logged and counted, and sent again at the next change or
+    /// heartbeat.
+    async fn report(&mut self) {
         let presence = State {
             channels: self.channels.keys().cloned().collect(),
             published: self.published.iter().cloned().collect(),
             subscribed: self.subscribed.keys().cloned().collect(),
             classes: self.classes.keys().cloned().collect(),
         };
-        if let Err(e) = self.request(RegistryOp::Report { presence }).await {
-            tracing::debug!(error = e, "presence report not answered");
+        self.reports += 1;
+        let budget = report_budget(self.client.server_info().max_payload);
+        let parts = presence.split(budget);
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        let id = self.reports;
+        for (index, presence) in (0..).zip(parts) {
+            let part = (count > 1).then_some(ReportPart { id, index, count });
+            match self.request(RegistryOp::Report { presence, part }).await {
+                Ok(RegistryReply::Ok) => {}
+                Ok(other) => return self.failed(&format!("the leader answered {other:?}")),
+                // No leader at all: a new one announces itself and asks for reports.
+                Err(e) if e == NO_LEADER => {
+                    tracing::debug!("presence report: no leader bridge");
+                    return;
+                }
+                Err(e) => return self.failed(&e),
+            }
         }
+    }
+
+    fn failed(&self, why: &str) {
+        self.failures.inc();
+        tracing::warn!(
+            why,
+            "presence report not taken by the leader bridge; sending it again at the next change or heartbeat"
+        );
     }
 
     async fn request(&self, op: RegistryOp) -> Result<RegistryReply, String> {
@@ -263,7 +324,7 @@ impl Task {
             .await
             .map_err(|_| "the leader bridge did not answer".to_owned())?
             .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => "no leader bridge".to_owned(),
+                async_nats::RequestErrorKind::NoResponders => NO_LEADER.to_owned(),
                 _ => e.to_string(),
             })?;
         serde_json::from_slice(&answer.payload).map_err(|e| format!("unreadable answer: {e}"))
