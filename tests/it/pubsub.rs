@@ -305,3 +305,28 @@ async fn big_frames_for_stalled_subscribers_are_bounded_in_bytes() -> anyhow::Re
     assert!(grew_mib < 48.0, "gateway peak RSS grew {grew_mib:.1} MiB");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_publisher_on_the_same_gateway_is_refused() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(2, &[("PGWS_PUBSUB_GRACE", "2")]).await?;
+    let mut first = publisher(&stack, 0, KEY, &domain, "one").await?;
+    let mut near = subscriber(&stack, 0, &domain, "one").await?;
+    let mut far = subscriber(&stack, 1, &domain, "one").await?;
+    // Same URL, same gateway, and on the other gateway: 409 every time.
+    for i in [0, 0, 1, 0] {
+        let refused = status(publisher(&stack, i, KEY, &domain, "one").await);
+        assert!(refused.contains("409"), "gateway {i}: {refused}");
+    }
+    // The refused ones leaving did not release the topic: past the grace period the
+    // subscribers are still there, hear the first publisher, and the topic is still taken.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    first.send_text("still mine").await?;
+    for ws in [&mut near, &mut far] {
+        assert_eq!(ws.next_text(T).await?, "still mine");
+    }
+    let refused = status(publisher(&stack, 1, KEY, &domain, "one").await);
+    assert!(refused.contains("409"), "{refused}");
+    let refused = status(subscriber(&stack, 0, &domain, "one").await);
+    assert_eq!(refused, "accepted");
+    Ok(())
+}
