@@ -113,3 +113,24 @@ async fn without_a_bridge_the_client_gets_an_error_not_silence() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// RFC 6455 7.4.1: a text frame that is not UTF-8 is answered with close 1007, on every
+/// protocol (here postgres-websockets and `/live`), not a dropped connection.
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_gets_close_1007() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let live_url = format!(
+        "{}/live?token={}",
+        stack.ws_url(0),
+        pgws_tests::token(&json!({"sub": "ann"}))
+    );
+    let chat = stack.connect(0, "chat", &json!({"mode": "rw"})).await?;
+    let live = pgws_tests::WsClient::connect(&live_url).await?;
+    for mut ws in [chat, live] {
+        ws.send_raw_text(&[b'{', 0xff, b'}']).await?;
+        let (code, reason) = ws.expect_close(T).await?;
+        assert_eq!(code, 1007, "{reason}");
+        assert!(reason.contains("UTF-8"), "{reason}");
+    }
+    Ok(())
+}

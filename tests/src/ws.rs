@@ -68,6 +68,15 @@ impl WsClient {
         Ok(())
     }
 
+    /// Sends a text frame holding exactly `bytes`, UTF-8 or not (as a broken client could).
+    pub async fn send_raw_text(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        let frame = Frame::message(bytes.to_vec(), OpCode::Data(Data::Text), true);
+        self.ws.send(Message::Frame(frame)).await?;
+        Ok(())
+    }
+
     /// Sends a binary frame.
     pub async fn send_binary(&mut self, data: &[u8]) -> anyhow::Result<()> {
         self.ws.send(Message::binary(data.to_vec())).await?;

@@ -37,6 +37,7 @@ use crate::Gateway;
 const CLOSE_JWT_EXPIRED: u16 = 3001;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 /// How long a close frame may take to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -144,9 +145,9 @@ pub(crate) async fn run(
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "socket read failed");
-                        if too_big(e) {
-                            gw.metrics.refused("too_big");
-                            send_close(&mut ws, &reset, CLOSE_TOO_BIG, "message too big").await;
+                        if let Some((code, reason, metric)) = refusal(e) {
+                            gw.metrics.refused(metric);
+                            send_close(&mut ws, &reset, code, reason).await;
                         }
                         break;
                     }
@@ -213,11 +214,19 @@ async fn closed_by(kick: &Kick) {
     }
 }
 
-/// A frame or message over the limit (refused from the frame's header, before its payload).
-fn too_big(e: axum::Error) -> bool {
-    e.into_inner()
-        .downcast::<tungstenite::Error>()
-        .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)))
+/// The close frame for a read error the client caused: a frame or message over the limit
+/// (refused from the frame's header, before its payload), or a text frame that is not UTF-8
+/// (RFC 6455 7.4.1: 1007). `None` for the others (the connection is gone).
+fn refusal(e: axum::Error) -> Option<(u16, &'static str, &'static str)> {
+    match *e.into_inner().downcast::<tungstenite::Error>().ok()? {
+        tungstenite::Error::Capacity(_) => Some((CLOSE_TOO_BIG, "message too big", "too_big")),
+        tungstenite::Error::Utf8(_) => Some((
+            CLOSE_INVALID_DATA,
+            "a text frame must be UTF-8",
+            "text_not_utf8",
+        )),
+        _ => None,
+    }
 }
 
 /// Does what the protocol asked for a client frame; false when the socket is done (closed, or
