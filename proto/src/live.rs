@@ -66,6 +66,10 @@ pub enum LiveTopicOp {
         admin: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         role: Option<String>,
+        /// The page after this name (the `next` of the page before); table topics come on
+        /// the first page only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
 }
 
@@ -164,6 +168,9 @@ pub struct LiveTopicReply {
     /// `list`: the table topics the role may read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
+    /// `list`: more topics follow the last of `topics`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -177,6 +184,7 @@ impl LiveTopicReply {
             topics: Vec::new(),
             class: None,
             tables: Vec::new(),
+            more: false,
             error: None,
         }
     }

@@ -332,17 +332,25 @@ async fn creating_topics_needs_a_subject_and_is_bounded_per_owner() -> anyhow::R
         &call(&mut anon, "create-topic", json!({"name": unique("t-")})).await?,
         "\"sub\" claim",
     );
-    // One owner may have 1,000 topics (a flood of creations cannot fill the database).
+    // One owner may have 1,000 topics (a flood of creations cannot fill the database; one
+    // socket's flood is slowed down by its lookup rate first, so the rest are made in SQL).
     let owner = unique("flood-");
     let mut flood = live(&stack, 0, &owner, "web_user").await?;
-    for i in 0..1000 {
+    for i in 0..100 {
         let request =
             json!({"method": "create-topic", "attributes": {"name": format!("{owner}-{i}")}});
         flood.send_text(&request.to_string()).await?;
     }
-    for _ in 0..1000 {
+    for _ in 0..100 {
         assert_ok(&flood.next_json(T).await?);
     }
+    let db = stack.pg().await?;
+    db.execute(
+        "INSERT INTO pgws_live.topics (name, owner) \
+         SELECT $1 || '-' || i, $1 FROM generate_series(100, 999) i",
+        &[&owner],
+    )
+    .await?;
     assert_error(
         &call(
             &mut flood,
@@ -352,7 +360,6 @@ async fn creating_topics_needs_a_subject_and_is_bounded_per_owner() -> anyhow::R
         .await?,
         "at most 1000 topics",
     );
-    let db = stack.pg().await?;
     db.execute("DELETE FROM pgws_live.topics WHERE owner = $1", &[&owner])
         .await?;
     Ok(())
@@ -410,5 +417,100 @@ async fn a_refreshed_token_moves_the_expiry_and_cannot_change_the_claims() -> an
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pong = call(&mut kept, "ping", json!({})).await?;
     assert_ok(&pong);
+    Ok(())
+}
+
+/// A socket cannot make the bridges look topics up without bound, nor multiply its frame with
+/// a large `id` echoed in every reply.
+#[tokio::test]
+async fn lookups_and_ids_are_bounded_per_socket() -> anyhow::Result<()> {
+    let stack = live_stack().await?;
+    let mut ws = live(&stack, 0, "mallory", "user").await?;
+    // 64 absent topics a request: two requests are within the burst (one reply per topic),
+    // the next ones are refused at once with one reply each, and the socket stays.
+    let absent: Vec<String> = (0..64).map(|i| unique(&format!("absent{i}-"))).collect();
+    let request =
+        json!({"id": 1, "method": "subscribe", "attributes": {"topicName": absent.join(",")}});
+    for _ in 0..2 {
+        ws.send_text(&request.to_string()).await?;
+        for _ in 0..64 {
+            assert_error(&ws.next_json(T).await?, "no topic named");
+        }
+    }
+    for _ in 0..3 {
+        ws.send_text(&request.to_string()).await?;
+        let reply = ws.next_json(T).await?;
+        assert_error(&reply, "too many requests");
+        assert_eq!(reply["id"], 1, "{reply}");
+    }
+    assert_quiet(&mut ws, "one reply per refused request").await;
+    // The bucket refills: a second later, lookups are served again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reply = call(&mut ws, "get-topic", json!({"topicName": "nothing-here"})).await?;
+    assert_error(&reply, "no topic named");
+    // A 60 kB id is refused, not echoed.
+    let id = "i".repeat(60_000);
+    ws.send_text(
+        &json!({"id": id, "method": "subscribe", "attributes": {"topicName": absent.join(",")}})
+            .to_string(),
+    )
+    .await?;
+    let reply = ws.next_text(T).await?;
+    assert!(reply.len() < 300, "{} bytes", reply.len());
+    let reply: Value = serde_json::from_str(&reply)?;
+    assert_error(&reply, "at most 256 bytes");
+    assert!(reply.get("id").is_none(), "{reply}");
+    assert_quiet(&mut ws, "one reply to a refused id").await;
+    assert_ok(&call(&mut ws, "ping", json!({})).await?);
+    Ok(())
+}
+
+/// `list-topic` pages: an admin with more topics than a page gets `more` and `next`, and
+/// following `after` walks every topic once.
+#[tokio::test]
+async fn list_topic_pages_and_says_when_more_follow() -> anyhow::Result<()> {
+    let db = pgws_tests::TempDb::create().await?;
+    let mut stack = Stack::new();
+    stack.extra = vec![
+        ("PGWS_ADMIN_ROLES".into(), "admin".into()),
+        ("PGWS_DB_URI".into(), db.uri.clone()),
+    ];
+    stack.add_bridge(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let mut admin = live(&stack, 0, "root", "admin").await?;
+    assert_ok(&call(&mut admin, "create-topic", json!({"name": "t0000"})).await?);
+    let sql = stack.pg().await?;
+    sql.execute(
+        "INSERT INTO pgws_live.topics (name, owner) \
+         SELECT 't' || lpad(i::text, 4, '0'), 'bulk' FROM generate_series(1, 2499) i",
+        &[],
+    )
+    .await?;
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let reply = call(&mut admin, "list-topic", json!({"after": after})).await?;
+        assert_ok(&reply);
+        let data = &reply["data"];
+        let names = data["topics"].as_array().cloned().unwrap_or_default();
+        pages.push((names.len(), data["more"].clone()));
+        seen.extend(names.iter().filter_map(|n| n.as_str().map(str::to_owned)));
+        if data["more"] != true {
+            break;
+        }
+        assert_eq!(data["next"], *names.last().expect("a full page"), "{data}");
+        after = data["next"].clone();
+    }
+    assert_eq!(
+        pages,
+        [
+            (1000, json!(true)),
+            (1000, json!(true)),
+            (500, json!(false))
+        ]
+    );
+    let expected: Vec<String> = (0..2500).map(|i| format!("t{i:0>4}")).collect();
+    assert_eq!(seen, expected);
     Ok(())
 }

@@ -108,9 +108,12 @@ impl LiveTopics {
         op: &LiveTopicOp,
     ) -> Result<LiveTopicReply, tokio_postgres::Error> {
         let tables = live_tables::resolve(db, &self.tables).await?;
-        if let LiveTopicOp::List { admin, role, .. } = op {
+        if let LiveTopicOp::List {
+            admin, role, after, ..
+        } = op
+        {
             let mut reply = execute(db, op).await?;
-            if reply.outcome == LiveOutcome::Ok {
+            if reply.outcome == LiveOutcome::Ok && after.is_none() {
                 reply.tables = live_tables::readable(db, &tables, role.as_deref(), *admin).await?;
             }
             return Ok(reply);
@@ -240,14 +243,27 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
             Some(t) => LiveTopicReply::topic(t),
             None => LiveTopicReply::outcome(LiveOutcome::Absent),
         },
-        LiveTopicOp::List { caller, admin, .. } => {
+        LiveTopicOp::List {
+            caller,
+            admin,
+            after,
+            ..
+        } => {
+            // One more than a page, to tell whether more follow.
             let sql = format!(
-                "SELECT {COLUMNS} FROM pgws_live.topics WHERE public OR owner = $1 OR $2
+                "SELECT {COLUMNS} FROM pgws_live.topics WHERE (public OR owner = $1 OR $2)
+                   AND ($4::text IS NULL OR name > $4)
                  ORDER BY name LIMIT $3"
             );
-            let rows = db.query(&sql, &[caller, admin, &MAX_LIST]).await?;
+            let rows = db
+                .query(&sql, &[caller, admin, &(MAX_LIST + 1), after])
+                .await?;
+            let mut topics: Vec<LiveTopic> = rows.iter().map(topic).collect();
+            let more = topics.len() > MAX_LIST as usize;
+            topics.truncate(MAX_LIST as usize);
             LiveTopicReply {
-                topics: rows.iter().map(topic).collect(),
+                topics,
+                more,
                 ..LiveTopicReply::outcome(LiveOutcome::Ok)
             }
         }

@@ -126,12 +126,18 @@ impl Rate {
 
     /// Takes one message's token; false when the socket is over its rate.
     pub(crate) fn take(&mut self) -> bool {
+        self.take_n(1)
+    }
+
+    /// Takes `n` tokens at once, or none; false when that is over the rate.
+    pub(crate) fn take_n(&mut self, n: usize) -> bool {
         let now = Instant::now();
         let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.rate);
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false

@@ -19,7 +19,8 @@
 //!
 //! Requests that need a bridge are answered in order, each within [`ANSWER_WAIT`] (the
 //! topics of one `subscribe` are looked up at once); bounds:
-//! [`MAX_SUBSCRIPTIONS`] topics per socket, [`request::MAX_TOPICS_PER_REQUEST`] per request.
+//! [`MAX_SUBSCRIPTIONS`] topics per socket, [`request::MAX_TOPICS_PER_REQUEST`] per request,
+//! [`LOOKUPS_PER_SECOND`] bridge lookups per socket, [`request::MAX_ID`] bytes of `id`.
 
 pub(crate) mod request;
 
@@ -40,6 +41,7 @@ use serde_json::{json, Map, Value};
 use self::request::{event, Bad, Method, Request};
 use super::{same_claims_apart_from, unix_secs, Action, Admission, Frame, Protocol, Refusal};
 use crate::handshake::Credentials;
+use crate::limits::Rate;
 use crate::presence::{Registration, MAX_CLASSES};
 use crate::Gateway;
 
@@ -51,6 +53,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(5);
 const LIVE_SEND_QUEUE: usize = 16_384;
 /// Most topics one socket reads.
 pub(crate) const MAX_SUBSCRIPTIONS: usize = 256;
+/// Topic lookups (requests a bridge answers) one socket may make per second, in bursts of as
+/// many: a `subscribe` of [`request::MAX_TOPICS_PER_REQUEST`] new topics costs that many.
+/// Over it, a request is answered `ok:false` and the socket stays.
+pub(crate) const LOOKUPS_PER_SECOND: u32 = 128;
 /// Most topics a socket remembers it may publish on without asking a bridge again.
 const MAX_KNOWN: usize = 256;
 
@@ -114,6 +120,8 @@ struct Live {
     gw: Arc<Gateway>,
     who: Arc<Identity>,
     state: Arc<Mutex<State>>,
+    /// Bridge lookups this socket may still make ([`LOOKUPS_PER_SECOND`]).
+    lookups: Rate,
 }
 
 /// The token of a `/live` handshake verified at `now` (unix seconds), without side effects:
@@ -162,6 +170,7 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
             gw: Arc::clone(gw),
             who: Arc::new(who),
             state: Arc::default(),
+            lookups: Rate::new(LOOKUPS_PER_SECOND),
         }),
     })
 }
@@ -185,6 +194,16 @@ impl Protocol for Live {
             }
         };
         gw.metrics.accepted(text.len());
+        if !self.lookups.take_n(self.lookups_of(&request)) {
+            gw.metrics.refused("live_lookup_rate");
+            return failed(
+                &request,
+                format!(
+                    "too many requests: a socket may make {LOOKUPS_PER_SECOND} topic lookups a \
+                     second (a subscribe costs one per topic); try again shortly"
+                ),
+            );
+        }
         match request.method {
             Method::Ping => reply(request.ok(json!({"pong": true}))),
             Method::Subscribe => self.subscribe(request),
@@ -225,6 +244,26 @@ fn failed(request: &Request, error: impl AsRef<str>) -> Action {
 }
 
 impl Live {
+    /// How many bridge lookups `request` costs: one per topic a `subscribe` names that the
+    /// socket does not read yet, one for a message to a topic not known yet and for each
+    /// other topic request; none for `ping`, `unsubscribe` and `refresh`.
+    fn lookups_of(&self, request: &Request) -> usize {
+        let state = lock(&self.state);
+        match request.method {
+            Method::Subscribe => request.topics().map_or(0, |topics| {
+                topics
+                    .iter()
+                    .filter(|t| !state.subscribed.contains_key(*t))
+                    .count()
+            }),
+            Method::NewMessage => request
+                .topic(&["topicName"])
+                .map_or(0, |t| usize::from(!state.known.contains_key(&t))),
+            Method::CreateTopic | Method::DestroyTopic | Method::ListTopic | Method::GetTopic => 1,
+            Method::Ping | Method::Unsubscribe | Method::Refresh => 0,
+        }
+    }
+
     /// `refresh` (`token`): a new token for the same identity moves the socket's expiry; it may
     /// differ from the socket's token only in `exp`, `iat`, `nbf` and `jti`, so what the socket
     /// may read and write stays as it was granted.
@@ -468,7 +507,16 @@ impl Live {
         )
     }
 
+    /// `list-topic` (`after`, optional): the topics this socket may use, a page at a time;
+    /// `more: true` and `next` (the `after` of the next page) when the list goes on.
     fn list(&self, request: Request) -> Action {
+        let after = match request.attributes.get("after") {
+            None | Some(Value::Null) => None,
+            Some(_) => match request.topic(&["after"]) {
+                Ok(name) => Some(name),
+                Err(e) => return failed(&request, e),
+            },
+        };
         let (gw, who) = (Arc::clone(&self.gw), Arc::clone(&self.who));
         Action::Await(
             async move {
@@ -476,6 +524,7 @@ impl Live {
                     caller: who.sub.clone(),
                     admin: who.admin,
                     role: who.role.clone(),
+                    after,
                 };
                 match ask(&gw, &op).await {
                     Ok(r) if r.outcome == LiveOutcome::Ok => {
@@ -483,7 +532,11 @@ impl Live {
                         let names: Vec<&str> = tables
                             .chain(r.topics.iter().map(|t| t.name.as_str()))
                             .collect();
-                        reply(request.ok(json!({"topics": names})))
+                        let mut data = json!({"topics": names, "more": r.more});
+                        if let (true, Some(last)) = (r.more, r.topics.last()) {
+                            data["next"] = last.name.clone().into();
+                        }
+                        reply(request.ok(data))
                     }
                     Ok(r) => failed(&request, unavailable(r.error.as_deref())),
                     Err(e) => failed(&request, e),

@@ -9,6 +9,10 @@
 use pgws_proto::{valid_live_topic, MAX_LIVE_TOPIC};
 use serde_json::{json, Map, Value};
 
+/// Most bytes a request's `id` takes as JSON: it is echoed in each reply (one per topic of a
+/// `subscribe`), so a large one would multiply what a frame costs.
+pub(crate) const MAX_ID: usize = 256;
+
 /// Most topics one `subscribe` or `unsubscribe` may name.
 pub(crate) const MAX_TOPICS_PER_REQUEST: usize = 64;
 
@@ -84,6 +88,13 @@ pub(crate) fn parse(text: &str) -> Result<Request, Bad> {
         return Err(bad(None, None, "a request is a JSON object"));
     };
     let id = request.remove("id");
+    if id.as_ref().is_some_and(|id| id.to_string().len() > MAX_ID) {
+        return Err(bad(
+            None,
+            None,
+            &format!("an \"id\" takes at most {MAX_ID} bytes of JSON"),
+        ));
+    }
     let name = match request.remove("method") {
         Some(Value::String(m)) => m,
         Some(_) => return Err(bad(id, None, "\"method\" must be a string")),
@@ -304,6 +315,17 @@ mod tests {
             assert_eq!(r["type"], "response");
             assert_eq!(r.get("id").cloned(), id, "{text}");
         }
+    }
+
+    #[test]
+    fn a_long_id_is_refused_and_not_echoed() {
+        let id = "i".repeat(MAX_ID - 2);
+        let r = parse(&json!({"id": id, "method": "ping"}).to_string()).expect("fits");
+        assert_eq!(r.id, Some(json!(id)));
+        let id = "i".repeat(MAX_ID - 1);
+        let bad = parse(&json!({"id": id, "method": "ping"}).to_string()).expect_err("long");
+        assert_eq!(bad.id, None);
+        assert!(bad.error.contains("at most 256 bytes"), "{}", bad.error);
     }
 
     #[test]
