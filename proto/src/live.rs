@@ -53,11 +53,15 @@ pub enum LiveTopicOp {
         caller: Option<String>,
         admin: bool,
     },
-    /// The topic `name`; with a `reader`, a table topic's class for that reader.
+    /// The topic `name` as `caller` sees it (its own topic of that name, else the public one,
+    /// else another's private one, which the gateway shows only to admins); with a `reader`,
+    /// a table topic's class for that reader.
     Get {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reader: Option<Reader>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caller: Option<String>,
     },
     /// The topics `caller` may see: public ones, its own, every one for an admin; and the
     /// table topics whose table `role` may SELECT.
@@ -233,6 +237,7 @@ mod tests {
         let op = LiveTopicOp::Get {
             name: "t".into(),
             reader: None,
+            caller: None,
         };
         assert_eq!(
             serde_json::to_string(&op).unwrap(),

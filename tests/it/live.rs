@@ -165,10 +165,6 @@ async fn private_topics_belong_to_their_owner_and_admins_on_every_gateway() -> a
     assert_ok(&created);
     assert_eq!(created["data"]["owner"], "ann");
     assert_eq!(created["data"]["type"], "custom");
-    assert_error(
-        &call(&mut bob, "create-topic", json!({"name": topic})).await?,
-        "exists",
-    );
     // One reply per topic, in order.
     ann.send_text(&json!({"id": 1, "method": "subscribe", "attributes": {"topicName": format!("{topic}, nothing-here")}}).to_string()).await?;
     let first = ann.next_json(T).await?;
@@ -512,5 +508,53 @@ async fn list_topic_pages_and_says_when_more_follow() -> anyhow::Result<()> {
     );
     let expected: Vec<String> = (0..2500).map(|i| format!("t{i:0>4}")).collect();
     assert_eq!(seen, expected);
+    Ok(())
+}
+
+/// Another owner's private topic does not show, in any answer: `get-topic` says there is no
+/// such topic, and `create-topic` of the same name succeeds (a topic of its own), so nothing
+/// tells the name exists; each owner's messages stay on its own topic. A public topic's name
+/// is taken for all.
+#[tokio::test]
+async fn a_private_topic_does_not_show_its_existence() -> anyhow::Result<()> {
+    let stack = live_stack().await?;
+    let mut ann = live(&stack, 0, "ann", "user").await?;
+    let mut bob = live(&stack, 1, "bob", "user").await?;
+    let name = unique("secret-");
+    assert_ok(&call(&mut ann, "create-topic", json!({"name": name})).await?);
+    assert_ok(&call(&mut ann, "subscribe", json!({"topicName": name})).await?);
+    let absent = format!("no topic named {name:?}");
+    assert_error(
+        &call(&mut bob, "get-topic", json!({"topicName": name})).await?,
+        &absent,
+    );
+    assert_error(
+        &call(&mut bob, "destroy-topic", json!({"name": name})).await?,
+        &absent,
+    );
+    let created = call(&mut bob, "create-topic", json!({"name": name})).await?;
+    assert_ok(&created);
+    assert_eq!(created["data"]["owner"], "bob", "{created}");
+    assert_ok(&call(&mut bob, "subscribe", json!({"topicName": name})).await?);
+    let message = json!({"topicName": name, "message": "bob's"});
+    assert_ok(&call(&mut bob, "new-message", message).await?);
+    assert_eq!(bob.next_json(T).await?["data"], "bob's");
+    assert_quiet(&mut ann, "ann's topic is another").await;
+    let message = json!({"topicName": name, "message": "ann's"});
+    assert_ok(&call(&mut ann, "new-message", message).await?);
+    assert_eq!(ann.next_json(T).await?["data"], "ann's");
+    assert_quiet(&mut bob, "bob's topic is another").await;
+    // Each sees its own in get-topic and list-topic.
+    let mine = call(&mut ann, "get-topic", json!({"topicName": name})).await?;
+    assert_eq!(mine["data"]["owner"], "ann", "{mine}");
+    // A public name is taken for everyone, and says so.
+    let open = unique("open-");
+    let public = json!({"name": open, "public": true});
+    assert_ok(&call(&mut ann, "create-topic", public.clone()).await?);
+    assert_error(&call(&mut bob, "create-topic", public).await?, "exists");
+    assert_error(
+        &call(&mut bob, "create-topic", json!({"name": open})).await?,
+        "exists",
+    );
     Ok(())
 }

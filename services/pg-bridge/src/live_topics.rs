@@ -38,14 +38,31 @@ const CONCURRENCY: usize = 16;
 pub(crate) const MAX_LIST: i64 = 1000;
 
 const TABLE: &str = "pgws_live.topics";
+/// A name is one public topic, or one private topic per owner: another owner's private topic
+/// neither shows nor keeps a name from being created (which would tell that it exists).
 const SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS pgws_live;
     CREATE TABLE IF NOT EXISTS pgws_live.topics (
-        name        text        PRIMARY KEY,
+        name        text        NOT NULL,
         owner       text        NOT NULL,
         public      boolean     NOT NULL DEFAULT false,
-        incarnation bigint      GENERATED ALWAYS AS IDENTITY,
-        created_at  timestamptz NOT NULL DEFAULT now()
-    )";
+        incarnation bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        created_at  timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (owner, name)
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS topics_public_name ON pgws_live.topics (name) WHERE public";
+/// The same for a table made before names were per owner (its primary key was the name).
+const PER_OWNER: &str = "DO $$ BEGIN
+      IF to_regclass('pgws_live.topics_public_name') IS NULL THEN
+        ALTER TABLE pgws_live.topics DROP CONSTRAINT IF EXISTS topics_pkey;
+        ALTER TABLE pgws_live.topics ADD PRIMARY KEY (incarnation), ADD UNIQUE (owner, name);
+        CREATE UNIQUE INDEX topics_public_name ON pgws_live.topics (name) WHERE public;
+      END IF;
+    END $$";
+/// The index that tells the table has names per owner.
+const PER_OWNER_INDEX: &str = "pgws_live.topics_public_name";
+/// How one caller's view picks among the topics of a name: its own, then the public one,
+/// then the oldest.
+const SEEN_FIRST: &str = "ORDER BY (owner = $2) DESC NULLS LAST, public DESC, incarnation";
 
 /// The topic service; [`LiveTopics::run`] is its task.
 pub(crate) struct LiveTopics {
@@ -173,7 +190,11 @@ async fn connect(
     match conn.get().await {
         Ok((client, fresh)) => {
             if fresh {
-                if let Err(e) = crate::db::ensure_table(&client, TABLE, SCHEMA).await {
+                let ensured = async {
+                    crate::db::ensure_table(&client, TABLE, SCHEMA).await?;
+                    crate::db::ensure_table(&client, PER_OWNER_INDEX, PER_OWNER).await
+                };
+                if let Err(e) = ensured.await {
                     tracing::warn!(error = %e, "cannot create pgws_live.topics");
                     return Err(LiveTopicReply::unavailable(
                         "cannot create pgws_live.topics",
@@ -213,8 +234,13 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
             if owned >= MAX_TOPICS_PER_OWNER {
                 return Ok(LiveTopicReply::outcome(LiveOutcome::Limit));
             }
+            // A name taken by a public topic or by the owner's own; another owner's private
+            // topic does not take it. A private topic of a name that is public is refused
+            // too: the public one is visible to all.
             let sql = format!(
-                "INSERT INTO pgws_live.topics (name, owner, public) VALUES ($1, $2, $3)
+                "INSERT INTO pgws_live.topics (name, owner, public)
+                 SELECT $1, $2, $3 WHERE NOT EXISTS
+                   (SELECT 1 FROM pgws_live.topics WHERE name = $1 AND public)
                  ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
             );
             match db.query_opt(&sql, &[name, owner, public]).await? {
@@ -227,19 +253,23 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
             caller,
             admin,
         } => {
+            // The topic the caller sees by that name, if it may destroy it.
             let sql = format!(
-                "DELETE FROM pgws_live.topics WHERE name = $1 AND (owner = $2 OR $3)
+                "DELETE FROM pgws_live.topics WHERE incarnation =
+                   (SELECT incarnation FROM pgws_live.topics
+                     WHERE name = $1 AND (owner = $2 OR $3) {SEEN_FIRST} LIMIT 1)
                  RETURNING {COLUMNS}"
             );
             match db.query_opt(&sql, &[name, caller, admin]).await? {
                 Some(row) => LiveTopicReply::topic(topic(&row)),
-                None => match get(db, name).await? {
-                    Some(_) => LiveTopicReply::outcome(LiveOutcome::Forbidden),
-                    None => LiveTopicReply::outcome(LiveOutcome::Absent),
+                // A public topic it does not own: forbidden; another's private one: absent.
+                None => match get(db, name, caller).await? {
+                    Some(t) if t.public => LiveTopicReply::outcome(LiveOutcome::Forbidden),
+                    _ => LiveTopicReply::outcome(LiveOutcome::Absent),
                 },
             }
         }
-        LiveTopicOp::Get { name, .. } => match get(db, name).await? {
+        LiveTopicOp::Get { name, caller, .. } => match get(db, name, caller).await? {
             Some(t) => LiveTopicReply::topic(t),
             None => LiveTopicReply::outcome(LiveOutcome::Absent),
         },
@@ -250,10 +280,11 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
             ..
         } => {
             // One more than a page, to tell whether more follow.
+            // Each name once (a caller's own private topic and a public one may share it).
             let sql = format!(
-                "SELECT {COLUMNS} FROM pgws_live.topics WHERE (public OR owner = $1 OR $2)
-                   AND ($4::text IS NULL OR name > $4)
-                 ORDER BY name LIMIT $3"
+                "SELECT DISTINCT ON (name) {COLUMNS} FROM pgws_live.topics
+                  WHERE (public OR owner = $1 OR $2) AND ($4::text IS NULL OR name > $4)
+                  ORDER BY name, (owner = $1) DESC NULLS LAST, public DESC LIMIT $3"
             );
             let rows = db
                 .query(&sql, &[caller, admin, &(MAX_LIST + 1), after])
@@ -270,12 +301,17 @@ async fn execute(db: &Client, op: &LiveTopicOp) -> Result<LiveTopicReply, tokio_
     })
 }
 
-async fn get(db: &Client, name: &str) -> Result<Option<LiveTopic>, tokio_postgres::Error> {
-    let row = db
-        .query_opt(
-            "SELECT name, owner, public, incarnation FROM pgws_live.topics WHERE name = $1",
-            &[&name],
-        )
-        .await?;
+/// The topic `caller` sees by `name` (see [`SEEN_FIRST`]); the gateway decides whether it may
+/// use it.
+async fn get(
+    db: &Client,
+    name: &str,
+    caller: &Option<String>,
+) -> Result<Option<LiveTopic>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT name, owner, public, incarnation FROM pgws_live.topics WHERE name = $1
+         {SEEN_FIRST} LIMIT 1"
+    );
+    let row = db.query_opt(&sql, &[&name, caller]).await?;
     Ok(row.as_ref().map(topic))
 }

@@ -601,13 +601,16 @@ fn unavailable(why: Option<&str>) -> String {
     format!("topics are unavailable now: {}", why.unwrap_or("no answer"))
 }
 
-/// The topic `name` if this socket may use it: a custom topic, or (`read`) a table topic in
-/// the socket's class. A custom topic it may not use is reported as absent, so private topics
-/// do not show; a table topic it may not read says why.
+/// The topic `name` if this socket may use it: a custom topic (its own of that name first,
+/// then the public one), or (`read`) a table topic in the socket's class. A custom topic it may
+/// not use is reported as absent, so private topics do not show (and another owner's private
+/// topic does not keep this socket from creating one of the same name); a table topic it may
+/// not read says why.
 async fn find(gw: &Gateway, who: &Identity, name: &str, read: bool) -> Result<Found, String> {
     let op = LiveTopicOp::Get {
         name: name.to_owned(),
         reader: read.then(|| who.reader()),
+        caller: who.sub.clone(),
     };
     let r = ask(gw, &op).await?;
     match (r.outcome, r.topic, r.class) {
