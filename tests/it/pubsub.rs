@@ -330,3 +330,41 @@ async fn a_second_publisher_on_the_same_gateway_is_refused() -> anyhow::Result<(
     assert_eq!(refused, "accepted");
     Ok(())
 }
+
+/// Guessing API keys from one address gets slower with each refusal: two are free, then the
+/// address waits (answered 429 at once, no key checked), twice as long after each refusal; a
+/// right key once it may try again is accepted and clears the count.
+#[tokio::test]
+async fn refused_api_keys_cost_an_address_more_each_time() -> anyhow::Result<()> {
+    let (stack, _table, domain) = pubsub_stack(1, &[]).await?;
+    let started = Instant::now();
+    let (mut forbidden, mut waiting) = (0, 0);
+    while started.elapsed() < Duration::from_secs(2) {
+        let wrong = format!("{:0>36}", forbidden + waiting);
+        let refused = status(publisher(&stack, 0, &wrong, &domain, "guess").await);
+        if refused.starts_with("refused 403") {
+            forbidden += 1;
+        } else {
+            assert!(refused.starts_with("refused 429"), "{refused}");
+            assert!(refused.contains("try again in"), "{refused}");
+            waiting += 1;
+        }
+    }
+    eprintln!("in 2 s: {forbidden} keys checked and refused, {waiting} handshakes told to wait");
+    // 250 ms, 500 ms, 1 s after the 3rd, 4th and 5th: at most 6 checks in 2 s.
+    assert!((4..=6).contains(&forbidden), "{forbidden} keys checked");
+    assert!(waiting > 10, "{waiting}");
+    let gw = &stack.gateways[0];
+    let metric = "pgws_gateway_handshakes_refused_total{reason=\"apikey_backoff\"}";
+    assert_eq!(gw.metric(metric).await, Some(waiting as f64));
+    // Once the wait is over, the right key is accepted and the count starts again.
+    let mut right = None;
+    while right.is_none() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        right = publisher(&stack, 0, KEY, &domain, "guess").await.ok();
+    }
+    assert!(right.is_some(), "the right key was never accepted");
+    let refused = status(publisher(&stack, 0, "wrong", &domain, "other").await);
+    assert!(refused.contains("403"), "{refused}");
+    Ok(())
+}

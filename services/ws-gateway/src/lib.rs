@@ -74,6 +74,8 @@ pub(crate) struct Gateway {
     pub(crate) per_address: Arc<limits::PerAddress>,
     /// `PGWS_MAX_HANDSHAKES_PER_ADDRESS`.
     pub(crate) handshakes: Arc<limits::PerAddress>,
+    /// API keys refused per address (wspubsub publishers).
+    pub(crate) key_refusals: limits::KeyRefusals,
     pub(crate) metrics: GatewayMetrics,
     pub(crate) shutdown: Shutdown,
     next_id: AtomicU64,
@@ -191,6 +193,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         client: client.clone(),
         per_address,
         handshakes,
+        key_refusals: limits::KeyRefusals::default(),
         metrics,
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(0),

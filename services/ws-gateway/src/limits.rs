@@ -1,8 +1,8 @@
 //! Limits on what one client can take from a gateway: open websockets and handshakes in
-//! progress per source address, the origins browsers may connect from, and the rate of
-//! messages per socket.
+//! progress per source address, the origins browsers may connect from, the rate of
+//! messages per socket, and refused API keys per source address.
 //!
-//! All are off by default (postgres-websockets had none, and a load balancer or a load test
+//! All but the last are off by default (postgres-websockets had none, and a load balancer or a load test
 //! may open thousands of sockets from one address); each refusal is clear to the client:
 //! HTTP 429 or 403 at the handshake, close 1008 for a socket over its message rate.
 
@@ -71,6 +71,79 @@ impl Drop for Slot {
                 }
             }
         }
+    }
+}
+
+/// API keys refused per source address (wspubsub publishers), always on: from the third
+/// refusal in a row, the address waits before its next key is checked, twice as long after
+/// each further refusal (250 ms, 500 ms, ... up to [`KEY_BLOCK_MAX`]); meanwhile its publisher
+/// handshakes are answered 429 without asking a bridge. A key accepted from the address clears
+/// its count; an address without a refusal for [`KEY_FORGET`] is forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct KeyRefusals {
+    by_address: Mutex<HashMap<IpAddr, Refusals>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Refusals {
+    count: u32,
+    last: Instant,
+    until: Instant,
+}
+
+/// Refusals in a row an address may have before it waits.
+const KEY_FREE: u32 = 2;
+/// The first wait.
+const KEY_BLOCK_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest wait.
+pub(crate) const KEY_BLOCK_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an address's refusals are remembered.
+const KEY_FORGET: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most addresses remembered (the oldest are forgotten first when more come).
+const KEY_ADDRESSES: usize = 100_000;
+
+impl KeyRefusals {
+    /// How long `ip` must still wait before a key of its is checked; `None` when it need not.
+    pub(crate) fn waiting(&self, ip: IpAddr) -> Option<std::time::Duration> {
+        let now = Instant::now();
+        let map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&ip)
+            .filter(|r| r.until > now)
+            .map(|r| r.until - now)
+    }
+
+    /// A key from `ip` was refused; returns its refusals in a row.
+    pub(crate) fn refused(&self, ip: IpAddr) -> u32 {
+        let now = Instant::now();
+        let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= KEY_ADDRESSES && !map.contains_key(&ip) {
+            map.retain(|_, r| now.duration_since(r.last) < KEY_FORGET);
+            if map.len() >= KEY_ADDRESSES {
+                let oldest = map.iter().min_by_key(|(_, r)| r.last).map(|(ip, _)| *ip);
+                oldest.map(|ip| map.remove(&ip));
+            }
+        }
+        let r = map.entry(ip).or_insert(Refusals {
+            count: 0,
+            last: now,
+            until: now,
+        });
+        if now.duration_since(r.last) >= KEY_FORGET {
+            r.count = 0;
+        }
+        r.count += 1;
+        r.last = now;
+        if r.count > KEY_FREE {
+            let doublings = (r.count - KEY_FREE - 1).min(16);
+            r.until = now + (KEY_BLOCK_FIRST * 2u32.pow(doublings)).min(KEY_BLOCK_MAX);
+        }
+        r.count
+    }
+
+    /// A key from `ip` was accepted: its count starts again.
+    pub(crate) fn accepted(&self, ip: IpAddr) {
+        let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&ip);
     }
 }
 
@@ -175,6 +248,28 @@ mod tests {
         assert!(o.allows(None));
         assert!(Origins::parse("").allows(Some("https://evil.example")));
         assert!(Origins::parse("*").allows(Some("https://evil.example")));
+    }
+
+    #[tokio::test]
+    async fn refused_keys_make_an_address_wait_longer_each_time() {
+        let keys = KeyRefusals::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        assert_eq!(keys.waiting(ip), None);
+        assert_eq!(keys.refused(ip), 1);
+        assert_eq!(keys.refused(ip), 2);
+        assert_eq!(keys.waiting(ip), None, "two refusals are free");
+        keys.refused(ip);
+        let first = keys.waiting(ip).expect("waits");
+        assert!(first <= KEY_BLOCK_FIRST && first > KEY_BLOCK_FIRST / 2);
+        keys.refused(ip);
+        assert!(keys.waiting(ip).expect("waits") > KEY_BLOCK_FIRST);
+        for _ in 0..40 {
+            keys.refused(ip);
+        }
+        assert!(keys.waiting(ip).expect("waits") <= KEY_BLOCK_MAX);
+        assert_eq!(keys.waiting([10, 0, 0, 2].into()), None, "per address");
+        keys.accepted(ip);
+        assert_eq!(keys.waiting(ip), None);
     }
 
     #[tokio::test]

@@ -35,6 +35,7 @@ use pgws_proto::{valid_channel, Topic, MAX_PG_CHANNEL};
 use pgws_service::telemetry::{self, TARGET as TRACE};
 
 use crate::handshake::{credentials, Credentials};
+use crate::limits::Peer;
 use crate::presence::Registration;
 use crate::session::Accepted;
 use crate::uplink::Pending;
@@ -212,7 +213,10 @@ pub(crate) fn request(
 /// registers the socket.
 pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, Refusal> {
     let admission = match request(parts.uri.path(), parts.uri.query(), &parts.headers)? {
-        Request::Publish { apikey, topic } => return pubsub::publisher(gw, &apikey, topic).await,
+        Request::Publish { apikey, topic } => {
+            let peer = parts.extensions.get::<Peer>().map(|p| p.0);
+            return pubsub::publisher(gw, peer, &apikey, topic).await;
+        }
         Request::Subscribe(topic) => return pubsub::subscriber(gw, topic).await,
         Request::Live(creds) => {
             settle(gw, &creds).await;

@@ -7,10 +7,15 @@
 //! - `/ws/sub/<domain>/<topic>`: no key; a topic without a publisher (nor one within its grace
 //!   period) is refused with 404. Subscribers' frames are ignored.
 //!
+//! An address whose keys were refused three times in a row waits before its next key is
+//! checked (250 ms, doubling with each further refusal, at most 60 s; answered 429 meanwhile,
+//! without asking a bridge): see `limits::KeyRefusals`.
+//!
 //! When the publisher leaves, another may take the topic over within `PGWS_PUBSUB_GRACE`; the
 //! subscribers stay connected meanwhile, and after it the leader closes them (close code 4004).
 //! A connection belongs to one topic.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -96,10 +101,37 @@ pub(crate) fn subscriber_path(rest: &str) -> Result<Topic, Refusal> {
 /// the leader's registry.
 pub(crate) async fn publisher(
     gw: &Arc<Gateway>,
+    peer: Option<IpAddr>,
     apikey: &str,
     topic: Topic,
 ) -> Result<Accepted, Refusal> {
-    check_key(gw, apikey, &topic.domain).await?;
+    if let Some(wait) = peer.and_then(|ip| gw.key_refusals.waiting(ip)) {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "apikey_backoff",
+            format!(
+                "too many refused API keys from this address: try again in {} ms",
+                wait.as_millis().max(1)
+            ),
+        ));
+    }
+    match check_key(gw, apikey, &topic.domain).await {
+        Ok(()) => {
+            if let Some(ip) = peer {
+                gw.key_refusals.accepted(ip);
+            }
+        }
+        Err(refusal) => {
+            if let (Some(ip), StatusCode::FORBIDDEN) = (peer, refusal.status) {
+                let n = gw.key_refusals.refused(ip);
+                // Logged at the first wait and then at each doubling of the count.
+                if n == 3 || (n > 3 && n.is_power_of_two()) {
+                    tracing::warn!(address = %ip, refused = n, "API keys refused in a row from one address: it waits longer before each new check");
+                }
+            }
+            return Err(refusal);
+        }
+    }
     let op = RegistryOp::Claim {
         topic: topic.clone(),
     };
