@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgws_tests::{unique, Frame, Stack, WsClient};
+use pgws_tests::{unique, Frame, Service, ServiceKind, Stack, WsClient};
 
 const T: Duration = Duration::from_secs(10);
 const KEY: &str = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
@@ -46,7 +46,9 @@ async fn pubsub_stack_of(
     let mut env = vec![("PGWS_PUBSUB_KEYS_TABLE", table.as_str())];
     env.extend_from_slice(extra);
     let stack = Stack::start_sized(&env, bridges, gateways).await?;
-    stack.wait_flowing(0).await?;
+    if gateways > 0 {
+        stack.wait_flowing(0).await?;
+    }
     Ok((stack, table, domain))
 }
 
@@ -366,5 +368,62 @@ async fn refused_api_keys_cost_an_address_more_each_time() -> anyhow::Result<()>
     assert!(right.is_some(), "the right key was never accepted");
     let refused = status(publisher(&stack, 0, "wrong", &domain, "other").await);
     assert!(refused.contains("403"), "{refused}");
+    Ok(())
+}
+
+/// A stack no leader has known topics in has nothing to wait for: once its services are
+/// ready, the first publisher's handshake is answered at once (it waited for a new leader's
+/// settling period, 6 s, before). A leader that takes over a stack whose earlier leader knew
+/// topics waits for the gateways' reports, and says so on `/readyz` meanwhile; then it
+/// refuses a second publisher of a topic it learned from them.
+#[tokio::test]
+async fn a_fresh_stack_answers_at_once_and_a_new_leader_says_when_it_cannot() -> anyhow::Result<()>
+{
+    let (mut stack, _table, domain) = pubsub_stack_of(0, 0, &[]).await?;
+    let started = Instant::now();
+    let bridge = Service::start(ServiceKind::Bridge, &stack.env()).await?;
+    while !(bridge.metric("pgws_bridge_leader").await == Some(1.0)
+        && matches!(
+            pgws_tests::http_get(bridge.admin, "/readyz").await,
+            Ok((200, _))
+        ))
+    {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = started.elapsed();
+    stack.bridges.push(bridge);
+    stack.add_gateway(&[]).await?;
+    stack.add_gateway(&[]).await?;
+    let started = Instant::now();
+    let _first = publisher(&stack, 0, KEY, &domain, "first").await?;
+    let waited = started.elapsed();
+    eprintln!(
+        "fresh stack: leader ready {ready:?} after its start, first publisher handshake {waited:?}"
+    );
+    assert!(ready < Duration::from_secs(3), "{ready:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+
+    // The leader dies with a topic held; its successor does not know the topic yet.
+    stack.bridges[0].signal("KILL")?;
+    stack.bridges.remove(0);
+    let restarted = Instant::now();
+    let bridge = Service::start(ServiceKind::Bridge, &stack.env()).await?;
+    let mut saw_settling = false;
+    loop {
+        // Ready as a standby at first; then the leader, settling, then ready.
+        match pgws_tests::http_get(bridge.admin, "/readyz").await {
+            Ok((200, _)) if bridge.metric("pgws_bridge_leader").await == Some(1.0) => break,
+            Ok((503, body)) if body.contains("registry") => saw_settling = true,
+            _ => {}
+        }
+        anyhow::ensure!(restarted.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("new leader ready after {:?}", restarted.elapsed());
+    assert!(saw_settling, "/readyz never said the registry was settling");
+    stack.bridges.push(bridge);
+    let refused = status(publisher(&stack, 1, KEY, &domain, "first").await);
+    assert!(refused.contains("409"), "{refused}");
     Ok(())
 }

@@ -39,9 +39,11 @@ mod live_topics;
 mod metrics;
 mod notifier;
 mod registry;
+mod standing;
 mod wire;
 mod worker;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -141,6 +143,10 @@ async fn serve(
     let state = Arc::new(LeaderState::default());
     let ready = state.clone();
     readiness.add("listener", move || ready.ready());
+    // A leader waiting for the gateways' reports cannot answer wspubsub handshakes yet.
+    let settling: Arc<AtomicBool> = Arc::default();
+    let waiting = Arc::clone(&settling);
+    readiness.add("registry", move || !waiting.load(Ordering::Acquire));
     let election = Election {
         pg: pg.clone(),
         key: config.nats.subjects.leader_lock_key(),
@@ -164,6 +170,7 @@ async fn serve(
                 metrics: bridge_metrics.clone(),
                 settle: registry::settle(),
             }),
+            settling,
         },
     };
     shutdown.spawn(election.run(first, shutdown.token.clone()));

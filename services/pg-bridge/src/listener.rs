@@ -23,6 +23,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ use crate::db::quote_ident;
 use crate::leader::{drive, Duty, End, Messages};
 use crate::metrics::BridgeMetrics;
 use crate::registry::{Changes, Registry};
+use crate::standing;
 
 /// The reason of the gap marker published when a bridge (re)gains LISTEN.
 pub(crate) const GAP_LISTENER: &str = "listener";
@@ -71,6 +73,18 @@ pub(crate) struct Listener {
     pub(crate) classes: watch::Sender<Arc<Vec<LiveClass>>>,
     /// The change capture of `/live` table topics, when `PGWS_TABLE_TOPICS` names some.
     pub(crate) capture: Option<Capture>,
+    /// Set while this leader waits for the gateways' reports before answering topic
+    /// questions (the bridge's readiness says so).
+    pub(crate) settling: Arc<AtomicBool>,
+}
+
+/// Clears the settling flag when the leadership ends.
+struct Settling<'a>(&'a AtomicBool);
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Duty for Listener {
@@ -100,6 +114,9 @@ impl Duty for Listener {
 struct Queued {
     sql: Vec<String>,
     replies: Vec<Subject>,
+    /// Whether `pgws_bridge.registry` says this stack holds topics, once written by the
+    /// statements queued; `None` when the flag is not kept ([`crate::standing`]).
+    kept: Option<bool>,
 }
 
 type Statement = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
@@ -111,6 +128,9 @@ impl Listener {
         messages: &mut Messages,
         token: &CancellationToken,
     ) -> End {
+        // Not ready to answer topic questions until the registry knows what it must.
+        self.settling.store(true, Ordering::Release);
+        let _settling = Settling(&self.settling);
         let listen = format!("LISTEN {}", quote_ident(&self.channel));
         match drive(messages, token, client.batch_execute(&listen)).await {
             Ok(Ok(())) => {}
@@ -139,8 +159,24 @@ impl Listener {
         {
             tracing::warn!(error = %e, "cannot publish the gap marker");
         }
+        let key = self.subjects.leader_lock_key();
+        let kept = match drive(messages, token, standing::read(client, key)).await {
+            Ok(Ok(held)) => Some(held),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, table = standing::TABLE, "cannot keep whether the stack holds topics: this leader waits for the gateways' reports before answering topic questions");
+                None
+            }
+            Err(end) => return end,
+        };
         let mut registry = Registry::new(self.grace, self.direct.clone(), Instant::now());
-        let mut queued = Queued::default();
+        if kept == Some(false) {
+            // No earlier leader knew of a topic: there is nothing to wait for.
+            registry.settle_now(Instant::now());
+        }
+        let mut queued = Queued {
+            kept,
+            ..Queued::default()
+        };
         let mut statement: Option<(Statement, Vec<Subject>)> = None;
 
         let mut usage = interval_at(Instant::now(), USAGE_INTERVAL);
@@ -168,9 +204,13 @@ impl Listener {
                 }
             }
             let deadline = registry.next_deadline();
+            let settled_at = registry.settled_at();
+            let settling = Instant::now() < settled_at;
+            self.settling.store(settling, Ordering::Release);
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return End::Shutdown,
+                _ = sleep_until(settled_at), if settling => {}
                 message = messages.next() => match message {
                     Some(Ok(AsyncMessage::Notification(n))) => {
                         heard = Instant::now();
@@ -201,6 +241,7 @@ impl Listener {
                     let changes = registry.expire(Instant::now());
                     self.share_classes(&registry);
                     self.apply(changes, &mut queued).await;
+                    self.keep(&registry, &mut queued);
                 },
                 outcome = in_flight(&mut probe), if probe.is_some() => {
                     probe = None;
@@ -268,16 +309,46 @@ impl Listener {
                 }
                 self.share_classes(registry);
                 self.apply(changes, queued).await;
+                self.keep(registry, queued);
                 if let Some(to) = m.reply {
                     queued.replies.push(to);
                 }
                 return;
             }
-            RegistryOp::Claim { topic } => registry.claim(&request.gateway, topic, now),
+            RegistryOp::Claim { topic } => {
+                let answer = registry.claim(&request.gateway, topic, now);
+                if self.keep(registry, queued) {
+                    // The first topic: granted once the flag says so.
+                    if let Some(to) = m.reply {
+                        queued.replies.push(to);
+                    }
+                    return;
+                }
+                answer
+            }
             RegistryOp::Release { topic } => registry.release(&request.gateway, &topic, now),
             RegistryOp::Lookup { topic } => registry.lookup(&topic, now),
         };
         reply(&self.nats, m.reply.as_ref(), &answer).await;
+    }
+
+    /// Queues the write of whether the registry holds topics, when that changed; true when
+    /// it did (a granted claim is then answered once the flag is written).
+    fn keep(&self, registry: &Registry, queued: &mut Queued) -> bool {
+        let now = registry.has_topics();
+        if !now && Instant::now() < registry.settled_at() {
+            // Not known yet: the gateways may still report topics.
+            return false;
+        }
+        match queued.kept {
+            Some(kept) if kept != now => {
+                let key = self.subjects.leader_lock_key();
+                queued.sql.push(standing::write(key, now));
+                queued.kept = Some(now);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Hands the registry's table classes to the capture, when they changed.

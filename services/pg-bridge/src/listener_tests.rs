@@ -54,6 +54,7 @@ async fn start(
             direct: pgws_config::DirectChannels::All,
             classes: tokio::sync::watch::channel(std::sync::Arc::default()).0,
             capture: None,
+            settling: Arc::default(),
         },
     };
     let token = shutdown.token.child_token();

@@ -115,6 +115,22 @@ impl Registry {
         }
     }
 
+    /// Answers from its own knowledge from now on: no earlier leader knew of a topic
+    /// ([`crate::standing`]), so none can be missing.
+    pub(crate) fn settle_now(&mut self, now: Instant) {
+        self.settled_at = now;
+    }
+
+    /// Until when answers that depend on the whole stack's state are `Retry`.
+    pub(crate) fn settled_at(&self) -> Instant {
+        self.settled_at
+    }
+
+    /// Whether it knows of a topic (held, or an orphan within its grace period).
+    pub(crate) fn has_topics(&self) -> bool {
+        !self.topics.is_empty()
+    }
+
     /// The direct channels to LISTEN on.
     pub(crate) fn channels(&self) -> impl Iterator<Item = &str> {
         self.refs.keys().map(String::as_str)
@@ -533,6 +549,17 @@ mod tests {
         assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Taken);
         r.report("g1", presence(&[], &[], &[]), now);
         assert_eq!(r.claim("g2", topic("t"), now), RegistryReply::Ok);
+    }
+
+    #[test]
+    fn a_leader_with_nothing_to_learn_answers_at_once() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(GRACE, DirectChannels::All, t0);
+        r.settle_now(t0);
+        assert!(!r.has_topics());
+        assert_eq!(r.lookup(&topic("t"), t0), RegistryReply::Absent);
+        assert_eq!(r.claim("g1", topic("t"), t0), RegistryReply::Ok);
+        assert!(r.has_topics());
     }
 
     #[test]
