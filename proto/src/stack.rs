@@ -95,6 +95,35 @@ pub struct ReportPart {
     pub count: u32,
 }
 
+/// The parts of a state being split ([`Presence::split`]).
+struct Parts {
+    budget: usize,
+    /// What the last part takes so far, in bytes of JSON.
+    used: usize,
+    done: Vec<Presence>,
+}
+
+impl Parts {
+    /// The empty state's JSON and the request around it.
+    const FRAME: usize = 256;
+
+    /// Adds `items` to the list `list` picks of a part, opening a new part when the last one
+    /// is full (one item larger than a part makes a part of its own).
+    fn add<T: Serialize>(&mut self, items: Vec<T>, list: fn(&mut Presence) -> &mut Vec<T>) {
+        for item in items {
+            let n = serde_json::to_vec(&item).map_or(0, |v| v.len()) + 1;
+            if self.used + n > self.budget && self.used > Self::FRAME {
+                self.done.push(Presence::default());
+                self.used = Self::FRAME;
+            }
+            self.used += n;
+            if let Some(last) = self.done.last_mut() {
+                list(last).push(item);
+            }
+        }
+    }
+}
+
 /// Most parts of one report: with the smallest budget a gateway uses (32 KiB a part) that is
 /// 128 MiB of state, far more than any one gateway's sockets can hold.
 pub const MAX_REPORT_PARTS: u32 = 4096;
@@ -103,37 +132,16 @@ impl Presence {
     /// The state as parts whose JSON each takes at most about `budget` bytes (one item
     /// larger than that makes a part of its own). One part, `self`, when it fits.
     pub fn split(self, budget: usize) -> Vec<Presence> {
-        fn size<T: Serialize>(item: &T) -> usize {
-            serde_json::to_vec(item).map_or(0, |v| v.len()) + 1
-        }
-        // The empty state's JSON and the request around it.
-        const FRAME: usize = 256;
-        let mut parts = vec![Presence::default()];
-        let mut used = FRAME;
-        let mut room = |parts: &mut Vec<Presence>, n: usize| {
-            if used + n > budget && used > FRAME {
-                parts.push(Presence::default());
-                used = FRAME;
-            }
-            used += n;
+        let mut parts = Parts {
+            budget,
+            used: Parts::FRAME,
+            done: vec![Presence::default()],
         };
-        for c in self.channels {
-            room(&mut parts, size(&c));
-            parts.last_mut().expect("one part").channels.push(c);
-        }
-        for t in self.published {
-            room(&mut parts, size(&t));
-            parts.last_mut().expect("one part").published.push(t);
-        }
-        for t in self.subscribed {
-            room(&mut parts, size(&t));
-            parts.last_mut().expect("one part").subscribed.push(t);
-        }
-        for c in self.classes {
-            room(&mut parts, size(&c));
-            parts.last_mut().expect("one part").classes.push(c);
-        }
-        parts
+        parts.add(self.channels, |p| &mut p.channels);
+        parts.add(self.published, |p| &mut p.published);
+        parts.add(self.subscribed, |p| &mut p.subscribed);
+        parts.add(self.classes, |p| &mut p.classes);
+        parts.done
     }
 
     /// Adds the items of `part` (the leader joining a report's parts).
