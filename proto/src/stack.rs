@@ -124,8 +124,9 @@ impl Parts {
     }
 }
 
-/// Most parts of one report: with the smallest budget a gateway uses (32 KiB a part) that is
-/// 128 MiB of state, far more than any one gateway's sockets can hold.
+/// Most parts of one report: a gateway fills three quarters of the server's `max_payload` a
+/// part (about 768 KiB by default, 11 KiB with a 16 KiB limit), so that is 3 GiB of state by
+/// default, far more than any one gateway's sockets can hold.
 pub const MAX_REPORT_PARTS: u32 = 4096;
 
 impl Presence {

@@ -118,6 +118,9 @@ pub struct LiveRequest {
     pub topic: Result<String, String>,
 }
 
+/// Most bytes of JSON a `/live` request's `id` may take; a larger one is refused, not echoed.
+pub const LIVE_MAX_ID: usize = live::request::MAX_ID;
+
 /// What `/live` makes of a client frame: a request, or the `ok:false` reply the client gets.
 pub fn live_frame(text: &str) -> Result<LiveRequest, String> {
     let request = live::request::parse(text).map_err(|bad| bad.reply())?;
