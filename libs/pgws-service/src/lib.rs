@@ -17,7 +17,7 @@ pub use admin::{serve_admin, Readiness};
 pub use audit::{audit_stream_config, await_audit_stream, ensure_audit_stream};
 pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;
-pub use nats::{connect_nats, connect_nats_watched};
+pub use nats::{connect_nats, connect_nats_watched, flush_at_stop};
 pub use shutdown::{wait_for_signal, Shutdown};
 pub use telemetry::{init_telemetry, Telemetry};
 

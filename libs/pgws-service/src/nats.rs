@@ -84,3 +84,20 @@ pub async fn connect_nats_watched(
     readiness.add("nats", move || probe.connection_state() == State::Connected);
     Ok((client, reconnects))
 }
+
+/// How long a stopping service waits for NATS to take what it still has to send.
+pub(crate) const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Flushes what `client` still has to send as the service stops, waiting at most
+/// [`FLUSH_AT_STOP`]: a NATS server that is gone or stalled cannot hold the stop. What could
+/// not be flushed is a warning.
+pub async fn flush_at_stop(client: &Client) {
+    match tokio::time::timeout(FLUSH_AT_STOP, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "NATS could not be flushed at stop"),
+        Err(_) => tracing::warn!(
+            wait_s = FLUSH_AT_STOP.as_secs(),
+            "NATS was not flushed in time at stop; what was still buffered is lost"
+        ),
+    }
+}

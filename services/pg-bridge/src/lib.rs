@@ -1,17 +1,23 @@
 //! pg-bridge: the only pgws process that holds LISTEN and NOTIFY connections.
 //!
 //! Gateways never touch PostgreSQL; they talk to the bridges over NATS. Several bridges run
-//! against one NATS and one database, and each does two jobs:
-//! - **NOTIFY** ([`notifier`](crate::notifier)): every bridge serves `<prefix>.notify` as a
-//!   queue group, executing the requests' `pg_notify` calls in batched transactions on a pool
-//!   of `PGWS_POOL_SIZE` connections and replying after commit.
-//! - **LISTEN** ([`listener`](crate::listener)): one bridge at a time, elected
-//!   ([`leader`](crate::leader)) with a PostgreSQL advisory lock held by its LISTEN session,
-//!   publishes every notification of `PGWS_LISTEN_CHANNEL` to `<prefix>.deliver.<channel>`,
-//!   LISTENs on the direct channels the gateways report and publishes their notifications
-//!   to `<prefix>.direct.<channel>`, and keeps the wspubsub topic registry
-//!   ([`registry`](crate::registry)).
-//! - **API keys** ([`keys`](crate::keys)): every bridge answers wspubsub key checks.
+//! against one NATS and one database. Every bridge serves the requests any bridge may answer:
+//! - **NOTIFY** ([`notifier`](crate::notifier)): `<prefix>.notify` as a queue group, executing
+//!   the requests' `pg_notify` calls in batched transactions on a pool of `PGWS_POOL_SIZE`
+//!   connections and replying after commit (at most once: [`dedup`](crate::dedup)).
+//! - **API keys** ([`keys`](crate::keys)): wspubsub key checks.
+//! - **`/live` topics** ([`live_topics`](crate::live_topics)): custom topics kept in
+//!   `pgws_live.topics`, and the permission class of a table topic's reader
+//!   ([`live_tables`](crate::live_tables)).
+//!
+//! One bridge at a time, elected ([`leader`](crate::leader)) with a PostgreSQL advisory lock
+//! held by its LISTEN session (read through [`wire`](crate::wire)), does what must run once
+//! per stack ([`listener`](crate::listener)): it publishes every notification of
+//! `PGWS_LISTEN_CHANNEL` to `<prefix>.deliver.<channel>`, LISTENs on the direct channels the
+//! gateways report and publishes their notifications to `<prefix>.direct.<channel>`, keeps the
+//! registry of direct channels, wspubsub topics and `/live` table classes
+//! ([`registry`](crate::registry), [`standing`](crate::standing)), and runs the change
+//! capture of `/live` table topics ([`capture`](crate::capture)).
 //!
 //! Differences from postgres-websockets, on purpose: a lost LISTEN connection is always
 //! re-established (1 s doubling up to 32 s, forever) instead of ending the process; a
@@ -21,7 +27,8 @@
 //! dropped silently: the request is answered `failed` and the gateway retries it.
 //!
 //! Admin endpoints (default port 9101): `/readyz` checks `nats`, `listener` (not the leader,
-//! or the leader with its LISTEN connection up) and `database` (some NOTIFY connection up).
+//! or the leader with its LISTEN connection up), `registry` (not a leader still waiting for the
+//! gateways' reports) and `database` (some NOTIFY connection up).
 
 mod batch;
 mod bus;

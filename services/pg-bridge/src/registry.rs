@@ -1,6 +1,7 @@
 //! The stack-wide state the leader keeps, without I/O: which direct channels some gateway
 //! needs (reference-counted by gateway, so the leader LISTENs exactly while one uses a
-//! channel) and who publishes each wspubsub topic.
+//! channel), who publishes each wspubsub topic, and which `/live` table classes some gateway's
+//! sockets read (the capture serves their union).
 //!
 //! A report is input from the bus, not trusted: a channel it names is LISTENed only when it is
 //! a valid name and one of this bridge's `PGWS_DIRECT_CHANNELS`, so whoever holds a gateway's

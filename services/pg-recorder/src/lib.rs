@@ -160,7 +160,7 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
         );
     }
     shutdown.drain(SHUTDOWN_GRACE).await;
-    client.flush().await.context("flushing NATS")?;
+    pgws_service::flush_at_stop(&client).await;
     Ok(())
 }
 

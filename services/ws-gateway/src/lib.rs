@@ -212,6 +212,6 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
     if !shutdown.drain(SHUTDOWN_GRACE).await {
         tracing::warn!("some sockets did not finish within the grace period");
     }
-    client.flush().await.context("flushing NATS")?;
+    pgws_service::flush_at_stop(&client).await;
     Ok(())
 }
