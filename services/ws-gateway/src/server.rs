@@ -195,7 +195,11 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
         _ => None,
     };
     // The handshake's own waits are bounded; this bounds them together.
-    let admitted = tokio::time::timeout(gw.config.handshake_timeout, protocol::admit(&gw, &parts));
+    let admit = async {
+        let admission = protocol::admit(&gw, &parts).await?;
+        gw.accept(admission).await
+    };
+    let admitted = tokio::time::timeout(gw.config.handshake_timeout, admit);
     let accepted = match admitted.await {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(refusal)) => return refuse(&gw, refusal),

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::hub::{Kick, Queued, SocketBytes, Subscriber};
 use crate::presence::Registration;
-use crate::protocol::{Admission, Protocol};
+use crate::protocol::{Admission, Protocol, Refusal};
 use crate::uplink::Pending;
 use crate::Gateway;
 
@@ -103,8 +103,24 @@ pub(crate) struct Accepted {
 
 impl Gateway {
     /// Registers an authorised socket: joins its subjects and waits until their subscriptions
-    /// are live, then registers it with the leader (a direct channel: until it is LISTENed).
-    pub(crate) async fn accept(self: &Arc<Self>, admission: Admission) -> Accepted {
+    /// are live, then registers it with the leader (a direct channel: until it is LISTENed),
+    /// then runs the protocol's check after joining ([`Admission::after_join`]); its refusal
+    /// releases the socket.
+    pub(crate) async fn accept(
+        self: &Arc<Self>,
+        mut admission: Admission,
+    ) -> Result<Accepted, Refusal> {
+        let after_join = admission.after_join.take();
+        let mut accepted = self.join(admission).await;
+        if let Some(check) = after_join {
+            if let Some(registration) = check.await? {
+                accepted.membership.register(registration).await;
+            }
+        }
+        Ok(accepted)
+    }
+
+    async fn join(self: &Arc<Self>, admission: Admission) -> Accepted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(admission.send_queue.unwrap_or(self.config.send_queue));
         let kick = Kick::new(&self.shutdown.token);

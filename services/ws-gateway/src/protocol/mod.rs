@@ -37,7 +37,6 @@ use pgws_service::telemetry::{self, TARGET as TRACE};
 use crate::handshake::{credentials, Credentials};
 use crate::limits::Peer;
 use crate::presence::Registration;
-use crate::session::Accepted;
 use crate::uplink::Pending;
 use crate::{DirectChannels, Gateway};
 
@@ -125,7 +124,14 @@ pub(crate) struct Admission {
     /// A notification sent first (the meta channel's `ConnectionOpen`).
     pub(crate) opening: Option<Pending>,
     pub(crate) protocol: Box<dyn Protocol>,
+    /// A check that must pass once the socket reads its subjects, before the handshake
+    /// completes (a wspubsub subscriber: does its topic exist?); what it answers is registered
+    /// with the leader, a refusal ends the handshake and releases the socket.
+    pub(crate) after_join: Option<AfterJoin>,
 }
+
+/// See [`Admission::after_join`].
+pub(crate) type AfterJoin = BoxFuture<'static, Result<Option<Registration>, Refusal>>;
 
 /// Claims every token may change on an in-band refresh: its times and its id.
 pub(crate) const REFRESH_TIMES: [&str; 4] = ["exp", "iat", "nbf", "jti"];
@@ -209,25 +215,24 @@ pub(crate) fn request(
     Ok(Request::Channels(creds))
 }
 
-/// The router: authorises the handshake of `parts` with the module its path belongs to and
-/// registers the socket.
-pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Accepted, Refusal> {
-    let admission = match request(parts.uri.path(), parts.uri.query(), &parts.headers)? {
+/// The router: authorises the handshake of `parts` with the module its path belongs to; the
+/// socket is registered by [`Gateway::accept`](crate::Gateway) with what it answers.
+pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Admission, Refusal> {
+    match request(parts.uri.path(), parts.uri.query(), &parts.headers)? {
         Request::Publish { apikey, topic } => {
             let peer = parts.extensions.get::<Peer>().map(|p| p.0);
-            return pubsub::publisher(gw, peer, &apikey, topic).await;
+            pubsub::publisher(gw, peer, &apikey, topic).await
         }
-        Request::Subscribe(topic) => return pubsub::subscriber(gw, topic).await,
+        Request::Subscribe(topic) => Ok(pubsub::subscriber(gw, topic)),
         Request::Live(creds) => {
             settle(gw, &creds).await;
-            live::admission(gw, &creds)?
+            live::admission(gw, &creds)
         }
         Request::Channels(creds) => {
             settle(gw, &creds).await;
-            channel_socket(gw, &creds)?
+            channel_socket(gw, &creds)
         }
-    };
-    Ok(gw.accept(admission).await)
+    }
 }
 
 /// With keys from a JWKS URL, a token naming a key id not fetched yet waits (briefly) for a

@@ -27,7 +27,6 @@ use pgws_proto::{
 
 use super::{Action, Admission, Frame, Protocol, Refusal};
 use crate::presence::Registration;
-use crate::session::Accepted;
 use crate::Gateway;
 use std::sync::Arc;
 
@@ -104,7 +103,7 @@ pub(crate) async fn publisher(
     peer: Option<IpAddr>,
     apikey: &str,
     topic: Topic,
-) -> Result<Accepted, Refusal> {
+) -> Result<Admission, Refusal> {
     if let Some(wait) = peer.and_then(|ip| gw.key_refusals.waiting(ip)) {
         return Err(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -147,57 +146,53 @@ pub(crate) async fn publisher(
         other => return Err(unavailable(&format!("unexpected answer {other:?}"))),
     }
     // Granted: the registration hands the topic back when the socket ends.
-    Ok(gw
-        .accept(Admission {
-            label: "wspubsub-pub",
-            subjects: Vec::new(),
-            registrations: vec![Registration::Published(topic.clone())],
-            gaps: false,
-            dynamic: false,
-            send_queue: None,
-            expires_at: None,
-            opening: None,
-            protocol: Box::new(Publisher {
-                subject: gw.config.nats.subjects.topic(&topic),
-            }),
-        })
-        .await)
+    Ok(Admission {
+        label: "wspubsub-pub",
+        subjects: Vec::new(),
+        registrations: vec![Registration::Published(topic.clone())],
+        gaps: false,
+        dynamic: false,
+        send_queue: None,
+        expires_at: None,
+        opening: None,
+        protocol: Box::new(Publisher {
+            subject: gw.config.nats.subjects.topic(&topic),
+        }),
+        after_join: None,
+    })
 }
 
 /// A subscriber of `topic`, kept when the leader's registry knows the topic.
-pub(crate) async fn subscriber(gw: &Arc<Gateway>, topic: Topic) -> Result<Accepted, Refusal> {
+pub(crate) fn subscriber(gw: &Arc<Gateway>, topic: Topic) -> Admission {
     // Subscribed first, then asked: a topic closed in between closes this socket too. Only
     // a found topic is registered (the leader takes a registered topic it does not know for
     // one whose close was missed).
-    let mut accepted = gw
-        .accept(Admission {
-            label: "wspubsub-sub",
-            subjects: vec![gw.config.nats.subjects.topic(&topic)],
-            registrations: Vec::new(),
-            gaps: false,
-            dynamic: false,
-            send_queue: None,
-            expires_at: None,
-            opening: None,
-            protocol: Box::new(Subscriber),
-        })
-        .await;
-    let lookup = RegistryOp::Lookup {
-        topic: topic.clone(),
-    };
-    match ask(gw, lookup).await? {
-        RegistryReply::Ok => {
-            accepted
-                .membership
-                .register(Registration::Subscribed(topic))
-                .await;
-            Ok(accepted)
+    let subject = gw.config.nats.subjects.topic(&topic);
+    let gw = Arc::clone(gw);
+    let found = async move {
+        let lookup = RegistryOp::Lookup {
+            topic: topic.clone(),
+        };
+        match ask(&gw, lookup).await? {
+            RegistryReply::Ok => Ok(Some(Registration::Subscribed(topic))),
+            _ => Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "no_topic",
+                "no such topic: it has no publisher",
+            )),
         }
-        _ => Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            "no_topic",
-            "no such topic: it has no publisher",
-        )),
+    };
+    Admission {
+        label: "wspubsub-sub",
+        subjects: vec![subject],
+        registrations: Vec::new(),
+        gaps: false,
+        dynamic: false,
+        send_queue: None,
+        expires_at: None,
+        opening: None,
+        protocol: Box::new(Subscriber),
+        after_join: Some(Box::pin(found)),
     }
 }
 
