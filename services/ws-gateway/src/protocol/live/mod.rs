@@ -447,24 +447,17 @@ impl Live {
                     owner,
                     public,
                 };
-                match ask(&gw, &op).await {
-                    Ok(r) => match (r.outcome, r.topic) {
-                        (LiveOutcome::Ok, Some(t)) => {
-                            let found = Found::Custom(t);
-                            reply(request.ok(describe(&gw, &name, &found)))
-                        }
-                        (LiveOutcome::Exists, _) => failed(
-                            &request,
-                            r.error.unwrap_or_else(|| format!("topic {name:?} exists")),
-                        ),
-                        (LiveOutcome::Limit, _) => failed(
-                            &request,
-                            format!("one owner may have at most {MAX_TOPICS_PER_OWNER} topics"),
-                        ),
-                        (_, _) => failed(&request, unavailable(r.error.as_deref())),
-                    },
-                    Err(e) => failed(&request, e),
-                }
+                answered(&request, &gw, &op, |r| match (r.outcome, r.topic) {
+                    (LiveOutcome::Ok, Some(t)) => Ok(describe(&gw, &name, &Found::Custom(t))),
+                    (LiveOutcome::Exists, _) => {
+                        Err(r.error.unwrap_or_else(|| format!("topic {name:?} exists")))
+                    }
+                    (LiveOutcome::Limit, _) => Err(format!(
+                        "one owner may have at most {MAX_TOPICS_PER_OWNER} topics"
+                    )),
+                    (_, _) => Err(unavailable(r.error.as_deref())),
+                })
+                .await
             }
             .boxed(),
         )
@@ -483,26 +476,26 @@ impl Live {
                     caller: who.sub.clone(),
                     admin: who.admin,
                 };
-                match ask(&gw, &op).await {
-                    Ok(r) => match (r.outcome, r.topic) {
-                        (LiveOutcome::Ok, Some(t)) => {
-                            // Its subscribers hear it; the name's next topic has another
-                            // subject, so they hear nothing of it.
-                            let frame = event(&t.name, "destroy-topic", None, &json!({}));
-                            let subject = gw.config.nats.subjects.live(&t.name, t.incarnation);
-                            publish_then_reply(subject, frame, request.ok(json!({"topic": t.name})))
-                        }
-                        (LiveOutcome::Absent, _) => failed(&request, no_topic(&name)),
-                        (LiveOutcome::Forbidden, _) => failed(
-                            &request,
-                            r.error.unwrap_or_else(|| {
-                                format!("only the owner of {name:?} or an admin may destroy it")
-                            }),
-                        ),
-                        (_, _) => failed(&request, unavailable(r.error.as_deref())),
-                    },
-                    Err(e) => failed(&request, e),
-                }
+                let r = match ask(&gw, &op).await {
+                    Ok(r) => r,
+                    Err(e) => return failed(&request, e),
+                };
+                let error = match (r.outcome, r.topic) {
+                    (LiveOutcome::Ok, Some(t)) => {
+                        // Its subscribers hear it; the name's next topic has another
+                        // subject, so they hear nothing of it.
+                        let frame = event(&t.name, "destroy-topic", None, &json!({}));
+                        let subject = gw.config.nats.subjects.live(&t.name, t.incarnation);
+                        let answer = request.ok(json!({"topic": t.name}));
+                        return publish_then_reply(subject, frame, answer);
+                    }
+                    (LiveOutcome::Absent, _) => no_topic(&name),
+                    (LiveOutcome::Forbidden, _) => r.error.unwrap_or_else(|| {
+                        format!("only the owner of {name:?} or an admin may destroy it")
+                    }),
+                    (_, _) => unavailable(r.error.as_deref()),
+                };
+                failed(&request, error)
             }
             .boxed(),
         )
@@ -527,21 +520,21 @@ impl Live {
                     role: who.role.clone(),
                     after,
                 };
-                match ask(&gw, &op).await {
-                    Ok(r) if r.outcome == LiveOutcome::Ok => {
-                        let tables = r.tables.iter().map(String::as_str);
-                        let names: Vec<&str> = tables
-                            .chain(r.topics.iter().map(|t| t.name.as_str()))
-                            .collect();
-                        let mut data = json!({"topics": names, "more": r.more});
-                        if let (true, Some(last)) = (r.more, r.topics.last()) {
-                            data["next"] = last.name.clone().into();
-                        }
-                        reply(request.ok(data))
+                answered(&request, &gw, &op, |r| {
+                    if r.outcome != LiveOutcome::Ok {
+                        return Err(unavailable(r.error.as_deref()));
                     }
-                    Ok(r) => failed(&request, unavailable(r.error.as_deref())),
-                    Err(e) => failed(&request, e),
-                }
+                    let tables = r.tables.iter().map(String::as_str);
+                    let names: Vec<&str> = tables
+                        .chain(r.topics.iter().map(|t| t.name.as_str()))
+                        .collect();
+                    let mut data = json!({"topics": names, "more": r.more});
+                    if let (true, Some(last)) = (r.more, r.topics.last()) {
+                        data["next"] = last.name.clone().into();
+                    }
+                    Ok(data)
+                })
+                .await
             }
             .boxed(),
         )
@@ -622,6 +615,20 @@ async fn find(gw: &Gateway, who: &Identity, name: &str, read: bool) -> Result<Fo
         (LiveOutcome::Ok, Some(_), _) | (LiveOutcome::Absent, _, _) => Err(no_topic(name)),
         (LiveOutcome::Forbidden, _, _) => Err(r.error.unwrap_or_else(|| no_topic(name))),
         (_, _, _) => Err(unavailable(r.error.as_deref())),
+    }
+}
+
+/// The reply to `request` from a bridge's answer to `op`: `ok:true` with the data `read`
+/// makes of it, `ok:false` with its error text (or why no bridge answered).
+async fn answered(
+    request: &Request,
+    gw: &Gateway,
+    op: &LiveTopicOp,
+    read: impl FnOnce(LiveTopicReply) -> Result<Value, String>,
+) -> Action {
+    match ask(gw, op).await.and_then(read) {
+        Ok(data) => reply(request.ok(data)),
+        Err(e) => failed(request, e),
     }
 }
 
