@@ -1,11 +1,14 @@
 # The ws-gateway image. Build from the repository root (the build context is the whole workspace):
 #   docker build -f deploy/docker/ws-gateway.Dockerfile -t pgws/ws-gateway .
-# Builder: the release binary of the workspace package ws-gateway, with the versions of Cargo.lock.
+# Builder: the release binaries of the three services, with the versions of Cargo.lock, in one
+# cargo run. This stage is the same in the three Dockerfiles (tests/it/deploy.rs checks it),
+# so the first image built compiles the workspace once and the others take it from the cache.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p ws-gateway \
- && install -D -m 0755 target/release/ws-gateway /out/ws-gateway
+RUN cargo build --release --locked -p ws-gateway -p pg-bridge -p pg-recorder \
+ && install -D -m 0755 -t /out target/release/ws-gateway target/release/pg-bridge \
+      target/release/pg-recorder
 
 # Runtime: Debian slim (the glibc of the builder), CA certificates for TLS connections (a
 # tls:// NATS URL, an https PGWS_JWKS_URL), curl for the container health check on the admin port, an unprivileged user.

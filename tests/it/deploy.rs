@@ -1014,6 +1014,7 @@ fn the_images_build_workspace_binaries_and_run_unprivileged() {
     }
     let dir = root().join("deploy/docker");
     let mut seen = BTreeSet::new();
+    let mut builders = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).expect("deploy/docker") {
         let path = entry.expect("entry").path();
         let file = path
@@ -1058,12 +1059,22 @@ fn the_images_build_workspace_binaries_and_run_unprivileged() {
                 "{rel}: cargo build {build:?} without {flag}"
             );
         }
-        let built = build
-            .iter()
-            .skip_while(|a| **a != "-p")
-            .nth(1)
-            .unwrap_or_else(|| panic!("{rel}: cargo build {build:?} names no package"));
-        assert_eq!(*built, package, "{rel}: builds another package");
+        let built: Vec<&str> = build
+            .windows(2)
+            .filter(|w| w[0] == "-p")
+            .map(|w| w[1])
+            .collect();
+        assert!(
+            built.contains(&package),
+            "{rel}: cargo build {build:?} does not build {package}"
+        );
+        // One builder for the three images: the same stage, so it is built once and cached.
+        let builder: Vec<&str> = text
+            [text.find("FROM rust:").expect("builder")..text.rfind("\nFROM ").expect("runtime")]
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        builders.insert(rel.clone(), builder.join("\n"));
         let package_bins = bins
             .get(package)
             .unwrap_or_else(|| panic!("{rel}: {package} is not a workspace package"));
@@ -1113,6 +1124,12 @@ fn the_images_build_workspace_binaries_and_run_unprivileged() {
         seen,
         SERVICES.iter().map(|s| (*s).to_owned()).collect(),
         "one Dockerfile per service"
+    );
+    let distinct: BTreeSet<&String> = builders.values().collect();
+    assert_eq!(
+        distinct.len(),
+        1,
+        "the Dockerfiles' builder stages differ, so each image compiles the workspace: {builders:#?}"
     );
     let ignore = read(".dockerignore");
     for entry in ["target", ".git", "node_modules"] {
