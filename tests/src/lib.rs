@@ -14,30 +14,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 pub use nats::{NatsCluster, NatsSite, PrivateNats};
-pub use pg::{PrivatePg, TempDb};
+pub use pg::PrivatePg;
+pub use pgws_testkit::{db_uri, eventually, nats_url, unique, TempDb};
 pub use process::{binary_path, Service, ServiceKind};
 use serde_json::Value;
 pub use tokio_tungstenite::tungstenite::Message as Frame;
 pub use ws::{http_get, WsClient};
 
-/// The machine's PostgreSQL (override with `PGWS_TEST_DB_URI`).
-pub fn db_uri() -> String {
-    std::env::var("PGWS_TEST_DB_URI")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// The machine's NATS (override with `PGWS_TEST_NATS_URL`).
-pub fn nats_url() -> String {
-    std::env::var("PGWS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
 /// The HMAC secret the test stacks use.
 pub const SECRET: &str = "reallyreallyreallyreallyverysafe";
-
-/// A random lower-case name.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{:08x}", rand::random::<u32>())
-}
 
 /// Unix time in seconds.
 pub fn now() -> u64 {
@@ -59,11 +44,9 @@ pub fn token(claims: &Value) -> String {
 
 /// A connected PostgreSQL client (its connection driven in the background).
 pub async fn pg() -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(&db_uri(), tokio_postgres::NoTls)
+    pgws_testkit::connect(&db_uri())
         .await
-        .context("connecting to PostgreSQL")?;
-    tokio::spawn(conn);
-    Ok(client)
+        .context("connecting to PostgreSQL")
 }
 
 /// A session LISTENing on `channels`; each notification arrives as (channel, payload, backend
@@ -74,32 +57,9 @@ pub async fn listen(
     tokio_postgres::Client,
     tokio::sync::mpsc::UnboundedReceiver<(String, String, i32)>,
 )> {
-    let (client, mut conn) = tokio_postgres::connect(&db_uri(), tokio_postgres::NoTls)
+    pgws_testkit::listen(&db_uri(), channels)
         .await
-        .context("connecting to PostgreSQL")?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let item = (
-                    n.channel().to_owned(),
-                    n.payload().to_owned(),
-                    n.process_id(),
-                );
-                if tx.send(item).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    for c in channels {
-        client
-            .batch_execute(&format!("LISTEN \"{}\"", c.replace('"', "\"\"")))
-            .await
-            .context("LISTEN")?;
-    }
-    Ok((client, rx))
+        .context("LISTEN on the machine's PostgreSQL")
 }
 
 /// One stack: its own NATS prefix and listen channel, with gateways and bridges added as the
@@ -361,24 +321,6 @@ pub fn tcp_connections(port: u16) -> Vec<(&'static str, u64)> {
         }
     }
     found
-}
-
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Test stacks' audit streams live on the shared NATS server: delete those left by runs that

@@ -131,7 +131,7 @@ async fn requests_pause_while_the_database_is_away() {
         .await
         .expect("NATS at 127.0.0.1:4222");
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
-    let proxy = Proxy::start(0).await;
+    let proxy = Proxy::start(0, true).await;
     let uri = DB_URI.replace(":5432", &format!(":{}", proxy.port));
     let pg = db::pg_config(&uri).expect("uri");
     let metrics = BridgeMetrics::register(&Metrics::new());
@@ -181,7 +181,7 @@ async fn requests_pause_while_the_database_is_away() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let _back = Proxy::start(proxy.port).await;
+    let _back = Proxy::start(proxy.port, true).await;
     let deadline = Instant::now() + WAIT;
     while !ok().await {
         assert!(Instant::now() < deadline, "never served again");

@@ -88,7 +88,7 @@ async fn records_are_committed_then_leave_the_stream_and_shutdown_is_clean() {
 #[tokio::test]
 async fn the_recorder_starts_while_postgres_is_down_and_catches_up() {
     let (test, nats) = (TestDb::create().await, TestNats::new().await);
-    let proxy = Proxy::start().await;
+    let proxy = Proxy::start(0, false).await;
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, test.name);
     let shutdown = Shutdown::new();
     let recorder = tokio::spawn(run(config(&via_proxy, &nats, 100), shutdown.clone()));

@@ -2,54 +2,39 @@
 //! database of its own per test (the audit schema is per database) and a NATS prefix of its
 //! own, both removed when the test ends, even when it fails.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::{Client, NoTls};
+use pgws_testkit::{off_runtime, unique, TempDb};
+use tokio_postgres::Client;
 
-/// The local PostgreSQL (trust auth), where test databases are created.
-pub(crate) const ADMIN_URI: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub(crate) use pgws_testkit::Proxy;
+
 /// The local NATS server.
 pub(crate) const NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long a test waits for something that should happen soon.
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-/// A lower-case name no other test (or earlier run) uses: letters, digits and `_`.
-pub(crate) fn unique(what: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{what}{}_{:x}_{n}", std::process::id(), nanos % (1 << 40))
-}
-
 /// A client whose connection a test task drives.
 pub(crate) async fn connect(uri: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(uri, NoTls)
+    pgws_testkit::connect(uri)
         .await
-        .expect("the test PostgreSQL at 127.0.0.1:5432 is reachable");
-    tokio::spawn(connection);
-    client
+        .expect("the test PostgreSQL at 127.0.0.1:5432 is reachable")
 }
 
 /// A database of the test's own, dropped (with its connections) when this is dropped.
-pub(crate) struct TestDb {
-    pub(crate) name: String,
-    pub(crate) uri: String,
+pub(crate) struct TestDb(TempDb);
+
+impl std::ops::Deref for TestDb {
+    type Target = TempDb;
+
+    fn deref(&self) -> &TempDb {
+        &self.0
+    }
 }
 
 impl TestDb {
     pub(crate) async fn create() -> Self {
-        let name = unique("pgws_rec_");
-        connect(ADMIN_URI)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        let uri = format!("postgres://postgres@127.0.0.1:5432/{name}");
-        Self { name, uri }
+        Self(TempDb::create().await.expect("CREATE DATABASE"))
     }
 
     pub(crate) async fn client(&self) -> Client {
@@ -61,20 +46,6 @@ impl TestDb {
         let mut client = self.client().await;
         crate::schema::migrate(&mut client).await.expect("migrate");
         client
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        off_runtime(async move {
-            if let Ok((client, conn)) = tokio_postgres::connect(ADMIN_URI, NoTls).await {
-                tokio::spawn(conn);
-                if let Err(e) = client.batch_execute(&sql).await {
-                    eprintln!("{sql}: {e}");
-                }
-            }
-        });
     }
 }
 
@@ -145,22 +116,6 @@ impl Drop for TestNats {
     }
 }
 
-/// Runs `f` to completion on a runtime of its own in another thread (from `Drop`, where the
-/// test's runtime cannot be awaited).
-fn off_runtime(f: impl std::future::Future<Output = ()> + Send + 'static) {
-    let done = std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(async move {
-                drop(tokio::time::timeout(Duration::from_secs(10), f).await);
-            });
-        }
-    });
-    drop(done.join());
-}
-
 /// An envelope as a gateway publishes it.
 pub(crate) fn envelope(channel: &str, payload: &str, at: f64) -> String {
     serde_json::json!({
@@ -190,75 +145,13 @@ where
 }
 
 /// Waits until `check` holds, failing the test after `wait`.
-pub(crate) async fn eventually_for<F, Fut>(what: &str, wait: Duration, mut check: F)
+pub(crate) async fn eventually_for<F, Fut>(what: &str, wait: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + wait;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A TCP proxy to the test PostgreSQL that refuses connections while it is closed, to play a
-/// database that is down.
-pub(crate) struct Proxy {
-    pub(crate) port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stop: tokio_util::sync::CancellationToken,
-}
-
-impl Proxy {
-    /// Listens on a free port, closed.
-    pub(crate) async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("proxy binds");
-        let port = listener.local_addr().expect("address").port();
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (gate, token) = (open.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = token.cancelled() => return,
-                    r = listener.accept() => r,
-                };
-                let Ok((mut inbound, _)) = accepted else {
-                    return;
-                };
-                if !gate.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let token = token.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Self { port, open, stop }
-    }
-
-    /// Lets connections through from now on.
-    pub(crate) fn open(&self) {
-        self.open.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    assert!(
+        pgws_testkit::eventually(wait, check).await,
+        "timed out waiting for {what}"
+    );
 }
