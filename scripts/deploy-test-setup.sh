@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deploy-test-setup.sh: installs what tests/it/deploy.rs needs to validate docker-compose.yml,
+# deploy-test-setup.sh: installs what tests/deploy/main.rs needs to validate docker-compose.yml,
 # and nothing when it is already there: Debian's docker-compose (v1, which validates a compose
 # file offline with `docker-compose config -q`, no Docker engine needed). A `docker compose`
 # (v2 plugin) that already works is used as is. Without its recommended docker.io: the test

@@ -27,7 +27,7 @@ phase 'services'
 # Chromium and playwright-core for the real-browser test.
 bash scripts/browser-test-setup.sh
 phase 'browser setup'
-# docker-compose, to validate docker-compose.yml (tests/it/deploy.rs).
+# docker-compose, to validate docker-compose.yml (tests/deploy/main.rs).
 bash scripts/deploy-test-setup.sh
 phase 'docker-compose setup'
 cargo fmt --all --check

@@ -9,7 +9,6 @@ mod bus;
 mod chat;
 mod cluster;
 mod config;
-mod deploy;
 mod direct;
 mod edge;
 mod faults;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgws_proto::{Prefix, Subjects, DEFAULT_PREFIX};
 
-use crate::Problems;
+use crate::{keys, Problems};
 
 /// `PGWS_NATS_URL`, `PGWS_NATS_PREFIX`, and how to authenticate (`PGWS_NATS_USER` ...).
 #[derive(Debug, Clone)]
@@ -53,11 +53,11 @@ impl std::fmt::Debug for NatsAuth {
 
 impl NatsAuth {
     fn read(p: &mut Problems<'_>) -> Self {
-        let user = p.text("nats_user");
-        let password = p.secret("nats_password");
-        let token = p.secret("nats_token");
-        let nkey = p.secret("nats_nkey");
-        let creds = p.text("nats_creds").map(PathBuf::from);
+        let user = p.text(keys::NATS_USER);
+        let password = p.secret(keys::NATS_PASSWORD);
+        let token = p.secret(keys::NATS_TOKEN);
+        let nkey = p.secret(keys::NATS_NKEY);
+        let creds = p.text(keys::NATS_CREDS).map(PathBuf::from);
         let methods = [
             user.is_some(),
             token.is_some(),
@@ -79,8 +79,8 @@ impl NatsAuth {
             }
             (None, None) => None,
         };
-        let tls_ca = p.text("nats_tls_ca").map(PathBuf::from);
-        let tls_client = match (p.text("nats_tls_cert"), p.text("nats_tls_key")) {
+        let tls_ca = p.text(keys::NATS_TLS_CA).map(PathBuf::from);
+        let tls_client = match (p.text(keys::NATS_TLS_CERT), p.text(keys::NATS_TLS_KEY)) {
             (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
             (None, None) => None,
             _ => {
@@ -104,7 +104,7 @@ impl NatsAuth {
         for m in missing {
             p.push(m);
         }
-        let tls = p.flag("nats_tls") || tls_ca.is_some() || tls_client.is_some();
+        let tls = p.flag(keys::NATS_TLS) || tls_ca.is_some() || tls_client.is_some();
         Self {
             user,
             token,
@@ -120,8 +120,8 @@ impl NatsAuth {
 impl NatsConfig {
     /// Reads the section.
     pub fn read(p: &mut Problems<'_>) -> Self {
-        let url = p.text_or("nats_url", "nats://127.0.0.1:4222");
-        let prefix = p.text_or("nats_prefix", DEFAULT_PREFIX);
+        let url = p.text_or(keys::NATS_URL, "nats://127.0.0.1:4222");
+        let prefix = p.text_or(keys::NATS_PREFIX, DEFAULT_PREFIX);
         let prefix = match Prefix::new(&prefix) {
             Ok(prefix) => prefix,
             Err(e) => {
@@ -145,12 +145,32 @@ pub struct AdminConfig {
     pub addr: SocketAddr,
 }
 
+/// Each service's default admin port (`PGWS_ADMIN_PORT`), by package: its own, so a whole
+/// stack can run on one host without settings.
+pub const DEFAULT_ADMIN_PORTS: [(&str, u16); 3] = [
+    ("ws-gateway", 9100),
+    ("pg-bridge", 9101),
+    ("pg-recorder", 9102),
+];
+
 impl AdminConfig {
-    /// Reads the section; each service has its own default port so a whole stack can run on
-    /// one host without settings.
+    /// The default admin port of the service `package` ([`DEFAULT_ADMIN_PORTS`]).
+    pub fn default_port(package: &str) -> Option<u16> {
+        DEFAULT_ADMIN_PORTS
+            .iter()
+            .find(|(p, _)| *p == package)
+            .map(|(_, port)| *port)
+    }
+
+    /// Reads the section of the service `package`, whose default port is its own.
+    pub fn read_for(p: &mut Problems<'_>, package: &str) -> Self {
+        Self::read(p, Self::default_port(package).unwrap_or(9100))
+    }
+
+    /// Reads the section with `default_port` when `PGWS_ADMIN_PORT` is unset.
     pub fn read(p: &mut Problems<'_>, default_port: u16) -> Self {
-        let host: IpAddr = p.parse_or("admin_host", IpAddr::from([127, 0, 0, 1]));
-        let port: u16 = p.parse_or("admin_port", default_port);
+        let host: IpAddr = p.parse_or(keys::ADMIN_HOST, IpAddr::from([127, 0, 0, 1]));
+        let port: u16 = p.parse_or(keys::ADMIN_PORT, default_port);
         Self {
             addr: SocketAddr::new(host, port),
         }
@@ -169,16 +189,16 @@ pub struct DbConfig {
 impl DbConfig {
     /// Reads the section; `PGWS_DB_URI` is required (`@path` reads it from a file).
     pub fn read(p: &mut Problems<'_>) -> Self {
-        let uri = match p.secret("db_uri") {
+        let uri = match p.secret(keys::DB_URI) {
             Some(uri) => uri,
             None => {
-                if p.text("db_uri").is_none() {
+                if p.text(keys::DB_URI).is_none() {
                     p.push("PGWS_DB_URI is required");
                 }
                 String::new()
             }
         };
-        let retries = p.parse_or("retries", 5);
+        let retries = p.parse_or(keys::RETRIES, 5);
         Self { uri, retries }
     }
 
@@ -207,10 +227,10 @@ pub struct AuditConfig {
 impl AuditConfig {
     /// Reads the section.
     pub fn read(p: &mut Problems<'_>) -> Self {
-        let enabled = p.text("audit").is_none() || p.flag("audit");
-        let max_bytes: i64 = p.parse_or("audit_max_bytes", 1 << 30);
-        let max_age: u64 = p.parse_or("audit_max_age", 7 * 24 * 3600);
-        let replicas: usize = p.parse_or("audit_replicas", 1);
+        let enabled = p.text(keys::AUDIT).is_none() || p.flag(keys::AUDIT);
+        let max_bytes: i64 = p.parse_or(keys::AUDIT_MAX_BYTES, 1 << 30);
+        let max_age: u64 = p.parse_or(keys::AUDIT_MAX_AGE, 7 * 24 * 3600);
+        let replicas: usize = p.parse_or(keys::AUDIT_REPLICAS, 1);
         if max_bytes < 1 {
             p.push("PGWS_AUDIT_MAX_BYTES: must be positive");
         }

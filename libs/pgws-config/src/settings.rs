@@ -9,73 +9,7 @@ use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
-/// Every key the stack knows (without the `PGWS_` prefix, lower case). Others are reported
-/// as warnings, so a typo in an env file does not go unnoticed.
-pub const KNOWN_KEYS: &[&str] = &[
-    "config_file",
-    "db_uri",
-    "jwt_secret",
-    "jwt_secret_base64",
-    "host",
-    "port",
-    "listen_channel",
-    "meta_channel",
-    "root_path",
-    "certificate_file",
-    "key_file",
-    "check_listener_interval",
-    "pool_size",
-    "retries",
-    "nats_url",
-    "nats_prefix",
-    "admin_host",
-    "admin_port",
-    "log",
-    "log_format",
-    "send_queue",
-    "max_pending",
-    "ping_interval",
-    "notify_timeout",
-    "batch_size",
-    "audit",
-    "audit_max_bytes",
-    "audit_max_age",
-    "audit_replicas",
-    "recorder_batch_size",
-    "recorder_batch_wait",
-    "recorder_dispatcher",
-    "recorder_retention_days",
-    "direct_channels",
-    "audit_channel",
-    "pubsub_grace",
-    "pubsub_keys_table",
-    "handshake_timeout",
-    "jwt_leeway",
-    "jwt_aud",
-    "jwt_iss",
-    "max_connections_per_address",
-    "allowed_origins",
-    "max_message_rate",
-    "nats_user",
-    "nats_password",
-    "nats_token",
-    "nats_nkey",
-    "nats_creds",
-    "nats_tls",
-    "nats_tls_ca",
-    "nats_tls_cert",
-    "nats_tls_key",
-    "send_queue_bytes",
-    "send_budget",
-    "max_handshakes_per_address",
-    "notify_dedup",
-    "admin_roles",
-    "jwks_url",
-    "jwks_refresh",
-    "table_topics",
-    "capture_slot",
-    "live_classes",
-];
+use crate::keys::{self, Key, KNOWN_KEYS};
 
 /// The merged raw settings: lower-case keys without prefix, values as text.
 #[derive(Debug, Clone, Default)]
@@ -131,7 +65,7 @@ impl Settings {
             }
         }
         let mut figment = Figment::new();
-        if let Some(file) = env.get("config_file").and_then(Value::as_str) {
+        if let Some(file) = env.get(keys::CONFIG_FILE.name()).and_then(Value::as_str) {
             if !Path::new(file).is_file() {
                 return Err(ConfigError {
                     problems: vec![format!("PGWS_CONFIG_FILE: no such file {file:?}")],
@@ -159,7 +93,7 @@ impl Settings {
         }
         let unknown = values
             .keys()
-            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+            .filter(|k| !KNOWN_KEYS.iter().any(|known| known.name() == k.as_str()))
             .map(|k| env_name(k))
             .collect();
         Ok(Self { values, unknown })
@@ -175,10 +109,10 @@ impl Settings {
         &self.unknown
     }
 
-    /// The raw text of `key` (lower case, no prefix), empty values counting as unset.
-    pub fn get(&self, key: &str) -> Option<&str> {
+    /// The raw text of `key`, empty values counting as unset.
+    pub fn get(&self, key: Key) -> Option<&str> {
         self.values
-            .get(key)
+            .get(key.name())
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
@@ -225,28 +159,28 @@ impl<'a> Problems<'a> {
     }
 
     /// A text value.
-    pub fn text(&self, key: &str) -> Option<String> {
+    pub fn text(&self, key: Key) -> Option<String> {
         self.settings.get(key).map(str::to_owned)
     }
 
     /// A text value with a default.
-    pub fn text_or(&self, key: &str, default: &str) -> String {
+    pub fn text_or(&self, key: Key, default: &str) -> String {
         self.text(key).unwrap_or_else(|| default.to_owned())
     }
 
     /// A required text value.
-    pub fn required(&mut self, key: &str) -> String {
+    pub fn required(&mut self, key: Key) -> String {
         match self.text(key) {
             Some(v) => v,
             None => {
-                self.push(format!("{} is required", env_name(key)));
+                self.push(format!("{} is required", key));
                 String::new()
             }
         }
     }
 
     /// A secret: `@path` reads the file (one trailing newline stripped).
-    pub fn secret(&mut self, key: &str) -> Option<String> {
+    pub fn secret(&mut self, key: Key) -> Option<String> {
         let raw = self.text(key)?;
         let Some(path) = raw.strip_prefix('@') else {
             return Some(raw);
@@ -262,14 +196,14 @@ impl<'a> Problems<'a> {
                 Some(s)
             }
             Err(e) => {
-                self.push(format!("{}: cannot read {path:?}: {e}", env_name(key)));
+                self.push(format!("{}: cannot read {path:?}: {e}", key));
                 None
             }
         }
     }
 
     /// A parsed value, absent when unset.
-    pub fn parse<T: FromStr>(&mut self, key: &str) -> Option<T>
+    pub fn parse<T: FromStr>(&mut self, key: Key) -> Option<T>
     where
         T::Err: fmt::Display,
     {
@@ -277,14 +211,14 @@ impl<'a> Problems<'a> {
         match raw.trim().parse() {
             Ok(v) => Some(v),
             Err(e) => {
-                self.push(format!("{}: invalid value {raw:?}: {e}", env_name(key)));
+                self.push(format!("{}: invalid value {raw:?}: {e}", key));
                 None
             }
         }
     }
 
     /// A parsed value with a default.
-    pub fn parse_or<T: FromStr>(&mut self, key: &str, default: T) -> T
+    pub fn parse_or<T: FromStr>(&mut self, key: Key, default: T) -> T
     where
         T::Err: fmt::Display,
     {
@@ -292,7 +226,7 @@ impl<'a> Problems<'a> {
     }
 
     /// A boolean: true/false, 1/0, yes/no, on/off.
-    pub fn flag(&mut self, key: &str) -> bool {
+    pub fn flag(&mut self, key: Key) -> bool {
         match self
             .settings
             .get(key)
@@ -303,10 +237,7 @@ impl<'a> Problems<'a> {
                 "true" | "1" | "yes" | "on" => true,
                 "false" | "0" | "no" | "off" => false,
                 _ => {
-                    self.push(format!(
-                        "{}: expected true or false, got {v:?}",
-                        env_name(key)
-                    ));
+                    self.push(format!("{}: expected true or false, got {v:?}", key));
                     false
                 }
             },
@@ -338,9 +269,8 @@ mod tests {
             ("OTHER", "x"),
         ])
         .expect("loads");
-        assert_eq!(s.get("jwt_secret"), Some(r#"{"keys":[]}"#));
-        assert_eq!(s.get("port"), Some("3000"));
-        assert_eq!(s.get("other"), None);
+        assert_eq!(s.get(keys::JWT_SECRET), Some(r#"{"keys":[]}"#));
+        assert_eq!(s.get(keys::PORT), Some("3000"));
         assert_eq!(s.unknown_keys(), ["PGWS_TYPO"]);
     }
 
@@ -348,9 +278,9 @@ mod tests {
     fn problems_are_all_collected() {
         let s = Settings::from_pairs(&[("PGWS_PORT", "x"), ("PGWS_RETRIES", "-1")]).expect("loads");
         let mut p = Problems::new(&s);
-        let _: u16 = p.parse_or("port", 3000);
-        let _: u32 = p.parse_or("retries", 5);
-        let _ = p.required("db_uri");
+        let _: u16 = p.parse_or(keys::PORT, 3000);
+        let _: u32 = p.parse_or(keys::RETRIES, 5);
+        let _ = p.required(keys::DB_URI);
         let err = p.finish(()).expect_err("three problems");
         assert_eq!(err.problems.len(), 3, "{err}");
         assert!(err.to_string().contains("PGWS_DB_URI is required"));
@@ -367,7 +297,7 @@ mod tests {
         ] {
             let s = Settings::from_pairs(&[("PGWS_JWT_SECRET_BASE64", text)]).expect("loads");
             let mut p = Problems::new(&s);
-            assert_eq!(p.flag("jwt_secret_base64"), value, "{text}");
+            assert_eq!(p.flag(keys::JWT_SECRET_BASE64), value, "{text}");
             p.finish(()).expect(text);
         }
     }
@@ -381,14 +311,14 @@ mod tests {
         let path = file.to_string_lossy().into_owned();
         let s = Settings::from_pairs(&[("PGWS_CONFIG_FILE", &path), ("PGWS_PORT", "5000")])
             .expect("loads");
-        assert_eq!(s.get("port"), Some("5000"));
-        assert_eq!(s.get("listen_channel"), Some("from-file"));
+        assert_eq!(s.get(keys::PORT), Some("5000"));
+        assert_eq!(s.get(keys::LISTEN_CHANNEL), Some("from-file"));
         let secret = dir.join("secret");
         std::fs::write(&secret, "s3cret\n").expect("write");
         let at = format!("@{}", secret.to_string_lossy());
         let s = Settings::from_pairs(&[("PGWS_JWT_SECRET", &at)]).expect("loads");
         assert_eq!(
-            Problems::new(&s).secret("jwt_secret").as_deref(),
+            Problems::new(&s).secret(keys::JWT_SECRET).as_deref(),
             Some("s3cret")
         );
         std::fs::remove_dir_all(&dir).ok();

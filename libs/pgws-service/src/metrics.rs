@@ -10,6 +10,8 @@ use prometheus_client::registry::{Metric, Registry};
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    /// The names registered, in order (without the prefix).
+    names: Arc<Mutex<Vec<String>>>,
 }
 
 impl Metrics {
@@ -17,6 +19,7 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             registry: Arc::new(Mutex::new(Registry::with_prefix("pgws"))),
+            names: Arc::default(),
         }
     }
 
@@ -25,7 +28,16 @@ impl Metrics {
         if let Ok(mut r) = self.registry.lock() {
             r.register(name, help, metric.clone());
         }
+        if let Ok(mut names) = self.names.lock() {
+            names.push(name.to_owned());
+        }
         metric
+    }
+
+    /// The names registered, in order, without the `pgws_` prefix (counters are scraped with
+    /// `_total` added).
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().map(|n| n.clone()).unwrap_or_default()
     }
 
     /// The Prometheus text exposition.

@@ -33,7 +33,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use pgws_config::Settings;
+use pgws_config::{keys, Settings};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -262,7 +262,7 @@ fn tls_config(
 pub fn init_telemetry(settings: &Settings, service: &str) -> Result<Telemetry, String> {
     let export = export_from(|k| std::env::var(k).ok())?;
     let filter = settings
-        .get("log")
+        .get(keys::LOG)
         .map(str::to_owned)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
@@ -276,7 +276,7 @@ pub fn init_telemetry(settings: &Settings, service: &str) -> Result<Telemetry, S
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let fmt = if settings.get("log_format") == Some("json") {
+    let fmt = if settings.get(keys::LOG_FORMAT) == Some("json") {
         fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
         fmt.with_filter(filter).boxed()

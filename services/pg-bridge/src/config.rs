@@ -5,13 +5,12 @@
 
 use std::time::Duration;
 
+use pgws_config::keys;
 use pgws_config::{
     AdminConfig, ConfigError, DbConfig, DirectChannels, NatsConfig, Problems, Settings,
 };
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
-/// The default admin port of pg-bridge (the gateway and recorder have their own).
-pub const DEFAULT_ADMIN_PORT: u16 = 9101;
 /// Default `PGWS_POOL_SIZE`, as in postgres-websockets.
 pub const DEFAULT_POOL_SIZE: usize = 10;
 /// Upper bound of `PGWS_POOL_SIZE`: each worker holds one PostgreSQL connection.
@@ -106,9 +105,9 @@ impl BridgeConfig {
             }
         }
         let nats = NatsConfig::read(&mut p);
-        let admin = AdminConfig::read(&mut p, DEFAULT_ADMIN_PORT);
+        let admin = AdminConfig::read_for(&mut p, env!("CARGO_PKG_NAME"));
 
-        let listen_channel = p.text_or("listen_channel", DEFAULT_LISTEN_CHANNEL);
+        let listen_channel = p.text_or(keys::LISTEN_CHANNEL, DEFAULT_LISTEN_CHANNEL);
         if listen_channel.len() > MAX_PG_CHANNEL {
             p.push(format!(
                 "PGWS_LISTEN_CHANNEL: {} bytes, PostgreSQL allows at most {MAX_PG_CHANNEL}",
@@ -119,7 +118,7 @@ impl BridgeConfig {
             p.push("PGWS_LISTEN_CHANNEL: must not contain a NUL character");
         }
 
-        let check_listener_interval = match p.parse::<u64>("check_listener_interval") {
+        let check_listener_interval = match p.parse::<u64>(keys::CHECK_LISTENER_INTERVAL) {
             Some(0) => {
                 p.push("PGWS_CHECK_LISTENER_INTERVAL: must be a positive number of milliseconds");
                 None
@@ -128,19 +127,19 @@ impl BridgeConfig {
             None => None,
         };
 
-        let pool_size = p.parse_or("pool_size", DEFAULT_POOL_SIZE);
+        let pool_size = p.parse_or(keys::POOL_SIZE, DEFAULT_POOL_SIZE);
         if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
             p.push(format!(
                 "PGWS_POOL_SIZE: {pool_size} is out of range 1..={MAX_POOL_SIZE}"
             ));
         }
-        let batch_size = p.parse_or("batch_size", DEFAULT_BATCH_SIZE);
+        let batch_size = p.parse_or(keys::BATCH_SIZE, DEFAULT_BATCH_SIZE);
         if batch_size == 0 {
             p.push("PGWS_BATCH_SIZE: must be at least 1");
         }
 
-        let grace: u64 = p.parse_or("pubsub_grace", DEFAULT_PUBSUB_GRACE);
-        let pubsub_keys_table = p.text_or("pubsub_keys_table", "apikeys");
+        let grace: u64 = p.parse_or(keys::PUBSUB_GRACE, DEFAULT_PUBSUB_GRACE);
+        let pubsub_keys_table = p.text_or(keys::PUBSUB_KEYS_TABLE, "apikeys");
         if pubsub_keys_table.is_empty()
             || pubsub_keys_table.contains('\0')
             || pubsub_keys_table.split('.').any(str::is_empty)
@@ -148,9 +147,9 @@ impl BridgeConfig {
             p.push("PGWS_PUBSUB_KEYS_TABLE: a table name, or schema.table");
         }
 
-        let notify_dedup = p.text("notify_dedup").is_none() || p.flag("notify_dedup");
+        let notify_dedup = p.text(keys::NOTIFY_DEDUP).is_none() || p.flag(keys::NOTIFY_DEDUP);
 
-        let direct_channels = DirectChannels::parse(&p.text_or("direct_channels", ""));
+        let direct_channels = DirectChannels::parse(&p.text_or(keys::DIRECT_CHANNELS, ""));
         for c in direct_channels.names() {
             if !pgws_proto::valid_channel(c) {
                 p.push(format!(
@@ -161,7 +160,7 @@ impl BridgeConfig {
 
         let mut table_topics = Vec::new();
         for entry in p
-            .text("table_topics")
+            .text(keys::TABLE_TOPICS)
             .unwrap_or_default()
             .split(',')
             .map(str::trim)
@@ -185,7 +184,7 @@ impl BridgeConfig {
                 })
                 .collect::<String>()
         );
-        let capture_slot = p.text_or("capture_slot", &default_slot);
+        let capture_slot = p.text_or(keys::CAPTURE_SLOT, &default_slot);
         if capture_slot.is_empty()
             || capture_slot.len() > pgws_proto::MAX_PG_CHANNEL
             || !capture_slot
@@ -196,7 +195,7 @@ impl BridgeConfig {
                 "PGWS_CAPTURE_SLOT: {capture_slot:?}: lower-case letters, digits and _, at most 63"
             ));
         }
-        let class_per_subscriber = match p.text("live_classes").as_deref() {
+        let class_per_subscriber = match p.text(keys::LIVE_CLASSES).as_deref() {
             None | Some("policy") => false,
             Some("subscriber") => true,
             Some(other) => {

@@ -59,9 +59,7 @@ use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-pub use config::{
-    BridgeConfig, DEFAULT_ADMIN_PORT, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE,
-};
+pub use config::{BridgeConfig, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 
 use keys::Keys;
 use leader::{Election, LeaderState};
@@ -73,6 +71,14 @@ use notifier::Notifier;
 const DRAIN_GRACE: Duration = Duration::from_secs(15);
 /// How long shutdown waits for the last replies to leave for NATS.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The names of the metrics this service exports, as registered (without the `pgws_` prefix):
+/// the deploy tests check the dashboards and alerts against them.
+pub fn metric_names() -> Vec<String> {
+    let registry = pgws_service::Metrics::new();
+    drop(metrics::BridgeMetrics::register(&registry));
+    registry.names()
+}
 
 /// Runs the bridge until `shutdown.token` is cancelled, then drains: no new requests, batches
 /// in hand executed and answered, leadership released. Returns an error when start-up fails

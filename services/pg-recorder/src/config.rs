@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use pgws_config::keys;
 use pgws_config::{
     AdminConfig, AuditConfig, ConfigError, DbConfig, NatsConfig, Problems, Settings,
 };
@@ -34,17 +35,17 @@ impl RecorderConfig {
         let mut p = Problems::new(settings);
         let db = DbConfig::read(&mut p);
         let nats = NatsConfig::read(&mut p);
-        let admin = AdminConfig::read(&mut p, 9102);
+        let admin = AdminConfig::read_for(&mut p, env!("CARGO_PKG_NAME"));
         let audit = AuditConfig::read(&mut p);
-        let batch_size: usize = p.parse_or("recorder_batch_size", 1000);
+        let batch_size: usize = p.parse_or(keys::RECORDER_BATCH_SIZE, 1000);
         if !(1..=10_000).contains(&batch_size) {
             p.push("PGWS_RECORDER_BATCH_SIZE: must be 1 to 10000");
         }
-        let wait: u64 = p.parse_or("recorder_batch_wait", 20);
+        let wait: u64 = p.parse_or(keys::RECORDER_BATCH_WAIT, 20);
         if wait == 0 {
             p.push("PGWS_RECORDER_BATCH_WAIT: must be at least 1 ms");
         }
-        let dispatcher = p.text("recorder_dispatcher").and_then(|f| match quote_function(&f) {
+        let dispatcher = p.text(keys::RECORDER_DISPATCHER).and_then(|f| match quote_function(&f) {
             Some(q) => Some(q),
             None => {
                 p.push(format!(
@@ -53,7 +54,7 @@ impl RecorderConfig {
                 None
             }
         });
-        let retention_days: Option<u32> = p.parse("recorder_retention_days");
+        let retention_days: Option<u32> = p.parse(keys::RECORDER_RETENTION_DAYS);
         if retention_days == Some(0) {
             p.push("PGWS_RECORDER_RETENTION_DAYS: must be at least 1");
         }

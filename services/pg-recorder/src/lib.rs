@@ -65,6 +65,14 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How soon the upkeep tries again when the database was unavailable.
 const UPKEEP_RETRY: Duration = Duration::from_secs(30);
 
+/// The names of the metrics this service exports, as registered (without the `pgws_` prefix):
+/// the deploy tests check the dashboards and alerts against them.
+pub fn metric_names() -> Vec<String> {
+    let registry = pgws_service::Metrics::new();
+    drop(metrics::RecorderMetrics::register(&registry));
+    registry.names()
+}
+
 /// Runs until `shutdown.token` is cancelled, then finishes the batch in hand.
 pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let readiness = Readiness::new();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgws_auth::{Authorizer, KeySet, Policy};
-use pgws_config::{AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
+use pgws_config::{keys, AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
 use crate::jwks::JwksConfig;
@@ -93,32 +93,32 @@ impl GatewayConfig {
     /// Reads and validates the gateway's settings.
     pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let mut p = Problems::new(settings);
-        let port: u16 = p.parse_or("port", 3000);
-        let listen = match p.text("host") {
+        let port: u16 = p.parse_or(keys::PORT, 3000);
+        let listen = match p.text(keys::HOST) {
             None => ListenAddr::any_ipv4(port),
             Some(host) => ListenAddr::parse(&host, port).unwrap_or_else(|e| {
                 p.push(format!("PGWS_HOST: invalid value {host:?}: {e}"));
                 ListenAddr::any_ipv4(port)
             }),
         };
-        let base64 = p.flag("jwt_secret_base64");
+        let base64 = p.flag(keys::JWT_SECRET_BASE64);
         let policy = Policy {
-            leeway: p.parse_or("jwt_leeway", 0),
-            audience: p.text("jwt_aud"),
-            issuer: p.text("jwt_iss"),
+            leeway: p.parse_or(keys::JWT_LEEWAY, 0),
+            audience: p.text(keys::JWT_AUD),
+            issuer: p.text(keys::JWT_ISS),
         };
         let (authorizer, jwks) = read_keys(&mut p, base64);
         let authorizer = authorizer.map(|a| a.with_policy(policy));
-        let listen_channel = p.text_or("listen_channel", DEFAULT_LISTEN_CHANNEL);
+        let listen_channel = p.text_or(keys::LISTEN_CHANNEL, DEFAULT_LISTEN_CHANNEL);
         if listen_channel.is_empty() || listen_channel.len() > MAX_PG_CHANNEL {
             p.push(format!(
                 "PGWS_LISTEN_CHANNEL: must be 1 to {MAX_PG_CHANNEL} bytes, got {}",
                 listen_channel.len()
             ));
         }
-        let meta_channel = p.text("meta_channel");
-        let direct = DirectChannels::parse(&p.text_or("direct_channels", ""));
-        let audit_channel = p.text("audit_channel");
+        let meta_channel = p.text(keys::META_CHANNEL);
+        let direct = DirectChannels::parse(&p.text_or(keys::DIRECT_CHANNELS, ""));
+        let audit_channel = p.text(keys::AUDIT_CHANNEL);
         for c in direct.names().chain(audit_channel.as_deref()) {
             if !pgws_proto::valid_channel(c) {
                 p.push(format!(
@@ -149,7 +149,7 @@ impl GatewayConfig {
                 "PGWS_AUDIT_CHANNEL: {a:?} is also a direct channel"
             ));
         }
-        let root_path = p.text("root_path").map(PathBuf::from);
+        let root_path = p.text(keys::ROOT_PATH).map(PathBuf::from);
         if let Some(root) = &root_path {
             // A missing folder is only a warning (`server::router`): postgres-websockets starts
             // without it, and its `sample-env` names a folder of its own checkout.
@@ -157,7 +157,7 @@ impl GatewayConfig {
                 p.push(format!("PGWS_ROOT_PATH: {root:?} is not a directory"));
             }
         }
-        let tls = match (p.text("certificate_file"), p.text("key_file")) {
+        let tls = match (p.text(keys::CERTIFICATE_FILE), p.text(keys::KEY_FILE)) {
             (Some(c), Some(k)) => {
                 for (name, f) in [("PGWS_CERTIFICATE_FILE", &c), ("PGWS_KEY_FILE", &k)] {
                     if !std::path::Path::new(f).is_file() {
@@ -177,21 +177,21 @@ impl GatewayConfig {
             }
         };
         let nats = NatsConfig::read(&mut p);
-        let admin = AdminConfig::read(&mut p, 9100);
+        let admin = AdminConfig::read_for(&mut p, env!("CARGO_PKG_NAME"));
         let audit = AuditConfig::read(&mut p);
-        let send_queue: usize = p.parse_or("send_queue", 1024);
-        let send_queue_bytes: usize = p.parse_or("send_queue_bytes", 4 << 20);
-        let send_budget: usize = p.parse_or("send_budget", 1 << 30);
-        let max_pending: usize = p.parse_or("max_pending", 256);
-        let ping: u64 = p.parse_or("ping_interval", 30);
-        let notify_timeout: u64 = p.parse_or("notify_timeout", 10);
-        let handshake_timeout: u64 = p.parse_or("handshake_timeout", 10);
-        let max_connections_per_address: Option<usize> = p.parse("max_connections_per_address");
-        let max_message_rate: Option<u32> = p.parse("max_message_rate");
-        let max_handshakes_per_address: Option<usize> = p.parse("max_handshakes_per_address");
-        let allowed_origins = Origins::parse(&p.text_or("allowed_origins", ""));
+        let send_queue: usize = p.parse_or(keys::SEND_QUEUE, 1024);
+        let send_queue_bytes: usize = p.parse_or(keys::SEND_QUEUE_BYTES, 4 << 20);
+        let send_budget: usize = p.parse_or(keys::SEND_BUDGET, 1 << 30);
+        let max_pending: usize = p.parse_or(keys::MAX_PENDING, 256);
+        let ping: u64 = p.parse_or(keys::PING_INTERVAL, 30);
+        let notify_timeout: u64 = p.parse_or(keys::NOTIFY_TIMEOUT, 10);
+        let handshake_timeout: u64 = p.parse_or(keys::HANDSHAKE_TIMEOUT, 10);
+        let max_connections_per_address: Option<usize> = p.parse(keys::MAX_CONNECTIONS_PER_ADDRESS);
+        let max_message_rate: Option<u32> = p.parse(keys::MAX_MESSAGE_RATE);
+        let max_handshakes_per_address: Option<usize> = p.parse(keys::MAX_HANDSHAKES_PER_ADDRESS);
+        let allowed_origins = Origins::parse(&p.text_or(keys::ALLOWED_ORIGINS, ""));
         let admin_roles: Vec<String> = p
-            .text_or("admin_roles", "")
+            .text_or(keys::ADMIN_ROLES, "")
             .split(',')
             .map(str::trim)
             .filter(|r| !r.is_empty())
@@ -257,17 +257,17 @@ impl GatewayConfig {
 /// The token keys: `PGWS_JWT_SECRET` (parsed now) or `PGWS_JWKS_URL` (fetched at start),
 /// exactly one of them.
 fn read_keys(p: &mut Problems<'_>, base64: bool) -> (Option<Authorizer>, Option<JwksConfig>) {
-    let refresh: Option<u64> = p.parse("jwks_refresh");
-    let Some(url) = p.text("jwks_url") else {
+    let refresh: Option<u64> = p.parse(keys::JWKS_REFRESH);
+    let Some(url) = p.text(keys::JWKS_URL) else {
         if refresh.is_some() {
             p.push("PGWS_JWKS_REFRESH is set but PGWS_JWKS_URL is not");
         }
-        let authorizer = match p.secret("jwt_secret") {
+        let authorizer = match p.secret(keys::JWT_SECRET) {
             Some(secret) => Authorizer::from_secret(&secret, base64)
                 .map_err(|e| p.push(format!("PGWS_JWT_SECRET: {e}")))
                 .ok(),
             None => {
-                if p.text("jwt_secret").is_none() {
+                if p.text(keys::JWT_SECRET).is_none() {
                     p.push("PGWS_JWT_SECRET is required (or PGWS_JWKS_URL)");
                 }
                 None
@@ -275,7 +275,7 @@ fn read_keys(p: &mut Problems<'_>, base64: bool) -> (Option<Authorizer>, Option<
         };
         return (authorizer, None);
     };
-    if p.text("jwt_secret").is_some() {
+    if p.text(keys::JWT_SECRET).is_some() {
         p.push(
             "PGWS_JWT_SECRET and PGWS_JWKS_URL are both set: the token keys come from one of them",
         );

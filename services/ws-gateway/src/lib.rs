@@ -92,6 +92,14 @@ impl Gateway {
     }
 }
 
+/// The names of the metrics this service exports, as registered (without the `pgws_` prefix):
+/// the deploy tests check the dashboards and alerts against them.
+pub fn metric_names() -> Vec<String> {
+    let registry = pgws_service::Metrics::new();
+    drop(metrics::GatewayMetrics::register(&registry));
+    registry.names()
+}
+
 /// Runs the gateway until `shutdown.token` is cancelled, then closes every socket with 1001
 /// after handing over what it accepted.
 pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()> {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use pgws_config::{Problems, Settings};
+use pgws_config::{keys, Problems, Settings};
 use serde_json::{Map, Value};
 
 /// The secret of `deploy/sample.env` and the compose stack: public, for local use only.
@@ -242,9 +242,9 @@ where
 {
     let settings = Settings::load(env).map_err(|e| e.to_string())?;
     let mut p = Problems::new(&settings);
-    let base64 = p.flag("jwt_secret_base64");
-    let secret = p.secret("jwt_secret");
-    let jwks = p.text("jwks_url");
+    let base64 = p.flag(keys::JWT_SECRET_BASE64);
+    let secret = p.secret(keys::JWT_SECRET);
+    let jwks = p.text(keys::JWKS_URL);
     p.finish(())
         .map_err(|e| e.to_string())
         .and_then(|()| match (secret, jwks) {

@@ -145,20 +145,7 @@ fn env_file(rel: &str) -> Vec<(String, String)> {
 
 /// The setting names the stack knows (`KNOWN_KEYS` in libs/pgws-config), as `PGWS_*` names.
 fn known_settings() -> BTreeSet<String> {
-    let src = read("libs/pgws-config/src/settings.rs");
-    let start = src
-        .find("pub const KNOWN_KEYS")
-        .expect("KNOWN_KEYS in libs/pgws-config/src/settings.rs");
-    let list = &src[start..];
-    let list = &list[..list.find("];").expect("end of KNOWN_KEYS")];
-    let keys: BTreeSet<String> = list
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .map(|k| format!("PGWS_{}", k.to_ascii_uppercase()))
-        .collect();
-    assert!(keys.contains("PGWS_DB_URI") && keys.len() > 20, "{keys:?}");
-    keys
+    pgws_config::KNOWN_KEYS.iter().map(|k| k.env()).collect()
 }
 
 fn assert_real_settings(what: &str, keys: impl IntoIterator<Item = String>) {
@@ -174,45 +161,22 @@ fn assert_real_settings(what: &str, keys: impl IntoIterator<Item = String>) {
     assert!(n > 0, "{what} sets nothing");
 }
 
-/// The default admin port of a service, from its `AdminConfig::read(&mut p, PORT)`.
+/// The default admin port of a service.
 fn admin_port(service: &str) -> u16 {
-    let src = read(&format!("services/{service}/src/config.rs"));
-    let at = src
-        .find("AdminConfig::read(")
-        .unwrap_or_else(|| panic!("{service}: AdminConfig::read in config.rs"));
-    let args = &src[at..];
-    let args = &args[args.find(',').expect("two arguments") + 1..];
-    let arg = args[..args.find(')').expect("closing parenthesis")].trim();
-    // A literal, or a constant of the same file.
-    let value = match src.find(&format!("const {arg}: u16 = ")) {
-        Some(at) => {
-            let rest = &src[at + format!("const {arg}: u16 = ").len()..];
-            &rest[..rest.find(';').expect("end of the constant")]
-        }
-        None => arg,
-    };
-    value
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{service}: default admin port {arg:?}: {e}"))
+    pgws_config::AdminConfig::default_port(service)
+        .unwrap_or_else(|| panic!("{service}: no default admin port in pgws-config"))
 }
 
 /// Metric names the services register (without the `pgws_` prefix the registry adds).
 fn registered_metrics() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
-    for service in SERVICES {
-        let src = read(&format!("services/{service}/src/metrics.rs"));
-        let before = names.len();
-        for (i, _) in src.match_indices("register(") {
-            let rest = src[i + "register(".len()..].trim_start();
-            if let Some(rest) = rest.strip_prefix('"') {
-                names.insert(rest[..rest.find('"').expect("closing quote")].to_owned());
-            }
-        }
-        assert!(
-            names.len() > before,
-            "no metric found in {service}/src/metrics.rs"
-        );
+    for (service, registered) in [
+        ("ws-gateway", ws_gateway::metric_names()),
+        ("pg-bridge", pg_bridge::metric_names()),
+        ("pg-recorder", pg_recorder::metric_names()),
+    ] {
+        assert!(!registered.is_empty(), "{service} registers no metric");
+        names.extend(registered);
     }
     names
 }
@@ -1490,7 +1454,7 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
                 .filter_map(|suffix| family.strip_suffix(suffix))
                 .find(|f| registered.contains(*f))
                 .unwrap_or_else(|| {
-                    panic!("{expr:?}: {name} is not exported by services/*/src/metrics.rs")
+                    panic!("{expr:?}: {name} is not registered by any service (metric_names() of ws-gateway, pg-bridge, pg-recorder)")
                 });
             used.insert(found.to_owned());
         }
