@@ -28,10 +28,11 @@ use pgws_proto::{headers, Subjects};
 use pgws_service::prometheus_client::metrics::gauge::Gauge;
 use pgws_service::telemetry::{self, TARGET as TRACE};
 use pgws_service::Shutdown;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
+use crate::queue;
 
 /// The close code used when a `Pgws-Close` header carries no valid code.
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -175,7 +176,7 @@ enum Refused {
 /// A socket as the hub sees it: where to queue messages, and how to kick it.
 #[derive(Debug, Clone)]
 pub(crate) struct Subscriber {
-    pub(crate) tx: mpsc::Sender<Queued>,
+    pub(crate) tx: queue::Sender<Queued>,
     pub(crate) kick: Kick,
     /// Bytes queued for this socket.
     pub(crate) bytes: Arc<SocketBytes>,
@@ -204,8 +205,8 @@ impl Subscriber {
                 _ticket: ticket,
             }) {
                 Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(_)) => Some(Refused::Slow),
-                Err(mpsc::error::TrySendError::Closed(_)) => None,
+                Err(queue::TrySendError::Full(_)) => Some(Refused::Slow),
+                Err(queue::TrySendError::Closed(_)) => None,
             }
         };
         if let Some(why) = refused {
@@ -571,8 +572,8 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn socket(budget: &Arc<Budget>) -> (Subscriber, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(100);
+    fn socket(budget: &Arc<Budget>) -> (Subscriber, queue::Receiver<Queued>) {
+        let (tx, rx) = queue::channel(100);
         let sub = Subscriber {
             tx,
             kick: Kick::new(&CancellationToken::new()),

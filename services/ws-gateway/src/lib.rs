@@ -28,6 +28,7 @@ mod listen;
 mod metrics;
 mod presence;
 mod protocol;
+mod queue;
 mod server;
 mod session;
 mod socket;

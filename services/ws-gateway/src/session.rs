@@ -5,11 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
 use crate::hub::{Kick, Queued, SocketBytes, Subscriber};
 use crate::presence::Registration;
 use crate::protocol::{Admission, Protocol, Refusal};
+use crate::queue;
 use crate::uplink::Pending;
 use crate::Gateway;
 
@@ -89,7 +88,7 @@ impl Membership {
 /// What the socket task runs.
 pub(crate) struct Session {
     pub(crate) protocol: Box<dyn Protocol>,
-    pub(crate) rx: mpsc::Receiver<Queued>,
+    pub(crate) rx: queue::Receiver<Queued>,
     pub(crate) kick: Kick,
     pub(crate) expires_at: Option<u64>,
     pub(crate) opening: Option<Pending>,
@@ -122,7 +121,7 @@ impl Gateway {
 
     async fn join(self: &Arc<Self>, admission: Admission) -> Accepted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(admission.send_queue.unwrap_or(self.config.send_queue));
+        let (tx, rx) = queue::channel(admission.send_queue.unwrap_or(self.config.send_queue));
         let kick = Kick::new(&self.shutdown.token);
         let label = admission.label;
         self.metrics

@@ -22,12 +22,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::future::BoxFuture;
 use futures::SinkExt;
 use pgws_proto::headers;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::hub::{Kick, Queued};
 use crate::limits::Rate;
 use crate::protocol::{Action, Frame};
+use crate::queue;
 use crate::session::{Membership, Session};
 use crate::transport::Reset;
 use crate::uplink::Pending;
@@ -331,15 +331,15 @@ async fn linger(closing: Option<Instant>) {
 /// Writes `first` and whatever else is queued, then flushes once.
 async fn write_burst(
     ws: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Queued>,
+    rx: &mut queue::Receiver<Queued>,
     first: Queued,
 ) -> Result<(), axum::Error> {
     // A message's bytes stop counting against the budgets once it is handed to the socket.
     ws.feed(first.message).await?;
     for _ in 0..64 {
         match rx.try_recv() {
-            Ok(q) => ws.feed(q.message).await?,
-            Err(_) => break,
+            Some(q) => ws.feed(q.message).await?,
+            None => break,
         }
     }
     ws.flush().await
