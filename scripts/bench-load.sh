@@ -25,7 +25,8 @@
 # Usage: scripts/bench-load.sh [OUT_DIR]      (default bench/results/<unix time>)
 # Env:   PHASES (default "idle fanout mixed ingest"; add "big" or set BIG=1, "pubsub" alone:
 #        PHASES=pubsub scripts/bench-load.sh OUT_DIR), SECONDS_EACH (10),
-#        LOAD_ARGS (extra pgws-load options for every run), and the counts named below
+#        LOAD_ARGS (extra pgws-load options for every run), GATEWAY_BIN (another ws-gateway
+#        binary, to compare two builds in one run), and the counts named below
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -119,7 +120,7 @@ start_bridge() {
   wait_http http://127.0.0.1:19102/readyz
 }
 start_gateway() { # i
-  start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "$BIN/ws-gateway"
+  start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${GATEWAY_BIN:-$BIN/ws-gateway}"
   wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
 }
 start_nats() {
