@@ -131,12 +131,6 @@ impl Listener {
         // Not ready to answer topic questions until the registry knows what it must.
         self.settling.store(true, Ordering::Release);
         let _settling = Settling(&self.settling);
-        let listen = format!("LISTEN {}", quote_ident(&self.channel));
-        match drive(messages, token, client.batch_execute(&listen)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return End::Lost(e.to_string()),
-            Err(end) => return end,
-        }
         let mut requests = match drive(
             messages,
             token,
@@ -147,6 +141,38 @@ impl Listener {
             Ok(Ok(sub)) => sub,
             Ok(Err(e)) => return End::Lost(format!("cannot serve the registry: {e}")),
             Err(end) => return end,
+        };
+        let listen = format!("LISTEN {}", quote_ident(&self.channel));
+        match drive(messages, token, client.batch_execute(&listen)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return End::Lost(e.to_string()),
+            Err(end) => return end,
+        }
+        // Whether an earlier leader knew topics, read while the notifications that arrive
+        // meanwhile are kept (`drive` would drop them), to be published first.
+        let key = self.subjects.leader_lock_key();
+        let mut early = Vec::new();
+        let read = standing::read(client, key);
+        tokio::pin!(read);
+        let kept = loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return End::Shutdown,
+                r = &mut read => break r,
+                message = messages.next() => match message {
+                    Some(Ok(AsyncMessage::Notification(n))) => early.push(n),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return End::Lost(e.to_string()),
+                    None => return End::Lost("connection closed".to_owned()),
+                },
+            }
+        };
+        let kept = match kept {
+            Ok(held) => Some(held),
+            Err(e) => {
+                tracing::warn!(error = %e, table = standing::TABLE, "cannot keep whether the stack holds topics: this leader waits for the gateways' reports before answering topic questions");
+                None
+            }
         };
         tracing::info!(channel = %self.channel, "listening");
         if let Err(e) = self
@@ -159,19 +185,13 @@ impl Listener {
         {
             tracing::warn!(error = %e, "cannot publish the gap marker");
         }
-        let key = self.subjects.leader_lock_key();
-        let kept = match drive(messages, token, standing::read(client, key)).await {
-            Ok(Ok(held)) => Some(held),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, table = standing::TABLE, "cannot keep whether the stack holds topics: this leader waits for the gateways' reports before answering topic questions");
-                None
-            }
-            Err(end) => return end,
-        };
         let mut registry = Registry::new(self.grace, self.direct.clone(), Instant::now());
         if kept == Some(false) {
             // No earlier leader knew of a topic: there is nothing to wait for.
             registry.settle_now(Instant::now());
+        }
+        for n in &early {
+            self.publish(n, &registry).await;
         }
         let mut queued = Queued {
             kept,
