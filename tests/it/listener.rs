@@ -124,7 +124,15 @@ async fn a_notification_that_is_not_utf8_costs_only_itself() -> anyhow::Result<(
         .metric("pgws_bridge_notifications_mended_total")
         .await;
     assert_eq!(mended, Some(2.0));
-    let reconnects = bridge.metric("pgws_bridge_listener_reconnects_total").await;
-    assert_eq!(reconnects, Some(0.0), "the LISTEN connection never failed");
+    // The bad notifications did not fail the LISTEN connection (a reconnect for another
+    // reason, such as a slow listener check on a loaded machine, would not lose these
+    // notifications either: the gap assertions above hold regardless).
+    let log = bridge.log();
+    for failure in ["db error", "error parsing", "invalid byte sequence"] {
+        assert!(
+            !log.contains(failure),
+            "the bridge logged {failure:?}:\n{log}"
+        );
+    }
     Ok(())
 }

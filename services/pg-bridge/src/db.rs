@@ -15,10 +15,12 @@ use tokio::sync::Mutex;
 
 use crate::wire::{self, Io, Mended};
 
-/// Creates `table` with `ddl` (run in a transaction, serialised with other bridges by an
-/// advisory lock on the table's name) unless it exists. Checking first means the CREATE
-/// privilege is only needed when the table is missing: an administrator may create it
-/// beforehand.
+/// Creates `table` with `ddl` (run in a transaction, serialised with other bridges, and with
+/// the other tables of its schema, by an advisory lock on the schema's name: two sessions
+/// running `CREATE SCHEMA IF NOT EXISTS` at once can otherwise fail) unless it exists.
+/// Checking first means the CREATE privilege is only needed when the table is missing: an
+/// administrator may create it beforehand. A failure is rolled back, so the session is never
+/// left in an aborted transaction.
 pub(crate) async fn ensure_table(
     client: &Client,
     table: &str,
@@ -31,13 +33,19 @@ pub(crate) async fn ensure_table(
     if exists {
         return Ok(());
     }
+    let schema = table.split_once('.').map_or(table, |(schema, _)| schema);
     let lock = format!(
         "SELECT pg_advisory_xact_lock(hashtext({}))",
-        quote_literal(table)
+        quote_literal(schema)
     );
-    client
+    let created = client
         .batch_execute(&format!("BEGIN; {lock}; {ddl}; COMMIT;"))
-        .await
+        .await;
+    if created.is_err() {
+        // The batch stopped at the error, inside its transaction.
+        drop(client.batch_execute("ROLLBACK").await);
+    }
+    created
 }
 
 /// A SQL string literal.

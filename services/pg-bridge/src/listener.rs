@@ -504,7 +504,10 @@ fn check_probe(client: Arc<Client>, period: Duration) -> Probe {
     Box::pin(async move {
         match timeout(period, client.simple_query("SELECT 1")).await {
             Ok(Ok(_)) => Outcome::Alive,
-            Ok(Err(e)) => Outcome::Dead(e.to_string()),
+            Ok(Err(e)) => Outcome::Dead(match e.as_db_error() {
+                Some(db) => format!("{e}: {}", db.message()),
+                None => e.to_string(),
+            }),
             Err(_) => Outcome::Silent(period),
         }
     })
