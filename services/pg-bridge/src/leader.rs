@@ -19,7 +19,7 @@ use futures::{Stream, StreamExt as _};
 use pgws_config::DbConfig;
 use tokio::time::{sleep, timeout};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config};
+use tokio_postgres::{AsyncMessage, Client, Config, Notification};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, PgConnection};
@@ -227,6 +227,20 @@ pub(crate) async fn drive<F>(
 where
     F: Future,
 {
+    drive_keeping(messages, token, work, &mut Vec::new()).await
+}
+
+/// [`drive`], keeping the notifications the connection delivers meanwhile in `kept` (a session
+/// that LISTENs already must not lose them).
+pub(crate) async fn drive_keeping<F>(
+    messages: &mut Messages,
+    token: &CancellationToken,
+    work: F,
+    kept: &mut Vec<Notification>,
+) -> Result<F::Output, End>
+where
+    F: Future,
+{
     tokio::pin!(work);
     loop {
         tokio::select! {
@@ -234,6 +248,7 @@ where
             _ = token.cancelled() => return Err(End::Shutdown),
             out = &mut work => return Ok(out),
             message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => kept.push(n),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(End::Lost(e.to_string())),
                 None => return Err(End::Lost("connection closed".to_owned())),

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::reply;
 use crate::capture::Capture;
 use crate::db::quote_ident;
-use crate::leader::{drive, Duty, End, Messages};
+use crate::leader::{drive, drive_keeping, Duty, End, Messages};
 use crate::metrics::BridgeMetrics;
 use crate::registry::{Changes, Registry};
 use crate::standing;
@@ -149,30 +149,17 @@ impl Listener {
             Err(end) => return end,
         }
         // Whether an earlier leader knew topics, read while the notifications that arrive
-        // meanwhile are kept (`drive` would drop them), to be published first.
+        // meanwhile are kept, to be published first.
         let key = self.subjects.leader_lock_key();
         let mut early = Vec::new();
         let read = standing::read(client, key);
-        tokio::pin!(read);
-        let kept = loop {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => return End::Shutdown,
-                r = &mut read => break r,
-                message = messages.next() => match message {
-                    Some(Ok(AsyncMessage::Notification(n))) => early.push(n),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return End::Lost(e.to_string()),
-                    None => return End::Lost("connection closed".to_owned()),
-                },
-            }
-        };
-        let kept = match kept {
-            Ok(held) => Some(held),
-            Err(e) => {
+        let kept = match drive_keeping(messages, token, read, &mut early).await {
+            Ok(Ok(held)) => Some(held),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, table = standing::TABLE, "cannot keep whether the stack holds topics: this leader waits for the gateways' reports before answering topic questions");
                 None
             }
+            Err(end) => return end,
         };
         tracing::info!(channel = %self.channel, "listening");
         if let Err(e) = self

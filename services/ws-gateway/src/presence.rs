@@ -14,7 +14,7 @@
 //! registration (one when it registers, one when it leaves), so the queue is bounded by the
 //! number of sockets; each request waits at most [`REQUEST_TIMEOUT`]. A report larger than
 //! the server's message limit goes in parts ([`ReportPart`]) that the leader joins; every item
-//! of it is bounded (a channel, a topic, a table class: `MAX_CLASS_BYTES`), and `/live`
+//! of it is bounded (a channel, a topic, a table class: `MAX_CLASS_CLAIMS`), and `/live`
 //! sockets may hold at most [`MAX_CLASSES`] distinct table classes per gateway (checked when a
 //! socket subscribes). A report the leader does not take is a warning and
 //! `pgws_gateway_presence_failures_total`, and goes again at the next change or heartbeat.
@@ -208,15 +208,8 @@ impl Task {
                         waiting.extend(done);
                     }
                     Command::Remove(what) => {
-                        if let Registration::Published(topic) = &what {
-                            // Not in the next report either: a lost release is still a release.
-                            self.published.remove(topic);
-                            let op = RegistryOp::Release {
-                                topic: topic.clone(),
-                            };
-                            if let Err(e) = self.request(op).await {
-                                tracing::debug!(error = e, "topic release not confirmed");
-                            }
+                        if let Registration::Published(topic) = what {
+                            self.release(topic).await;
                         } else {
                             changed |= self.apply(&what, false);
                         }
@@ -237,11 +230,7 @@ impl Task {
                             self.published.insert(topic.clone());
                             if let Err(Ok(_)) = done.send(answer) {
                                 // The handshake that asked is gone: nobody will release it.
-                                self.published.remove(&topic);
-                                let op = RegistryOp::Release { topic };
-                                if let Err(e) = self.request(op).await {
-                                    tracing::debug!(error = e, "topic release not confirmed");
-                                }
+                                self.release(topic).await;
                             }
                             continue;
                         }
@@ -302,6 +291,15 @@ impl Task {
                 }
                 Err(e) => return self.failed(&e),
             }
+        }
+    }
+
+    /// The publisher of `topic` on this gateway is gone. Not in the next report either: a
+    /// lost release is still a release.
+    async fn release(&mut self, topic: Topic) {
+        self.published.remove(&topic);
+        if let Err(e) = self.request(RegistryOp::Release { topic }).await {
+            tracing::debug!(error = e, "topic release not confirmed");
         }
     }
 
