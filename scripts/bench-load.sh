@@ -13,6 +13,9 @@
 #           (pgws only): latency at a moderate delivery rate spread over many channels
 #   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline;
 #           then the same with PGWS_NOTIFY_DEDUP=false
+#   busy    (not in the default PHASES) BUSY_CHANNELS channels of BUSY_SUBSCRIBERS sockets at
+#           BUSY_RATES notifications/s, on pgws and nats-server in turn, BUSY_RUNS times: the
+#           latency of busy sockets (each receives rate / channels messages/s)
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
 #   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
@@ -44,6 +47,10 @@ MIXED_CHANNELS=${MIXED_CHANNELS:-1000}
 MIXED_SUBSCRIBERS=${MIXED_SUBSCRIBERS:-10}
 MIXED_RATES=${MIXED_RATES:-1000 2500 5000 10000}
 INGEST_SOCKETS=${INGEST_SOCKETS:-100}
+BUSY_CHANNELS=${BUSY_CHANNELS:-10}
+BUSY_SUBSCRIBERS=${BUSY_SUBSCRIBERS:-100}
+BUSY_RATES=${BUSY_RATES:-5000}
+BUSY_RUNS=${BUSY_RUNS:-3}
 BIG_SOCKETS=${BIG_SOCKETS:-100000}
 BIG_GATEWAYS=${BIG_GATEWAYS:-6}
 PUBSUB_SOCKETS=${PUBSUB_SOCKETS:-10000}
@@ -219,6 +226,19 @@ for phase in $PHASES; do
           --subscribers "$MIXED_SUBSCRIBERS" --rate "$r" --seconds "$SECS" || true
       done
       stop_target pgws
+      ;;
+    busy)
+      for ((run = 1; run <= BUSY_RUNS; run++)); do
+        for target in pgws nats; do
+          start_target "$target"
+          for r in $BUSY_RATES; do
+            load "$target" "busy-$target-${BUSY_CHANNELS}x$BUSY_SUBSCRIBERS-r$r-run$run" fanout \
+              --channels "$BUSY_CHANNELS" --subscribers "$BUSY_SUBSCRIBERS" --rate "$r" \
+              --seconds "$SECS" || true
+          done
+          stop_target "$target"
+        done
+      done
       ;;
     ingest)
       start_target pgws

@@ -73,6 +73,8 @@ pub(crate) async fn run(
     // Set once the server sent its close frame on shutdown: frames the client sent before it
     // saw that close are still read and accepted, until its own close or this deadline.
     let mut closing: Option<Instant> = None;
+    // Registered once, not at every turn of the loop (each message wakes the loop).
+    let mut kicked = std::pin::pin!(kick.kicked());
 
     loop {
         if inflight.is_none() && !pending.is_empty() {
@@ -83,7 +85,7 @@ pub(crate) async fn run(
         let open = closing.is_none();
         tokio::select! {
             biased;
-            _ = kick.kicked(), if open => {
+            _ = &mut kicked, if open => {
                 if let Some((code, reason)) = kick.reason() {
                     send_close(&mut ws, &reset, *code, reason).await;
                     break;
@@ -110,6 +112,7 @@ pub(crate) async fn run(
                 let write = write_burst(&mut ws, &mut rx, first);
                 tokio::pin!(write);
                 let written = tokio::select! {
+                    biased;
                     r = &mut write => r.is_ok(),
                     _ = closed_by(&kick) => matches!(
                         tokio::time::timeout(CLOSE_WAIT, &mut write).await,
