@@ -16,8 +16,8 @@ mod subject;
 
 pub use envelope::{ConnectionEvent, Envelope, EnvelopeError, WEBSOCKET_MESSAGE};
 pub use live::{
-    valid_live_topic, LiveClass, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Reader,
-    MAX_CLASS_CLAIMS, MAX_LIVE_TOPIC, MAX_TOPICS_PER_OWNER,
+    valid_live_topic, LiveClass, LiveOutcome, LiveRoute, LiveTopic, LiveTopicOp, LiveTopicReply,
+    Reader, MAX_CLASS_CLAIMS, MAX_LIVE_TOPIC, MAX_TOPICS_PER_OWNER,
 };
 pub use notify::{Notification, NotifyReply, NotifyRequest};
 pub use stack::{

@@ -99,8 +99,24 @@ pub struct LiveClass {
     /// The claims the table's policies can read, as compact JSON with sorted keys (the value
     /// of `request.jwt.claims` during the check); all of them when that cannot be narrowed.
     pub claims: String,
-    /// Sees every row, and the whole old row of a delete (admins, BYPASSRLS roles).
+    /// Sees every row, and the whole old row of a delete (admins).
     pub all: bool,
+    /// Set when the table's policies compare a column with a claim (routing by value): the
+    /// leader checks this class only against the changed rows whose column equals the
+    /// claim's value, all such classes of a role in one statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<LiveRoute>,
+}
+
+/// A class's routing key: the rows whose `column` has this `value` (as PostgreSQL prints it)
+/// are the only ones its policies can let it see.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LiveRoute {
+    /// The table's column the policies compare with a claim.
+    pub column: String,
+    /// The claim's value, as the column's type prints it; `None` (the claim is missing or
+    /// null): no row can match.
+    pub value: Option<String>,
 }
 
 impl LiveClass {
@@ -113,6 +129,18 @@ impl LiveClass {
             h.update(part.as_bytes());
         }
         h.update([u8::from(self.all)]);
+        if let Some(route) = &self.route {
+            for part in [Some(&route.column), route.value.as_ref()] {
+                match part {
+                    Some(p) => {
+                        h.update([1]);
+                        h.update((p.len() as u64).to_be_bytes());
+                        h.update(p.as_bytes());
+                    }
+                    None => h.update([0]),
+                }
+            }
+        }
         h.finalize()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -272,6 +300,7 @@ mod tests {
             role: "web".into(),
             claims: r#"{"sub":"ann"}"#.into(),
             all: false,
+            route: None,
         };
         let key = c.key();
         assert_eq!(key.len(), 32);
@@ -282,6 +311,7 @@ mod tests {
             role: "we".into(),
             claims: r#"b{"sub":"ann"}"#.into(),
             all: false,
+            route: None,
         };
         for other in [
             LiveClass {
@@ -294,6 +324,20 @@ mod tests {
             },
             LiveClass {
                 claims: r#"{"sub":"bob"}"#.into(),
+                ..c.clone()
+            },
+            LiveClass {
+                route: Some(LiveRoute {
+                    column: "owner".into(),
+                    value: Some("ann".into()),
+                }),
+                ..c.clone()
+            },
+            LiveClass {
+                route: Some(LiveRoute {
+                    column: "owner".into(),
+                    value: None,
+                }),
                 ..c.clone()
             },
             shifted,

@@ -220,6 +220,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         role: "admin".into(),
         claims: "{}".into(),
         all: true,
+        route: None,
     };
     let subject = subjects.table(&class);
     let forging = client_as(&nats, "gateway", "gateway-secret", "ws-gateway").await?;

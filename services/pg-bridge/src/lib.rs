@@ -46,6 +46,7 @@ mod live_topics;
 mod metrics;
 mod notifier;
 mod registry;
+mod routing;
 mod standing;
 mod wire;
 mod worker;

@@ -25,10 +25,11 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 use tokio_postgres::Client;
 
-use pgws_proto::{LiveClass, Reader, MAX_CLASS_CLAIMS};
+use pgws_proto::{LiveClass, LiveRoute, Reader, MAX_CLASS_CLAIMS};
 
 use crate::config::TablePattern;
 use crate::db::quote_ident;
+use crate::routing;
 
 /// A table some socket may read as a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +215,11 @@ pub(crate) async fn class_of(
         claims.insert("pgws_subscriber".to_owned(), Value::from(uuid_like()));
     }
     let claims = Value::Object(claims).to_string();
+    let route = if all || per_subscriber {
+        None
+    } else {
+        route_of(db, table, &role, &claims).await?
+    };
     if claims.len() > MAX_CLASS_CLAIMS {
         return Err(Refused::Forbidden(format!(
             "the claims {}.{}'s policies read take {} bytes; a table topic takes at most {MAX_CLASS_CLAIMS}",
@@ -227,7 +233,26 @@ pub(crate) async fn class_of(
         role,
         claims,
         all,
+        route,
     })
+}
+
+/// The reader's route when `table` is routed by value for `role` ([`routing`]).
+async fn route_of(
+    db: &Client,
+    table: &TableTopic,
+    role: &str,
+    claims: &str,
+) -> Result<Option<LiveRoute>, tokio_postgres::Error> {
+    let Some(spec) = routing::spec(db, table.oid, &table.table, role).await? else {
+        return Ok(None);
+    };
+    Ok(routing::value(db, table.oid, &spec, claims)
+        .await?
+        .map(|value| LiveRoute {
+            column: spec.column,
+            value,
+        }))
 }
 
 fn uuid_like() -> String {

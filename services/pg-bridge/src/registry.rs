@@ -409,6 +409,7 @@ mod tests {
             role: role.into(),
             claims: "{}".into(),
             all: false,
+            route: None,
         };
         let with = |classes: Vec<LiveClass>| Presence {
             classes,

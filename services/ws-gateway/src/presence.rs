@@ -376,6 +376,7 @@ mod tests {
             role: "web".into(),
             claims: format!(r#"{{"sub":"u{n}"}}"#),
             all: false,
+            route: None,
         };
         for n in 0..MAX_CLASSES {
             assert!(presence.admit_class(&class(n)));

@@ -35,6 +35,7 @@ use crate::config::TablePattern;
 use crate::db::{self, quote_ident};
 use crate::live_tables::{self, TableTopic};
 use crate::metrics::BridgeMetrics;
+use crate::routing;
 
 /// Most messages one peek returns (it stops at the first commit after that many).
 const PEEK_CHANGES: i32 = 5000;
@@ -334,9 +335,22 @@ impl Capture {
         // Per class: its subject and what it may see (None: everything).
         let mut plans: Vec<Plan<'_>> = Vec::new();
         let mut by_topic: HashMap<&str, Vec<usize>> = HashMap::new();
+        // Routed classes: per change, the subjects of the classes that may see it.
+        let mut routed: HashMap<usize, Vec<String>> = HashMap::new();
         for (oid, table) in tables {
             let readers: Vec<&LiveClass> =
                 classes.iter().filter(|c| c.topic == table.topic).collect();
+            if readers.is_empty() {
+                continue;
+            }
+            let (by_value, mut readers): (Vec<&LiveClass>, Vec<&LiveClass>) = readers
+                .into_iter()
+                .partition(|c| c.route.is_some() && !c.all);
+            // Routed classes that cannot be routed in this batch are checked one by one.
+            readers.extend(
+                self.route(client, changes, *oid, table, &by_value, &mut routed)
+                    .await?,
+            );
             if readers.is_empty() {
                 continue;
             }
@@ -386,13 +400,16 @@ impl Capture {
                 plans.push((class, self.subjects.table(class), visible));
             }
         }
+        let (no_readers, no_targets) = (Vec::new(), Vec::new());
         for (index, change) in changes.iter().enumerate() {
             let Some(table) = tables.get(&change.relation) else {
                 continue;
             };
-            let Some(readers) = by_topic.get(table.topic.as_str()) else {
+            let readers = by_topic.get(table.topic.as_str()).unwrap_or(&no_readers);
+            let targets = routed.get(&index).unwrap_or(&no_targets);
+            if readers.is_empty() && targets.is_empty() {
                 continue;
-            };
+            }
             let key = table.key_of(change);
             let position = headers::change(change.position.0, change.position.1);
             let (mut whole, mut partial) = (None, None);
@@ -418,15 +435,144 @@ impl Capture {
                         Bytes::from(table.frame(change, key.as_deref(), false))
                     })
                 };
-                let mut h = HeaderMap::new();
-                h.insert(headers::CHANGE, position.as_str());
-                self.nats
-                    .publish_with_headers(subject.clone(), h, frame.clone())
-                    .await?;
-                self.metrics.capture_events.inc();
+                self.send(subject, &position, frame).await?;
+            }
+            if key.is_some() {
+                for subject in targets {
+                    let frame = partial.get_or_insert_with(|| {
+                        Bytes::from(table.frame(change, key.as_deref(), false))
+                    });
+                    self.send(subject, &position, frame).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    async fn send(&self, subject: &str, position: &str, frame: &Bytes) -> anyhow::Result<()> {
+        let mut h = HeaderMap::new();
+        h.insert(headers::CHANGE, position);
+        self.nats
+            .publish_with_headers(subject.to_owned(), h, frame.clone())
+            .await?;
+        self.metrics.capture_events.inc();
+        Ok(())
+    }
+
+    /// Routes `table`'s changes to the routed classes `by_value` ([`routing`]): for each
+    /// role, the pairs of a changed row and a class whose route value is the row's, all
+    /// checked in one statement; the subjects that may see each change go into `routed`.
+    /// Returns the classes that cannot be routed in this batch (their role's policies changed,
+    /// a row's value is missing, the statement failed): the caller checks them one by one.
+    async fn route<'c>(
+        &self,
+        client: &mut Client,
+        changes: &[RowChange],
+        oid: u32,
+        table: &Table,
+        by_value: &[&'c LiveClass],
+        routed: &mut HashMap<usize, Vec<String>>,
+    ) -> anyhow::Result<Vec<&'c LiveClass>> {
+        let mut fallback = Vec::new();
+        let mut roles: HashMap<&str, Vec<&'c LiveClass>> = HashMap::new();
+        for class in by_value {
+            roles.entry(class.role.as_str()).or_default().push(class);
+        }
+        let mine: Vec<usize> = (0..changes.len())
+            .filter(|&i| changes[i].relation == oid)
+            .collect();
+        for (role, group) in roles {
+            let spec = routing::spec(&*client, oid, &table.name, role).await?;
+            let column = spec.as_ref().and_then(|s| {
+                table
+                    .relation
+                    .columns
+                    .iter()
+                    .position(|c| c.name == s.column)
+            });
+            let (Some(spec), Some(column)) = (spec, column) else {
+                fallback.extend(group);
+                continue;
+            };
+            if table.types.len() != table.relation.columns.len()
+                || mine.iter().any(|&i| !table.complete(&changes[i]))
+            {
+                fallback.extend(group);
+                continue;
+            }
+            let (mut matching, mut other): (Vec<&LiveClass>, Vec<&LiveClass>) = group
+                .into_iter()
+                .partition(|c| c.route.as_ref().is_some_and(|r| r.column == spec.column));
+            fallback.append(&mut other);
+            let mut index: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (n, class) in matching.iter().enumerate() {
+                if let Some(v) = class.route.as_ref().and_then(|r| r.value.as_deref()) {
+                    index.entry(v).or_default().push(n);
+                }
+            }
+            // Pairs (change, class) to check; deletes go without a check, as for every class.
+            let mut pairs: Vec<(usize, usize)> = Vec::new();
+            let mut deletes: Vec<(usize, usize)> = Vec::new();
+            for &i in &mine {
+                let change = &changes[i];
+                let value = table.texts(change).swap_remove(column);
+                let classes: Vec<usize> = match (&value, change.kind) {
+                    (Some(v), _) => index.get(v.as_str()).cloned().unwrap_or_default(),
+                    // A delete without the old row's value: every class of the role.
+                    (None, Kind::Delete) if change.old.is_none() => (0..matching.len()).collect(),
+                    (None, _) => Vec::new(),
+                };
+                for n in classes {
+                    if change.kind == Kind::Delete {
+                        deletes.push((i, n));
+                    } else {
+                        pairs.push((i, n));
+                    }
+                }
+            }
+            let seen = if pairs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.metrics.capture_checks.inc();
+                let claims: Vec<&str> = pairs
+                    .iter()
+                    .map(|&(_, n)| matching[n].claims.as_str())
+                    .collect();
+                visibility::pairs(
+                    client,
+                    table,
+                    role,
+                    &spec.condition,
+                    changes,
+                    &pairs,
+                    &claims,
+                )
+                .await
+            };
+            match seen {
+                Ok(seen) => {
+                    let mut reached: Vec<(usize, usize)> =
+                        seen.into_iter().map(|p| pairs[p]).collect();
+                    reached.extend(deletes);
+                    for (i, n) in reached {
+                        routed
+                            .entry(i)
+                            .or_default()
+                            .push(self.subjects.table(matching[n]));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        topic = %table.topic,
+                        role,
+                        error = %e,
+                        "the routed check failed: its classes are checked one by one"
+                    );
+                    fallback.append(&mut matching);
+                }
+            }
+        }
+        Ok(fallback)
     }
 
     /// Confirms everything before `lsn`: the slot will not return it again.

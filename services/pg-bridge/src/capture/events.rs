@@ -154,6 +154,12 @@ impl Table {
         row
     }
 
+    /// Whether the change shows every column (a value not sent, an unchanged large value
+    /// without a whole old row, is missing).
+    pub(crate) fn complete(&self, change: &RowChange) -> bool {
+        (0..self.relation.columns.len()).all(|i| self.datum(change, i).is_some())
+    }
+
     /// The text value of each column the change shows (`None`: NULL, or not sent and no whole
     /// old row to take it from).
     pub(crate) fn texts(&self, change: &RowChange) -> Vec<Option<String>> {

@@ -10,6 +10,6 @@
 mod duty;
 mod events;
 pub(crate) mod pgoutput;
-mod visibility;
+pub(crate) mod visibility;
 
 pub(crate) use duty::Capture;

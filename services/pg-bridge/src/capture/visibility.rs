@@ -254,6 +254,58 @@ async fn vanished_visible(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Which `pairs` (a change of the batch, and the claims of a class that may see it) `role`
+/// may see, by the change's committed values: `condition` is the role's SELECT condition
+/// reading each pair's claims from `<table>.pgws_claims` ([`crate::routing`]), evaluated
+/// for all the pairs in one statement, as the role. Returns the indexes of the visible pairs.
+pub(crate) async fn pairs(
+    client: &mut Client,
+    table: &Table,
+    role: &str,
+    condition: &str,
+    changes: &[super::events::RowChange],
+    pairs: &[(usize, usize)],
+    claims: &[&str],
+) -> Result<Vec<usize>, tokio_postgres::Error> {
+    let alias = quote_ident(&table.name);
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .zip(&table.types)
+        .enumerate()
+        .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
+        .collect();
+    let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
+    let arrays: Vec<String> = (3..table.types.len() + 3)
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let sql = format!(
+        "SELECT {alias}.pgws_pair FROM (SELECT u.p AS pgws_pair, u.claims AS pgws_claims, {} \
+           FROM unnest($1::int8[], $2::text[], {}) AS u(p, claims, {})) AS {alias} \
+          WHERE {condition}",
+        columns.join(", "),
+        arrays.join(", "),
+        names.join(", "),
+    );
+    let indexes: Vec<i64> = (0..pairs.len() as i64).collect();
+    let texts: Vec<Vec<Option<String>>> = pairs
+        .iter()
+        .map(|&(i, _)| table.texts(&changes[i]))
+        .collect();
+    let values: Vec<Vec<Option<&str>>> = (0..table.types.len())
+        .map(|n| texts.iter().map(|t| t[n].as_deref()).collect())
+        .collect();
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes, &claims];
+    params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
+        .await?;
+    let rows = tx.query(&sql, &params).await?;
+    tx.commit().await?;
+    Ok(rows.iter().map(|r| r.get::<_, i64>(0) as usize).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
