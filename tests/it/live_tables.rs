@@ -7,14 +7,14 @@ use std::time::Duration;
 use pgws_tests::{token, unique, PrivatePg, Stack, WsClient};
 use serde_json::{json, Value};
 
-const T: Duration = Duration::from_secs(20);
+pub(crate) const T: Duration = Duration::from_secs(20);
 
 /// A schema with `orders` (row-level security: a reader sees the rows whose `owner` is its
 /// `sub`; the role `<schema>_audit` also every row not owned by bob), the roles `<schema>_web`
 /// and `<schema>_audit` that may SELECT it, a role `<schema>_none` that may not, and the roles
 /// dropped (and the stack's slot and publication too) when it drops.
-struct Fixture {
-    schema: String,
+pub(crate) struct Fixture {
+    pub(crate) schema: String,
     uri: String,
     slot: String,
 }
@@ -22,7 +22,7 @@ struct Fixture {
 impl Fixture {
     /// Creates the fixture in the database of `uri`; declared before the stack
     /// ([`Fixture::stack`]), it drops after the stack's processes are gone.
-    async fn create(uri: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn create(uri: &str) -> anyhow::Result<Self> {
         let schema = unique("lt").replace('-', "_");
         let (db, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -49,15 +49,15 @@ impl Fixture {
         })
     }
 
-    /// A stack on this fixture's database capturing its table, with `bridges` bridges and
+    /// A stack on this fixture's database capturing its schema's tables, with `bridges` bridges and
     /// `gateways` gateways and `extra` settings for all.
-    async fn stack(
+    pub(crate) async fn stack(
         &self,
         bridges: usize,
         gateways: usize,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Stack> {
-        let topics = format!("{}.orders", self.schema);
+        let topics = format!("{}.*", self.schema);
         let mut env = vec![
             ("PGWS_DB_URI", self.uri.as_str()),
             ("PGWS_TABLE_TOPICS", topics.as_str()),
@@ -67,13 +67,13 @@ impl Fixture {
         Stack::start_sized(&env, bridges, gateways).await
     }
 
-    fn role(&self, which: &str) -> String {
+    pub(crate) fn role(&self, which: &str) -> String {
         format!("{}_{which}", self.schema)
     }
 
     /// Waits until the leader bridge created the stack's slot: changes committed from then on
     /// are captured.
-    async fn slot_ready(&self) -> anyhow::Result<()> {
+    pub(crate) async fn slot_ready(&self) -> anyhow::Result<()> {
         let db = self.db().await?;
         let ready = pgws_tests::eventually(T, || async {
             db.query_opt(
@@ -90,7 +90,7 @@ impl Fixture {
         Ok(())
     }
 
-    async fn db(&self) -> anyhow::Result<tokio_postgres::Client> {
+    pub(crate) async fn db(&self) -> anyhow::Result<tokio_postgres::Client> {
         let (db, conn) = tokio_postgres::connect(&self.uri, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         Ok(db)
@@ -106,7 +106,8 @@ impl Drop for Fixture {
              DROP PUBLICATION IF EXISTS {slot};
              DROP SCHEMA IF EXISTS {s} CASCADE;
              DROP ROLE IF EXISTS {s}_web; DROP ROLE IF EXISTS {s}_audit;
-             DROP ROLE IF EXISTS {s}_none;",
+             DROP ROLE IF EXISTS {s}_none; DROP ROLE IF EXISTS {s}_bypass;
+             DROP ROLE IF EXISTS {s}_super;",
             slot = self.slot
         );
         let _ = std::process::Command::new("psql")
@@ -116,24 +117,31 @@ impl Drop for Fixture {
 }
 
 /// A `/live` socket on gateway `i` with these claims.
-async fn live(stack: &Stack, i: usize, claims: &Value) -> anyhow::Result<WsClient> {
+pub(crate) async fn live(stack: &Stack, i: usize, claims: &Value) -> anyhow::Result<WsClient> {
     WsClient::connect(&format!("{}/live?token={}", stack.ws_url(i), token(claims))).await
 }
 
-async fn call(ws: &mut WsClient, method: &str, attributes: Value) -> anyhow::Result<Value> {
+pub(crate) async fn call(
+    ws: &mut WsClient,
+    method: &str,
+    attributes: Value,
+) -> anyhow::Result<Value> {
     ws.send_text(&json!({"id": method, "method": method, "attributes": attributes}).to_string())
         .await?;
     ws.next_json(T).await
 }
 
-async fn subscribe(ws: &mut WsClient, topic: &str) -> anyhow::Result<()> {
+pub(crate) async fn subscribe(ws: &mut WsClient, topic: &str) -> anyhow::Result<()> {
     let reply = call(ws, "subscribe", json!({"topicName": topic})).await?;
     anyhow::ensure!(reply["ok"] == true, "subscribe refused: {reply}");
     Ok(())
 }
 
 /// The next `n` events, as `(event, id, attributes)`.
-async fn events(ws: &mut WsClient, n: usize) -> anyhow::Result<Vec<(String, String, Value)>> {
+pub(crate) async fn events(
+    ws: &mut WsClient,
+    n: usize,
+) -> anyhow::Result<Vec<(String, String, Value)>> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let e = match ws.next_json(T).await {
@@ -150,13 +158,13 @@ async fn events(ws: &mut WsClient, n: usize) -> anyhow::Result<Vec<(String, Stri
     Ok(out)
 }
 
-async fn assert_quiet(ws: &mut WsClient, what: &str) {
+pub(crate) async fn assert_quiet(ws: &mut WsClient, what: &str) {
     if let Ok(frame) = ws.next_text(Duration::from_millis(700)).await {
         panic!("{what}: unexpected frame {frame}");
     }
 }
 
-fn kinds(events: &[(String, String, Value)]) -> Vec<(&str, &str)> {
+pub(crate) fn kinds(events: &[(String, String, Value)]) -> Vec<(&str, &str)> {
     events
         .iter()
         .map(|(e, id, _)| (e.as_str(), id.as_str()))

@@ -17,6 +17,7 @@ mod frames;
 mod gaps;
 mod listener;
 mod live;
+mod live_routing;
 mod live_tables;
 mod load;
 mod metrics;

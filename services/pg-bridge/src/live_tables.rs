@@ -17,8 +17,10 @@
 //!   `request.jwt`, or reads another table that has row-level security (whose own policies
 //!   may read anything): all the claims, the finest class, always correct.
 //!
-//! Admins (`PGWS_ADMIN_ROLES`), superusers and BYPASSRLS roles read everything: one class per
-//! table and role, which the capture serves without a visibility check.
+//! Admins (`PGWS_ADMIN_ROLES`) read everything: one class per table and role, which the
+//! capture serves without a visibility check. A token may not name the bridge's own database
+//! user (which owns the captured tables, so row-level security does not apply to it), a
+//! superuser or a BYPASSRLS role unless that role is an admin one.
 
 use std::collections::BTreeSet;
 
@@ -144,29 +146,37 @@ impl From<tokio_postgres::Error> for Refused {
     }
 }
 
-/// Whether `db`'s user may take `role` (it is a member, as PostgREST's authenticator is of
-/// the roles it switches to), and what the role is: its SELECT privilege on `table`, and
-/// whether it bypasses row-level security.
+/// Whether `db`'s user may take `role` for a token (it is a member, as PostgREST's
+/// authenticator is of the roles it switches to, and the role is neither the bridge's own
+/// user, nor a superuser, nor one that bypasses row-level security: those only through
+/// `PGWS_ADMIN_ROLES`), and whether the role may SELECT `table`.
 async fn probe_role(
     db: &Client,
     role: &str,
     table: u32,
-) -> Result<Result<(bool, bool), String>, tokio_postgres::Error> {
+) -> Result<Result<bool, String>, tokio_postgres::Error> {
     let row = db
         .query_opt(
             "SELECT pg_has_role(session_user, r.oid, 'MEMBER'),
                     has_table_privilege(r.oid, $2::oid, 'SELECT'),
-                    r.rolsuper OR r.rolbypassrls
+                    r.rolname = session_user, r.rolsuper OR r.rolbypassrls
                FROM pg_roles r WHERE r.rolname = $1",
             &[&role, &table],
         )
         .await?;
     Ok(match row {
         None => Err(format!("role {role:?} does not exist")),
+        Some(r) if r.get::<_, bool>(2) => Err(format!(
+            "role {role:?} is the bridge's own database user: a token may not act as it"
+        )),
+        Some(r) if r.get::<_, bool>(3) => Err(format!(
+            "role {role:?} is a superuser or bypasses row-level security: a token may act as \
+             it only when it is one of PGWS_ADMIN_ROLES"
+        )),
         Some(r) if !r.get::<_, bool>(0) => Err(format!(
             "role {role:?} cannot be used: the bridge's database user is not a member of it"
         )),
-        Some(r) => Ok((r.get(1), r.get(2))),
+        Some(r) => Ok(r.get(1)),
     })
 }
 
@@ -183,20 +193,17 @@ pub(crate) async fn class_of(
         ));
     };
     // An admin's role need not exist in the database: nothing runs as it.
-    let (select, bypass) = if reader.admin {
-        (true, true)
-    } else {
-        probe_role(db, &role, table.oid)
+    let select = reader.admin
+        || probe_role(db, &role, table.oid)
             .await?
-            .map_err(Refused::Forbidden)?
-    };
+            .map_err(Refused::Forbidden)?;
     if !select {
         return Err(Refused::Forbidden(format!(
             "role {role:?} may not SELECT {}.{}",
             table.schema, table.table
         )));
     }
-    let all = reader.admin || bypass;
+    let all = reader.admin;
     let mut claims = if all {
         Map::new()
     } else {

@@ -34,9 +34,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-/// Most distinct `/live` table classes one gateway reports (a class is a few hundred bytes of
-/// a report; NATS carries 1 MiB per message by default).
-pub(crate) const MAX_CLASSES: usize = 2000;
+/// Most distinct `/live` table classes one gateway reports. Under a per-user policy routed by
+/// value every user is a class of its own (about 200 bytes of a report, which goes in parts
+/// of less than the server's message limit), so this bounds a gateway's reports to about
+/// 20 MB, not the number of users a stack serves.
+pub(crate) const MAX_CLASSES: usize = 100_000;
 
 /// What a request answers when no leader bridge listens.
 const NO_LEADER: &str = "no leader bridge";
