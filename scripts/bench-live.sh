@@ -8,6 +8,13 @@
 #               class, so one visibility check per batch, per socket)
 #   throughput  one socket, one class, THROUGHPUT_ROWS rows in transactions of 1,000: row
 #               changes per second from SQL to a socket
+#   users       USERS sockets, each a user of its own (its `tenant` claim is its own, so the
+#               per-user policy makes it a class of one, routed by value), USER_ROWS rows in
+#               transactions of TXN_ROWS spread over them: events/s
+#   users-baseline  the same with PGWS_LIVE_CLASSES=subscriber (not routed: one check per
+#               batch per user)
+#   users-latency   USERS users subscribed, LATENCY_ROWS rows one per transaction at
+#               LATENCY_RATE rows/s: insert-to-event latency
 # One release pg-bridge and one release ws-gateway (deploy/sample.env with a NATS prefix, ports,
 # listen channel, replication slot and schema of their own; no recorder), restarted between
 # the phases; tests/src/bin/pgws-live-bench.rs does the measuring. Each phase writes its JSON
@@ -18,7 +25,9 @@
 #
 # Usage: scripts/bench-live.sh [OUT_DIR]      (default bench/results/<date>-live)
 # Env:   SOCKETS (1000), CLASSES (10), ROWS (20000), TXN_ROWS (500), THROUGHPUT_ROWS (100000),
-#        PHASES (default "classes baseline throughput"), BASELINE_QUIET (180: seconds without an
+#        USERS (1000), USER_ROWS (100000), LATENCY_RATE (100), LATENCY_ROWS (3000),
+#        PHASES (default "classes baseline throughput"; "users users-baseline users-latency"
+#        for per-user policies), BASELINE_QUIET (180: seconds without an
 #        event before the baseline counts what arrived), KEEP_LOGS=1 (keep the services' logs
 #        in OUT_DIR/logs). On 2 cores the baseline takes about 2.5 minutes at ROWS=20000 and
 #        50 s at ROWS=5000 (docs/benchmarks.md).
@@ -33,6 +42,10 @@ CLASSES=${CLASSES:-10}
 ROWS=${ROWS:-20000}
 TXN_ROWS=${TXN_ROWS:-500}
 THROUGHPUT_ROWS=${THROUGHPUT_ROWS:-100000}
+USERS=${USERS:-1000}
+USER_ROWS=${USER_ROWS:-100000}
+LATENCY_RATE=${LATENCY_RATE:-100}
+LATENCY_ROWS=${LATENCY_ROWS:-3000}
 PHASES=${PHASES:-classes baseline throughput}
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
@@ -161,6 +174,21 @@ for phase in $PHASES; do
       run "throughput-$THROUGHPUT_ROWS" throughput "$THROUGHPUT_ROWS" 1000
       stop_stack
       ;;
+    users)
+      start_stack
+      run "users-$USERS-routed" deliver "$USERS" "$USERS" "$USER_ROWS" "$TXN_ROWS"
+      stop_stack
+      ;;
+    users-baseline)
+      start_stack PGWS_LIVE_CLASSES=subscriber
+      PGWS_LIVE_CLASSES=subscriber BENCH_QUIET=${BASELINE_QUIET:-180} run "users-$USERS-baseline" deliver "$USERS" "$USERS" "$USER_ROWS" "$TXN_ROWS"
+      stop_stack
+      ;;
+    users-latency)
+      start_stack
+      BENCH_RATE=$LATENCY_RATE run "users-$USERS-latency-r$LATENCY_RATE" deliver "$USERS" "$USERS" "$LATENCY_ROWS" 1
+      stop_stack
+      ;;
     *) say "unknown phase $phase" ;;
   esac
 done
@@ -171,6 +199,13 @@ out, sockets, classes, rows = sys.argv[1:]
 def load(name):
     path = os.path.join(out, name + ".json")
     return json.load(open(path)) if os.path.exists(path) else None
+import glob
+for path in sorted(glob.glob(os.path.join(out, "users-*.json"))):
+    r = json.load(open(path))
+    lat = r.get("latency_ms")
+    print(f"{os.path.basename(path)[:-5]:28} events/s {r['events_per_s']:>10,.0f}  "
+          f"received {r['received_events']:,}/{r['expected_events']:,}  checks {r.get('capture_checks', '?')}"
+          + (f"  latency p50 {lat['p50']} p99 {lat['p99']} ms" if lat else ""))
 c = load(f"deliver-{sockets}-classes-{classes}")
 b = load(f"deliver-{sockets}-baseline")
 t = load(f"throughput-{rows}")

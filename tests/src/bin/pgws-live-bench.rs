@@ -16,6 +16,11 @@
 //! 500, `INSERT ... SELECT FROM generate_series`), while every socket counts its events, until
 //! each socket received its rows or nothing arrived for `BENCH_QUIET` seconds (default 20).
 //!
+//! With `BENCH_RATE` (rows/s), the measured rows are inserted one per transaction at that rate
+//! instead, each carrying the time it was sent (microseconds since the epoch, in `body`), and
+//! the report adds `latency_ms` (p50, p90, p99, max: the event's arrival minus its row's
+//! insert time, this process's clock both).
+//!
 //! `pgws-live-bench throughput <rows> [txn_rows]`: the same with one socket and one class,
 //! 1,000 rows per transaction by default: row changes per second from SQL to a socket.
 //!
@@ -160,6 +165,16 @@ struct Stats {
     closed: AtomicU64,
     /// Nanoseconds since `origin` of the latest event.
     last_event: AtomicU64,
+    /// Insert-to-event latencies in microseconds (`BENCH_RATE` runs).
+    latencies: std::sync::Mutex<Vec<u64>>,
+}
+
+/// Microseconds since the epoch.
+fn micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
 }
 
 /// The digits after `key` in `frame` (`"tenant":3`, `"id":"42"`).
@@ -306,9 +321,11 @@ async fn read(
     (tenant, expected, first_id): (u64, u64, u64),
     stats: Arc<Stats>,
     origin: Instant,
+    timed: bool,
 ) {
     let tenant_key = b"\"tenant\":";
     let id_key = b"\"id\":\"";
+    let body_key = b"\"body\":\"";
     let mut got = 0u64;
     let mut last_id = 0u64;
     while let Some(frame) = ws.next().await {
@@ -330,6 +347,12 @@ async fn read(
             .last_event
             .fetch_max(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.events.fetch_add(1, Ordering::Relaxed);
+        if timed {
+            if let Some(sent) = number_after(bytes, body_key) {
+                let mut l = stats.latencies.lock().unwrap_or_else(|e| e.into_inner());
+                l.push(micros().saturating_sub(sent));
+            }
+        }
         if number_after(bytes, tenant_key) != Some(tenant) {
             stats.foreign.fetch_add(1, Ordering::Relaxed);
         }
@@ -379,6 +402,10 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
     let quiet = Duration::from_secs(var_u64("BENCH_QUIET", 20));
     let settle = Duration::from_secs(var_u64("BENCH_SETTLE", 3));
     let concurrency = var_u64("BENCH_CONNECT_CONCURRENCY", 64) as usize;
+    let pace: Option<f64> = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r: &f64| *r > 0.0);
     let db = db().await?;
     let role = format!("{schema}_reader");
     let run = SystemTime::now()
@@ -435,6 +462,7 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
             (tenant, expected[tenant as usize], first_id),
             Arc::clone(&stats),
             origin,
+            pace.is_some(),
         ));
     }
     tokio::time::sleep(settle).await;
@@ -463,6 +491,21 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
     let cpu_before = cpu_sample();
     let started = origin.elapsed();
     let mut from = 1;
+    if let Some(rate) = pace {
+        // One row per transaction, on schedule, each carrying its send time.
+        let begun = Instant::now();
+        for r in 1..=rows {
+            let due = begun + Duration::from_secs_f64((r - 1) as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            db.batch_execute(&format!(
+                "INSERT INTO {table} (tenant, body) VALUES ({}, '{}')",
+                r % classes,
+                micros()
+            ))
+            .await?;
+        }
+        from = rows + 1;
+    }
     while from <= rows {
         let to = (from + txn_rows - 1).min(rows);
         db.batch_execute(&format!(
@@ -542,5 +585,22 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
         })
         .collect();
     report["cpu_seconds"] = json!(cpu);
+    if let Some(rate) = pace {
+        let mut l = stats
+            .latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        l.sort_unstable();
+        let at = |q: f64| {
+            l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
+                .map_or(0.0, |us| (*us as f64 / 10.0).round() / 100.0)
+        };
+        report["rate_per_s"] = json!(rate);
+        report["latency_ms"] = json!({
+            "samples": l.len(), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
+            "max": l.last().map_or(0.0, |us| (*us as f64 / 10.0).round() / 100.0),
+        });
+    }
     Ok(report)
 }
