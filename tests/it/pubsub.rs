@@ -411,9 +411,11 @@ async fn a_fresh_stack_answers_at_once_and_a_new_leader_says_when_it_cannot() ->
     let bridge = Service::start(ServiceKind::Bridge, &stack.env()).await?;
     let mut saw_settling = false;
     loop {
-        // Ready as a standby at first; then the leader, settling, then ready.
+        // Ready as a standby at first; then the leader, settling, then ready. Leadership is
+        // read first: a 200 read before it may be the standby's.
+        let leader = bridge.metric("pgws_bridge_leader").await == Some(1.0);
         match pgws_tests::http_get(bridge.admin, "/readyz").await {
-            Ok((200, _)) if bridge.metric("pgws_bridge_leader").await == Some(1.0) => break,
+            Ok((200, _)) if leader => break,
             Ok((503, body)) if body.contains("registry") => saw_settling = true,
             _ => {}
         }

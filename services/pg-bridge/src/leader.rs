@@ -44,6 +44,9 @@ pub(crate) enum End {
 /// What the leader does, on the session that holds the lock. It must drive `messages` (the
 /// connection's I/O) and return when the session ends or `token` is cancelled.
 pub(crate) trait Duty: Send + Sync + 'static {
+    /// Called just before this bridge is known as the leader (its readiness may change).
+    fn taking_lead(&self) {}
+
     fn lead<'a>(
         &'a self,
         client: &'a Arc<Client>,
@@ -152,6 +155,7 @@ impl<D: Duty> Election<D> {
         }
         let end = match self.acquire(&client, &mut messages, token).await {
             Ok(()) => {
+                self.duty.taking_lead();
                 self.set_leader(true);
                 tracing::info!("leader");
                 self.duty.lead(&client, &mut messages, token).await

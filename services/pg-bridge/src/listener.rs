@@ -88,6 +88,11 @@ impl Drop for Settling<'_> {
 }
 
 impl Duty for Listener {
+    fn taking_lead(&self) {
+        // Never ready as a leader before the registry knew whether it must wait.
+        self.settling.store(true, Ordering::Release);
+    }
+
     fn lead<'a>(
         &'a self,
         client: &'a Arc<Client>,
