@@ -189,6 +189,14 @@ async fn an_and_of_two_claims_and_a_helper_function_route_rows_to_their_readers(
     // per reader and batch (four classes: twenty checks).
     let spent = checks(&stack).await - before;
     assert!((1.0..=5.0).contains(&spent), "{spent} checks for 5 batches");
+
+    // A role whose SELECT is revoked after its sockets subscribed sees nothing more.
+    db.batch_execute(&format!(
+        "REVOKE SELECT ON {s}.docs FROM {web};
+         INSERT INTO {s}.docs (tenant, user_id, note) VALUES ('t1', '{U1}', 'revoked')"
+    ))
+    .await?;
+    assert_quiet(&mut sockets[0], "a reader whose role lost SELECT").await;
     Ok(())
 }
 

@@ -257,7 +257,9 @@ async fn vanished_visible(
 /// Which `pairs` (a change of the batch, and the claims of a class that may see it) `role`
 /// may see, by the change's committed values: `condition` is the role's SELECT condition
 /// reading each pair's claims from `<table>.pgws_claims` ([`crate::routing`]), evaluated
-/// for all the pairs in one statement, as the role. Returns the indexes of the visible pairs.
+/// for all the pairs in one statement, as the role, which must still hold SELECT on the
+/// table (a privilege revoked since the subscription shows nothing more). Returns the
+/// indexes of the visible pairs.
 pub(crate) async fn pairs(
     client: &mut Client,
     table: &Table,
@@ -283,10 +285,11 @@ pub(crate) async fn pairs(
     let sql = format!(
         "SELECT {alias}.pgws_pair FROM (SELECT u.p AS pgws_pair, u.claims AS pgws_claims, {} \
            FROM unnest($1::int8[], $2::text[], {}) AS u(p, claims, {})) AS {alias} \
-          WHERE {condition}",
+          WHERE has_table_privilege({oid}::oid, 'SELECT') AND ({condition})",
         columns.join(", "),
         arrays.join(", "),
         names.join(", "),
+        oid = table.relation.oid,
     );
     let indexes: Vec<i64> = (0..pairs.len() as i64).collect();
     let texts: Vec<Vec<Option<String>>> = pairs
