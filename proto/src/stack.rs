@@ -277,4 +277,37 @@ mod tests {
         assert_eq!(joined, whole);
         assert_eq!(Presence::default().split(budget), vec![Presence::default()]);
     }
+
+    #[test]
+    fn a_hundred_thousand_routed_classes_fit_in_the_parts_a_leader_takes() {
+        // A gateway's most classes (each user its own, routed by its `sub`), at NATS's default
+        // message limit of 1 MiB less the room the gateway leaves.
+        let class = |i: usize| crate::LiveClass {
+            topic: "orders".into(),
+            role: "web_user".into(),
+            claims: format!(r#"{{"sub":"user-{i:0>8}"}}"#),
+            all: false,
+            route: Some(crate::LiveRoute {
+                column: "owner".into(),
+                value: Some(format!("user-{i:0>8}")),
+            }),
+        };
+        let whole = Presence {
+            classes: (0..100_000).map(class).collect(),
+            ..Presence::default()
+        };
+        let bytes = serde_json::to_vec(&whole).expect("encodes").len();
+        let parts = whole.clone().split(((1 << 20) - 1024) * 3 / 4);
+        assert!(
+            parts.len() as u32 <= MAX_REPORT_PARTS,
+            "{} parts",
+            parts.len()
+        );
+        let mut joined = Presence::default();
+        for part in parts {
+            joined.merge(part);
+        }
+        assert_eq!(joined, whole);
+        assert!(bytes < 20 << 20, "{bytes} bytes");
+    }
 }
