@@ -76,32 +76,10 @@ pub(crate) async fn spec(
     table_name: &str,
     role: &str,
 ) -> Result<Option<Spec>, tokio_postgres::Error> {
-    let row = db
-        .query_opt(
-            "SELECT c.relrowsecurity, c.relforcerowsecurity,
-                    pg_has_role(r.oid, c.relowner, 'USAGE'), r.rolsuper OR r.rolbypassrls
-               FROM pg_class c, pg_roles r WHERE c.oid = $1::oid AND r.rolname = $2",
-            &[&table, &role],
-        )
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let (rls, force, owner, bypass): (bool, bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    if !rls || bypass || (owner && !force) {
+    let visibility::Policies::Apply(policies) = visibility::policies(db, table, role).await? else {
         return Ok(None);
-    }
-    let policies = db
-        .query(
-            "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive, p.oid
-               FROM pg_policy p
-              WHERE p.polrelid = $1::oid AND p.polcmd IN ('r', '*')
-                AND ('0'::oid = ANY(p.polroles)
-                     OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS pr(oid)
-                                 WHERE pg_has_role($2, pr.oid, 'USAGE')))",
-            &[&table, &role],
-        )
-        .await?;
-    let oids: Vec<u32> = policies.iter().map(|p| p.get(2)).collect();
+    };
+    let oids: Vec<u32> = policies.iter().map(|(_, _, oid)| *oid).collect();
     // What the policies depend on beyond the catalog: helper functions (inlined) and other
     // tables with row-level security (whose policies may read anything: not routed).
     let deps = db
@@ -154,7 +132,7 @@ pub(crate) async fn spec(
             returns,
         });
     }
-    let exprs: Vec<(String, bool)> = policies.iter().map(|p| (p.get(0), p.get(1))).collect();
+    let exprs: Vec<(String, bool)> = policies.into_iter().map(|(e, p, _)| (e, p)).collect();
     let columns: Vec<String> = db
         .query(
             "SELECT attname::text FROM pg_attribute

@@ -112,12 +112,24 @@ pub(crate) async fn existing(
     select_keys(client, table, keys).await
 }
 
-/// The row-level security condition PostgreSQL applies when `role` selects from `table`.
-async fn condition(
+/// Which SELECT policies PostgreSQL applies when `role` reads `table`.
+#[derive(Debug)]
+pub(crate) enum Policies {
+    /// No such table or role: nothing is visible.
+    Missing,
+    /// No row-level security for the role (none on the table, an owner without FORCE, a
+    /// superuser or BYPASSRLS): everything is visible.
+    Unrestricted,
+    /// These policies: `(expression as pg_get_expr prints it, permissive, policy oid)`.
+    Apply(Vec<(String, bool, u32)>),
+}
+
+/// The SELECT policies `role` reads `table` under.
+pub(crate) async fn policies(
     db: &impl GenericClient,
     table: u32,
     role: &str,
-) -> Result<String, tokio_postgres::Error> {
+) -> Result<Policies, tokio_postgres::Error> {
     let row = db
         .query_opt(
             "SELECT c.relrowsecurity, c.relforcerowsecurity,
@@ -127,16 +139,16 @@ async fn condition(
         )
         .await?;
     let Some(row) = row else {
-        return Ok("false".to_owned());
+        return Ok(Policies::Missing);
     };
     let (rls, force, owner, bypass): (bool, bool, bool, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if !rls || bypass || (owner && !force) {
-        return Ok("true".to_owned());
+        return Ok(Policies::Unrestricted);
     }
-    let policies = db
+    let rows = db
         .query(
-            "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive
+            "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive, p.oid
                FROM pg_policy p
               WHERE p.polrelid = $1::oid AND p.polcmd IN ('r', '*')
                 AND ('0'::oid = ANY(p.polroles)
@@ -145,11 +157,42 @@ async fn condition(
             &[&table, &role],
         )
         .await?;
-    Ok(combine(
-        policies
-            .iter()
-            .map(|p| (p.get::<_, String>(0), p.get::<_, bool>(1))),
+    Ok(Policies::Apply(
+        rows.iter()
+            .map(|p| (p.get(0), p.get(1), p.get(2)))
+            .collect(),
     ))
+}
+
+/// The row-level security condition PostgreSQL applies when `role` selects from `table`.
+async fn condition(
+    db: &impl GenericClient,
+    table: u32,
+    role: &str,
+) -> Result<String, tokio_postgres::Error> {
+    Ok(match policies(db, table, role).await? {
+        Policies::Missing => "false".to_owned(),
+        Policies::Unrestricted => "true".to_owned(),
+        Policies::Apply(p) => combine(p.into_iter().map(|(e, permissive, _)| (e, permissive))),
+    })
+}
+
+/// The columns of a relation of text values named like `table` and typed like its columns:
+/// `(the select list casting u.c<n>, the unnest arguments from $<first>, the u.c<n> names)`.
+fn values_relation(table: &Table, first: usize) -> (String, String, String) {
+    let columns: Vec<String> = table
+        .relation
+        .columns
+        .iter()
+        .zip(&table.types)
+        .enumerate()
+        .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
+        .collect();
+    let arrays: Vec<String> = (first..table.types.len() + first)
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
+    (columns.join(", "), arrays.join(", "), names.join(", "))
 }
 
 /// Policies `(expression, permissive)` combined as PostgreSQL does for a SELECT.
@@ -225,24 +268,10 @@ async fn vanished_visible(
 ) -> Result<HashSet<i64>, tokio_postgres::Error> {
     let condition = condition(tx, table.relation.oid, &class.role).await?;
     let alias = quote_ident(&table.name);
-    let columns: Vec<String> = table
-        .relation
-        .columns
-        .iter()
-        .zip(&table.types)
-        .enumerate()
-        .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
-        .collect();
-    let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
-    let arrays: Vec<String> = (2..table.types.len() + 2)
-        .map(|n| format!("${n}::text[]"))
-        .collect();
+    let (columns, arrays, names) = values_relation(table, 2);
     let sql = format!(
-        "SELECT {alias}.pgws_change FROM (SELECT u.n AS pgws_change, {} \
-           FROM unnest($1::int8[], {}) AS u(n, {})) AS {alias} WHERE {condition}",
-        columns.join(", "),
-        arrays.join(", "),
-        names.join(", "),
+        "SELECT {alias}.pgws_change FROM (SELECT u.n AS pgws_change, {columns} \
+           FROM unnest($1::int8[], {arrays}) AS u(n, {names})) AS {alias} WHERE {condition}"
     );
     let indexes: Vec<i64> = vanished.iter().map(|(i, _)| *i).collect();
     let values: Vec<Vec<Option<&str>>> = (0..table.types.len())
@@ -270,25 +299,11 @@ pub(crate) async fn pairs(
     claims: &[&str],
 ) -> Result<Vec<usize>, tokio_postgres::Error> {
     let alias = quote_ident(&table.name);
-    let columns: Vec<String> = table
-        .relation
-        .columns
-        .iter()
-        .zip(&table.types)
-        .enumerate()
-        .map(|(n, (c, ty))| format!("u.c{n}::{ty} AS {}", quote_ident(&c.name)))
-        .collect();
-    let names: Vec<String> = (0..table.types.len()).map(|n| format!("c{n}")).collect();
-    let arrays: Vec<String> = (3..table.types.len() + 3)
-        .map(|n| format!("${n}::text[]"))
-        .collect();
+    let (columns, arrays, names) = values_relation(table, 3);
     let sql = format!(
-        "SELECT {alias}.pgws_pair FROM (SELECT u.p AS pgws_pair, u.claims AS pgws_claims, {} \
-           FROM unnest($1::int8[], $2::text[], {}) AS u(p, claims, {})) AS {alias} \
-          WHERE has_table_privilege({oid}::oid, 'SELECT') AND ({condition})",
-        columns.join(", "),
-        arrays.join(", "),
-        names.join(", "),
+        "SELECT {alias}.pgws_pair FROM (SELECT u.p AS pgws_pair, u.claims AS pgws_claims, \
+           {columns} FROM unnest($1::int8[], $2::text[], {arrays}) AS u(p, claims, {names})) \
+           AS {alias} WHERE has_table_privilege({oid}::oid, 'SELECT') AND ({condition})",
         oid = table.relation.oid,
     );
     let indexes: Vec<i64> = (0..pairs.len() as i64).collect();
