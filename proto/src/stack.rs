@@ -3,8 +3,12 @@
 //! and API-key checks (any bridge).
 //!
 //! The leader bridge holds the state in memory and rebuilds it after a failover from the
-//! gateways' next presence reports (each report is a gateway's whole state, so applying one
-//! twice changes nothing, and a gateway that stops reporting expires).
+//! gateways' next presence reports (a report is a gateway's whole state, so applying one
+//! twice changes nothing, and a gateway that stops reporting expires). Between whole
+//! reports a gateway sends what changed since the version the leader holds, or a bare
+//! heartbeat; a leader that does not hold that version asks for the whole state.
+
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +70,22 @@ pub enum RegistryOp {
         /// the leader applies the union of the parts when the last one arrives.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         part: Option<ReportPart>,
+        /// The state's version: later [`RegistryOp::Change`]s and [`RegistryOp::Alive`]s
+        /// name it (a gateway without versions sends whole reports only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
     },
+    /// What changed since the state of version `base` the leader holds: the new state is
+    /// version `version`. Answered [`RegistryReply::Unknown`] when the leader does not hold
+    /// `base` (a new leader, a lost message): the gateway then sends a whole report.
+    Change {
+        base: u64,
+        version: u64,
+        added: Presence,
+        removed: Presence,
+    },
+    /// The heartbeat of a gateway whose state has not changed since version `version`.
+    Alive { version: u64 },
     /// A publisher wants the topic (new, or taken over within the grace period).
     Claim {
         /// The topic.
@@ -152,6 +171,51 @@ impl Presence {
         self.subscribed.extend(part.subscribed);
         self.classes.extend(part.classes);
     }
+
+    /// What `new` adds to `old` and what it removes (each list sorted).
+    pub fn diff(old: &Presence, new: &Presence) -> (Presence, Presence) {
+        fn sides<T: Ord + Clone>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
+            let (o, n): (BTreeSet<&T>, BTreeSet<&T>) = (old.iter().collect(), new.iter().collect());
+            (
+                n.difference(&o).map(|t| (*t).clone()).collect(),
+                o.difference(&n).map(|t| (*t).clone()).collect(),
+            )
+        }
+        let (channels, gone_channels) = sides(&old.channels, &new.channels);
+        let (published, gone_published) = sides(&old.published, &new.published);
+        let (subscribed, gone_subscribed) = sides(&old.subscribed, &new.subscribed);
+        let (classes, gone_classes) = sides(&old.classes, &new.classes);
+        (
+            Presence {
+                channels,
+                published,
+                subscribed,
+                classes,
+            },
+            Presence {
+                channels: gone_channels,
+                published: gone_published,
+                subscribed: gone_subscribed,
+                classes: gone_classes,
+            },
+        )
+    }
+
+    /// This state with `added` and without `removed` (each list sorted, without repeats).
+    pub fn changed(&self, added: Presence, removed: &Presence) -> Presence {
+        fn side<T: Ord + Clone>(now: &[T], added: Vec<T>, removed: &[T]) -> Vec<T> {
+            let gone: BTreeSet<&T> = removed.iter().collect();
+            let mut all: BTreeSet<T> = now.iter().filter(|t| !gone.contains(t)).cloned().collect();
+            all.extend(added);
+            all.into_iter().collect()
+        }
+        Presence {
+            channels: side(&self.channels, added.channels, &removed.channels),
+            published: side(&self.published, added.published, &removed.published),
+            subscribed: side(&self.subscribed, added.subscribed, &removed.subscribed),
+            classes: side(&self.classes, added.classes, &removed.classes),
+        }
+    }
 }
 
 /// The leader's answer.
@@ -166,6 +230,8 @@ pub enum RegistryReply {
     Absent,
     /// A leader that just took over does not know the stack's topics yet: ask again shortly.
     Retry,
+    /// The leader does not hold the gateway's state at the version named: send it whole.
+    Unknown,
 }
 
 /// Body of a request on [`crate::Subjects::apikey`]: may this key publish in this domain?
@@ -238,6 +304,7 @@ mod tests {
             RegistryOp::Report {
                 presence: Presence::default(),
                 part: None,
+                version: None,
             }
         );
     }
@@ -268,6 +335,7 @@ mod tests {
                         index: 0,
                         count: 1,
                     }),
+                    version: Some(1),
                 },
             };
             let len = serde_json::to_vec(&request).expect("encodes").len();
@@ -276,6 +344,32 @@ mod tests {
         }
         assert_eq!(joined, whole);
         assert_eq!(Presence::default().split(budget), vec![Presence::default()]);
+    }
+
+    #[test]
+    fn a_change_applied_to_the_old_state_gives_the_new_one() {
+        let p = |channels: &[&str], classes: &[&str]| Presence {
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            classes: classes
+                .iter()
+                .map(|c| crate::LiveClass {
+                    topic: "t".into(),
+                    role: "r".into(),
+                    claims: (*c).to_owned(),
+                    all: false,
+                    route: None,
+                })
+                .collect(),
+            ..Presence::default()
+        };
+        let old = p(&["a", "b"], &["x", "y"]);
+        let new = p(&["b", "c"], &["y", "z"]);
+        let (added, removed) = Presence::diff(&old, &new);
+        assert_eq!(added, p(&["c"], &["z"]));
+        assert_eq!(removed, p(&["a"], &["x"]));
+        assert_eq!(old.changed(added, &removed), new);
+        let (none, gone) = Presence::diff(&new, &new);
+        assert_eq!((none, gone), (Presence::default(), Presence::default()));
     }
 
     #[test]

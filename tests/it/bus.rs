@@ -319,6 +319,7 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
                 ..Default::default()
             },
             part: None,
+            version: None,
         },
     };
     let answered = forger.request(subjects.registry(), serde_json::to_vec(&report)?.into());

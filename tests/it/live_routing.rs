@@ -241,3 +241,71 @@ async fn a_token_may_not_act_as_the_bridges_own_role_a_superuser_or_a_bypassrls_
     assert_eq!(owners, [&json!("ann"), &json!("bob")]);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_gateway_tells_the_leader_its_classes_once_then_only_what_changes() -> anyhow::Result<()>
+{
+    use pgws_proto::{Prefix, RegistryOp, RegistryRequest, Subjects};
+
+    const MANY: usize = 200;
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(1, 1, &[]).await?;
+    let web = fx.role("web");
+    // Every request the gateway makes of the leader, read beside it.
+    let nats = async_nats::connect(pgws_tests::nats_url()).await?;
+    let subject = Subjects::new(Prefix::new(&stack.prefix)?).registry();
+    let mut tap = nats.subscribe(subject).await?;
+    nats.flush().await?;
+    let mut sockets = Vec::new();
+    for i in 0..=MANY {
+        let mut ws = live(&stack, 0, &json!({"sub": format!("u{i}"), "role": web})).await?;
+        subscribe(&mut ws, "orders").await?;
+        sockets.push(ws);
+    }
+    // Past a heartbeat: nothing changes, so the gateway only says it is alive.
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(pgws_proto::PRESENCE_INTERVAL_SECS + 2);
+    let (mut most, mut changes, mut alive) = (0, 0, 0);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, tap.next()).await {
+        let Ok(request) = serde_json::from_slice::<RegistryRequest>(&m.payload) else {
+            continue;
+        };
+        let classes = match &request.op {
+            RegistryOp::Report { presence, .. } => presence.classes.len(),
+            RegistryOp::Change { added, removed, .. } => {
+                changes += 1;
+                added.classes.len() + removed.classes.len()
+            }
+            RegistryOp::Alive { .. } => {
+                alive += 1;
+                0
+            }
+            _ => 0,
+        };
+        most = most.max(classes);
+    }
+    // Each subscription was one change of one class (a few may share one), never the whole
+    // list of classes again.
+    assert!(most <= 5, "a request carried {most} classes");
+    assert!(
+        changes >= MANY / 5,
+        "{changes} changes for {} classes",
+        MANY + 1
+    );
+    assert!(
+        alive >= 1,
+        "no heartbeat in {} s",
+        pgws_proto::PRESENCE_INTERVAL_SECS + 2
+    );
+    // And the leader knows them all: the last user still gets its row.
+    fx.slot_ready().await?;
+    let db = fx.db().await?;
+    db.batch_execute(&format!(
+        "INSERT INTO {}.orders (owner, note) VALUES ('u{MANY}', 'last')",
+        fx.schema
+    ))
+    .await?;
+    let got = events(&mut sockets[MANY], 1).await?;
+    assert_eq!(got[0].2["note"], "last");
+    Ok(())
+}

@@ -294,34 +294,56 @@ impl Listener {
         };
         let now = Instant::now();
         let answer = match request.op {
-            RegistryOp::Report { presence, part } => {
-                let changes = match part {
-                    None => registry.report(&request.gateway, presence, now),
-                    Some(part) => match registry.report_part(&request.gateway, part, presence, now)
-                    {
-                        Ok(Some(changes)) => changes,
-                        Ok(None) => {
-                            reply(&self.nats, m.reply.as_ref(), &RegistryReply::Ok).await;
-                            return;
-                        }
-                        Err(why) => {
-                            tracing::warn!(gateway = %request.gateway, why, "a presence report in parts was dropped; the gateway sends it again");
-                            reply(&self.nats, m.reply.as_ref(), &RegistryReply::Retry).await;
-                            return;
-                        }
-                    },
-                };
-                for channel in &changes.refused {
-                    tracing::warn!(
-                        gateway = %request.gateway,
-                        channel,
-                        "a gateway reported a direct channel that is not in PGWS_DIRECT_CHANNELS here: not listening on it"
-                    );
-                    self.metrics.direct_refused.inc();
+            RegistryOp::Alive { version } => {
+                if registry.alive(&request.gateway, version, now) {
+                    RegistryReply::Ok
+                } else {
+                    RegistryReply::Unknown
                 }
-                self.share_classes(registry);
-                self.apply(changes, queued).await;
-                self.keep(registry, queued);
+            }
+            RegistryOp::Change {
+                base,
+                version,
+                added,
+                removed,
+            } => {
+                let Some(changes) =
+                    registry.change(&request.gateway, (base, version), added, &removed, now)
+                else {
+                    reply(&self.nats, m.reply.as_ref(), &RegistryReply::Unknown).await;
+                    return;
+                };
+                self.registry_changed(&request.gateway, changes, registry, queued)
+                    .await;
+                if let Some(to) = m.reply {
+                    queued.replies.push(to);
+                }
+                return;
+            }
+            RegistryOp::Report {
+                presence,
+                part,
+                version,
+            } => {
+                let changes = match part {
+                    None => registry.report_version(&request.gateway, presence, version, now),
+                    Some(part) => {
+                        match registry.report_part(&request.gateway, part, presence, version, now) {
+                            Ok(Some(changes)) => changes,
+                            Ok(None) => {
+                                reply(&self.nats, m.reply.as_ref(), &RegistryReply::Ok).await;
+                                return;
+                            }
+                            Err(why) => {
+                                tracing::warn!(gateway = %request.gateway, why, "a presence report in parts was dropped; the gateway sends it again");
+                                reply(&self.nats, m.reply.as_ref(), &RegistryReply::Retry).await;
+                                return;
+                            }
+                        }
+                    }
+                };
+                self.registry_changed(&request.gateway, changes, registry, queued)
+                    .await;
                 if let Some(to) = m.reply {
                     queued.replies.push(to);
                 }
@@ -342,6 +364,28 @@ impl Listener {
             RegistryOp::Lookup { topic } => registry.lookup(&topic, now),
         };
         reply(&self.nats, m.reply.as_ref(), &answer).await;
+    }
+
+    /// What a gateway's report or change leads to: warnings for the direct channels refused,
+    /// the classes handed to the capture, the LISTENs queued, the topics flag kept.
+    async fn registry_changed(
+        &self,
+        gateway: &str,
+        changes: Changes,
+        registry: &Registry,
+        queued: &mut Queued,
+    ) {
+        for channel in &changes.refused {
+            tracing::warn!(
+                gateway,
+                channel,
+                "a gateway reported a direct channel that is not in PGWS_DIRECT_CHANNELS here: not listening on it"
+            );
+            self.metrics.direct_refused.inc();
+        }
+        self.share_classes(registry);
+        self.apply(changes, queued).await;
+        self.keep(registry, queued);
     }
 
     /// Queues the write of whether the registry holds topics, when that changed; true when

@@ -162,6 +162,7 @@ async fn report(nats: &async_nats::Client, subjects: &Subjects, channels: &[&str
                 ..Presence::default()
             },
             part: None,
+            version: None,
         },
     };
     let body = serde_json::to_vec(&request).expect("encodes");

@@ -62,6 +62,9 @@ struct GatewayState {
     refused: HashSet<String>,
     /// `/live` table classes its sockets read.
     classes: BTreeSet<LiveClass>,
+    /// Its whole state as last applied, with the version the gateway gave it: the base of
+    /// its next change.
+    last: Option<(u64, Presence)>,
     seen: Instant,
 }
 
@@ -157,9 +160,12 @@ impl Registry {
                 channels: HashSet::new(),
                 refused: HashSet::new(),
                 classes: BTreeSet::new(),
+                last: None,
                 seen: now,
             });
         state.seen = now;
+        // A whole state without a version: no change can build on it.
+        state.last = None;
         changes.refused = refused.difference(&state.refused).cloned().collect();
         state.refused = refused;
         state.classes = presence.classes.into_iter().collect();
@@ -218,6 +224,7 @@ impl Registry {
         gateway: &str,
         part: ReportPart,
         presence: Presence,
+        version: Option<u64>,
         now: Instant,
     ) -> Result<Option<Changes>, String> {
         self.touch(gateway, now);
@@ -255,7 +262,57 @@ impl Registry {
             .remove(gateway)
             .map(|p| p.joined)
             .unwrap_or_default();
-        Ok(Some(self.report(gateway, whole, now)))
+        Ok(Some(self.report_version(gateway, whole, version, now)))
+    }
+
+    /// [`Registry::report`], keeping the state as version `version` (when the gateway gives
+    /// versions) for its later changes and heartbeats.
+    pub(crate) fn report_version(
+        &mut self,
+        gateway: &str,
+        presence: Presence,
+        version: Option<u64>,
+        now: Instant,
+    ) -> Changes {
+        let kept = version.map(|v| (v, presence.clone()));
+        let changes = self.report(gateway, presence, now);
+        if let Some(state) = self.gateways.get_mut(gateway) {
+            state.last = kept;
+        }
+        changes
+    }
+
+    /// Applies a gateway's change to its state of version `base`, making it version
+    /// `version`; `None` when this leader does not hold that state (it asks for a whole
+    /// report).
+    pub(crate) fn change(
+        &mut self,
+        gateway: &str,
+        (base, version): (u64, u64),
+        added: Presence,
+        removed: &Presence,
+        now: Instant,
+    ) -> Option<Changes> {
+        let (held, last) = self.gateways.get(gateway)?.last.as_ref()?;
+        if *held != base {
+            return None;
+        }
+        let next = last.changed(added, removed);
+        Some(self.report_version(gateway, next, Some(version), now))
+    }
+
+    /// A gateway's heartbeat: true (and the gateway is fresh) when this leader holds its state
+    /// at `version`.
+    pub(crate) fn alive(&mut self, gateway: &str, version: u64, now: Instant) -> bool {
+        let held = self
+            .gateways
+            .get(gateway)
+            .and_then(|g| g.last.as_ref())
+            .is_some_and(|(v, _)| *v == version);
+        if held {
+            self.touch(gateway, now);
+        }
+        held
     }
 
     /// The `/live` table classes some gateway reads, each once, sorted.
@@ -447,27 +504,88 @@ mod tests {
     }
 
     #[test]
+    fn changes_and_heartbeats_apply_to_the_version_held_only() {
+        let (mut r, now) = settled();
+        assert!(!r.alive("g", 1, now), "nothing held yet");
+        assert!(r
+            .change(
+                "g",
+                (1, 2),
+                presence(&["b"], &[], &[]),
+                &Presence::default(),
+                now
+            )
+            .is_none());
+        let c = r.report_version("g", presence(&["a"], &[], &[]), Some(1), now);
+        assert_eq!(c.listen, ["a"]);
+        assert!(r.alive("g", 1, now));
+        // A change of version 1 adds b and removes a: version 2.
+        let c = r
+            .change(
+                "g",
+                (1, 2),
+                presence(&["b"], &[], &[]),
+                &presence(&["a"], &[], &[]),
+                now,
+            )
+            .expect("applied");
+        assert_eq!(
+            (c.listen, c.unlisten),
+            (vec!["b".to_owned()], vec!["a".to_owned()])
+        );
+        assert!(!r.alive("g", 1, now) && r.alive("g", 2, now));
+        // A change from a version no longer held (lost, or sent to another leader) is refused,
+        // and changes nothing.
+        assert!(r
+            .change(
+                "g",
+                (1, 3),
+                presence(&["c"], &[], &[]),
+                &Presence::default(),
+                now
+            )
+            .is_none());
+        assert!(r.is_listened("b") && !r.is_listened("c"));
+        // A whole report without a version: nothing is held for changes.
+        r.report("g", presence(&["b"], &[], &[]), now);
+        assert!(!r.alive("g", 2, now));
+    }
+
+    #[test]
     fn a_report_in_parts_applies_when_whole() {
         let (mut r, now) = settled();
         let part = |id, index, count| ReportPart { id, index, count };
         let p = |c: &str| presence(&[c], &[], &[]);
-        assert_eq!(r.report_part("g", part(1, 0, 3), p("a"), now), Ok(None));
-        assert_eq!(r.report_part("g", part(1, 1, 3), p("b"), now), Ok(None));
+        assert_eq!(
+            r.report_part("g", part(1, 0, 3), p("a"), None, now),
+            Ok(None)
+        );
+        assert_eq!(
+            r.report_part("g", part(1, 1, 3), p("b"), None, now),
+            Ok(None)
+        );
         assert!(!r.is_listened("a"), "nothing applies before the last part");
-        let changes = r.report_part("g", part(1, 2, 3), p("c"), now);
+        let changes = r.report_part("g", part(1, 2, 3), p("c"), None, now);
         let mut listen = changes.expect("in order").expect("whole").listen;
         listen.sort();
         assert_eq!(listen, ["a", "b", "c"]);
         // A part missing or out of bounds drops the report; the next one starts afresh.
-        assert_eq!(r.report_part("g", part(2, 0, 2), p("x"), now), Ok(None));
-        assert!(r.report_part("g", part(3, 1, 2), p("y"), now).is_err());
-        assert!(r.report_part("g", part(2, 1, 2), p("y"), now).is_err());
+        assert_eq!(
+            r.report_part("g", part(2, 0, 2), p("x"), None, now),
+            Ok(None)
+        );
         assert!(r
-            .report_part("g", part(4, 0, MAX_REPORT_PARTS + 1), p("y"), now)
+            .report_part("g", part(3, 1, 2), p("y"), None, now)
+            .is_err());
+        assert!(r
+            .report_part("g", part(2, 1, 2), p("y"), None, now)
+            .is_err());
+        assert!(r
+            .report_part("g", part(4, 0, MAX_REPORT_PARTS + 1), p("y"), None, now)
             .is_err());
         assert!(r.is_listened("a") && !r.is_listened("x"));
         // One part alone is a whole report.
-        let c = r.report_part("g", part(5, 0, 1), p("z"), now);
+        let c = r.report_part("g", part(5, 0, 1), p("z"), None, now);
         assert_eq!(c.expect("ok").expect("whole").listen, ["z"]);
         assert!(!r.is_listened("a"));
     }

@@ -3,12 +3,16 @@
 //! its subscribers read.
 //!
 //! One task talks to the leader, one request at a time, so the leader sees this gateway's
-//! reports and claims in the order they were made. A report is the gateway's whole state; it
-//! goes out when a direct channel gets its first or loses its last local socket, every
-//! [`PRESENCE_INTERVAL_SECS`] (the leader forgets a gateway silent for longer than
-//! `PRESENCE_EXPIRY_SECS`), and at once when a new leader announces itself (gap marker) or
-//! the NATS connection came back. A socket joining a direct channel waits (bounded) until a
-//! report holding the channel was answered, that is until the leader LISTENs on it.
+//! reports and claims in the order they were made. The leader learns the gateway's state
+//! when a direct channel, topic or table class gets its first or loses its last local
+//! socket, and every [`PRESENCE_INTERVAL_SECS`] (the leader forgets a gateway silent for
+//! longer than `PRESENCE_EXPIRY_SECS`). The whole state goes once, with a version; after
+//! that only what changed since the version the leader acknowledged (`Change`), and a bare
+//! heartbeat (`Alive`) when nothing did. The whole state goes again when the leader does not
+//! hold that version (`Unknown`: a new leader, a lost answer), when a new leader announces
+//! itself (gap marker) or the NATS connection came back. A socket joining a direct channel
+//! waits (bounded) until the change holding the channel was answered, that is until the
+//! leader LISTENs on it.
 //!
 //! Bounds: commands wait in an unbounded queue, but each socket sends at most two per
 //! registration (one when it registers, one when it leaves), so the queue is bounded by the
@@ -97,6 +101,7 @@ impl Presence {
             gateway,
             failures,
             reports: 0,
+            acked: None,
             channels: BTreeMap::new(),
             published: BTreeSet::new(),
             subscribed: BTreeMap::new(),
@@ -160,8 +165,10 @@ struct Task {
     gateway: String,
     /// Reports that failed.
     failures: Counter,
-    /// Reports sent, for the id of a report in parts.
+    /// Reports and changes sent: the id of a report in parts, and the versions of the state.
     reports: u64,
+    /// The version of the state the leader acknowledged last, and that state.
+    acked: Option<(u64, State)>,
     /// Local sockets per direct channel.
     channels: BTreeMap<String, usize>,
     published: BTreeSet<Topic>,
@@ -184,11 +191,11 @@ impl Task {
                     self.published.clear();
                     self.subscribed.clear();
                     self.classes.clear();
-                    self.report().await;
+                    self.sync().await;
                     return;
                 }
                 _ = heartbeat.tick() => {
-                    self.report().await;
+                    self.sync().await;
                     continue;
                 }
                 command = rx.recv() => match command {
@@ -212,6 +219,8 @@ impl Task {
                     Command::Remove(what) => {
                         if let Registration::Published(topic) = what {
                             self.release(topic).await;
+                            // The leader's copy of this gateway's state loses it too.
+                            changed = true;
                         } else {
                             changed |= self.apply(&what, false);
                         }
@@ -230,6 +239,9 @@ impl Task {
                         let answer = self.request(op).await;
                         if let (Some(topic), Ok(RegistryReply::Ok)) = (claim, &answer) {
                             self.published.insert(topic.clone());
+                            // The leader's copy of this gateway's state gains it too (the
+                            // base of the next change).
+                            changed = true;
                             if let Err(Ok(_)) = done.send(answer) {
                                 // The handshake that asked is gone: nobody will release it.
                                 self.release(topic).await;
@@ -238,11 +250,15 @@ impl Task {
                         }
                         drop(done.send(answer));
                     }
-                    Command::Resync => changed = true,
+                    Command::Resync => {
+                        // A new leader, or NATS came back: the whole state.
+                        self.acked = None;
+                        changed = true;
+                    }
                 }
             }
             if changed {
-                self.report().await;
+                self.sync().await;
             }
             for done in waiting {
                 let _ = done.send(());
@@ -266,24 +282,78 @@ impl Task {
         }
     }
 
-    /// Sends the whole state, in parts when it does not fit in one NATS message. A report
-    /// the leader does not take is logged and counted, and sent again at the next change or
-    /// heartbeat.
-    async fn report(&mut self) {
-        let presence = State {
+    /// The state the leader must know.
+    fn state(&self) -> State {
+        State {
             channels: self.channels.keys().cloned().collect(),
             published: self.published.iter().cloned().collect(),
             subscribed: self.subscribed.keys().cloned().collect(),
             classes: self.classes.keys().cloned().collect(),
-        };
+        }
+    }
+
+    /// Brings the leader up to date: a heartbeat (`Alive`) when nothing changed since the
+    /// version it acknowledged, what changed (`Change`) when that fits one message, else (and
+    /// when the leader does not hold that version: a new leader, a lost answer) the whole
+    /// state. So a gateway with 100,000 classes sends them whole once, then only changes.
+    async fn sync(&mut self) {
+        let now = self.state();
+        if let Some((version, last)) = self.acked.take() {
+            let (op, next) = if last == now {
+                (RegistryOp::Alive { version }, version)
+            } else {
+                let (added, removed) = State::diff(&last, &now);
+                self.reports += 1;
+                let next = self.reports;
+                let op = RegistryOp::Change {
+                    base: version,
+                    version: next,
+                    added,
+                    removed,
+                };
+                (op, next)
+            };
+            if self.fits(&op) {
+                match self.request(op).await {
+                    Ok(RegistryReply::Ok) => {
+                        self.acked = Some((next, now));
+                        return;
+                    }
+                    Err(e) if e == NO_LEADER => {
+                        tracing::debug!("presence: no leader bridge");
+                        return;
+                    }
+                    // Unknown, or no answer: the whole state.
+                    _ => {}
+                }
+            }
+        }
+        self.report(now).await;
+    }
+
+    /// Whether a request fits one NATS message of the server's.
+    fn fits(&self, op: &RegistryOp) -> bool {
+        let budget = report_budget(self.client.server_info().max_payload);
+        serde_json::to_vec(op).is_ok_and(|b| b.len() <= budget)
+    }
+
+    /// Sends the whole state, in parts when it does not fit in one NATS message. A report
+    /// the leader does not take is logged and counted, and sent again at the next change or
+    /// heartbeat.
+    async fn report(&mut self, presence: State) {
         self.reports += 1;
         let budget = report_budget(self.client.server_info().max_payload);
-        let parts = presence.split(budget);
+        let parts = presence.clone().split(budget);
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         let id = self.reports;
-        for (index, presence) in (0..).zip(parts) {
+        for (index, part_state) in (0..).zip(parts) {
             let part = (count > 1).then_some(ReportPart { id, index, count });
-            match self.request(RegistryOp::Report { presence, part }).await {
+            let op = RegistryOp::Report {
+                presence: part_state,
+                part,
+                version: Some(id),
+            };
+            match self.request(op).await {
                 Ok(RegistryReply::Ok) => {}
                 Ok(other) => return self.failed(&format!("the leader answered {other:?}")),
                 // No leader at all: a new one announces itself and asks for reports.
@@ -294,6 +364,7 @@ impl Task {
                 Err(e) => return self.failed(&e),
             }
         }
+        self.acked = Some((id, presence));
     }
 
     /// The publisher of `topic` on this gateway is gone. Not in the next report either: a
