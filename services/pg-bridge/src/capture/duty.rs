@@ -494,8 +494,12 @@ impl Capture {
                 fallback.extend(group);
                 continue;
             };
+            // Creates and updates are checked by their values: each needs all of them (a
+            // delete needs none).
             if table.types.len() != table.relation.columns.len()
-                || mine.iter().any(|&i| !table.complete(&changes[i]))
+                || mine
+                    .iter()
+                    .any(|&i| changes[i].kind != Kind::Delete && !table.complete(&changes[i]))
             {
                 fallback.extend(group);
                 continue;
