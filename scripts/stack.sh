@@ -16,6 +16,8 @@
 #   --browser with --check: also run the real-browser test tests/browser/demo.mjs (after
 #             scripts/browser-test-setup.sh, which installs chromium / playwright-core if missing).
 # Env:   STACK_READY_TIMEOUT  seconds to wait for each service's /readyz (default 60)
+#        PGWS_BRIDGE_DB_URI   the bridge's database URI (default: PGWS_DB_URI's server and
+#                             database as the role pgws_bridge, set up by deploy/bridge-role.sql)
 set -euo pipefail
 
 say() { printf 'stack: %s\n' "$*" >&2; }
@@ -141,6 +143,38 @@ for name in "${SERVICES[@]}" "${TOOLS[@]}"; do
   [[ -x $BIN_DIR/$name ]] || die "$BIN_DIR/$name was not built"
 done
 
+# ---------------------------------------------------------------- the bridges' database role
+# pg-bridge connects as pgws_bridge, not as the env file's user (a superuser on a local
+# cluster): a token can then act only as the roles granted to pgws_bridge. The env file's
+# user runs deploy/bridge-role.sql (creates the role, or hands it the schemas the bridges
+# keep) and the bridge gets PGWS_DB_URI with pgws_bridge's login (a password kept in
+# .stack/bridge-db-password). PGWS_BRIDGE_DB_URI set: the bridge uses it as it is.
+BRIDGE_ENV=()
+if [[ -n ${PGWS_BRIDGE_DB_URI:-} ]]; then
+  BRIDGE_ENV=("PGWS_DB_URI=$PGWS_BRIDGE_DB_URI")
+else
+  ADMIN_DB_URI=${PGWS_DB_URI:-postgres://postgres@127.0.0.1:5432/postgres}
+  [[ $ADMIN_DB_URI == *://* ]] ||
+    die "PGWS_DB_URI is not a URI (postgres://...): set PGWS_BRIDGE_DB_URI for the bridge"
+  command -v psql >/dev/null 2>&1 ||
+    die "psql is needed to set up the bridges' database role (or set PGWS_BRIDGE_DB_URI)"
+  mkdir -p "$STATE_DIR"
+  PASSWORD_FILE=$STATE_DIR/bridge-db-password
+  if [[ ! -s $PASSWORD_FILE ]]; then
+    (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$PASSWORD_FILE")
+  fi
+  BRIDGE_PASSWORD=$(cat "$PASSWORD_FILE")
+  psql -X -q -w -d "$ADMIN_DB_URI" -v bridge_password="$BRIDGE_PASSWORD" \
+    -v keys_table="${PGWS_PUBSUB_KEYS_TABLE:-apikeys}" -f "$ROOT/deploy/bridge-role.sql" >/dev/null ||
+    die "cannot set up the database role pgws_bridge as the user of PGWS_DB_URI" \
+      "(deploy/bridge-role.sql needs a superuser or CREATEROLE); or set PGWS_BRIDGE_DB_URI"
+  scheme=${ADMIN_DB_URI%%://*}
+  rest=${ADMIN_DB_URI#*://}
+  [[ $rest == *@* ]] && rest=${rest#*@}
+  BRIDGE_ENV=("PGWS_DB_URI=$scheme://pgws_bridge:$BRIDGE_PASSWORD@$rest")
+  say "pg-bridge connects as the database role pgws_bridge (deploy/bridge-role.sql)"
+fi
+
 # ---------------------------------------------------------------- start
 port_busy() {
   # shellcheck disable=SC2016 # $1 is expanded by the inner bash
@@ -156,7 +190,9 @@ done
 mkdir -p "$STATE_DIR"
 for name in "${SERVICES[@]}"; do
   : >"$STATE_DIR/$name.log"
-  "$BIN_DIR/$name" >>"$STATE_DIR/$name.log" 2>&1 &
+  extra=()
+  [[ $name == pg-bridge ]] && extra=("${BRIDGE_ENV[@]}")
+  env "${extra[@]}" "$BIN_DIR/$name" >>"$STATE_DIR/$name.log" 2>&1 &
   PID[$name]=$!
   say "started $name (pid ${PID[$name]}), log .stack/$name.log"
 done

@@ -725,10 +725,31 @@ fn the_compose_env_files_set_only_real_settings() {
                 image_of(&db).starts_with("postgres:"),
                 "PGWS_DB_URI names {db}"
             );
-            let password = text(&compose.services[&db]["environment"]["POSTGRES_PASSWORD"]);
+            let password = if package == "pg-bridge" {
+                // Not a superuser: the role deploy/bridge-role.sql makes, with the password
+                // the one-shot pgws-db-setup gives it before any bridge starts.
+                assert!(
+                    uri.starts_with("postgres://pgws_bridge:"),
+                    "{name}: the bridges connect as pgws_bridge, not {uri}"
+                );
+                let setup = &compose.services["pgws-db-setup"];
+                assert!(
+                    compose.one_shots().contains("pgws-db-setup")
+                        && text(
+                            &compose.services[&name]["depends_on"]["pgws-db-setup"]["condition"]
+                        ) == "service_completed_successfully",
+                    "{name} must wait for pgws-db-setup"
+                );
+                strings(&setup["command"])
+                    .iter()
+                    .find_map(|a| a.strip_prefix("bridge_password=").map(str::to_owned))
+                    .expect("pgws-db-setup gives pgws_bridge a password")
+            } else {
+                text(&compose.services[&db]["environment"]["POSTGRES_PASSWORD"])
+            };
             assert!(
                 uri.contains(&format!(":{password}@")),
-                "{name}: PGWS_DB_URI does not carry the postgres service's POSTGRES_PASSWORD"
+                "{name}: PGWS_DB_URI does not carry the password of its database role"
             );
         }
     }
