@@ -1,0 +1,132 @@
+//! The message bus the services talk over, behind one seam ([`Bus`]): publish and subscribe
+//! with headers and NATS-style wildcard subjects (`*` one token, `>` the rest), queue groups
+//! (each message to one member of a group), and request/reply with "no responders" and
+//! timeouts.
+//!
+//! Two adapters give the same semantics, checked by one conformance suite
+//! (`tests/conformance.rs`) run on both:
+//! - [`Nats`]: async-nats, for services in several processes or on several machines;
+//! - [`Local`]: tokio primitives, for the roles of one process.
+//!
+//! Delivery is at most once, as core NATS: a subscriber whose queue is full (it does not
+//! read) loses the messages that do not fit, and the bus counts them ([`Subscription`]).
+//! Messages from one publisher to one subscriber keep their order.
+
+mod local;
+mod nats;
+mod subject;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::Stream;
+use tokio::sync::mpsc;
+
+pub use local::Local;
+pub use nats::Nats;
+pub use subject::{matches, valid_pattern, valid_subject};
+
+/// Message headers: one value per name.
+pub type Headers = BTreeMap<String, String>;
+
+/// A message as a subscriber receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The subject it was published on.
+    pub subject: String,
+    /// Where to answer (a request), if anywhere.
+    pub reply: Option<String>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// Why a bus operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// A request found no subscriber on its subject.
+    #[error("no responders")]
+    NoResponders,
+    /// A request had no answer in time.
+    #[error("request timed out")]
+    TimedOut,
+    /// A subject that is not valid (empty tokens, spaces, wildcards where none may be).
+    #[error("invalid subject {0:?}")]
+    InvalidSubject(String),
+    /// The bus is closed or its connection failed.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the services do over the bus.
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes `payload` on `subject` (no wildcards).
+    fn publish(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Subscribes to `pattern` (wildcards allowed); with `queue`, each message goes to one
+    /// subscriber of the group. Resolves once the subscription receives what is published
+    /// after it.
+    fn subscribe(
+        &self,
+        pattern: &str,
+        queue: Option<&str>,
+    ) -> BoxFuture<'_, Result<Subscription, BusError>>;
+
+    /// Publishes a request and waits at most `timeout` for the first answer.
+    fn request(
+        &self,
+        subject: &str,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Message, BusError>>;
+
+    /// Resolves once what was published before has left this process.
+    fn flush(&self) -> BoxFuture<'_, Result<(), BusError>>;
+}
+
+/// Messages of one subscription, in the order received; the subscription ends when dropped.
+pub struct Subscription {
+    rx: mpsc::Receiver<Message>,
+    /// Keeps the subscription registered (the adapter's handle); dropped with it.
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Subscription {
+    fn new(rx: mpsc::Receiver<Message>, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            rx,
+            _guard: Box::new(guard),
+        }
+    }
+
+    /// The next message; `None` when the bus closed the subscription.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+/// Most messages a subscription holds unread before the bus drops what does not fit.
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
