@@ -481,6 +481,10 @@ impl Capture {
         let mine: Vec<usize> = (0..changes.len())
             .filter(|&i| changes[i].relation == oid)
             .collect();
+        if mine.is_empty() {
+            // Nothing of this table in the batch: no policy to read.
+            return Ok(fallback);
+        }
         for (role, group) in roles {
             let spec = routing::spec(&*client, oid, &table.name, role).await?;
             let column = spec.as_ref().and_then(|s| {
