@@ -8,11 +8,15 @@
 //! - [`Nats`]: async-nats, for services in several processes or on several machines;
 //! - [`Local`]: tokio primitives, for the roles of one process.
 //!
+//! The audit's durable log is a second seam ([`Log`]): appends deduplicated by id, read by
+//! named consumers that acknowledge each record ([`JetStreamLog`], [`MemoryLog`]).
+//!
 //! Delivery is at most once, as core NATS: a subscriber whose queue is full (it does not
 //! read) loses the messages that do not fit, and the bus counts them ([`Subscription`]).
 //! Messages from one publisher to one subscriber keep their order.
 
 mod local;
+mod log;
 mod nats;
 mod subject;
 
@@ -27,6 +31,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 pub use local::Local;
+pub use log::{JetStreamLog, Log, MemoryLog, Record};
 pub use nats::Nats;
 pub use subject::{matches, valid_pattern, valid_subject};
 

@@ -28,7 +28,7 @@ impl Nats {
     }
 }
 
-fn header_map(headers: Headers) -> async_nats::HeaderMap {
+pub(crate) fn header_map(headers: Headers) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     for (name, value) in headers {
         map.insert(name.as_str(), value.as_str());
@@ -36,7 +36,7 @@ fn header_map(headers: Headers) -> async_nats::HeaderMap {
     map
 }
 
-fn message(m: async_nats::Message) -> Message {
+pub(crate) fn message(m: async_nats::Message) -> Message {
     let headers = m
         .headers
         .as_ref()
