@@ -313,11 +313,8 @@ impl Listener {
                     reply(&self.nats, m.reply.as_ref(), &RegistryReply::Unknown).await;
                     return;
                 };
-                self.registry_changed(&request.gateway, changes, registry, queued)
+                self.registry_changed(&request.gateway, changes, registry, queued, m.reply)
                     .await;
-                if let Some(to) = m.reply {
-                    queued.replies.push(to);
-                }
                 return;
             }
             RegistryOp::Report {
@@ -342,11 +339,8 @@ impl Listener {
                         }
                     }
                 };
-                self.registry_changed(&request.gateway, changes, registry, queued)
+                self.registry_changed(&request.gateway, changes, registry, queued, m.reply)
                     .await;
-                if let Some(to) = m.reply {
-                    queued.replies.push(to);
-                }
                 return;
             }
             RegistryOp::Claim { topic } => {
@@ -367,13 +361,15 @@ impl Listener {
     }
 
     /// What a gateway's report or change leads to: warnings for the direct channels refused,
-    /// the classes handed to the capture, the LISTENs queued, the topics flag kept.
+    /// the classes handed to the capture, the LISTENs queued, the topics flag kept; the
+    /// gateway is answered (`reply`) once the queued statements ran.
     async fn registry_changed(
         &self,
         gateway: &str,
         changes: Changes,
         registry: &Registry,
         queued: &mut Queued,
+        reply: Option<Subject>,
     ) {
         for channel in &changes.refused {
             tracing::warn!(
@@ -386,6 +382,7 @@ impl Listener {
         self.share_classes(registry);
         self.apply(changes, queued).await;
         self.keep(registry, queued);
+        queued.replies.extend(reply);
     }
 
     /// Queues the write of whether the registry holds topics, when that changed; true when

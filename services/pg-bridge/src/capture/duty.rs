@@ -523,9 +523,9 @@ impl Capture {
             let mut deletes: Vec<(usize, usize)> = Vec::new();
             for &i in &mine {
                 let change = &changes[i];
-                let value = table.texts(change).swap_remove(column);
-                let classes: Vec<usize> = match (&value, change.kind) {
-                    (Some(v), _) => index.get(v.as_str()).cloned().unwrap_or_default(),
+                let value = table.text(change, column);
+                let classes: Vec<usize> = match (value, change.kind) {
+                    (Some(v), _) => index.get(v).cloned().unwrap_or_default(),
                     // A delete without the old row's value: every class of the role.
                     (None, Kind::Delete) if change.old.is_none() => (0..matching.len()).collect(),
                     (None, _) => Vec::new(),

@@ -164,11 +164,16 @@ impl Table {
     /// old row to take it from).
     pub(crate) fn texts(&self, change: &RowChange) -> Vec<Option<String>> {
         (0..self.relation.columns.len())
-            .map(|i| match self.datum(change, i) {
-                Some(Datum::Text(t)) => Some(t.clone()),
-                _ => None,
-            })
+            .map(|i| self.text(change, i).map(str::to_owned))
             .collect()
+    }
+
+    /// The text value of column `i` the change shows, as [`Table::texts`].
+    pub(crate) fn text<'c>(&self, change: &'c RowChange, i: usize) -> Option<&'c str> {
+        match self.datum(change, i) {
+            Some(Datum::Text(t)) => Some(t.as_str()),
+            _ => None,
+        }
     }
 
     /// The primary key's text values, or `None` (no primary key, or a key column missing).
