@@ -22,6 +22,7 @@ mod subject;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -100,22 +101,30 @@ pub trait Bus: Send + Sync + 'static {
 
 /// Messages of one subscription, in the order received; the subscription ends when dropped.
 pub struct Subscription {
-    rx: mpsc::Receiver<Message>,
-    /// Keeps the subscription registered (the adapter's handle); dropped with it.
-    _guard: Box<dyn Send + Sync>,
+    inner: Pin<Box<dyn Stream<Item = Message> + Send>>,
 }
 
 impl Subscription {
-    fn new(rx: mpsc::Receiver<Message>, guard: impl Send + Sync + 'static) -> Self {
+    /// A subscription read from a channel; `guard` keeps it registered and is dropped with it.
+    fn channel(rx: mpsc::Receiver<Message>, guard: impl Send + 'static) -> Self {
+        let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            let m = rx.recv().await?;
+            Some((m, (rx, guard)))
+        });
+        Self::stream(stream)
+    }
+
+    /// A subscription read from an adapter's own stream (which ends the subscription when
+    /// dropped).
+    fn stream(stream: impl Stream<Item = Message> + Send + 'static) -> Self {
         Self {
-            rx,
-            _guard: Box::new(guard),
+            inner: Box::pin(stream),
         }
     }
 
     /// The next message; `None` when the bus closed the subscription.
     pub async fn next(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        futures::StreamExt::next(&mut self.inner).await
     }
 }
 
@@ -123,7 +132,7 @@ impl Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx)
+        self.inner.as_mut().poll_next(cx)
     }
 }
 
@@ -135,3 +144,87 @@ impl std::fmt::Debug for Subscription {
 
 /// Most messages a subscription holds unread before the bus drops what does not fit.
 pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+/// How long [`Client::request`] waits for an answer (as async-nats does by default).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handle on a bus, cheap to clone, with the calls the services make (named as async-nats
+/// names them).
+#[derive(Clone)]
+pub struct Client {
+    bus: Arc<dyn Bus>,
+}
+
+impl Client {
+    pub fn new(bus: impl Bus) -> Self {
+        Self { bus: Arc::new(bus) }
+    }
+
+    /// Publishes `payload` on `subject`.
+    pub async fn publish(&self, subject: impl AsRef<str>, payload: Bytes) -> Result<(), BusError> {
+        self.bus
+            .publish(subject.as_ref(), Headers::new(), payload)
+            .await
+    }
+
+    /// Publishes `payload` on `subject` with `headers`.
+    pub async fn publish_with_headers(
+        &self,
+        subject: impl AsRef<str>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        self.bus.publish(subject.as_ref(), headers, payload).await
+    }
+
+    /// Subscribes to `pattern` (wildcards allowed).
+    pub async fn subscribe(&self, pattern: impl AsRef<str>) -> Result<Subscription, BusError> {
+        self.bus.subscribe(pattern.as_ref(), None).await
+    }
+
+    /// Subscribes to `pattern` as a member of `queue`: each message goes to one member.
+    pub async fn queue_subscribe(
+        &self,
+        pattern: impl AsRef<str>,
+        queue: impl AsRef<str>,
+    ) -> Result<Subscription, BusError> {
+        self.bus
+            .subscribe(pattern.as_ref(), Some(queue.as_ref()))
+            .await
+    }
+
+    /// A request waiting at most [`REQUEST_TIMEOUT`] for its answer.
+    pub async fn request(
+        &self,
+        subject: impl AsRef<str>,
+        payload: Bytes,
+    ) -> Result<Message, BusError> {
+        self.bus
+            .request(subject.as_ref(), Headers::new(), payload, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// A request with headers, waiting at most `timeout` for its answer.
+    pub async fn request_with_headers(
+        &self,
+        subject: impl AsRef<str>,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        self.bus
+            .request(subject.as_ref(), headers, payload, timeout)
+            .await
+    }
+
+    /// Resolves once what was published before has left this process.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        self.bus.flush().await
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}

@@ -84,7 +84,7 @@ impl Local {
             inner: Arc::downgrade(&self.inner),
             id,
         };
-        Subscription::new(rx, guard)
+        Subscription::channel(rx, guard)
     }
 
     /// Delivers `message`; returns how many subscriptions and queue groups it matched.

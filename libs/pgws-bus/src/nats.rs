@@ -1,15 +1,14 @@
 //! The bus on NATS (async-nats): a subject is a NATS subject, a queue group a NATS queue
-//! group; each subscription is read by a task of its own into the [`Subscription`]'s channel.
+//! group; a subscription is the async-nats subscriber (with its own bounded queue), mapped.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use tokio::sync::mpsc;
 
 use crate::subject::{valid_pattern, valid_subject};
-use crate::{Bus, BusError, Headers, Message, Subscription, SUBSCRIPTION_CAPACITY};
+use crate::{Bus, BusError, Headers, Message, Subscription};
 
 /// The bus on a NATS connection; cheap to clone.
 #[derive(Debug, Clone)]
@@ -61,15 +60,6 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-/// Stops the task that reads a subscription (and so the NATS subscription) when dropped.
-struct Reader(tokio::task::AbortHandle);
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Bus for Nats {
     fn publish(
         &self,
@@ -100,22 +90,14 @@ impl Bus for Nats {
             if !valid_pattern(&pattern) || !queue.as_deref().is_none_or(valid_subject) {
                 return Err(BusError::InvalidSubject(pattern));
             }
-            let mut sub = match queue {
+            let sub = match queue {
                 Some(q) => self.client.queue_subscribe(pattern, q).await,
                 None => self.client.subscribe(pattern).await,
             }
             .map_err(unavailable)?;
             // Known to the server before this resolves: nothing published after is missed.
             self.client.flush().await.map_err(unavailable)?;
-            let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-            let task = tokio::spawn(async move {
-                while let Some(m) = sub.next().await {
-                    if tx.send(message(m)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            Ok(Subscription::new(rx, Reader(task.abort_handle())))
+            Ok(Subscription::stream(sub.map(message)))
         })
     }
 

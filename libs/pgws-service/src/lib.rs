@@ -7,6 +7,7 @@
 
 mod admin;
 mod audit;
+mod host;
 mod launch;
 mod metrics;
 mod nats;
@@ -14,10 +15,11 @@ mod shutdown;
 pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
+pub use host::Host;
 pub use audit::{audit_stream_config, await_audit_stream, ensure_audit_stream};
 pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;
-pub use nats::{connect_nats, connect_nats_watched, flush_at_stop};
+pub use nats::{connect_nats, flush_at_stop, NatsLink};
 pub use shutdown::{wait_for_signal, Shutdown};
 pub use telemetry::{init_telemetry, Telemetry};
 

@@ -1,7 +1,9 @@
-//! The NATS connection every service opens: named, retrying forever in the background, so a
-//! service starts while NATS is down and becomes ready when it comes up. Subscriptions are
-//! restored by the client after a reconnect; [`connect_nats_watched`] also counts reconnects,
-//! for services that tell their clients something may have been missed meanwhile. Credentials
+//! The NATS connection a service opens when its roles talk over NATS: named, retrying forever
+//! in the background, so a service starts while NATS is down and becomes ready when it comes
+//! up. Subscriptions are restored by the client after a reconnect; the [`NatsLink`] also
+//! counts reconnects, for services that tell their clients something may have been missed
+//! meanwhile. The services see the connection as a [`pgws_bus::Client`] (the bus seam) and,
+//! for the audit, a [`JetStreamLog`]; async-nats stays behind this module and `pgws-bus`. Credentials
 //! (user and password, token, NKey, credentials file) and TLS come from `PGWS_NATS_*`. Each
 //! service takes its replies under its own inbox prefix (`_INBOX.<prefix>.<name>`), so a NATS
 //! user's subscribe permission can stop at its own replies.
@@ -9,10 +11,38 @@
 use anyhow::Context as _;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event};
+use pgws_bus::{JetStreamLog, Nats};
 use pgws_config::{NatsAuth, NatsConfig};
 use tokio::sync::watch;
 
 use crate::Readiness;
+
+/// A NATS connection: the bus over it, its JetStream, and how many times it came back.
+#[derive(Debug, Clone)]
+pub struct NatsLink {
+    client: Client,
+    /// How many times the connection came back after it was lost (the first connection does
+    /// not count).
+    pub reconnects: watch::Receiver<u64>,
+}
+
+impl NatsLink {
+    /// The bus on this connection.
+    pub fn bus(&self) -> pgws_bus::Client {
+        pgws_bus::Client::new(Nats::new(self.client.clone()))
+    }
+
+    /// JetStream on this connection (for the audit stream's provisioning).
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.client.clone())
+    }
+
+    /// The durable log of `stream` on this connection; records not acknowledged within
+    /// `ack_wait` come again.
+    pub fn log(&self, stream: &str, ack_wait: std::time::Duration) -> JetStreamLog {
+        JetStreamLog::new(self.jetstream(), stream, ack_wait)
+    }
+}
 
 /// Connects to `config.url` (comma-separated for a cluster) with its credentials and TLS, and
 /// registers the `nats` readiness check.
@@ -20,8 +50,9 @@ pub async fn connect_nats(
     config: &NatsConfig,
     name: &str,
     readiness: &Readiness,
-) -> anyhow::Result<Client> {
-    Ok(connect_nats_watched(config, name, readiness).await?.0)
+) -> anyhow::Result<NatsLink> {
+    let (client, reconnects) = connect_watched(config, name, readiness).await?;
+    Ok(NatsLink { client, reconnects })
 }
 
 /// The options for `auth`.
@@ -49,9 +80,8 @@ async fn options(auth: &NatsAuth) -> anyhow::Result<ConnectOptions> {
     Ok(options)
 }
 
-/// Like [`connect_nats`], with the number of times the connection came back after it was
-/// lost (the first connection does not count).
-pub async fn connect_nats_watched(
+/// The connection, with the number of times it came back after it was lost.
+async fn connect_watched(
     config: &NatsConfig,
     name: &str,
     readiness: &Readiness,
@@ -91,7 +121,7 @@ pub(crate) const FLUSH_AT_STOP: std::time::Duration = std::time::Duration::from_
 /// Flushes what `client` still has to send as the service stops, waiting at most
 /// [`FLUSH_AT_STOP`]: a NATS server that is gone or stalled cannot hold the stop. What could
 /// not be flushed is a warning.
-pub async fn flush_at_stop(client: &Client) {
+pub async fn flush_at_stop(client: &pgws_bus::Client) {
     match tokio::time::timeout(FLUSH_AT_STOP, client.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "NATS could not be flushed at stop"),

@@ -27,7 +27,7 @@
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_nats::HeaderMap;
+use pgws_bus::Headers as HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -358,7 +358,7 @@ pub fn mark(span: &Span) {
     }
 }
 
-/// Writes the span's trace context into NATS headers (`traceparent`, `tracestate`).
+/// Writes the span's trace context into bus headers (`traceparent`, `tracestate`).
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
     if tracing_enabled() {
         TraceContextPropagator::new().inject_context(&span.context(), &mut NatsHeaders(headers));
@@ -367,11 +367,11 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
 
 /// Makes the trace context found in `headers` the span's parent (before the span is entered),
 /// then marks the span with its trace id.
-pub fn adopt(span: &Span, headers: Option<&HeaderMap>) {
+pub fn adopt(span: &Span, headers: &HeaderMap) {
     if !tracing_enabled() {
         return;
     }
-    if let Some(cx) = headers.and_then(remote) {
+    if let Some(cx) = remote(headers) {
         drop(span.set_parent(cx));
     }
     mark(span);
@@ -385,8 +385,8 @@ pub fn link(span: &Span, other: &Span) {
 }
 
 /// Links `span` to the trace context found in `headers` (a batch serving several traces).
-pub fn link_remote(span: &Span, headers: Option<&HeaderMap>) {
-    if let (true, Some(cx)) = (tracing_enabled(), headers.and_then(remote)) {
+pub fn link_remote(span: &Span, headers: &HeaderMap) {
+    if let (true, Some(cx)) = (tracing_enabled(), remote(headers)) {
         add_link(span, &cx);
     }
 }
@@ -409,7 +409,7 @@ struct NatsHeaders<'a>(&'a mut HeaderMap);
 
 impl Injector for NatsHeaders<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+        self.0.insert(key.to_owned(), value);
     }
 }
 
@@ -418,11 +418,11 @@ struct ReadHeaders<'a>(&'a HeaderMap);
 
 impl Extractor for ReadHeaders<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(|v| v.as_str())
+        self.0.get(key).map(String::as_str)
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+        self.0.keys().map(String::as_str).collect()
     }
 }
 

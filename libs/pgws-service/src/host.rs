@@ -1,0 +1,42 @@
+//! What the process running a role (gateway, bridge, recorder) gives it: the bus it talks
+//! over, and the metrics registry and readiness checks that the process's admin listener
+//! serves. A service binary builds one on NATS for its one role; `pgws` builds one for its
+//! three roles, on the in-process bus or on NATS.
+
+use tokio::sync::watch;
+
+use crate::{Metrics, Readiness};
+
+/// A role's share of its process.
+#[derive(Clone)]
+pub struct Host {
+    /// The bus the role talks over.
+    pub bus: pgws_bus::Client,
+    /// How many times the bus connection came back after it was lost (never, in one process).
+    pub reconnects: watch::Receiver<u64>,
+    /// Where the role registers its metrics.
+    pub metrics: Metrics,
+    /// Where the role registers its readiness checks.
+    pub readiness: Readiness,
+}
+
+impl Host {
+    /// A host on a bus that never reconnects (the in-process bus).
+    pub fn local(bus: pgws_bus::Client, metrics: Metrics, readiness: Readiness) -> Self {
+        Self {
+            bus,
+            reconnects: watch::channel(0).1,
+            metrics,
+            readiness,
+        }
+    }
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("reconnects", &*self.reconnects.borrow())
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
+    }
+}
