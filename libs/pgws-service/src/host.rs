@@ -18,16 +18,31 @@ pub struct Host {
     pub metrics: Metrics,
     /// Where the role registers its readiness checks.
     pub readiness: Readiness,
+    /// Keeps `reconnects` open on a bus that never reconnects.
+    _reconnected: Option<std::sync::Arc<watch::Sender<u64>>>,
 }
 
 impl Host {
     /// A host on a bus that never reconnects (the in-process bus).
     pub fn local(bus: pgws_bus::Client, metrics: Metrics, readiness: Readiness) -> Self {
+        let (tx, reconnects) = watch::channel(0);
         Self {
             bus,
-            reconnects: watch::channel(0).1,
+            reconnects,
             metrics,
             readiness,
+            _reconnected: Some(std::sync::Arc::new(tx)),
+        }
+    }
+
+    /// A host on a NATS connection.
+    pub fn nats(link: &crate::NatsLink, metrics: Metrics, readiness: Readiness) -> Self {
+        Self {
+            bus: link.bus(),
+            reconnects: link.reconnects.clone(),
+            metrics,
+            readiness,
+            _reconnected: None,
         }
     }
 }
