@@ -36,6 +36,12 @@ pub struct NotifyRequest {
     pub deadline_ms: Option<u64>,
     /// Executed in this order, all in the same transaction or a few consecutive ones.
     pub notifications: Vec<Notification>,
+    /// The audit records of the request's client messages when the bridge writes the audit
+    /// itself (one process, no audit stream): each is the message's id, the channel it is
+    /// NOTIFYed on and the envelope recorded, and is written in the transaction that NOTIFYs
+    /// the notification with the same id. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<Notification>,
 }
 
 impl NotifyRequest {
@@ -45,6 +51,7 @@ impl NotifyRequest {
             id: None,
             deadline_ms: None,
             notifications,
+            records: Vec::new(),
         }
     }
 }
