@@ -97,6 +97,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Resolves once what was published before has left this process.
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// The largest payload one message may carry.
+    fn max_payload(&self) -> usize;
 }
 
 /// Messages of one subscription, in the order received; the subscription ends when dropped.
@@ -144,6 +147,9 @@ impl std::fmt::Debug for Subscription {
 
 /// Most messages a subscription holds unread before the bus drops what does not fit.
 pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+/// The largest payload of a message on the in-process bus (NATS servers default to 1 MiB).
+pub const LOCAL_MAX_PAYLOAD: usize = 8 * 1024 * 1024;
 
 /// How long [`Client::request`] waits for an answer (as async-nats does by default).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,6 +226,11 @@ impl Client {
     /// Resolves once what was published before has left this process.
     pub async fn flush(&self) -> Result<(), BusError> {
         self.bus.flush().await
+    }
+
+    /// The largest payload one message may carry.
+    pub fn max_payload(&self) -> usize {
+        self.bus.max_payload()
     }
 }
 

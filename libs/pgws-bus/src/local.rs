@@ -198,4 +198,8 @@ impl Bus for Local {
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async { Ok(()) })
     }
+
+    fn max_payload(&self) -> usize {
+        crate::LOCAL_MAX_PAYLOAD
+    }
 }

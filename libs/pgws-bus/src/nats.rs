@@ -131,4 +131,12 @@ impl Bus for Nats {
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move { self.client.flush().await.map_err(unavailable) })
     }
+
+    /// The server's limit (1 MiB by default; before the first connection, that default).
+    fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => 1024 * 1024,
+            n => n,
+        }
+    }
 }

@@ -15,8 +15,8 @@ mod shutdown;
 pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
-pub use host::Host;
 pub use audit::{audit_stream_config, await_audit_stream, ensure_audit_stream};
+pub use host::Host;
 pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;
 pub use nats::{connect_nats, flush_at_stop, NatsLink};

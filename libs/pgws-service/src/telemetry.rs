@@ -27,12 +27,12 @@
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pgws_bus::Headers as HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use pgws_bus::Headers as HeaderMap;
 use pgws_config::{keys, Settings};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
-use futures::StreamExt;
 use pgws_proto::{headers, Subjects};
 use pgws_service::prometheus_client::metrics::gauge::Gauge;
 use pgws_service::telemetry::{self, TARGET as TRACE};
@@ -251,7 +250,7 @@ impl Channel {
 
 /// The subjects with local readers.
 pub(crate) struct Hub {
-    client: async_nats::Client,
+    client: pgws_bus::Client,
     subjects: Subjects,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     /// Sockets that asked for gap signals.
@@ -264,7 +263,7 @@ pub(crate) struct Hub {
 
 impl Hub {
     pub(crate) fn new(
-        client: async_nats::Client,
+        client: pgws_bus::Client,
         subjects: Subjects,
         budget: Arc<Budget>,
         metrics: GatewayMetrics,
@@ -394,12 +393,7 @@ impl Hub {
             let Some(subject) = self.subjects.topic_of_close(&msg.subject) else {
                 continue;
             };
-            let close = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::CLOSE))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default();
+            let close = msg.headers.get(headers::CLOSE).cloned().unwrap_or_default();
             let (code, reason) = close.split_once(' ').unwrap_or((close.as_str(), ""));
             let code = code.parse().unwrap_or(CLOSE_GOING_AWAY);
             let reason: String = reason.chars().take(120).collect();
@@ -477,7 +471,7 @@ impl Hub {
             .request(self.subjects.sync_probe(), Bytes::new())
             .await
         {
-            if e.kind() != async_nats::RequestErrorKind::NoResponders {
+            if e != pgws_bus::BusError::NoResponders {
                 tracing::warn!(subject, error = %e, "subscription not confirmed");
             }
         }
@@ -491,18 +485,14 @@ impl Hub {
                 },
             }
         }
-        drop(sub.unsubscribe().await);
+        drop(sub);
     }
 
     /// Queues one message to every local reader of its subject: one span for the message (not
     /// one per socket), one shared buffer.
-    fn fan_out(&self, state: &Channel, msg: async_nats::Message) {
+    fn fan_out(&self, state: &Channel, msg: pgws_bus::Message) {
         self.metrics.notifications_in.inc();
-        let listened_at = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::LISTENED_AT))
-            .map(|v| v.as_str());
+        let listened_at = msg.headers.get(headers::LISTENED_AT).map(String::as_str);
         let span = tracing::info_span!(
             target: TRACE,
             "gateway.fanout",
@@ -514,14 +504,9 @@ impl Hub {
             slow_consumers = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        telemetry::adopt(&span, msg.headers.as_ref());
+        telemetry::adopt(&span, &msg.headers);
         let _entered = span.enter();
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
+        let header = |name: &str| msg.headers.get(name).cloned();
         if header(headers::CLOSE).is_some() {
             tracing::debug!("a close header on a data subject: dropped");
             return;

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pgws_service::{
-    await_audit_stream, connect_nats_watched, serve_admin, Metrics, Readiness, Shutdown,
+    await_audit_stream, connect_nats, serve_admin, Host, Metrics, Readiness, Shutdown,
 };
 use tokio::net::TcpListener;
 
@@ -53,7 +53,9 @@ use hub::Hub;
 use jwks::Jwks;
 use metrics::GatewayMetrics;
 use presence::Presence;
-use uplink::{Audit, Uplink};
+use uplink::Uplink;
+
+pub use uplink::Audit;
 
 /// How long shutdown waits for sockets to hand over what they accepted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -70,7 +72,7 @@ pub(crate) struct Gateway {
     pub(crate) presence: Presence,
     /// The fetcher of `PGWS_JWKS_URL`, when the keys come from there.
     pub(crate) jwks: Option<Arc<Jwks>>,
-    pub(crate) client: async_nats::Client,
+    pub(crate) client: pgws_bus::Client,
     /// `PGWS_MAX_CONNECTIONS_PER_ADDRESS`.
     pub(crate) per_address: Arc<limits::PerAddress>,
     /// `PGWS_MAX_HANDSHAKES_PER_ADDRESS`.
@@ -102,47 +104,86 @@ pub fn metric_names() -> Vec<String> {
 }
 
 /// Runs the gateway until `shutdown.token` is cancelled, then closes every socket with 1001
-/// after handing over what it accepted.
+/// after handing over what it accepted: the `ws-gateway` binary, on NATS, with its own admin
+/// listener and the audit in the stack's audit stream.
 pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let registry = Metrics::new();
     let readiness = Readiness::new();
-    let metrics = GatewayMetrics::register(&registry);
-    let jwks = match config.jwks.clone() {
-        Some(c) => Some(Jwks::start(c, metrics.clone(), &shutdown).await?),
-        None => None,
-    };
-    let (client, reconnects) = connect_nats_watched(&config.nats, "ws-gateway", &readiness)
+    let link = connect_nats(&config.nats, "ws-gateway", &readiness)
         .await
         .context("connecting to NATS")?;
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
-        None => None,
-    };
     let admin = TcpListener::bind(config.admin.addr)
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin.addr))?;
     tracing::info!(addr = %admin.local_addr()?, "admin listening");
+
+    // Every readiness check is registered before the admin listener answers, so that /readyz
+    // never reports fewer dependencies than it has.
+    let audit = config.audit.enabled.then(|| {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ready);
+        readiness.add("audit", move || flag.load(Ordering::Relaxed));
+        let (js, subjects, limits) = (link.jetstream(), config.nats.subjects.clone(), config.audit);
+        let token = shutdown.token.clone();
+        shutdown.spawn(async move {
+            if await_audit_stream(&js, &subjects, &limits, token.cancelled())
+                .await
+                .is_ok()
+            {
+                ready.store(true, Ordering::Relaxed);
+            }
+        });
+        let log = link.log(
+            &config.nats.subjects.audit_stream(),
+            Duration::from_secs(30),
+        );
+        Audit::Log {
+            log: Arc::new(log),
+            subject: config.nats.subjects.audit(),
+        }
+    });
+    let admin_token = shutdown.token.clone();
+    let admin_readiness = readiness.clone();
+    let admin_registry = registry.clone();
+    shutdown.spawn(async move {
+        if let Err(e) = serve_admin(admin, admin_readiness, admin_registry, admin_token).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    run_on(
+        config,
+        Host::nats(&link, registry, readiness),
+        audit,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the gateway on `host`'s bus (registering its metrics and readiness there) until
+/// `shutdown.token` is cancelled, then closes every socket with 1001 after handing over what
+/// it accepted. `audit` is where client messages are recorded (`None`: not recorded).
+pub async fn run_on(
+    config: GatewayConfig,
+    host: Host,
+    audit: Option<Audit>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let metrics = GatewayMetrics::register(&host.metrics);
+    let jwks = match config.jwks.clone() {
+        Some(c) => Some(Jwks::start(c, metrics.clone(), &shutdown).await?),
+        None => None,
+    };
+    let client = host.bus.clone();
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
+        None => None,
+    };
     let listener = config
         .listen
         .bind()
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "websocket listening");
 
-    // Every readiness check is registered before the admin listener answers, so that /readyz
-    // never reports fewer dependencies than it has.
-    let audit_ready = config.audit.enabled.then(|| {
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&ready);
-        readiness.add("audit", move || flag.load(Ordering::Relaxed));
-        ready
-    });
-    let admin_token = shutdown.token.clone();
-    let admin_readiness = readiness.clone();
-    shutdown.spawn(async move {
-        if let Err(e) = serve_admin(admin, admin_readiness, registry, admin_token).await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    });
     let budget = hub::Budget::new(
         config.send_budget,
         config.send_queue_bytes,
@@ -164,24 +205,8 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         &shutdown,
     );
     let resync = presence.clone();
-    shutdown.spawn(Arc::clone(&hub).relay_gaps(reconnects, move || resync.resync()));
+    shutdown.spawn(Arc::clone(&hub).relay_gaps(host.reconnects.clone(), move || resync.resync()));
     shutdown.spawn(Arc::clone(&hub).relay_topic_closes());
-    let audit = config.audit.enabled.then(|| Audit {
-        js: async_nats::jetstream::new(client.clone()),
-        subject: config.nats.subjects.audit(),
-    });
-    if let (Some(audit), Some(ready)) = (&audit, audit_ready) {
-        let (js, subjects, limits) = (audit.js.clone(), config.nats.subjects.clone(), config.audit);
-        let token = shutdown.token.clone();
-        shutdown.spawn(async move {
-            if await_audit_stream(&js, &subjects, &limits, token.cancelled())
-                .await
-                .is_ok()
-            {
-                ready.store(true, Ordering::Relaxed);
-            }
-        });
-    }
     let uplink = Uplink::new(
         client.clone(),
         config.nats.subjects.notify(),

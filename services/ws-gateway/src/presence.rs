@@ -88,7 +88,7 @@ pub(crate) struct Presence {
 impl Presence {
     /// Starts the task on `shutdown`; it ends (telling the leader) at shutdown.
     pub(crate) fn start(
-        client: async_nats::Client,
+        client: pgws_bus::Client,
         subjects: &Subjects,
         gateway: String,
         failures: Counter,
@@ -160,7 +160,7 @@ impl Presence {
 }
 
 struct Task {
-    client: async_nats::Client,
+    client: pgws_bus::Client,
     subject: String,
     gateway: String,
     /// Reports that failed.
@@ -333,7 +333,7 @@ impl Task {
 
     /// Whether a request fits one NATS message of the server's.
     fn fits(&self, op: &RegistryOp) -> bool {
-        let budget = report_budget(self.client.server_info().max_payload);
+        let budget = report_budget(self.client.max_payload());
         serde_json::to_vec(op).is_ok_and(|b| b.len() <= budget)
     }
 
@@ -342,7 +342,7 @@ impl Task {
     /// heartbeat.
     async fn report(&mut self, presence: State) {
         self.reports += 1;
-        let budget = report_budget(self.client.server_info().max_payload);
+        let budget = report_budget(self.client.max_payload());
         let parts = presence.clone().split(budget);
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         let id = self.reports;
@@ -394,9 +394,9 @@ impl Task {
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
             .map_err(|_| "the leader bridge did not answer".to_owned())?
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => NO_LEADER.to_owned(),
-                _ => e.to_string(),
+            .map_err(|e| match e {
+                pgws_bus::BusError::NoResponders => NO_LEADER.to_owned(),
+                e => e.to_string(),
             })?;
         serde_json::from_slice(&answer.payload).map_err(|e| format!("unreadable answer: {e}"))
     }

@@ -17,10 +17,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::HeaderMap;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::future::BoxFuture;
 use futures::SinkExt;
+use pgws_bus::Headers as HeaderMap;
 use pgws_proto::headers;
 use tokio::time::Instant;
 
@@ -256,7 +256,7 @@ fn perform<'a>(
             } => {
                 let mut h = HeaderMap::new();
                 if binary {
-                    h.insert(headers::FRAME, headers::FRAME_BINARY);
+                    h.insert(headers::FRAME.to_owned(), headers::FRAME_BINARY.to_owned());
                 }
                 if let Err(e) = gw.client.publish_with_headers(subject, h, payload).await {
                     tracing::warn!(error = %e, "cannot publish a frame");

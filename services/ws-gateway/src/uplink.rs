@@ -13,21 +13,24 @@
 //! deadline, so a retry that overtakes a copy stuck in a stalled bridge neither doubles the
 //! NOTIFYs nor lets them land after the socket's later messages.
 //!
-//! With the audit stream on (`PGWS_AUDIT`, the default), the request's notifications are first
-//! published to JetStream (one record holding all of them when there are several, with every
-//! message id; `Nats-Msg-Id` makes a retry inside the duplicate window a no-op) and the NOTIFY
-//! request goes out only once the stream acknowledged them: a message is never in the database
-//! without being in the audit stream. When the NOTIFY then fails for good, an outcome record
-//! (`Pgws-Outcome: failed`, the reason as body) tells the recorder which recorded messages were
-//! not NOTIFYed.
+//! With the audit on (`PGWS_AUDIT`, the default) the audit is kept one of two ways:
+//! - in the audit log (the stack's JetStream stream, [`Audit::Log`]): the request's
+//!   notifications are first appended to it (one record holding all of them when there are
+//!   several, with every message id; the id makes a retry inside the duplicate window a no-op)
+//!   and the NOTIFY request goes out only once the log holds them: a message is never in the
+//!   database without being in the audit stream. When the NOTIFY then fails for good, an
+//!   outcome record (`Pgws-Outcome: failed`, the reason as body) tells the recorder which
+//!   recorded messages were not NOTIFYed;
+//! - in the request itself ([`Audit::InRequest`], one process): the records ride in the NOTIFY
+//!   request and the bridge writes them in the transaction that NOTIFYs their messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use pgws_bus::{Headers as HeaderMap, Log};
 use pgws_proto::{headers, Notification, NotifyReply, NotifyRequest};
 use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio::time::Instant;
@@ -76,7 +79,7 @@ impl Pending {
 /// Sends NOTIFY requests to the bridges.
 #[derive(Clone, Debug)]
 pub(crate) struct Uplink {
-    client: async_nats::Client,
+    client: pgws_bus::Client,
     subject: String,
     deadline: Duration,
     audit: Option<Audit>,
@@ -88,15 +91,26 @@ pub(crate) struct Uplink {
 }
 
 /// Where audit records go.
-#[derive(Clone, Debug)]
-pub(crate) struct Audit {
-    pub(crate) js: jetstream::Context,
-    pub(crate) subject: String,
+#[derive(Clone)]
+pub enum Audit {
+    /// Appended to the audit log on `subject` before the NOTIFY request leaves.
+    Log { log: Arc<dyn Log>, subject: String },
+    /// Carried in the NOTIFY request, for the bridge to write in its transaction.
+    InRequest,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Log { subject, .. } => f.debug_struct("Log").field("subject", subject).finish(),
+            Self::InRequest => f.write_str("InRequest"),
+        }
+    }
 }
 
 impl Uplink {
     pub(crate) fn new(
-        client: async_nats::Client,
+        client: pgws_bus::Client,
         subject: String,
         deadline: Duration,
         audit: Option<Audit>,
@@ -183,21 +197,30 @@ impl Uplink {
             notifications.push(p.note);
         }
         let audit_channel = self.audit_channel.clone();
-        let mut trace = async_nats::HeaderMap::new();
+        let mut trace = HeaderMap::new();
         telemetry::inject(&span, &mut trace);
         let sending = async move {
             // The frames' spans end when their messages are in the database (or given up).
             let _frames = frames;
-            if let Some(audit) = &audit {
-                let recorded = records.as_deref().unwrap_or(&notifications);
-                record(audit, recorded, &trace, deadline).await?;
-            }
+            let mut in_request = Vec::new();
             // The recorded messages, for an outcome record if their NOTIFY fails.
-            let ids: Vec<String> = match (&audit, &records) {
-                (None, _) => Vec::new(),
-                (Some(_), Some(records)) => records.iter().filter_map(|n| n.id.clone()).collect(),
-                (Some(_), None) => notifications.iter().filter_map(|n| n.id.clone()).collect(),
-            };
+            let mut ids: Vec<String> = Vec::new();
+            match &audit {
+                None => {}
+                Some(Audit::Log { log, subject }) => {
+                    let recorded = records.as_deref().unwrap_or(&notifications);
+                    record(log.as_ref(), subject, recorded, &trace, deadline).await?;
+                    ids = recorded.iter().filter_map(|n| n.id.clone()).collect();
+                }
+                Some(Audit::InRequest) => {
+                    let recorded = records.as_deref().unwrap_or(&notifications);
+                    in_request = recorded
+                        .iter()
+                        .filter(|n| n.id.is_some())
+                        .cloned()
+                        .collect();
+                }
+            }
             if let Some(channel) = audit_channel {
                 notifications = with_echoes(notifications, &echoes, &channel);
             }
@@ -205,12 +228,13 @@ impl Uplink {
                 id: Some(id),
                 deadline_ms,
                 notifications,
+                records: in_request,
             })
             .map_err(|e| format!("cannot encode request: {e}"))?;
             let result = notify(&client, &subject, &trace, body.into(), deadline).await;
-            if let (Err(reason), Some(audit)) = (&result, &audit) {
+            if let (Err(reason), Some(Audit::Log { log, subject })) = (&result, &audit) {
                 if !ids.is_empty() {
-                    report_failure(audit, &ids, reason).await;
+                    report_failure(log.as_ref(), subject, &ids, reason).await;
                 }
             }
             result
@@ -231,9 +255,9 @@ impl Uplink {
 /// Sends one NOTIFY request until a bridge commits it or `deadline` passes (retries with
 /// backoff; each attempt waits at most 5 s for its answer).
 async fn notify(
-    client: &async_nats::Client,
+    client: &pgws_bus::Client,
     subject: &str,
-    trace: &async_nats::HeaderMap,
+    trace: &HeaderMap,
     body: Bytes,
     deadline: Instant,
 ) -> Result<(), String> {
@@ -272,19 +296,19 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// failed`, see proto/CONTRACT.md), so the audit says what became of them. Bounded by
 /// [`REPORT_TIMEOUT`]; when the stream does not take it, the rows keep saying nothing about the
 /// NOTIFY (logged).
-async fn report_failure(audit: &Audit, ids: &[String], reason: &str) {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, format!("{}:failed", ids[0]).as_str());
-    h.insert(headers::MSG_IDS, ids.join(",").as_str());
-    h.insert(headers::OUTCOME, headers::OUTCOME_FAILED);
+async fn report_failure(log: &dyn Log, subject: &str, ids: &[String], reason: &str) {
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_IDS.to_owned(), ids.join(","));
+    h.insert(
+        headers::OUTCOME.to_owned(),
+        headers::OUTCOME_FAILED.to_owned(),
+    );
     let body = Bytes::from(reason.to_owned());
+    let id = format!("{}:failed", ids[0]);
     let publish = async {
-        let ack = audit
-            .js
-            .publish_with_headers(audit.subject.clone(), h, body)
+        log.append(subject, &id, h, body)
             .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map(drop).map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(REPORT_TIMEOUT, publish).await {
         Ok(Ok(())) => {}
@@ -321,20 +345,21 @@ fn with_echoes(
     out
 }
 
-/// One NATS request, with the trace context when there is one.
+/// One request on the bus, with the trace context when there is one.
 async fn request(
-    client: &async_nats::Client,
+    client: &pgws_bus::Client,
     subject: &str,
-    trace: &async_nats::HeaderMap,
+    trace: &HeaderMap,
     body: &Bytes,
-) -> Result<async_nats::Message, async_nats::RequestError> {
-    if trace.is_empty() {
-        client.request(subject.to_owned(), body.clone()).await
-    } else {
-        client
-            .request_with_headers(subject.to_owned(), trace.clone(), body.clone())
-            .await
-    }
+) -> Result<pgws_bus::Message, pgws_bus::BusError> {
+    client
+        .request_with_headers(
+            subject,
+            trace.clone(),
+            body.clone(),
+            pgws_bus::REQUEST_TIMEOUT,
+        )
+        .await
 }
 
 /// Sleeps `backoff` (at most until `deadline`) and returns the next, longer one.
@@ -367,20 +392,20 @@ fn one_record(notifications: &[Notification]) -> Option<(Vec<&str>, &str)> {
 /// Publishes the audit records of `notifications` and waits for every acknowledgement,
 /// retrying (same ids, so the stream keeps one copy) until `deadline`.
 async fn record(
-    audit: &Audit,
+    log: &dyn Log,
+    subject: &str,
     notifications: &[Notification],
-    trace: &async_nats::HeaderMap,
+    trace: &HeaderMap,
     deadline: Instant,
 ) -> Result<(), String> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let error =
-            match tokio::time::timeout_at(deadline, publish_all(audit, notifications, trace)).await
-            {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => e,
-                Err(_) => "the audit stream did not acknowledge in time".to_owned(),
-            };
+        let appended = publish_all(log, subject, notifications, trace);
+        let error = match tokio::time::timeout_at(deadline, appended).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => "the audit stream did not acknowledge in time".to_owned(),
+        };
         if Instant::now() >= deadline {
             return Err(format!("not recorded in the audit stream: {error}"));
         }
@@ -390,16 +415,16 @@ async fn record(
 }
 
 async fn publish_all(
-    audit: &Audit,
+    log: &dyn Log,
+    subject: &str,
     notifications: &[Notification],
-    trace: &async_nats::HeaderMap,
+    trace: &HeaderMap,
 ) -> Result<(), String> {
     if let Some((ids, channel)) = one_record(notifications) {
         // The request's envelopes as one record (see the audit stream in proto/CONTRACT.md).
         let mut h = trace.clone();
-        h.insert(headers::MSG_ID, ids[0]);
-        h.insert(headers::MSG_IDS, ids.join(",").as_str());
-        h.insert(headers::NOTIFY_CHANNEL, channel);
+        h.insert(headers::MSG_IDS.to_owned(), ids.join(","));
+        h.insert(headers::NOTIFY_CHANNEL.to_owned(), channel.to_owned());
         let mut body = Vec::with_capacity(notifications.iter().map(|n| n.payload.len() + 1).sum());
         for (i, n) in notifications.iter().enumerate() {
             if i > 0 {
@@ -407,29 +432,20 @@ async fn publish_all(
             }
             body.extend_from_slice(n.payload.as_bytes());
         }
-        let ack = audit
-            .js
-            .publish_with_headers(audit.subject.clone(), h, Bytes::from(body))
+        return log
+            .append(subject, ids[0], h, Bytes::from(body))
             .await
-            .map_err(|e| e.to_string())?;
-        return ack.await.map(drop).map_err(|e| e.to_string());
+            .map_err(|e| e.to_string());
     }
-    let mut acks = Vec::with_capacity(notifications.len());
-    for n in notifications {
+    // Appended together (each is sent as it is first polled, in order), acknowledged together.
+    let appends = notifications.iter().map(|n| {
         let mut h = trace.clone();
-        if let Some(id) = &n.id {
-            h.insert(headers::MSG_ID, id.as_str());
-        }
-        h.insert(headers::NOTIFY_CHANNEL, n.channel.as_str());
-        let ack = audit
-            .js
-            .publish_with_headers(audit.subject.clone(), h, Bytes::from(n.payload.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        acks.push(ack);
-    }
-    for ack in acks {
-        ack.await.map_err(|e| e.to_string())?;
-    }
-    Ok(())
+        h.insert(headers::NOTIFY_CHANNEL.to_owned(), n.channel.clone());
+        let id = n.id.as_deref().unwrap_or_default();
+        log.append(subject, id, h, Bytes::from(n.payload.clone()))
+    });
+    futures::future::try_join_all(appends)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
