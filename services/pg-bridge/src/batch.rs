@@ -1,17 +1,19 @@
 //! The pure part of NOTIFY handling: checking a request, the requests a worker executes
 //! together, and planning their transactions.
 //!
-//! Kept apart from the I/O so the two rules that matter are unit tested on their own:
+//! Kept apart from the I/O so the rules that matter are unit tested on their own:
 //! a bad request is refused before it can share (and fail) a transaction with good ones, and
 //! a batch is cut into as few transactions as PostgreSQL allows. PostgreSQL folds identical
 //! `(channel, payload)` pairs of one transaction into a single notification, so a pair that
 //! would repeat inside a transaction starts a new one; a request is kept whole in one
-//! transaction unless it repeats a pair itself.
+//! transaction unless it repeats a pair itself. When the bridge writes the audit itself
+//! ([`crate::TxAudit`]), each audit record goes with the transaction that NOTIFYs its message
+//! ([`audit_plan`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::Subject;
+use pgws_bus::Headers;
 use pgws_proto::{Notification, NotifyRequest, MAX_NOTIFY_PAYLOAD, MAX_PG_CHANNEL};
 use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio::sync::oneshot;
@@ -29,7 +31,10 @@ pub(crate) struct Request {
     /// Not started past this instant (the gateway has given up on it by then).
     pub(crate) deadline: Option<SystemTime>,
     pub(crate) notifications: Vec<Notification>,
-    pub(crate) reply: Option<Subject>,
+    /// The audit records of the request's messages (written only with a [`crate::TxAudit`]).
+    pub(crate) records: Vec<Notification>,
+    /// Where the answer goes, when the sender asked for one.
+    pub(crate) reply: Option<String>,
     /// `bridge.batch`, child of the gateway's publish span (a disabled span when traces are
     /// not exported); it ends when the request has been answered.
     pub(crate) span: tracing::Span,
@@ -42,10 +47,7 @@ impl Request {
     }
 
     /// The span of a request received with `headers`.
-    pub(crate) fn span(
-        notifications: usize,
-        headers: Option<&async_nats::HeaderMap>,
-    ) -> tracing::Span {
+    pub(crate) fn span(notifications: usize, headers: &Headers) -> tracing::Span {
         let span = tracing::info_span!(
             target: TRACE,
             "bridge.batch",
@@ -101,6 +103,13 @@ pub(crate) enum InvalidRequest {
     /// An id that cannot be a dedup key.
     #[error("request id must be 1 to {} bytes without NUL", crate::dedup::MAX_ID)]
     Id,
+    /// An audit record that no notification of the request NOTIFYs (it would never be
+    /// written).
+    #[error("record {index}: no notification of the request has its id")]
+    RecordId { index: usize },
+    /// PostgreSQL text cannot hold NUL.
+    #[error("record {index}: NUL character in {field}")]
+    RecordNul { index: usize, field: &'static str },
 }
 
 /// The instant of a request's `deadline_ms`.
@@ -136,6 +145,24 @@ pub(crate) fn validate(body: &[u8]) -> Result<NotifyRequest, InvalidRequest> {
         if n.payload.contains('\0') {
             let field = "payload";
             return Err(InvalidRequest::Nul { index, field });
+        }
+    }
+    if !request.records.is_empty() {
+        let ids: HashSet<&str> = request
+            .notifications
+            .iter()
+            .filter_map(|n| n.id.as_deref())
+            .collect();
+        for (index, r) in request.records.iter().enumerate() {
+            let Some(id) = r.id.as_deref().filter(|id| ids.contains(id)) else {
+                return Err(InvalidRequest::RecordId { index });
+            };
+            let nul = [("id", id), ("channel", &r.channel), ("payload", &r.payload)]
+                .into_iter()
+                .find(|(_, text)| text.contains('\0'));
+            if let Some((field, _)) = nul {
+                return Err(InvalidRequest::RecordNul { index, field });
+            }
         }
     }
     Ok(request)
@@ -176,6 +203,43 @@ where
         transactions.push(current);
     }
     transactions
+}
+
+/// The audit records each transaction of `plan` writes: `(request, record)` indexes, for each
+/// of `requests` (its notifications and its records, in the order `plan` was made from). A
+/// record goes with the first transaction that NOTIFYs a notification of its request with the
+/// record's id, so it commits exactly when its message's NOTIFY does; a record whose id no
+/// notification of its request has goes nowhere ([`validate`] refuses such requests).
+pub(crate) fn audit_plan(
+    requests: &[(&[Notification], &[Notification])],
+    plan: &[Transaction],
+) -> Vec<Vec<(usize, usize)>> {
+    // (request, id) -> its records not yet given a transaction.
+    let mut waiting: HashMap<(usize, &str), Vec<usize>> = HashMap::new();
+    for (r, (_, records)) in requests.iter().enumerate() {
+        for (j, record) in records.iter().enumerate() {
+            if let Some(id) = record.id.as_deref() {
+                waiting.entry((r, id)).or_default().push(j);
+            }
+        }
+    }
+    plan.iter()
+        .map(|tx| {
+            let mut written = Vec::new();
+            if waiting.is_empty() {
+                return written;
+            }
+            for &(r, i) in tx {
+                let Some(id) = requests[r].0[i].id.as_deref() else {
+                    continue;
+                };
+                if let Some(records) = waiting.remove(&(r, id)) {
+                    written.extend(records.into_iter().map(|j| (r, j)));
+                }
+            }
+            written
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -294,6 +358,92 @@ mod tests {
     #[test]
     fn empty_requests_take_no_transaction() {
         assert!(plan_of(&[vec![], vec![]]).is_empty());
+    }
+
+    fn with_id(id: &str, channel: &str, payload: &str) -> Notification {
+        Notification {
+            id: Some(id.to_owned()),
+            ..n(channel, payload)
+        }
+    }
+
+    #[test]
+    fn a_record_goes_with_the_first_transaction_notifying_its_message() {
+        // Request 0 repeats a pair (two transactions), with an untracked copy of "m1" on the
+        // audit channel; request 1 shares the second transaction; request 2 has no records.
+        let notes = [
+            vec![
+                with_id("m1", "c", "a"),
+                n("audit", "a"),
+                with_id("m2", "c", "a"),
+            ],
+            vec![with_id("m3", "d", "x")],
+            vec![with_id("m4", "d", "y")],
+        ];
+        let records = [
+            vec![
+                with_id("m2", "c", "env2"),
+                with_id("m1", "c", "env1"),
+                with_id("m1", "c", "env1 again"),
+            ],
+            vec![with_id("m3", "d", "env3")],
+            vec![],
+        ];
+        let requests: Vec<(&[Notification], &[Notification])> = notes
+            .iter()
+            .zip(&records)
+            .map(|(n, r)| (n.as_slice(), r.as_slice()))
+            .collect();
+        let txs = plan(notes.iter().map(Vec::as_slice));
+        assert_eq!(
+            txs,
+            vec![vec![(0, 0), (0, 1)], vec![(0, 2), (1, 0), (2, 0)]]
+        );
+        assert_eq!(
+            audit_plan(&requests, &txs),
+            vec![vec![(0, 1), (0, 2)], vec![(0, 0), (1, 0)]]
+        );
+        // An id NOTIFYed twice (in two transactions) still writes its record once.
+        let twice = [with_id("m", "c", "a"), with_id("m", "c", "a")];
+        let record = [with_id("m", "c", "env")];
+        let txs = plan(std::iter::once(twice.as_slice()));
+        assert_eq!(txs.len(), 2);
+        assert_eq!(
+            audit_plan(&[(&twice, &record)], &txs),
+            vec![vec![(0, 0)], vec![]]
+        );
+        // Another request's notification with the same id does not take the record.
+        let other = [with_id("m", "c", "b")];
+        let none: [Notification; 0] = [];
+        let txs = vec![vec![(1, 0)], vec![(0, 0)]];
+        assert_eq!(
+            audit_plan(&[(&twice[..1], &record), (&other, &none)], &txs),
+            vec![vec![], vec![(0, 0)]]
+        );
+    }
+
+    #[test]
+    fn records_must_belong_to_a_notification_of_the_request() {
+        let request = |records: Vec<Notification>| {
+            let mut r = NotifyRequest::new(vec![with_id("m1", "c", "a"), n("audit", "a")]);
+            r.records = records;
+            serde_json::to_vec(&r).expect("encodes")
+        };
+        let ok = validate(&request(vec![with_id("m1", "c", "env")])).expect("valid");
+        assert_eq!(ok.records, vec![with_id("m1", "c", "env")]);
+        assert_eq!(
+            validate(&request(vec![
+                with_id("m1", "c", "e"),
+                with_id("m9", "c", "e")
+            ])),
+            Err(InvalidRequest::RecordId { index: 1 })
+        );
+        assert_eq!(
+            validate(&request(vec![n("c", "e")])),
+            Err(InvalidRequest::RecordId { index: 0 })
+        );
+        let err = validate(&request(vec![with_id("m1", "c", "e\0")])).expect_err("NUL");
+        assert_eq!(err.to_string(), "record 0: NUL character in payload");
     }
 
     #[test]

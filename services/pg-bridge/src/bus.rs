@@ -1,11 +1,11 @@
-//! Answering requests that came over NATS: every request service of the bridge replies
+//! Answering requests that came over the bus: every request service of the bridge replies
 //! through here.
 
-use async_nats::{Client as Nats, Subject};
+use pgws_bus::Client as Bus;
 use serde::Serialize;
 
 /// Sends `body` as JSON to `to` when the request asked for a reply.
-pub(crate) async fn reply<T: Serialize>(nats: &Nats, to: Option<&Subject>, body: &T) {
+pub(crate) async fn reply<T: Serialize>(bus: &Bus, to: Option<&String>, body: &T) {
     let Some(to) = to else { return };
     let bytes = match serde_json::to_vec(body) {
         Ok(bytes) => bytes,
@@ -14,7 +14,7 @@ pub(crate) async fn reply<T: Serialize>(nats: &Nats, to: Option<&Subject>, body:
             return;
         }
     };
-    if let Err(e) = nats.publish(to.clone(), bytes.into()).await {
+    if let Err(e) = bus.publish(to, bytes.into()).await {
         tracing::warn!(error = %e, "cannot send a reply");
     }
 }

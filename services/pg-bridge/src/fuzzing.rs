@@ -1,7 +1,7 @@
 //! Entry points for the fuzz targets in `fuzz/` (`cargo fuzz`; see `docs/security.md`), not
 //! an API: hidden from the documentation, and the only door they have into the bridge.
 //!
-//! A NOTIFY request body comes from NATS, from whoever can publish on `<prefix>.notify`: it
+//! A NOTIFY request body comes from the bus, from whoever can publish on `<prefix>.notify`: it
 //! is checked by [`validate_notify`] before anything reaches PostgreSQL, and the requests of
 //! a batch are cut into transactions by [`plan_transactions`]. Both are the bridge's own
 //! functions, unchanged. So is the decoder of the logical replication messages PostgreSQL

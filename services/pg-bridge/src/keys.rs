@@ -8,10 +8,10 @@
 //! refuses the handshake with 503, not 403).
 //!
 //! Bounds: one connection per bridge (re-opened on the next request after it failed),
-//! at most [`CONCURRENCY`] checks in flight; the rest wait in the NATS subscription.
+//! at most [`CONCURRENCY`] checks in flight; the rest wait in the bus subscription.
 
-use async_nats::Client as Nats;
 use futures::StreamExt as _;
+use pgws_bus::Client as Bus;
 use pgws_proto::{Ack, KeyCheck, Subjects, MAX_APIKEY, MAX_DOMAIN};
 use pgws_service::Shutdown;
 use tokio_postgres::Config;
@@ -30,7 +30,7 @@ pub(crate) struct Keys {
     /// `PGWS_PUBSUB_KEYS_TABLE`, possibly schema-qualified.
     pub(crate) table: String,
     pub(crate) subjects: Subjects,
-    pub(crate) nats: Nats,
+    pub(crate) bus: Bus,
     pub(crate) metrics: BridgeMetrics,
     pub(crate) shutdown: Shutdown,
 }
@@ -39,7 +39,7 @@ impl Keys {
     /// Serves key checks until `token` is cancelled.
     pub(crate) async fn run(self, token: CancellationToken) -> anyhow::Result<()> {
         let sub = self
-            .nats
+            .bus
             .queue_subscribe(self.subjects.apikey(), self.subjects.bridge_queue())
             .await?;
         let sql = format!(
@@ -64,7 +64,7 @@ impl Keys {
                     .key_checks
                     .get_or_create(&[("outcome", outcome)])
                     .inc();
-                reply(&this.nats, m.reply.as_ref(), &answer).await;
+                reply(&this.bus, m.reply.as_ref(), &answer).await;
             }
         });
         tokio::select! {

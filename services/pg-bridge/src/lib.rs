@@ -1,10 +1,14 @@
-//! pg-bridge: the only pgws process that holds LISTEN and NOTIFY connections.
+//! pg-bridge: the only part of pgws that holds LISTEN and NOTIFY connections.
 //!
-//! Gateways never touch PostgreSQL; they talk to the bridges over NATS. Several bridges run
-//! against one NATS and one database. Every bridge serves the requests any bridge may answer:
+//! Gateways never touch PostgreSQL; they talk to the bridges over the bus ([`pgws_bus`]: NATS
+//! between processes, or the in-process bus when every role runs in one process, [`run_on`]).
+//! Several bridges run against one NATS and one database. Every bridge serves the requests any
+//! bridge may answer:
 //! - **NOTIFY** ([`notifier`](crate::notifier)): `<prefix>.notify` as a queue group, executing
 //!   the requests' `pg_notify` calls in batched transactions on a pool of `PGWS_POOL_SIZE`
-//!   connections and replying after commit (at most once: [`dedup`](crate::dedup)).
+//!   connections and replying after commit (at most once: [`dedup`](crate::dedup)); in one
+//!   process, the requests' audit records are written in the same transactions
+//!   ([`TxAudit`]).
 //! - **API keys** ([`keys`](crate::keys)): wspubsub key checks.
 //! - **`/live` topics** ([`live_topics`](crate::live_topics)): custom topics kept in
 //!   `pgws_live.topics`, and the permission class of a table topic's reader
@@ -26,10 +30,12 @@
 //! `PGWS_RETRIES` times, then the process exits with an error. NOTIFY errors are never
 //! dropped silently: the request is answered `failed` and the gateway retries it.
 //!
-//! Admin endpoints (default port 9101): `/readyz` checks `nats`, `listener` (not the leader,
-//! or the leader with its LISTEN connection up), `registry` (not a leader still waiting for the
+//! Admin endpoints (default port 9101, served by [`run`]; the process serves them for
+//! [`run_on`]): `/readyz` checks `nats` (with [`run`]), `listener` (not the leader, or the
+//! leader with its LISTEN connection up), `registry` (not a leader still waiting for the
 //! gateways' reports) and `database` (some NOTIFY connection up).
 
+mod audit;
 mod batch;
 mod bus;
 mod capture;
@@ -56,10 +62,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use pgws_service::{connect_nats, serve_admin, Metrics, Readiness, Shutdown};
+use pgws_service::{connect_nats, flush_at_stop, serve_admin, Host, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+pub use audit::TxAudit;
 pub use config::{BridgeConfig, DEFAULT_BATCH_SIZE, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 
 use keys::Keys;
@@ -70,8 +77,6 @@ use notifier::Notifier;
 
 /// How long shutdown waits for the tasks to finish their work (batches in hand, replies).
 const DRAIN_GRACE: Duration = Duration::from_secs(15);
-/// How long shutdown waits for the last replies to leave for NATS.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The names of the metrics this service exports, as registered (without the `pgws_` prefix):
 /// the deploy tests check the dashboards and alerts against them.
@@ -81,43 +86,35 @@ pub fn metric_names() -> Vec<String> {
     registry.names()
 }
 
-/// Runs the bridge until `shutdown.token` is cancelled, then drains: no new requests, batches
-/// in hand executed and answered, leadership released. Returns an error when start-up fails
-/// (the admin listener cannot bind, the database stays unreachable for `PGWS_RETRIES`
-/// attempts) or when a component stops on its own.
+/// Runs the bridge as its own process until `shutdown.token` is cancelled: serves its admin
+/// listener, connects to NATS, runs [`run_on`] there (which drains), then flushes what is
+/// still to be sent to NATS. Returns an error when start-up fails (the admin listener cannot
+/// bind, the database stays unreachable for `PGWS_RETRIES` attempts) or when a component
+/// stops on its own.
 pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut nats = None;
-    let result = serve(config, &shutdown, &mut nats).await;
-    shutdown.token.cancel();
-    if !shutdown.drain(DRAIN_GRACE).await {
-        tracing::warn!(
-            grace_s = DRAIN_GRACE.as_secs(),
-            "tasks still running after the grace period"
-        );
-    }
-    if let Some(nats) = nats {
-        if tokio::time::timeout(FLUSH_TIMEOUT, nats.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!("last NATS messages not flushed");
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let host = match start(&config, &shutdown, metrics, readiness).await {
+        Ok(host) => host,
+        Err(e) => {
+            shutdown.token.cancel();
+            drain(&shutdown).await;
+            return Err(e);
         }
-    }
+    };
+    let bus = host.bus.clone();
+    let result = run_on(config, host, None, shutdown).await;
+    flush_at_stop(&bus).await;
     result
 }
 
-/// Starts everything and waits for shutdown or a fatal error; `nats` is set once connected,
-/// for the final flush.
-async fn serve(
-    config: BridgeConfig,
+/// The admin listener (spawned on `shutdown`) and the NATS connection of a bridge process.
+async fn start(
+    config: &BridgeConfig,
     shutdown: &Shutdown,
-    nats_slot: &mut Option<async_nats::Client>,
-) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    let bridge_metrics = BridgeMetrics::register(&metrics);
-    let readiness = Readiness::new();
-    let pg = db::pg_config(&config.db.uri).context("invalid PGWS_DB_URI")?;
-
+    metrics: Metrics,
+    readiness: Readiness,
+) -> anyhow::Result<Host> {
     let admin = TcpListener::bind(config.admin.addr)
         .await
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin.addr))?;
@@ -129,11 +126,57 @@ async fn serve(
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-
-    let nats = connect_nats(&config.nats, "pg-bridge", &readiness)
+    let link = connect_nats(&config.nats, "pg-bridge", &readiness)
         .await
         .context("cannot connect to NATS")?;
-    *nats_slot = Some(nats.clone());
+    Ok(Host::nats(&link, metrics, readiness))
+}
+
+/// Runs the bridge on `host` (its bus; its metrics and readiness checks registered on the
+/// host's, which the process serves) until `shutdown.token` is cancelled, then drains: no new
+/// requests, batches in hand executed and answered, leadership released, every task of
+/// `shutdown` ended (give the bridge a [`Shutdown`] of its own when it shares a process). With
+/// `audit`, the NOTIFY requests' audit records are written in the transactions that NOTIFY
+/// their messages ([`TxAudit`]). Flushing the bus at the end is the caller's. Returns an error
+/// when start-up fails (the database stays unreachable for `PGWS_RETRIES` attempts) or when a
+/// component stops on its own.
+pub async fn run_on(
+    config: BridgeConfig,
+    host: Host,
+    audit: Option<Arc<dyn TxAudit>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let result = serve(config, host, audit, &shutdown).await;
+    shutdown.token.cancel();
+    drain(&shutdown).await;
+    result
+}
+
+/// Waits for the tasks of `shutdown`, at most [`DRAIN_GRACE`].
+async fn drain(shutdown: &Shutdown) {
+    if !shutdown.drain(DRAIN_GRACE).await {
+        tracing::warn!(
+            grace_s = DRAIN_GRACE.as_secs(),
+            "tasks still running after the grace period"
+        );
+    }
+}
+
+/// Starts everything on `host` and waits for shutdown or a fatal error.
+async fn serve(
+    config: BridgeConfig,
+    host: Host,
+    audit: Option<Arc<dyn TxAudit>>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let Host {
+        bus,
+        metrics,
+        readiness,
+        ..
+    } = host;
+    let bridge_metrics = BridgeMetrics::register(&metrics);
+    let pg = db::pg_config(&config.db.uri).context("invalid PGWS_DB_URI")?;
 
     // Not ready until a NOTIFY connection is up, also while the first connection is tried.
     let db_up: Arc<OnceLock<watch::Receiver<usize>>> = Arc::default();
@@ -141,7 +184,6 @@ async fn serve(
     readiness.add("database", move || {
         probe.get().is_some_and(|up| *up.borrow() > 0)
     });
-
     let Some(first) = db::connect_first(
         &pg,
         &bridge_metrics.notifications_mended,
@@ -170,7 +212,7 @@ async fn serve(
             channel: config.listen_channel.clone(),
             check_interval: config.check_listener_interval,
             subjects: config.nats.subjects.clone(),
-            nats: nats.clone(),
+            bus: bus.clone(),
             metrics: bridge_metrics.clone(),
             grace: config.pubsub_grace,
             direct: config.direct_channels.clone(),
@@ -180,7 +222,7 @@ async fn serve(
                 slot: config.capture_slot.clone(),
                 patterns: config.table_topics.clone(),
                 subjects: config.nats.subjects.clone(),
-                nats: nats.clone(),
+                bus: bus.clone(),
                 metrics: bridge_metrics.clone(),
                 settle: registry::settle(),
             }),
@@ -194,14 +236,14 @@ async fn serve(
         pg: pg.clone(),
         table: config.pubsub_keys_table.clone(),
         subjects: config.nats.subjects.clone(),
-        nats: nats.clone(),
+        bus: bus.clone(),
         metrics: bridge_metrics.clone(),
         shutdown: shutdown.clone(),
     };
     let live_topics = live_topics::LiveTopics {
         pg: pg.clone(),
         subjects: config.nats.subjects.clone(),
-        nats: nats.clone(),
+        bus: bus.clone(),
         shutdown: shutdown.clone(),
         tables: config.table_topics.clone(),
         per_subscriber: config.class_per_subscriber,
@@ -223,9 +265,10 @@ async fn serve(
         subjects: config.nats.subjects.clone(),
         pool_size: config.pool_size,
         batch_size: config.batch_size,
-        nats,
+        bus,
         metrics: bridge_metrics,
         dedup: config.notify_dedup,
+        audit,
     };
     let up = notifier.spawn(shutdown, fatal_tx);
     drop(db_up.set(up));

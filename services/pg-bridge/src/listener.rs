@@ -1,4 +1,4 @@
-//! The leader's duty: turn PostgreSQL notifications into NATS messages, LISTENing on a set of
+//! The leader's duty: turn PostgreSQL notifications into bus messages, LISTENing on a set of
 //! channels that changes at run time, and keep the stack's registry.
 //!
 //! - `PGWS_LISTEN_CHANNEL` (postgres-websockets): each notification's payload is published,
@@ -16,10 +16,10 @@
 //! time it starts listening; gateways pass it on to the sockets that asked for gap signals,
 //! and report their state again at once, which rebuilds the registry of a new leader.
 //!
-//! Bounds: one notification is published at a time; when NATS pushes back, reading stops and
+//! Bounds: one notification is published at a time; when the bus pushes back, reading stops and
 //! PostgreSQL's own NOTIFY queue absorbs the burst (its fill level is the
 //! `bridge_notification_queue_usage` gauge). At most one probe query and one LISTEN/UNLISTEN
-//! statement are in flight; registry requests wait in their NATS subscription.
+//! statement are in flight; registry requests wait in their bus subscription.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client as Nats, HeaderMap, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
+use pgws_bus::{Client as Bus, Headers, Message};
 use pgws_config::DirectChannels;
 use pgws_proto::{
     headers, Envelope, LiveClass, RegistryOp, RegistryReply, RegistryRequest, Subjects, Topic,
@@ -63,7 +63,7 @@ pub(crate) struct Listener {
     pub(crate) channel: String,
     pub(crate) check_interval: Option<Duration>,
     pub(crate) subjects: Subjects,
-    pub(crate) nats: Nats,
+    pub(crate) bus: Bus,
     pub(crate) metrics: BridgeMetrics,
     /// How long an orphan wspubsub topic waits for a new publisher (`PGWS_PUBSUB_GRACE`).
     pub(crate) grace: Duration,
@@ -118,7 +118,7 @@ impl Duty for Listener {
 #[derive(Default)]
 struct Queued {
     sql: Vec<String>,
-    replies: Vec<Subject>,
+    replies: Vec<String>,
     /// Whether `pgws_bridge.registry` says this stack holds topics, once written by the
     /// statements queued; `None` when the flag is not kept ([`crate::standing`]).
     kept: Option<bool>,
@@ -139,7 +139,7 @@ impl Listener {
         let mut requests = match drive(
             messages,
             token,
-            self.nats.subscribe(self.subjects.registry()),
+            self.bus.subscribe(self.subjects.registry()),
         )
         .await
         {
@@ -168,7 +168,7 @@ impl Listener {
         };
         tracing::info!(channel = %self.channel, "listening");
         if let Err(e) = self
-            .nats
+            .bus
             .publish(
                 self.subjects.gap(),
                 Bytes::from_static(GAP_LISTENER.as_bytes()),
@@ -189,7 +189,7 @@ impl Listener {
             kept,
             ..Queued::default()
         };
-        let mut statement: Option<(Statement, Vec<Subject>)> = None;
+        let mut statement: Option<(Statement, Vec<String>)> = None;
 
         let mut usage = interval_at(Instant::now(), USAGE_INTERVAL);
         usage.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -211,7 +211,7 @@ impl Listener {
                     statement = Some((run, std::mem::take(&mut queued.replies)));
                 } else {
                     for to in queued.replies.drain(..) {
-                        reply(&self.nats, Some(&to), &RegistryReply::Ok).await;
+                        reply(&self.bus, Some(&to), &RegistryReply::Ok).await;
                     }
                 }
             }
@@ -242,7 +242,7 @@ impl Listener {
                     }
                     self.metrics.direct_channels.set(registry.channels().count() as i64);
                     for to in waiting {
-                        reply(&self.nats, Some(&to), &RegistryReply::Ok).await;
+                        reply(&self.bus, Some(&to), &RegistryReply::Ok).await;
                     }
                 },
                 request = requests.next() => match request {
@@ -284,7 +284,7 @@ impl Listener {
     }
 
     /// Answers one registry request; a report waits for its LISTENs.
-    async fn serve(&self, m: async_nats::Message, registry: &mut Registry, queued: &mut Queued) {
+    async fn serve(&self, m: Message, registry: &mut Registry, queued: &mut Queued) {
         let request: RegistryRequest = match serde_json::from_slice(&m.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -310,7 +310,7 @@ impl Listener {
                 let Some(changes) =
                     registry.change(&request.gateway, (base, version), added, &removed, now)
                 else {
-                    reply(&self.nats, m.reply.as_ref(), &RegistryReply::Unknown).await;
+                    reply(&self.bus, m.reply.as_ref(), &RegistryReply::Unknown).await;
                     return;
                 };
                 self.registry_changed(&request.gateway, changes, registry, queued, m.reply)
@@ -328,12 +328,12 @@ impl Listener {
                         match registry.report_part(&request.gateway, part, presence, version, now) {
                             Ok(Some(changes)) => changes,
                             Ok(None) => {
-                                reply(&self.nats, m.reply.as_ref(), &RegistryReply::Ok).await;
+                                reply(&self.bus, m.reply.as_ref(), &RegistryReply::Ok).await;
                                 return;
                             }
                             Err(why) => {
                                 tracing::warn!(gateway = %request.gateway, why, "a presence report in parts was dropped; the gateway sends it again");
-                                reply(&self.nats, m.reply.as_ref(), &RegistryReply::Retry).await;
+                                reply(&self.bus, m.reply.as_ref(), &RegistryReply::Retry).await;
                                 return;
                             }
                         }
@@ -357,7 +357,7 @@ impl Listener {
             RegistryOp::Release { topic } => registry.release(&request.gateway, &topic, now),
             RegistryOp::Lookup { topic } => registry.lookup(&topic, now),
         };
-        reply(&self.nats, m.reply.as_ref(), &answer).await;
+        reply(&self.bus, m.reply.as_ref(), &answer).await;
     }
 
     /// What a gateway's report or change leads to: warnings for the direct channels refused,
@@ -369,7 +369,7 @@ impl Listener {
         changes: Changes,
         registry: &Registry,
         queued: &mut Queued,
-        reply: Option<Subject>,
+        reply: Option<String>,
     ) {
         for channel in &changes.refused {
             tracing::warn!(
@@ -436,10 +436,10 @@ impl Listener {
 
     async fn close_topic(&self, topic: &Topic) {
         tracing::info!(domain = %topic.domain, topic = %topic.topic, "topic closed: no publisher within the grace period");
-        let mut h = HeaderMap::new();
-        h.insert(headers::CLOSE, TOPIC_CLOSED);
+        let mut h = Headers::new();
+        h.insert(headers::CLOSE.to_owned(), TOPIC_CLOSED.to_owned());
         if let Err(e) = self
-            .nats
+            .bus
             .publish_with_headers(self.subjects.topic_close(topic), h, Bytes::new())
             .await
         {
@@ -477,8 +477,8 @@ impl Listener {
             trace_id = tracing::field::Empty,
         );
         telemetry::mark(&span);
-        let mut h = HeaderMap::new();
-        h.insert(headers::LISTENED_AT, headers::listened_now().as_str());
+        let mut h = Headers::new();
+        h.insert(headers::LISTENED_AT.to_owned(), headers::listened_now());
         let publish = tracing::info_span!(
             target: TRACE,
             parent: &span,
@@ -490,7 +490,7 @@ impl Listener {
         );
         telemetry::inject(&publish, &mut h);
         let payload = Bytes::copy_from_slice(n.payload().as_bytes());
-        match self.nats.publish_with_headers(subject, h, payload).await {
+        match self.bus.publish_with_headers(subject, h, payload).await {
             Ok(()) => {
                 self.metrics.published.inc();
             }
@@ -506,7 +506,7 @@ impl Listener {
 }
 
 async fn ran(
-    statement: &mut Option<(Statement, Vec<Subject>)>,
+    statement: &mut Option<(Statement, Vec<String>)>,
 ) -> Result<(), tokio_postgres::Error> {
     match statement {
         Some((run, _)) => run.await,

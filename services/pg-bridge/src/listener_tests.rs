@@ -1,4 +1,4 @@
-//! Leadership and delivery against the real PostgreSQL and NATS.
+//! Leadership and delivery against the real PostgreSQL and NATS (through the bus).
 
 use std::time::Duration;
 
@@ -7,12 +7,13 @@ use pgws_service::{Metrics, Shutdown};
 
 use std::sync::atomic::Ordering;
 
+use pgws_bus::Subscription;
 use pgws_proto::Presence;
 
 use super::*;
 use crate::db;
 use crate::leader::{Election, LeaderState};
-use crate::test_support::{client, eventually, unique, DB_URI, NATS_URL, WAIT};
+use crate::test_support::{bus, client, eventually, unique, DB_URI, WAIT};
 
 struct Bridge {
     state: Arc<LeaderState>,
@@ -28,9 +29,7 @@ async fn start(
     channel: &str,
     check: Option<Duration>,
 ) -> Bridge {
-    let nats = async_nats::connect(NATS_URL)
-        .await
-        .expect("NATS at 127.0.0.1:4222");
+    let bus = bus().await;
     let app = unique("listener");
     let mut pg = db::pg_config(DB_URI).expect("uri");
     pg.application_name(&app);
@@ -48,7 +47,7 @@ async fn start(
             channel: channel.to_owned(),
             check_interval: check,
             subjects: subjects.clone(),
-            nats,
+            bus,
             metrics: metrics.clone(),
             grace: Duration::from_secs(1),
             direct: pgws_config::DirectChannels::All,
@@ -77,7 +76,7 @@ async fn notify(db: &Client, channel: &str, payload: &str) {
         .expect("notify");
 }
 
-async fn next(sub: &mut async_nats::Subscriber) -> String {
+async fn next(sub: &mut Subscription) -> String {
     let message = timeout(WAIT, sub.next())
         .await
         .expect("a delivery in time")
@@ -90,12 +89,11 @@ async fn one_leader_delivers_and_leadership_moves() {
     let shutdown = Shutdown::new();
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
     let channel = unique("listen");
-    let nats = async_nats::connect(NATS_URL).await.expect("NATS");
+    let nats = bus().await;
     let mut room = nats
         .subscribe(subjects.deliver("room.1"))
         .await
         .expect("sub");
-    nats.flush().await.expect("flush");
     let db = client().await;
 
     let a = start(&shutdown, &subjects, &channel, None).await;
@@ -153,7 +151,7 @@ async fn one_leader_delivers_and_leadership_moves() {
     assert_eq!(b.metrics.listener_connected.get(), 0);
 }
 
-async fn report(nats: &async_nats::Client, subjects: &Subjects, channels: &[&str]) {
+async fn report(nats: &Bus, subjects: &Subjects, channels: &[&str]) {
     let request = RegistryRequest {
         gateway: "g1".into(),
         op: RegistryOp::Report {
@@ -180,9 +178,8 @@ async fn direct_channels_are_listened_while_reported() {
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
     let channel = unique("listen");
     let direct = unique("direct");
-    let nats = async_nats::connect(NATS_URL).await.expect("NATS");
+    let nats = bus().await;
     let mut deliveries = nats.subscribe(subjects.direct(&direct)).await.expect("sub");
-    nats.flush().await.expect("flush");
     let db = client().await;
     let a = start(&shutdown, &subjects, &channel, None).await;
     eventually("a leads", || is_leader(&a)).await;
@@ -203,7 +200,6 @@ async fn direct_channels_are_listened_while_reported() {
         "nothing after UNLISTEN"
     );
     let mut room = nats.subscribe(subjects.deliver("r")).await.expect("sub");
-    nats.flush().await.expect("flush");
     notify(&db, &channel, r#"{"channel":"r"}"#).await;
     assert_eq!(next(&mut room).await, r#"{"channel":"r"}"#);
 

@@ -4,7 +4,7 @@
 //! `<prefix>.bridge` on `<prefix>.livetopics`) to create, destroy, find and list custom
 //! topics ([`LiveTopicOp`]). Topics live in `pgws_live.topics`, created by the first bridge
 //! that needs it: they survive restarts and every gateway sees the same ones. A name's
-//! `incarnation` is new at each creation (an identity column), which names the NATS subject of
+//! `incarnation` is new at each creation (an identity column), which names the bus subject of
 //! its messages.
 //!
 //! Table topics (`PGWS_TABLE_TOPICS`, [`crate::live_tables`]) are answered here too: a `get`
@@ -17,8 +17,8 @@
 //! [`MAX_TOPICS_PER_OWNER`] topics per owner (checked before each creation; two creations at
 //! once may pass it by one).
 
-use async_nats::Client as Nats;
 use futures::StreamExt as _;
+use pgws_bus::Client as Bus;
 use pgws_proto::{
     valid_live_topic, LiveOutcome, LiveTopic, LiveTopicOp, LiveTopicReply, Subjects,
     MAX_TOPICS_PER_OWNER,
@@ -68,7 +68,7 @@ const SEEN_FIRST: &str = "ORDER BY (owner = $2) DESC NULLS LAST, public DESC, in
 pub(crate) struct LiveTopics {
     pub(crate) pg: Config,
     pub(crate) subjects: Subjects,
-    pub(crate) nats: Nats,
+    pub(crate) bus: Bus,
     pub(crate) shutdown: Shutdown,
     /// `PGWS_TABLE_TOPICS`.
     pub(crate) tables: Vec<TablePattern>,
@@ -80,7 +80,7 @@ impl LiveTopics {
     /// Serves topic requests until `token` is cancelled.
     pub(crate) async fn run(self, token: CancellationToken) -> anyhow::Result<()> {
         let sub = self
-            .nats
+            .bus
             .queue_subscribe(self.subjects.live_topics(), self.subjects.bridge_queue())
             .await?;
         let conn = LazyClient::new(self.pg.clone(), "live topics", self.shutdown.clone());
@@ -92,7 +92,7 @@ impl LiveTopics {
                     Ok(op) => this.answer(conn, &op).await,
                     Err(e) => LiveTopicReply::unavailable(format!("invalid topic request: {e}")),
                 };
-                reply(&this.nats, m.reply.as_ref(), &answer).await;
+                reply(&this.bus, m.reply.as_ref(), &answer).await;
             }
         });
         tokio::select! {

@@ -1,4 +1,4 @@
-//! The NOTIFY intake: NATS requests in, batches out to the workers ([`crate::worker`]).
+//! The NOTIFY intake: bus requests in, batches out to the workers ([`crate::worker`]).
 //!
 //! Every bridge serves `<prefix>.notify` in the queue group `<prefix>.bridge`. One intake task
 //! reads the subscription, refuses bad requests at once (so they never share a transaction),
@@ -9,19 +9,21 @@
 //!
 //! Bounds: at most one batch per worker is in flight, each of at most `PGWS_BATCH_SIZE`
 //! notifications (a larger single request goes alone); free-worker offers sit in a channel of
-//! `2 * PGWS_POOL_SIZE`. Beyond that the NATS subscription buffers (async-nats' subscription
-//! capacity, 65536 messages; past it the client drops messages as a slow consumer and the
-//! gateway retries after its timeout). While no worker has a connection, the intake
-//! unsubscribes (so other bridges serve the queue group) and answers what it still holds
-//! with `failed`. A request read past its deadline is answered `failed` without being
-//! executed (its gateway has given up on it), and the workers check again before they start.
+//! `2 * PGWS_POOL_SIZE`. Beyond that the bus subscription buffers (on NATS, the client's
+//! subscription capacity, 65536 messages; in one process [`pgws_bus::SUBSCRIPTION_CAPACITY`];
+//! past it the bus drops messages and the gateway retries after its timeout). While no worker
+//! has a connection, the intake unsubscribes (so other bridges serve the queue group) and
+//! answers what the subscription held with `failed`. A request read past its deadline is
+//! answered `failed` without being executed (its gateway has given up on it), and the workers
+//! check again before they start.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use async_nats::{Client as Nats, Message, Subscriber};
-use futures::{FutureExt as _, StreamExt as _};
+use futures::FutureExt as _;
+use pgws_bus::{Client as Bus, Message, Subscription};
 use pgws_proto::{NotifyReply, Subjects};
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, watch};
@@ -29,6 +31,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::TxAudit;
 use crate::batch::{deadline, validate, Batch, Offer, Request, EXPIRED, UNAVAILABLE};
 use crate::bus::reply;
 use crate::metrics::BridgeMetrics;
@@ -37,21 +40,22 @@ use crate::worker::Worker;
 /// Time an unsubscribed subscription has to hand over its buffered requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the NOTIFY side needs; [`Notifier::spawn`] starts it.
-#[derive(Debug)]
 pub(crate) struct Notifier {
     pub(crate) pg: Config,
     pub(crate) subjects: Subjects,
     pub(crate) pool_size: usize,
     pub(crate) batch_size: usize,
-    pub(crate) nats: Nats,
+    pub(crate) bus: Bus,
     pub(crate) metrics: BridgeMetrics,
     /// `PGWS_NOTIFY_DEDUP`.
     pub(crate) dedup: bool,
+    /// Writes the requests' audit records in their NOTIFY transactions (one process).
+    pub(crate) audit: Option<Arc<dyn TxAudit>>,
 }
 
 impl Notifier {
     /// Spawns the workers and the intake. Returns the number of live worker connections; the
-    /// intake reports a fatal error (its NATS client closed) on `fatal`.
+    /// intake reports a fatal error (its bus closed) on `fatal`.
     pub(crate) fn spawn(
         self,
         shutdown: &Shutdown,
@@ -65,15 +69,16 @@ impl Notifier {
                 id,
                 self.pg.clone(),
                 up.clone(),
-                self.nats.clone(),
+                self.bus.clone(),
                 self.metrics.clone(),
                 shutdown.clone(),
                 self.dedup,
-            );
+            )
+            .with_audit(self.audit.clone());
             shutdown.spawn(worker.run(idle_tx.clone()));
         }
         let intake = Intake {
-            nats: self.nats,
+            bus: self.bus,
             subjects: self.subjects,
             batch_size: self.batch_size,
             idle,
@@ -98,7 +103,7 @@ enum Drain {
 }
 
 struct Intake {
-    nats: Nats,
+    bus: Bus,
     subjects: Subjects,
     batch_size: usize,
     idle: mpsc::Receiver<Offer>,
@@ -116,8 +121,8 @@ impl Intake {
                 _ = self.token.cancelled() => return Ok(()),
                 r = self.up.wait_for(|n| *n > 0) => if r.is_err() { return Ok(()) },
             }
-            let mut sub = self
-                .nats
+            let sub = self
+                .bus
                 .queue_subscribe(self.subjects.notify(), self.subjects.bridge_queue())
                 .await
                 .context("cannot subscribe to notify requests")?;
@@ -126,7 +131,7 @@ impl Intake {
                 queue = %self.subjects.bridge_queue(),
                 "serving notify requests"
             );
-            match self.serve(&mut sub).await {
+            match self.serve(&mut Requests::new(sub)).await {
                 Some(Drain::Shutdown) => return Ok(()),
                 Some(Drain::DatabaseDown) => {
                     tracing::warn!("no notify connection left, notify requests paused")
@@ -137,7 +142,7 @@ impl Intake {
     }
 
     /// Serves `sub` until it ends; returns why it was drained (`None`: it ended by itself).
-    async fn serve(&mut self, sub: &mut Subscriber) -> Option<Drain> {
+    async fn serve(&mut self, sub: &mut Requests) -> Option<Drain> {
         let mut drain: Option<(Drain, Instant)> = None;
         let mut carry: Option<Request> = None;
         loop {
@@ -161,11 +166,8 @@ impl Intake {
                             None => continue,
                         },
                         Err(why) => {
-                            // Unsubscribe, then keep reading what the subscription holds.
-                            if let Err(e) = sub.drain().await {
-                                tracing::warn!(error = %e, "cannot unsubscribe from notify requests");
-                                return Some(why);
-                            }
+                            // Unsubscribe, then keep reading what the subscription held.
+                            sub.unsubscribe();
                             drain = Some((why, Instant::now() + DRAIN_TIMEOUT));
                             continue;
                         }
@@ -180,7 +182,7 @@ impl Intake {
             };
             // Natural batching: whatever arrived while every worker was busy.
             while batch.notifications < self.batch_size {
-                let Some(Some(message)) = sub.next().now_or_never() else {
+                let Some(message) = sub.try_next() else {
                     break;
                 };
                 if let Some(request) = self.accept(message).await {
@@ -227,20 +229,21 @@ impl Intake {
                 self.metrics.requests_invalid.inc();
                 tracing::debug!(error = %e, "invalid notify request");
                 let failed = NotifyReply::failed(e.to_string());
-                reply(&self.nats, message.reply.as_ref(), &failed).await;
+                reply(&self.bus, message.reply.as_ref(), &failed).await;
                 None
             }
             Ok(request) if request.notifications.is_empty() => {
                 self.metrics.requests_ok.inc();
-                reply(&self.nats, message.reply.as_ref(), &NotifyReply::ok()).await;
+                reply(&self.bus, message.reply.as_ref(), &NotifyReply::ok()).await;
                 None
             }
             Ok(request) => {
                 let request = Request {
-                    span: Request::span(request.notifications.len(), message.headers.as_ref()),
+                    span: Request::span(request.notifications.len(), &message.headers),
                     id: request.id,
                     deadline: deadline(request.deadline_ms),
                     notifications: request.notifications,
+                    records: request.records,
                     reply: message.reply,
                 };
                 if request.expired(SystemTime::now()) {
@@ -250,7 +253,7 @@ impl Intake {
                     self.metrics.requests_expired.inc();
                     request.span.record("otel.status_code", "ERROR");
                     let failed = NotifyReply::failed(EXPIRED);
-                    reply(&self.nats, request.reply.as_ref(), &failed).await;
+                    reply(&self.bus, request.reply.as_ref(), &failed).await;
                     return None;
                 }
                 Some(request)
@@ -263,7 +266,54 @@ impl Intake {
         for request in batch.requests {
             request.span.record("otel.status_code", "ERROR");
             self.metrics.requests_failed.inc();
-            reply(&self.nats, request.reply.as_ref(), &failed).await;
+            reply(&self.bus, request.reply.as_ref(), &failed).await;
+        }
+    }
+}
+
+/// The notify requests: the subscription, then, once unsubscribed, what it held.
+struct Requests {
+    sub: Option<Subscription>,
+    held: VecDeque<Message>,
+}
+
+impl Requests {
+    fn new(sub: Subscription) -> Self {
+        Self {
+            sub: Some(sub),
+            held: VecDeque::new(),
+        }
+    }
+
+    /// The next request; `None` once the subscription ended (or was unsubscribed) and what it
+    /// held was read.
+    async fn next(&mut self) -> Option<Message> {
+        if let Some(m) = self.held.pop_front() {
+            return Some(m);
+        }
+        match &mut self.sub {
+            Some(sub) => sub.next().await,
+            None => None,
+        }
+    }
+
+    /// The next request when one is there already.
+    fn try_next(&mut self) -> Option<Message> {
+        if let Some(m) = self.held.pop_front() {
+            return Some(m);
+        }
+        self.sub.as_mut()?.next().now_or_never().flatten()
+    }
+
+    /// Leaves the queue group, keeping what the subscription received until then (at most its
+    /// capacity) to be read and answered. A request the bus was still delivering is lost to
+    /// this bridge; its gateway retries it after its timeout.
+    fn unsubscribe(&mut self) {
+        let Some(mut sub) = self.sub.take() else {
+            return;
+        };
+        while let Some(Some(m)) = sub.next().now_or_never() {
+            self.held.push_back(m);
         }
     }
 }

@@ -1,17 +1,18 @@
-//! The intake and workers together, through the real NATS and PostgreSQL.
+//! The intake and workers together, through the real NATS (the bus on it) and PostgreSQL.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use pgws_bus::BusError;
 use pgws_proto::{Notification, NotifyRequest, Prefix};
 use pgws_service::Metrics;
 
 use super::*;
 use crate::db;
-use crate::test_support::{eventually, listen, take, unique, Proxy, DB_URI, NATS_URL, WAIT};
+use crate::test_support::{bus, eventually, listen, take, unique, Proxy, DB_URI, WAIT};
 
-async fn ask(nats: &Nats, subject: &str, body: Vec<u8>) -> NotifyReply {
-    let reply = tokio::time::timeout(WAIT, nats.request(subject.to_owned(), body.into()))
+async fn ask(nats: &Bus, subject: &str, body: Vec<u8>) -> NotifyReply {
+    let reply = tokio::time::timeout(WAIT, nats.request(subject, body.into()))
         .await
         .expect("a reply in time")
         .expect("a reply");
@@ -34,9 +35,7 @@ fn body(channel: &str, payloads: &[String]) -> Vec<u8> {
 
 #[tokio::test]
 async fn requests_over_nats_are_executed_in_order_and_answered() {
-    let nats = async_nats::connect(NATS_URL)
-        .await
-        .expect("NATS at 127.0.0.1:4222");
+    let nats = bus().await;
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
     let metrics = BridgeMetrics::register(&Metrics::new());
     let shutdown = Shutdown::new();
@@ -46,9 +45,10 @@ async fn requests_over_nats_are_executed_in_order_and_answered() {
         subjects: subjects.clone(),
         pool_size: 2,
         batch_size: 12,
-        nats: nats.clone(),
+        bus: nats.clone(),
         metrics: metrics.clone(),
         dedup: true,
+        audit: None,
     };
     let up = notifier.spawn(&shutdown, fatal);
     eventually("both workers connected", || *up.borrow() == 2).await;
@@ -127,9 +127,7 @@ async fn requests_over_nats_are_executed_in_order_and_answered() {
 
 #[tokio::test]
 async fn requests_pause_while_the_database_is_away() {
-    let nats = async_nats::connect(NATS_URL)
-        .await
-        .expect("NATS at 127.0.0.1:4222");
+    let nats = bus().await;
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
     let proxy = Proxy::start(0, true).await;
     let uri = DB_URI.replace(":5432", &format!(":{}", proxy.port));
@@ -142,9 +140,10 @@ async fn requests_pause_while_the_database_is_away() {
         subjects: subjects.clone(),
         pool_size: 2,
         batch_size: 10,
-        nats: nats.clone(),
+        bus: nats.clone(),
         metrics,
         dedup: true,
+        audit: None,
     };
     let up = notifier.spawn(&shutdown, fatal);
     let notify = subjects.notify();
@@ -170,7 +169,7 @@ async fn requests_pause_while_the_database_is_away() {
             .request(notify.clone(), body("c", &["x".to_owned()]).into())
             .await;
         match reply {
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => break,
+            Err(BusError::NoResponders) => break,
             Ok(m) => {
                 let reply: NotifyReply = serde_json::from_slice(&m.payload).expect("reply");
                 assert!(!reply.ok, "nothing can succeed while the database is away");

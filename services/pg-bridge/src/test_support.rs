@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use pgws_config::{NatsAuth, NatsConfig};
+use pgws_proto::{Prefix, Subjects};
+use pgws_service::{connect_nats, Readiness};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
@@ -14,6 +17,24 @@ pub(crate) const DB_URI: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub(crate) const NATS_URL: &str = "nats://127.0.0.1:4222";
 /// How long a test waits for something that should happen at once.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+/// A bus on the local NATS server, as a bridge process connects to it.
+pub(crate) async fn bus() -> pgws_bus::Client {
+    let config = NatsConfig {
+        url: NATS_URL.to_owned(),
+        subjects: Subjects::new(Prefix::new("pgws").expect("prefix")),
+        auth: NatsAuth::default(),
+    };
+    let link = connect_nats(&config, "pg-bridge-test", &Readiness::new())
+        .await
+        .expect("NATS at 127.0.0.1:4222");
+    let bus = link.bus();
+    tokio::time::timeout(WAIT, bus.flush())
+        .await
+        .expect("NATS at 127.0.0.1:4222 answers")
+        .expect("NATS flushes");
+    bus
+}
 
 /// A plain client (its connection driven by a test task).
 pub(crate) async fn client() -> Client {

@@ -1,8 +1,8 @@
 //! A NOTIFY worker: one PostgreSQL connection executing batches as pipelined transactions.
 //!
 //! Split from the intake ([`crate::notifier`]) because the two fail differently: the intake
-//! deals with NATS and bad requests, a worker with a connection that can die, hang or refuse
-//! a transaction. A worker offers itself only while its connection is up, reconnects with
+//! deals with the bus and bad requests, a worker with a connection that can die, hang or
+//! refuse a transaction. A worker offers itself only while its connection is up, reconnects with
 //! backoff (1 s doubling up to 32 s, forever) and answers every request it was given once.
 //!
 //! Bounds: one batch at a time; a transaction has [`TX_TIMEOUT`] to commit, after which the
@@ -11,13 +11,16 @@
 //! Requests whose deadline passed are answered `failed` before the batch starts; the others
 //! are executed at most once each ([`crate::dedup`]), and worker 0 deletes expired keys every
 //! [`CLEANUP_INTERVAL`] while it has work.
+//!
+//! With a [`TxAudit`] ([`crate::audit`]), each transaction also writes the audit records of
+//! the messages it NOTIFYs, before its NOTIFYs, in the same pipeline.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_nats::Client as Nats;
+use pgws_bus::Client as Bus;
 use pgws_config::DbConfig;
-use pgws_proto::NotifyReply;
+use pgws_proto::{Notification, NotifyReply};
 use pgws_service::telemetry::TARGET as TRACE;
 use pgws_service::Shutdown;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,7 +29,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{plan, Batch, Offer, EXPIRED, UNAVAILABLE};
+use crate::audit::{AuditArgs, TxAudit};
+use crate::batch::{audit_plan, plan, Batch, Offer, EXPIRED, UNAVAILABLE};
 use crate::bus::reply;
 use crate::metrics::BridgeMetrics;
 use crate::{db, dedup};
@@ -40,6 +44,8 @@ const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
 struct Conn {
     client: Client,
     statement: Statement,
+    /// The [`TxAudit`]'s statement, when the worker has one.
+    audit: Option<Statement>,
     gone: CancellationToken,
 }
 
@@ -48,11 +54,13 @@ pub(crate) struct Worker {
     pg: Config,
     conn: Option<Conn>,
     up: Arc<watch::Sender<usize>>,
-    nats: Nats,
+    bus: Bus,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
     /// `PGWS_NOTIFY_DEDUP`: requests with an id are executed at most once.
     dedup: bool,
+    /// Writes the requests' audit records in their transactions.
+    audit: Option<Arc<dyn TxAudit>>,
     /// When worker 0 last deleted expired keys.
     cleaned: Instant,
 }
@@ -63,7 +71,7 @@ impl Worker {
         id: usize,
         pg: Config,
         up: Arc<watch::Sender<usize>>,
-        nats: Nats,
+        bus: Bus,
         metrics: BridgeMetrics,
         shutdown: Shutdown,
         dedup: bool,
@@ -73,12 +81,19 @@ impl Worker {
             pg,
             conn: None,
             up,
-            nats,
+            bus,
             metrics,
             shutdown,
             dedup,
+            audit: None,
             cleaned: Instant::now(),
         }
+    }
+
+    /// The worker writing the requests' audit records with `audit`, when given.
+    pub(crate) fn with_audit(mut self, audit: Option<Arc<dyn TxAudit>>) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Connects (with backoff), offers itself, executes what it is given; ends when the intake
@@ -154,9 +169,14 @@ impl Worker {
         } else {
             client.prepare(dedup::PLAIN_NOTIFY_SQL).await?
         };
+        let audit = match &self.audit {
+            Some(audit) => Some(client.prepare(audit.sql()).await?),
+            None => None,
+        };
         Ok(Conn {
             client,
             statement,
+            audit,
             gone,
         })
     }
@@ -190,12 +210,30 @@ impl Worker {
                 self.metrics.requests_expired.inc();
                 request.span.record("otel.status_code", "ERROR");
                 let failed = NotifyReply::failed(EXPIRED);
-                reply(&self.nats, request.reply.as_ref(), &failed).await;
+                reply(&self.bus, request.reply.as_ref(), &failed).await;
             } else {
                 live.push(request);
             }
         }
         live
+    }
+
+    /// The audit statement's parameters for one transaction's `records` (none without
+    /// records).
+    fn audit_args(
+        &self,
+        conn: &Conn,
+        records: &[Notification],
+    ) -> Result<Option<AuditArgs>, String> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        match (&self.audit, &conn.audit) {
+            (Some(audit), Some(statement)) => {
+                AuditArgs::new(audit.as_ref(), statement, records).map(Some)
+            }
+            _ => Err("the audit statement is not prepared".to_owned()),
+        }
     }
 
     async fn execute_live(&mut self, batch: Batch) {
@@ -227,6 +265,18 @@ impl Worker {
                 )
             })
             .collect();
+        // The audit records each transaction writes, when the worker writes them.
+        let audited = match &self.audit {
+            Some(_) if batch.requests.iter().any(|r| !r.records.is_empty()) => {
+                let requests: Vec<_> = batch
+                    .requests
+                    .iter()
+                    .map(|r| (r.notifications.as_slice(), r.records.as_slice()))
+                    .collect();
+                audit_plan(&requests, &plan)
+            }
+            _ => Vec::new(),
+        };
         let mut answered = 0;
         let mut failure: Option<String> = None;
         for (k, tx) in plan.iter().enumerate() {
@@ -234,8 +284,21 @@ impl Worker {
                 failure = Some("no connection".to_owned());
                 break;
             };
+            let records: Vec<Notification> = audited.get(k).map_or_else(Vec::new, |written| {
+                written
+                    .iter()
+                    .map(|&(r, j)| batch.requests[r].records[j].clone())
+                    .collect()
+            });
+            let audit = match self.audit_args(conn, &records) {
+                Ok(audit) => audit,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
             let tx = TxArgs::new(&batch, tx, self.dedup);
-            let result = timeout(TX_TIMEOUT, notify(conn, &tx)).await;
+            let result = timeout(TX_TIMEOUT, notify(conn, &tx, audit.as_ref())).await;
             match result {
                 Ok(Ok(notified)) => {
                     self.metrics.transactions.inc();
@@ -261,7 +324,7 @@ impl Worker {
                 notify_spans[answered] = tracing::Span::none();
                 self.metrics.requests_ok.inc();
                 let to = batch.requests[answered].reply.as_ref();
-                reply(&self.nats, to, &NotifyReply::ok()).await;
+                reply(&self.bus, to, &NotifyReply::ok()).await;
                 answered += 1;
             }
         }
@@ -282,7 +345,7 @@ impl Worker {
                 span.record("otel.status_code", "ERROR");
                 request.span.record("otel.status_code", "ERROR");
                 self.metrics.requests_failed.inc();
-                reply(&self.nats, request.reply.as_ref(), &failed).await;
+                reply(&self.bus, request.reply.as_ref(), &failed).await;
             }
         }
     }
@@ -333,11 +396,16 @@ impl<'a> TxArgs<'a> {
     }
 }
 
-/// One transaction, pipelined: the three statements leave together and PostgreSQL answers
-/// in order. When the SELECT fails, PostgreSQL answers the COMMIT of the aborted transaction
-/// with a rollback, so the session is clean for the next batch. Returns how many
-/// notifications were sent (the others belonged to requests already executed).
-async fn notify(conn: &Conn, tx: &TxArgs<'_>) -> Result<u64, tokio_postgres::Error> {
+/// One transaction, pipelined: the statements leave together and PostgreSQL answers in order
+/// (`BEGIN`, the audit statement when the transaction writes records, the NOTIFYs, `COMMIT`).
+/// When a statement fails, PostgreSQL answers the COMMIT of the aborted transaction with a
+/// rollback, so nothing of it commits and the session is clean for the next batch. Returns
+/// how many notifications were sent (the others belonged to requests already executed).
+async fn notify(
+    conn: &Conn,
+    tx: &TxArgs<'_>,
+    audit: Option<&AuditArgs>,
+) -> Result<u64, tokio_postgres::Error> {
     let all: [&(dyn ToSql + Sync); 5] = [
         &tx.channels,
         &tx.payloads,
@@ -346,12 +414,25 @@ async fn notify(conn: &Conn, tx: &TxArgs<'_>) -> Result<u64, tokio_postgres::Err
         &tx.expiries,
     ];
     let params = &all[..conn.statement.params().len()];
-    let (begin, select, commit) = tokio::join!(
+    // Sent when first polled: `join!` polls in order, so the statements leave in order.
+    let audited = async {
+        match (audit, &conn.audit) {
+            (Some(args), Some(statement)) => conn
+                .client
+                .execute(statement, &args.params())
+                .await
+                .map(|_| ()),
+            _ => Ok(()),
+        }
+    };
+    let (begin, audited, select, commit) = tokio::join!(
         conn.client.batch_execute("BEGIN"),
+        audited,
         conn.client.query_one(&conn.statement, params),
         conn.client.batch_execute("COMMIT"),
     );
     begin?;
+    audited?;
     let notified: i64 = select?.get(0);
     commit?;
     Ok(u64::try_from(notified).unwrap_or(0))

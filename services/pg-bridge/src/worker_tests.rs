@@ -1,34 +1,36 @@
-//! A worker against the real PostgreSQL: order, repeated payloads, replies, lost connections.
+//! A worker against the real PostgreSQL: order, repeated payloads, replies, lost connections,
+//! audit records written in the NOTIFY transactions.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_nats::Subject;
-use futures::StreamExt as _;
+use pgws_bus::Subscription;
 use pgws_proto::{Notification, NotifyReply};
 use pgws_service::{Metrics, Shutdown};
 use tokio::sync::watch;
 
 use super::*;
 use crate::batch::Request;
-use crate::test_support::{client, eventually, listen, take, unique, DB_URI, NATS_URL, WAIT};
+use crate::test_support::{bus, client, eventually, listen, take, unique, DB_URI, WAIT};
 
 struct Setup {
     worker: Worker,
     metrics: BridgeMetrics,
     shutdown: Shutdown,
     app: String,
-    replies: async_nats::Subscriber,
-    inbox: Subject,
+    replies: Subscription,
+    inbox: String,
 }
 
 async fn setup() -> Setup {
-    let nats = async_nats::connect(NATS_URL)
-        .await
-        .expect("NATS at 127.0.0.1:4222");
-    let inbox = nats.new_inbox();
-    let replies = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    setup_with(None).await
+}
+
+/// A worker writing the audit with `audit`, when given.
+async fn setup_with(audit: Option<Arc<dyn TxAudit>>) -> Setup {
+    let nats = bus().await;
+    let inbox = unique("test.replies.");
+    let replies = nats.subscribe(&inbox).await.expect("subscribe");
     let metrics = BridgeMetrics::register(&Metrics::new());
     let shutdown = Shutdown::new();
     let app = unique("worker");
@@ -43,7 +45,8 @@ async fn setup() -> Setup {
         metrics.clone(),
         shutdown.clone(),
         true,
-    );
+    )
+    .with_audit(audit);
     worker.conn = Some(worker.connect().await.expect("worker connects"));
     Setup {
         worker,
@@ -51,11 +54,11 @@ async fn setup() -> Setup {
         shutdown,
         app,
         replies,
-        inbox: Subject::from(inbox),
+        inbox,
     }
 }
 
-fn request(channel: &str, payloads: &[&str], reply: &Subject) -> Request {
+fn request(channel: &str, payloads: &[&str], reply: &str) -> Request {
     Request {
         id: None,
         deadline: None,
@@ -67,12 +70,13 @@ fn request(channel: &str, payloads: &[&str], reply: &Subject) -> Request {
                 payload: (*p).to_owned(),
             })
             .collect(),
-        reply: Some(reply.clone()),
+        records: Vec::new(),
+        reply: Some(reply.to_owned()),
         span: tracing::Span::none(),
     }
 }
 
-async fn next_reply(replies: &mut async_nats::Subscriber) -> NotifyReply {
+async fn next_reply(replies: &mut Subscription) -> NotifyReply {
     let message = tokio::time::timeout(WAIT, replies.next())
         .await
         .expect("a reply in time")
@@ -213,4 +217,224 @@ async fn an_expired_request_is_answered_failed_and_not_notified() {
     assert_eq!(next_reply(&mut s.replies).await, NotifyReply::ok());
     assert_eq!(take(&mut notes, 1).await, ["on time"]);
     assert_eq!(s.metrics.requests_expired.get(), 1);
+}
+
+/// Records each message's id, channel and envelope in a table of the test's own.
+struct TableAudit {
+    sql: String,
+    /// Gives a parameter of the wrong type (the statement cannot take it).
+    wrong_types: bool,
+}
+
+impl TableAudit {
+    fn new(table: &str) -> Self {
+        Self {
+            sql: format!(
+                "INSERT INTO {table} (id, channel, envelope)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                 ON CONFLICT (id) DO NOTHING"
+            ),
+            wrong_types: false,
+        }
+    }
+}
+
+impl TxAudit for TableAudit {
+    fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    fn params(&self, records: &[Notification]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+        let field = |f: fn(&Notification) -> String| records.iter().map(f).collect::<Vec<_>>();
+        let ids = field(|r| r.id.clone().unwrap_or_default());
+        let envelopes = field(|r| r.payload.clone());
+        if self.wrong_types {
+            return vec![Box::new(ids), Box::new(42_i32), Box::new(envelopes)];
+        }
+        vec![
+            Box::new(ids),
+            Box::new(field(|r| r.channel.clone())),
+            Box::new(envelopes),
+        ]
+    }
+}
+
+/// A table for [`TableAudit`]; an envelope `bad` breaks its check.
+async fn audit_table(db: &tokio_postgres::Client) -> String {
+    let table = unique("audit");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id text PRIMARY KEY, channel text NOT NULL,
+             envelope text NOT NULL CHECK (envelope <> 'bad'))"
+    ))
+    .await
+    .expect("audit table");
+    table
+}
+
+/// The table's rows as `id channel envelope`, by id.
+async fn audited(db: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    db.query(
+        &format!("SELECT id || ' ' || channel || ' ' || envelope FROM {table} ORDER BY id"),
+        &[],
+    )
+    .await
+    .expect("audit rows")
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+/// A notification of message `id`.
+fn message(id: Option<&str>, channel: &str, payload: &str) -> Notification {
+    Notification {
+        id: id.map(str::to_owned),
+        channel: channel.to_owned(),
+        payload: payload.to_owned(),
+    }
+}
+
+/// A request with an id and its messages' audit records.
+fn audited_request(
+    id: &str,
+    notifications: Vec<Notification>,
+    records: Vec<Notification>,
+    reply: &str,
+) -> Request {
+    let mut request = with_id(request("unused", &[], reply), id, Duration::from_secs(30));
+    request.notifications = notifications;
+    request.records = records;
+    request
+}
+
+/// Nothing more arrives on `notes` for a moment.
+async fn quiet(notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let more = tokio::time::timeout(Duration::from_millis(300), notes.recv()).await;
+    assert!(more.is_err(), "unexpected notification {more:?}");
+}
+
+#[tokio::test]
+async fn audit_records_commit_with_their_notifies() {
+    let db = client().await;
+    let table = audit_table(&db).await;
+    let mut s = setup_with(Some(Arc::new(TableAudit::new(&table)))).await;
+    let channel = unique("chan");
+    let (_listener, mut notes) = listen(&channel).await;
+    let c = channel.as_str();
+    // The first request repeats a pair (its copy of m1 without id), so it takes two
+    // transactions; m3's request and a request without records share the second.
+    let (r1, r2) = (unique("r"), unique("r"));
+    let first = || {
+        audited_request(
+            &r1,
+            vec![
+                message(Some("m1"), c, "a"),
+                message(Some("m2"), c, "b"),
+                message(None, c, "a"),
+            ],
+            vec![
+                message(Some("m1"), c, "env1"),
+                message(Some("m2"), c, "env2"),
+            ],
+            &s.inbox,
+        )
+    };
+    let mut batch = Batch::default();
+    batch.push(first());
+    batch.push(audited_request(
+        &r2,
+        vec![message(Some("m3"), c, "c")],
+        vec![message(Some("m3"), c, "env3")],
+        &s.inbox,
+    ));
+    batch.push(request(c, &["d"], &s.inbox));
+    s.worker.execute(batch).await;
+    for _ in 0..3 {
+        assert_eq!(next_reply(&mut s.replies).await, NotifyReply::ok());
+    }
+    assert_eq!(take(&mut notes, 5).await, ["a", "b", "a", "c", "d"]);
+    assert_eq!(s.metrics.transactions.get(), 2);
+    let expected = [
+        format!("m1 {c} env1"),
+        format!("m2 {c} env2"),
+        format!("m3 {c} env3"),
+    ];
+    assert_eq!(audited(&db, &table).await, expected);
+
+    // A retry of the first request: nothing NOTIFYed again, nothing recorded twice.
+    let mut batch = Batch::default();
+    batch.push(first());
+    s.worker.execute(batch).await;
+    assert_eq!(next_reply(&mut s.replies).await, NotifyReply::ok());
+    quiet(&mut notes).await;
+    assert_eq!(audited(&db, &table).await, expected);
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop");
+}
+
+#[tokio::test]
+async fn a_failing_audit_commits_neither_records_nor_notifies() {
+    let db = client().await;
+    let table = audit_table(&db).await;
+    let mut s = setup_with(Some(Arc::new(TableAudit::new(&table)))).await;
+    let channel = unique("chan");
+    let (_listener, mut notes) = listen(&channel).await;
+    let c = channel.as_str();
+    // One transaction: a good record and one the table refuses.
+    let mut batch = Batch::default();
+    batch.push(audited_request(
+        &unique("r"),
+        vec![message(Some("m1"), c, "a")],
+        vec![message(Some("m1"), c, "env1")],
+        &s.inbox,
+    ));
+    batch.push(audited_request(
+        &unique("r"),
+        vec![message(Some("m2"), c, "b")],
+        vec![message(Some("m2"), c, "bad")],
+        &s.inbox,
+    ));
+    s.worker.execute(batch).await;
+    for _ in 0..2 {
+        let reply = next_reply(&mut s.replies).await;
+        assert_eq!(reply.error.as_deref(), Some(crate::batch::UNAVAILABLE));
+    }
+    assert_eq!(s.metrics.requests_failed.get(), 2);
+    quiet(&mut notes).await;
+    assert!(audited(&db, &table).await.is_empty());
+
+    // The connection is clean for the next batch.
+    let mut batch = Batch::default();
+    batch.push(audited_request(
+        &unique("r"),
+        vec![message(Some("m3"), c, "c")],
+        vec![message(Some("m3"), c, "env3")],
+        &s.inbox,
+    ));
+    s.worker.execute(batch).await;
+    assert_eq!(next_reply(&mut s.replies).await, NotifyReply::ok());
+    assert_eq!(take(&mut notes, 1).await, ["c"]);
+    assert_eq!(audited(&db, &table).await, [format!("m3 {c} env3")]);
+
+    // Parameters the statement cannot take fail the transaction before it is sent.
+    let wrong = Arc::new(TableAudit {
+        wrong_types: true,
+        ..TableAudit::new(&table)
+    });
+    let mut w = setup_with(Some(wrong)).await;
+    let mut batch = Batch::default();
+    batch.push(audited_request(
+        &unique("r"),
+        vec![message(Some("m4"), c, "d")],
+        vec![message(Some("m4"), c, "env4")],
+        &w.inbox,
+    ));
+    w.worker.execute(batch).await;
+    let reply = next_reply(&mut w.replies).await;
+    assert_eq!(reply.error.as_deref(), Some(crate::batch::UNAVAILABLE));
+    quiet(&mut notes).await;
+    assert_eq!(audited(&db, &table).await, [format!("m3 {c} env3")]);
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop");
 }

@@ -4,10 +4,10 @@
 //! One batch: `pg_logical_slot_peek_binary_changes` (at most [`PEEK_CHANGES`] messages, whole
 //! transactions) -> for each table and each class reading it, one visibility check over the
 //! batch's rows ([`super::visibility`]) -> each visible event published to the class's
-//! subject, in commit order, with its position -> NATS flushed -> `pg_replication_slot_advance`
-//! past the batch. A leader that dies before the advance leaves the batch in the slot for the
-//! next one (gateways drop what they already passed on), so nothing committed is lost or
-//! shown twice.
+//! subject, in commit order, with its position -> the bus flushed ->
+//! `pg_replication_slot_advance` past the batch. A leader that dies before the advance leaves
+//! the batch in the slot for the next one (gateways drop what they already passed on), so
+//! nothing committed is lost or shown twice.
 //!
 //! Classes without a check: `all` classes (admins, BYPASSRLS) see every row and a delete's
 //! whole old row. A deleted row cannot be checked any more, so every class of the table (each
@@ -20,8 +20,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client as Nats, HeaderMap};
 use bytes::Bytes;
+use pgws_bus::{Client as Bus, Headers};
 use pgws_config::DbConfig;
 use pgws_proto::{headers, LiveClass, Subjects};
 use tokio::sync::watch;
@@ -56,7 +56,7 @@ pub(crate) struct Capture {
     pub(crate) slot: String,
     pub(crate) patterns: Vec<TablePattern>,
     pub(crate) subjects: Subjects,
-    pub(crate) nats: Nats,
+    pub(crate) bus: Bus,
     pub(crate) metrics: BridgeMetrics,
     /// How long a new leader waits for the gateways' reports before reading the slot.
     pub(crate) settle: Duration,
@@ -177,7 +177,7 @@ impl Capture {
                 .capture_changes
                 .inc_by(batch.changes.len() as u64);
             if let Some(end) = batch.end_lsn {
-                self.nats.flush().await?;
+                self.bus.flush().await?;
                 self.advance(client, end).await?;
             }
         }
@@ -450,10 +450,10 @@ impl Capture {
     }
 
     async fn send(&self, subject: &str, position: &str, frame: &Bytes) -> anyhow::Result<()> {
-        let mut h = HeaderMap::new();
-        h.insert(headers::CHANGE, position);
-        self.nats
-            .publish_with_headers(subject.to_owned(), h, frame.clone())
+        let mut h = Headers::new();
+        h.insert(headers::CHANGE.to_owned(), position.to_owned());
+        self.bus
+            .publish_with_headers(subject, h, frame.clone())
             .await?;
         self.metrics.capture_events.inc();
         Ok(())
