@@ -109,6 +109,21 @@ async fn order_and_dedup(fx: Fixture) {
     let got = fetch(&fx, "rec", Duration::from_secs(2)).await;
     assert_eq!(texts(&got), ["one", "two", "three"]);
     assert_eq!(got[1].headers.get("Pgws-Id").map(String::as_str), Some("b"));
+    // Each says its id (not among the headers), its place in the log (a repeated id takes
+    // none) and that it comes for the first time.
+    let ids: Vec<Option<&str>> = got.iter().map(|r| r.id.as_deref()).collect();
+    assert_eq!(ids, [Some("a"), Some("b"), Some("c")]);
+    assert!(got.iter().all(|r| !r.headers.contains_key("Nats-Msg-Id")));
+    let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert!(!got[0].stream.is_empty());
+    assert!(got.iter().all(|r| r.stream == got[0].stream));
+    assert!(got.iter().all(|r| r.delivered == 1 && !r.redelivered()));
+    assert_eq!(
+        got[2].subject,
+        format!("{}.audit.m", fx.prefix),
+        "the subject appended to"
+    );
     for r in got {
         r.ack().await.expect("acked");
     }
@@ -137,6 +152,8 @@ async fn redelivery(fx: Fixture) {
     drop(y);
     let again = fetch(&fx, "rec", ACK_WAIT * 3).await;
     assert_eq!(texts(&again), ["y"]);
+    assert_eq!((again[0].seq, again[0].delivered), (2, 2));
+    assert!(again[0].redelivered());
     // Handed back: again after its delay.
     let y = again.into_iter().next().expect("y");
     y.hand_back(Duration::from_millis(300))
@@ -144,6 +161,7 @@ async fn redelivery(fx: Fixture) {
         .expect("handed back");
     let again = fetch(&fx, "rec", ACK_WAIT * 3).await;
     assert_eq!(texts(&again), ["y"]);
+    assert_eq!(again[0].delivered, 3);
     for r in again {
         r.ack().await.expect("acked");
     }
@@ -152,3 +170,168 @@ async fn redelivery(fx: Fixture) {
         .is_empty());
 }
 on_both!(an_unacknowledged_record_comes_again, redelivery);
+
+async fn lag(fx: Fixture) {
+    assert_eq!(fx.log.pending("rec").await.expect("pending"), 0);
+    for id in ["p", "q", "r"] {
+        append(&fx, id, id).await;
+    }
+    // Never received, then received and not acknowledged: pending either way.
+    assert_eq!(fx.log.pending("rec").await.expect("pending"), 3);
+    let got = fetch(&fx, "rec", Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(fx.log.pending("rec").await.expect("pending"), 3);
+    let mut got = got.into_iter();
+    for r in got.by_ref().take(2) {
+        r.ack().await.expect("acked");
+    }
+    // Acknowledgements reach JetStream asynchronously.
+    let mut left = u64::MAX;
+    for _ in 0..50 {
+        left = fx.log.pending("rec").await.expect("pending");
+        if left == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 1);
+    // Another consumer has read nothing yet.
+    assert_eq!(fx.log.pending("other").await.expect("pending"), 3);
+    drop(got);
+}
+on_both!(pending_counts_what_a_consumer_has_not_acknowledged, lag);
+
+async fn empty_ids(fx: Fixture) {
+    // An empty id deduplicates nothing (JetStream ignores an empty Nats-Msg-Id).
+    append(&fx, "", "first").await;
+    append(&fx, "", "second").await;
+    let got = fetch(&fx, "rec", Duration::from_secs(2)).await;
+    assert_eq!(texts(&got), ["first", "second"]);
+    for r in got {
+        r.ack().await.expect("acked");
+    }
+}
+on_both!(an_empty_id_deduplicates_nothing, empty_ids);
+
+async fn prompt(fx: Fixture) {
+    for id in ["s", "t"] {
+        append(&fx, id, id).await;
+    }
+    // Fewer records than asked for: they come at once, not when the wait is over.
+    let started = std::time::Instant::now();
+    let got = fx
+        .log
+        .fetch("rec", 100, Duration::from_secs(5))
+        .await
+        .expect("fetched");
+    assert_eq!(texts(&got), ["s", "t"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    for r in got {
+        r.ack().await.expect("acked");
+    }
+}
+on_both!(what_there_is_comes_without_waiting_for_more, prompt);
+
+#[tokio::test]
+async fn a_jetstream_consumer_holds_at_most_max_ack_pending() {
+    let mut fx = jetstream().await;
+    let (js, name) = fx.stream.clone().expect("a stream");
+    fx.log = Arc::new(JetStreamLog::new(js, &name, ACK_WAIT).with_max_ack_pending(2));
+    for id in ["u", "v", "w"] {
+        append(&fx, id, id).await;
+    }
+    let got = fetch(&fx, "rec", Duration::from_millis(500)).await;
+    assert_eq!(texts(&got), ["u", "v"]);
+    for r in got {
+        r.ack().await.expect("acked");
+    }
+    assert_eq!(
+        texts(&fetch(&fx, "rec", Duration::from_secs(2)).await),
+        ["w"]
+    );
+}
+
+async fn arriving(fx: Fixture) {
+    // A fetch waiting on an empty log returns what is appended meanwhile, without waiting
+    // for more or for its end.
+    let fx = Arc::new(fx);
+    let waiting = {
+        let fx = Arc::clone(&fx);
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let got = fx
+                .log
+                .fetch("rec", 100, Duration::from_secs(4))
+                .await
+                .expect("fetched");
+            (got, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    append(&fx, "a1", "a1").await;
+    let (got, took) = waiting.await.expect("joins");
+    assert_eq!(texts(&got), ["a1"]);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Nothing there: the fetch waits its time, and not much longer.
+    let started = std::time::Instant::now();
+    let none = fetch(&fx, "rec", Duration::from_millis(300)).await;
+    assert!(none.is_empty());
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_millis(250)..Duration::from_secs(1)).contains(&took),
+        "{took:?}"
+    );
+}
+on_both!(a_waiting_fetch_returns_what_arrives, arriving);
+
+async fn busy(fx: Fixture) {
+    // Short fetches while records keep coming: each returns within about its wait (nats-server
+    // does not always say when a pull ended), and every record comes once it is acknowledged.
+    const TOTAL: usize = 20_000;
+    let fx = Arc::new(fx);
+    let producer = {
+        let fx = Arc::clone(&fx);
+        tokio::spawn(async move {
+            let subject = format!("{}.audit.m", fx.prefix);
+            for chunk in 0..TOTAL / 500 {
+                let appends = (0..500).map(|i| {
+                    let id = format!("{chunk}-{i}");
+                    let subject = subject.clone();
+                    let log = Arc::clone(&fx.log);
+                    async move {
+                        log.append(&subject, &id, Headers::new(), Bytes::from_static(b"x"))
+                            .await
+                    }
+                });
+                for appended in futures::future::join_all(appends).await {
+                    appended.expect("appended");
+                }
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut got = 0;
+    let mut slowest = Duration::ZERO;
+    while got < TOTAL && started.elapsed() < Duration::from_secs(30) {
+        for wait in [Duration::from_millis(20), Duration::from_millis(3)] {
+            let t = std::time::Instant::now();
+            let records = fx.log.fetch("rec", 1000, wait).await.expect("fetched");
+            slowest = slowest.max(t.elapsed().saturating_sub(wait));
+            got += records.len();
+            for r in records {
+                r.ack().await.expect("acked");
+            }
+        }
+    }
+    producer.await.expect("appended all");
+    assert_eq!(got, TOTAL);
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a fetch took {slowest:?} past its wait"
+    );
+}
+on_both!(fetches_end_in_time_while_records_keep_coming, busy);
