@@ -1,20 +1,19 @@
-//! The recording loop: take a batch from the shared durable consumer, write it in one
-//! transaction, and acknowledge it only after the commit.
+//! The recording loop: take a batch from the audit log's shared consumer
+//! ([`pgws_bus::Log`]: a durable JetStream pull consumer with explicit acks, or a log in
+//! memory), write it in one transaction, and acknowledge it only after the commit.
 //!
 //! Batches are bounded by `PGWS_RECORDER_BATCH_SIZE` records and `PGWS_RECORDER_BATCH_WAIT`.
 //! A database failure leaves the batch unacknowledged: the loop reconnects with backoff and
 //! writes the same batch again (ids make it idempotent; if the ack wait passes meanwhile, the
-//! server redelivers and the ids absorb that too). On shutdown the batch in hand is finished
-//! and what the pull buffered beyond it is handed back to the server.
+//! server redelivers and the ids absorb that too). On shutdown the batch in hand is finished,
+//! and what a fetch brought after shutdown began is handed back to the log (a fetch is never
+//! abandoned midway, so nothing waits for the ack wait because this recorder stopped).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
-use async_nats::jetstream::AckKind;
-use async_nats::jetstream::{self, Message};
-use futures::StreamExt;
+use pgws_bus::{BusError, Log, Record};
 use pgws_config::DbConfig;
 use pgws_service::telemetry::{self, TARGET as TRACE};
 use tokio_postgres::{Client, Config as PgConfig, NoTls};
@@ -22,34 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::RecorderMetrics;
-use crate::record::Batch;
+use crate::record::{Batch, Meta};
 use crate::schema::{self, day_of, Partitions};
 use crate::store::{self, Mode, Path};
 
-/// How long the server waits for an ack before redelivering.
-const ACK_WAIT: Duration = Duration::from_secs(30);
-
-/// Creates (or finds) the durable consumer every replica shares.
-pub(crate) async fn consumer(
-    js: &jetstream::Context,
-    stream: &str,
-    name: &str,
-    batch_size: usize,
-) -> Result<Consumer<pull::Config>, String> {
-    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    stream
-        .get_or_create_consumer(
-            name,
-            pull::Config {
-                durable_name: Some(name.to_owned()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                max_ack_pending: i64::try_from(batch_size * 4).unwrap_or(i64::MAX),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())
+/// Most records the shared consumer holds delivered and unacknowledged, for batches of
+/// `batch_size`: the batch being written, the one waiting for the writer, the one being
+/// pulled, and slack.
+pub(crate) fn max_ack_pending(batch_size: usize) -> i64 {
+    i64::try_from(batch_size * 4).unwrap_or(i64::MAX)
 }
 
 /// The database side of the loop: one connection, re-established with backoff.
@@ -103,11 +83,18 @@ impl Database {
     }
 }
 
+/// Where the records come from: the log and the consumer every replica shares.
+#[derive(Clone)]
+pub(crate) struct Source {
+    pub(crate) log: Arc<dyn Log>,
+    pub(crate) consumer: String,
+}
+
 /// Runs the loop until `token` is cancelled. Two stages: this one pulls batches, a writer
 /// task writes and acknowledges them in order; one batch may wait between them, so the next
 /// batch is pulled while the previous one is written.
 pub(crate) async fn run(
-    consumer: Consumer<pull::Config>,
+    source: Source,
     mut db: Database,
     mode: Mode,
     batch_size: usize,
@@ -115,85 +102,56 @@ pub(crate) async fn run(
     metrics: RecorderMetrics,
     token: CancellationToken,
 ) {
-    // Take nothing while the database is away: records wait in the stream.
+    // Take nothing while the database is away: records wait in the log.
     if !db.connected(&token).await {
         return;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Message>>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Record>>(1);
     let writer_token = token.clone();
     let writer = tokio::spawn(async move {
-        while let Some(messages) = rx.recv().await {
+        while let Some(records) = rx.recv().await {
             // The batch in hand is written even when shutdown has begun (bounded by the
             // grace period); false means shutdown found the database away.
-            if !record_batch(&mut db, &mode, &messages, &metrics, &writer_token).await {
+            if !record_batch(&mut db, &mode, &records, &metrics, &writer_token).await {
                 break;
             }
-            for m in &messages {
-                if let Err(e) = m.ack().await {
+            for r in records {
+                if let Err(e) = r.ack().await {
                     tracing::warn!(error = %e, "ack failed; the record will be redelivered");
                 }
             }
         }
     });
-    let mut stream = None;
     while !token.is_cancelled() {
-        let messages = match stream.as_mut() {
-            None => {
-                match consumer
-                    .stream()
-                    .max_messages_per_batch(batch_size * 2)
-                    .messages()
-                    .await
-                {
-                    Ok(s) => stream = Some(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot pull from the audit stream");
-                        tokio::select! {
-                            _ = token.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        }
-                    }
+        match next_batch(&source, batch_size, batch_wait, &token).await {
+            Ok(records) => {
+                if !records.is_empty() && tx.send(records).await.is_err() {
+                    break;
                 }
-                continue;
             }
-            Some(s) => match next_batch(s, batch_size, batch_wait, &token).await {
-                Ok(messages) => messages,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pull failed; starting a new one");
-                    stream = None;
-                    continue;
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull from the audit stream");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-            },
-        };
-        if !messages.is_empty() && tx.send(messages).await.is_err() {
-            break;
+            }
         }
     }
     drop(tx);
-    // What the pull already brought but no batch took goes back now, rather than after the ack
-    // wait, so another replica (or the next start) gets it soon.
-    if let Some(mut s) = stream {
-        hand_back(&mut s).await;
-    }
     drop(writer.await);
 }
 
-/// Negatively acknowledges, with a short delay, the messages the pull has buffered (those
-/// arriving within [`HAND_BACK_WAIT`] of each other, for at most [`HAND_BACK_DELAY`] / 2): the
-/// server redelivers them after the delay instead of the ack wait. The delay keeps them from
-/// coming back to this very pull while it is drained. A message the server sends after the
-/// drain stopped is redelivered after the ack wait, as after a crash.
-async fn hand_back(stream: &mut pull::Stream) {
+/// How long one fetch waits for a first record: how soon the pull notices shutdown.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Hands back, with a short delay, records fetched after shutdown began: the log delivers them
+/// again after the delay instead of the ack wait (to another replica, or the next start). The
+/// delay keeps them from coming back to this very consumer as it stops.
+async fn hand_back(records: Vec<Record>) {
     let mut returned = 0_u32;
-    let until = tokio::time::Instant::now() + HAND_BACK_DELAY / 2;
-    while tokio::time::Instant::now() < until {
-        let Ok(Some(Ok(m))) = tokio::time::timeout(HAND_BACK_WAIT, stream.next()).await else {
-            break;
-        };
-        if m.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY)))
-            .await
-            .is_ok()
-        {
+    for r in records {
+        if r.hand_back(HAND_BACK_DELAY).await.is_ok() {
             returned += 1;
         }
     }
@@ -204,33 +162,40 @@ async fn hand_back(stream: &mut pull::Stream) {
 
 /// How long the server holds a handed-back record before redelivering it.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
-/// How long [`hand_back`] waits for one more buffered message.
-const HAND_BACK_WAIT: Duration = Duration::from_millis(50);
 
-/// Waits for a first message (or shutdown), then takes what follows within `wait`, up to `max`.
+/// Waits for first records (or shutdown), then takes what follows within `wait`, up to `max`.
+/// Empty when shutdown came first.
 async fn next_batch(
-    stream: &mut pull::Stream,
+    Source { log, consumer }: &Source,
     max: usize,
     wait: Duration,
     token: &CancellationToken,
-) -> Result<Vec<Message>, String> {
-    let first = tokio::select! {
-        _ = token.cancelled() => return Ok(Vec::new()),
-        m = stream.next() => m,
+) -> Result<Vec<Record>, BusError> {
+    let mut batch = loop {
+        // Never dropped midway: on JetStream what a pull brought would otherwise wait for the
+        // ack wait.
+        let records = log.fetch(consumer, max, POLL).await?;
+        if token.is_cancelled() {
+            hand_back(records).await;
+            return Ok(Vec::new());
+        }
+        if !records.is_empty() {
+            break records;
+        }
     };
-    let Some(first) = first else {
-        return Err("the pull ended".to_owned());
-    };
-    let mut batch = vec![first.map_err(|e| e.to_string())?];
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < max {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(Ok(m))) => batch.push(m),
-            Ok(Some(Err(e))) => {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left < Duration::from_millis(1) {
+            break;
+        }
+        match log.fetch(consumer, max - batch.len(), left).await {
+            Ok(more) if more.is_empty() => break,
+            Ok(more) => batch.extend(more),
+            Err(e) => {
                 tracing::debug!(error = %e, "pull status");
                 break;
             }
-            Ok(None) | Err(_) => break,
         }
     }
     Ok(batch)
@@ -241,7 +206,7 @@ async fn next_batch(
 async fn record_batch(
     db: &mut Database,
     mode: &Mode,
-    messages: &[Message],
+    messages: &[Record],
     metrics: &RecorderMetrics,
     token: &CancellationToken,
 ) -> bool {
@@ -256,18 +221,19 @@ async fn record_batch(
     );
     if telemetry::tracing_enabled() {
         for m in messages.iter().take(MAX_LINKS) {
-            telemetry::link_remote(&span, m.headers.as_ref());
+            telemetry::link_remote(&span, &m.headers);
         }
         telemetry::mark(&span);
     }
     let mut batch = Batch::default();
     for m in messages {
-        let (stream, seq, delivered) = m
-            .info()
-            .map(|i| (i.stream.to_owned(), i.stream_sequence, i.delivered))
-            .unwrap_or_default();
-        batch.redelivered |= delivered != 1;
-        batch.push(&stream, seq, &m.payload, m.headers.as_ref());
+        batch.redelivered |= m.redelivered();
+        batch.push(
+            &m.stream,
+            m.seq,
+            &m.payload,
+            Meta::new(m.id.as_deref(), &m.headers),
+        );
     }
     write_batch(db, mode, &batch, metrics, token)
         .instrument(span)

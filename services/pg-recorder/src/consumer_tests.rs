@@ -6,6 +6,7 @@ use std::str::FromStr;
 use pgws_service::Metrics;
 
 use super::*;
+use crate::record::OwnedMeta;
 use crate::test_support::{envelope, now, TestDb};
 
 fn database(test: &TestDb) -> Database {
@@ -18,8 +19,8 @@ fn database(test: &TestDb) -> Database {
     }
 }
 
-fn headers(id: Option<&str>) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
+fn headers(id: Option<&str>) -> OwnedMeta {
+    let mut h = OwnedMeta::default();
     if let Some(id) = id {
         h.insert(pgws_proto::headers::MSG_ID, id);
     }
@@ -37,7 +38,7 @@ fn batch_of(records: &[(&str, &str)], seq: u64) -> Batch {
             "s",
             seq + i as u64,
             body.as_bytes(),
-            Some(&headers(Some(id))),
+            headers(Some(id)).meta(),
         );
     }
     batch
@@ -133,12 +134,12 @@ async fn malformed_records_are_dead_letters_and_the_rest_of_the_batch_is_recorde
     let good = envelope("chat", "g", now());
     let far =
         r#"{"event":"E","channel":"c","payload":"p","claims":{"message_delivered_at":1e300}}"#;
-    batch.push("s", 1, good.as_bytes(), Some(&headers(Some("g1"))));
-    batch.push("s", 2, b"not json", Some(&headers(Some("bad1"))));
-    batch.push("s", 3, good.as_bytes(), Some(&headers(None)));
-    batch.push("s", 4, far.as_bytes(), Some(&headers(Some("bad3"))));
-    batch.push("s", 5, b"\xff\x00", Some(&headers(Some("bad4"))));
-    batch.push("s", 6, good.as_bytes(), Some(&headers(Some("g2"))));
+    batch.push("s", 1, good.as_bytes(), headers(Some("g1")).meta());
+    batch.push("s", 2, b"not json", headers(Some("bad1")).meta());
+    batch.push("s", 3, good.as_bytes(), headers(None).meta());
+    batch.push("s", 4, far.as_bytes(), headers(Some("bad3")).meta());
+    batch.push("s", 5, b"\xff\x00", headers(Some("bad4")).meta());
+    batch.push("s", 6, good.as_bytes(), headers(Some("g2")).meta());
     let metrics = write(&mut db, &Mode::Table, &batch).await;
     assert_eq!((metrics.rows.get(), metrics.dead_letters.get()), (2, 4));
     // Written again (a redelivery): nothing new.
@@ -191,13 +192,13 @@ async fn escaped_surrogates_are_judged_before_the_database() {
         "s",
         1,
         with(r"a\udc00b").as_bytes(),
-        Some(&headers(Some("lone"))),
+        headers(Some("lone")).meta(),
     );
     batch.push(
         "s",
         2,
         with(r"\ud83d\ude00").as_bytes(),
-        Some(&headers(Some("pair"))),
+        headers(Some("pair")).meta(),
     );
     let metrics = write(&mut db, &Mode::Table, &batch).await;
     assert_eq!((metrics.rows.get(), metrics.dead_letters.get()), (1, 1));
@@ -428,7 +429,7 @@ async fn a_record_of_several_envelopes_makes_a_row_each_and_dead_letters_per_par
     let mut h = headers(Some("m-1"));
     h.insert(pgws_proto::headers::MSG_IDS, "m-1,m-2,m-3,m-4");
     let mut batch = Batch::default();
-    batch.push("s", 5, body.as_bytes(), Some(&h));
+    batch.push("s", 5, body.as_bytes(), h.meta());
     let metrics = write(&mut db, &Mode::Table, &batch).await;
     assert_eq!((metrics.rows.get(), metrics.dead_letters.get()), (2, 2));
     // Redelivered: nothing new.
@@ -479,7 +480,7 @@ async fn a_batch_copied_then_redelivered_meets_its_rows_to_the_microsecond() {
             "s",
             i,
             body.as_bytes(),
-            Some(&headers(Some(&format!("t-{i}")))),
+            headers(Some(&format!("t-{i}"))).meta(),
         );
     }
     let first = write(&mut db, &Mode::Table, &batch).await;

@@ -2,16 +2,12 @@
 //! an API: hidden from the documentation, and the only door they have into the recorder.
 //!
 //! An audit record comes from JetStream, from whoever can publish on `<prefix>.audit`: its
-//! body and headers are parsed by [`push`] (`record::Batch::push`, unchanged) into rows for
+//! body, id and headers are parsed by [`push`] (`record::Batch::push`, unchanged) into rows for
 //! PostgreSQL, NOTIFY failures or dead letters; [`parse_both`] runs the two parsers of one
 //! envelope (the fast path and the checked one) so that a target can hold them to agreeing.
 //! What they make is handed back as plain data.
 
-use std::str::FromStr;
-
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
-
-use crate::record::{self, Batch, DeadLetter, Record};
+use crate::record::{self, Batch, DeadLetter, OwnedMeta, Record};
 
 /// A row for `pgws_audit.messages`.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,20 +52,25 @@ pub struct Pushed {
     pub failures: Vec<Failure>,
 }
 
-/// Headers as a NATS message carries them: names and values async-nats would refuse (a
-/// value holding a line break, a name with a space...) are left out, as it never hands such
-/// a header over.
-fn header_map(headers: &[(&str, &str)]) -> Option<HeaderMap> {
-    if headers.is_empty() {
-        return None;
-    }
-    let mut map = HeaderMap::new();
+/// Headers as a record of the audit log carries them: names and values NATS would refuse (a
+/// value holding a line break, a name with a space or a `:`...) are left out, as it never
+/// hands such a header over; of a repeated name the first value counts, as the log keeps one
+/// per name; `Nats-Msg-Id` is the record's id.
+fn header_map(headers: &[(&str, &str)]) -> OwnedMeta {
+    let mut meta = OwnedMeta::default();
     for (name, value) in headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_str(name), HeaderValue::from_str(value)) {
-            map.append(name, value);
+        let valid = !name.contains(|c: char| !c.is_ascii_graphic() || c == ':')
+            && !value.contains(['\r', '\n']);
+        let first = if *name == pgws_proto::headers::MSG_ID {
+            meta.id.is_none()
+        } else {
+            !meta.headers.contains_key(*name)
+        };
+        if valid && first {
+            meta.insert(name, value);
         }
     }
-    Some(map)
+    meta
 }
 
 fn row(r: Record, part: i32) -> Row {
@@ -99,7 +100,7 @@ fn dead(d: DeadLetter) -> Dead {
 /// Parses one stream message with `headers` as the recorder does.
 pub fn push(data: &[u8], headers: &[(&str, &str)]) -> Pushed {
     let mut batch = Batch::default();
-    batch.push("fuzz", 1, data, header_map(headers).as_ref());
+    batch.push("fuzz", 1, data, header_map(headers).meta());
     let rows = batch
         .records
         .into_iter()
@@ -121,8 +122,8 @@ pub fn push(data: &[u8], headers: &[(&str, &str)]) -> Pushed {
 /// checked parse (`Err`: the dead letter's reason).
 pub fn parse_both(data: &[u8], headers: &[(&str, &str)]) -> (Option<Row>, Result<Row, String>) {
     let map = header_map(headers);
-    let fast = record::fast_parse(data, map.as_ref()).map(|r| row(r, 0));
-    let checked = record::checked_parse("fuzz", 1, data, map.as_ref())
+    let fast = record::fast_parse(data, map.meta()).map(|r| row(r, 0));
+    let checked = record::checked_parse("fuzz", 1, data, map.meta())
         .map(|r| row(r, 0))
         .map_err(|d| d.reason);
     (fast, checked)

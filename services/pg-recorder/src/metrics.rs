@@ -73,3 +73,32 @@ impl RecorderMetrics {
         }
     }
 }
+
+/// The metrics of in-transaction writes ([`crate::prepare_in_process`]): the statement runs in
+/// the bridge's transactions, so what it commits is not seen here; what is counted is what it
+/// was given.
+#[derive(Clone, Debug)]
+pub(crate) struct InProcessMetrics {
+    /// By outcome: `recorded` (a row, or a dispatcher call, unless written before) or
+    /// `dead_letter`.
+    pub(crate) records: Family<Labels, Counter>,
+    /// Upkeep runs, by outcome (`ok`, `failed`).
+    pub(crate) upkeep_runs: Family<Labels, Counter>,
+}
+
+impl InProcessMetrics {
+    pub(crate) fn register(m: &Metrics) -> Self {
+        Self {
+            records: m.register(
+                "recorder_in_transaction_records",
+                "Audit records given to the in-transaction statement, by outcome (recorded; dead_letter: malformed). Counted when the statement's parameters are made: a NOTIFY transaction rolled back or retried counts again",
+                Family::default(),
+            ),
+            upkeep_runs: m.register(
+                "recorder_upkeep_runs",
+                "Upkeep runs of in-transaction writes (the coming days' partitions, retention, ledger pruning), by outcome (ok; failed: retried in 30 s, readiness check audit fails)",
+                Family::default(),
+            ),
+        }
+    }
+}

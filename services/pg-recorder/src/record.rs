@@ -1,20 +1,67 @@
-//! Turning an audit stream message into a row, or into a dead letter with the reason.
+//! Turning an audit record into a row, or into a dead letter with the reason.
 //!
-//! A record is one postgres-websockets envelope with the `Nats-Msg-Id` and
-//! `Pgws-Notify-Channel` headers (see `proto/CONTRACT.md`). Anything else is malformed: it is
-//! kept in `pgws_audit.dead_letters` and never blocks the stream.
+//! A record is one postgres-websockets envelope with its id (the `Nats-Msg-Id` it was appended
+//! with, [`pgws_bus::Record::id`]) and the `Pgws-Notify-Channel` header (see
+//! `proto/CONTRACT.md`). Anything else is malformed: it is kept in `pgws_audit.dead_letters`
+//! and never blocks the stream. The in-transaction writer parses its envelopes here too, so
+//! both paths make the same rows and the same dead letters.
 //!
 //! An outcome record (`Pgws-Outcome: failed`) lists messages recorded earlier whose NOTIFY the
 //! gateway gave up on, with the reason as its body: it becomes rows of
 //! `pgws_audit.notify_failures`.
 
-use async_nats::HeaderMap;
+use pgws_bus::Headers;
 use pgws_proto::headers;
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+/// What came with a record's body: its id and its headers. `Nats-Msg-Id` is the id whether
+/// or not the headers hold one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta<'a> {
+    pub(crate) id: Option<&'a str>,
+    pub(crate) headers: &'a Headers,
+}
+
+impl<'a> Meta<'a> {
+    pub(crate) fn new(id: Option<&'a str>, headers: &'a Headers) -> Self {
+        Self { id, headers }
+    }
+
+    /// The header `name` (the id for `Nats-Msg-Id`).
+    pub(crate) fn get(&self, name: &str) -> Option<&'a str> {
+        if name == headers::MSG_ID {
+            return self.id;
+        }
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A record's id and headers, owned (tests, fuzzing, the in-transaction writer), set as NATS
+/// headers are: `Nats-Msg-Id` is the id.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OwnedMeta {
+    pub(crate) id: Option<String>,
+    pub(crate) headers: Headers,
+}
+
+impl OwnedMeta {
+    /// Sets the header `name` (the id for `Nats-Msg-Id`).
+    pub(crate) fn insert(&mut self, name: &str, value: &str) {
+        if name == headers::MSG_ID {
+            self.id = Some(value.to_owned());
+        } else {
+            self.headers.insert(name.to_owned(), value.to_owned());
+        }
+    }
+
+    pub(crate) fn meta(&self) -> Meta<'_> {
+        Meta::new(self.id.as_deref(), &self.headers)
+    }
+}
 
 /// A well-formed audit record.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,19 +120,19 @@ pub(crate) struct Batch {
 impl Batch {
     /// Parses one stream message (one envelope, or several with `Pgws-Msg-Ids`) and adds each
     /// envelope to the records or to the dead letters.
-    pub(crate) fn push(&mut self, stream: &str, seq: u64, data: &[u8], hdrs: Option<&HeaderMap>) {
-        if let Some(outcome) = hdrs.and_then(|h| h.get(headers::OUTCOME)) {
-            match failure(outcome.as_str(), data, hdrs) {
+    pub(crate) fn push(&mut self, stream: &str, seq: u64, data: &[u8], hdrs: Meta<'_>) {
+        if let Some(outcome) = hdrs.get(headers::OUTCOME) {
+            match failure(outcome, data, hdrs) {
                 Ok(f) => self.failures.push(f),
                 Err(reason) => self.push_dead(dead_letter(stream, seq, data, hdrs, reason)),
             }
             return;
         }
-        let Some(ids) = hdrs.and_then(|h| h.get(headers::MSG_IDS)) else {
+        let Some(ids) = hdrs.get(headers::MSG_IDS) else {
             self.push_part(stream, seq, 0, data, hdrs);
             return;
         };
-        let ids: Vec<&str> = ids.as_str().split(',').collect();
+        let ids: Vec<&str> = ids.split(',').collect();
         let parts: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
         if ids.len() != parts.len() || ids.iter().any(|id| id.is_empty()) {
             let reason = format!(
@@ -97,26 +144,16 @@ impl Batch {
             self.push_dead(dead_letter(stream, seq, data, hdrs, reason));
             return;
         }
-        let channel = hdrs
-            .and_then(|h| h.get(headers::NOTIFY_CHANNEL))
-            .map_or("", |v| v.as_str());
+        let channel = hdrs.get(headers::NOTIFY_CHANNEL).unwrap_or("");
+        let mut h = Headers::new();
+        h.insert(headers::NOTIFY_CHANNEL.to_owned(), channel.to_owned());
         for (part, (id, body)) in ids.iter().zip(parts).enumerate() {
-            let mut h = HeaderMap::new();
-            h.insert(headers::MSG_ID, *id);
-            h.insert(headers::NOTIFY_CHANNEL, channel);
             let part = i32::try_from(part).unwrap_or(i32::MAX);
-            self.push_part(stream, seq, part, body, Some(&h));
+            self.push_part(stream, seq, part, body, Meta::new(Some(id), &h));
         }
     }
 
-    fn push_part(
-        &mut self,
-        stream: &str,
-        seq: u64,
-        part: i32,
-        data: &[u8],
-        hdrs: Option<&HeaderMap>,
-    ) {
+    fn push_part(&mut self, stream: &str, seq: u64, part: i32, data: &[u8], hdrs: Meta<'_>) {
         match parse(stream, seq, data, hdrs) {
             Ok(r) => {
                 self.records.push(r);
@@ -147,14 +184,11 @@ impl Batch {
 
 /// Parses an outcome record: `Pgws-Outcome: failed`, the ids in `Pgws-Msg-Ids`, the reason as
 /// the body (cut to [`MAX_REASON`] bytes).
-fn failure(outcome: &str, data: &[u8], hdrs: Option<&HeaderMap>) -> Result<Failure, String> {
+fn failure(outcome: &str, data: &[u8], hdrs: Meta<'_>) -> Result<Failure, String> {
     if outcome != headers::OUTCOME_FAILED {
         return Err(format!("unknown {} {outcome:?}", headers::OUTCOME));
     }
-    let ids = hdrs
-        .and_then(|h| h.get(headers::MSG_IDS))
-        .map(|v| v.as_str())
-        .unwrap_or_default();
+    let ids = hdrs.get(headers::MSG_IDS).unwrap_or_default();
     let ids: Vec<String> = ids.split(',').map(str::to_owned).collect();
     if ids.iter().any(|id| id.is_empty() || id.contains('\0')) {
         return Err(format!(
@@ -200,7 +234,7 @@ pub(crate) fn parse(
     stream: &str,
     seq: u64,
     data: &[u8],
-    hdrs: Option<&HeaderMap>,
+    hdrs: Meta<'_>,
 ) -> Result<Record, Box<DeadLetter>> {
     fast_parse(data, hdrs).map_or_else(|| checked_parse(stream, seq, data, hdrs), Ok)
 }
@@ -208,10 +242,9 @@ pub(crate) fn parse(
 /// The common case, without building a JSON tree: a well-formed envelope with no escaped NUL
 /// and no escaped surrogate anywhere. `None` sends the message to [`checked_parse`], which
 /// says what is wrong with it.
-pub(crate) fn fast_parse(data: &[u8], hdrs: Option<&HeaderMap>) -> Option<Record> {
-    let hdrs = hdrs?;
-    let id = hdrs.get(headers::MSG_ID)?.as_str();
-    let notify_channel = hdrs.get(headers::NOTIFY_CHANNEL).map_or("", |v| v.as_str());
+pub(crate) fn fast_parse(data: &[u8], hdrs: Meta<'_>) -> Option<Record> {
+    let id = hdrs.get(headers::MSG_ID)?;
+    let notify_channel = hdrs.get(headers::NOTIFY_CHANNEL).unwrap_or("");
     let text = std::str::from_utf8(data).ok()?;
     let suspicious = |s: &str| s.contains('\0') || s.contains("\\u0000") || has_surrogate_escape(s);
     if id.is_empty() || suspicious(text) || suspicious(id) || suspicious(notify_channel) {
@@ -264,12 +297,9 @@ pub(crate) fn checked_parse(
     stream: &str,
     seq: u64,
     data: &[u8],
-    hdrs: Option<&HeaderMap>,
+    hdrs: Meta<'_>,
 ) -> Result<Record, Box<DeadLetter>> {
-    let header = |name: &str| {
-        hdrs.and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
+    let header = |name: &str| hdrs.get(name).map(str::to_owned);
     let msg_id = header(headers::MSG_ID);
     let dead = |reason: String| Box::new(dead_letter(stream, seq, data, hdrs, reason));
     let Some(id) = msg_id.clone().filter(|id| !id.is_empty()) else {
@@ -326,20 +356,14 @@ pub(crate) fn checked_parse(
 }
 
 /// A dead letter for the message at `seq` (part 0), with NULs made printable.
-fn dead_letter(
-    stream: &str,
-    seq: u64,
-    data: &[u8],
-    hdrs: Option<&HeaderMap>,
-    reason: String,
-) -> DeadLetter {
+fn dead_letter(stream: &str, seq: u64, data: &[u8], hdrs: Meta<'_>, reason: String) -> DeadLetter {
     DeadLetter {
         stream: stream.to_owned(),
         stream_seq: i64::try_from(seq).unwrap_or(i64::MAX),
         part: 0,
         msg_id: hdrs
-            .and_then(|h| h.get(headers::MSG_ID))
-            .map(|id| id.as_str().replace('\0', "\u{fffd}")),
+            .get(headers::MSG_ID)
+            .map(|id| id.replace('\0', "\u{fffd}")),
         reason,
         data: String::from_utf8_lossy(data).replace('\0', "\u{fffd}"),
         headers: headers_json(hdrs),
@@ -355,19 +379,19 @@ fn has_nul(v: &Value) -> bool {
     }
 }
 
-fn headers_json(hdrs: Option<&HeaderMap>) -> String {
+/// The headers (the id as `Nats-Msg-Id`) as a JSON object of arrays, as NATS headers may
+/// repeat a name (a record's headers hold one value per name).
+fn headers_json(hdrs: Meta<'_>) -> String {
+    let printable = |s: &str| s.replace('\0', "\u{fffd}");
     let mut map = Map::new();
-    if let Some(h) = hdrs {
-        for (name, values) in h.iter() {
-            let values = values
-                .iter()
-                .map(|v| Value::from(v.as_str().replace('\0', "\u{fffd}")))
-                .collect();
-            map.insert(
-                name.to_string().replace('\0', "\u{fffd}"),
-                Value::Array(values),
-            );
-        }
+    for (name, value) in hdrs.headers {
+        map.insert(printable(name), Value::Array(vec![printable(value).into()]));
+    }
+    if let Some(id) = hdrs.id {
+        map.insert(
+            headers::MSG_ID.to_owned(),
+            Value::Array(vec![printable(id).into()]),
+        );
     }
     Value::Object(map).to_string()
 }
@@ -376,8 +400,8 @@ fn headers_json(hdrs: Option<&HeaderMap>) -> String {
 mod tests {
     use super::*;
 
-    fn hdrs(id: Option<&str>) -> HeaderMap {
-        let mut h = HeaderMap::new();
+    fn hdrs(id: Option<&str>) -> OwnedMeta {
+        let mut h = OwnedMeta::default();
         if let Some(id) = id {
             h.insert(headers::MSG_ID, id);
         }
@@ -389,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_good_record_parses() {
-        let r = parse("s", 1, GOOD.as_bytes(), Some(&hdrs(Some("g-1")))).expect("good");
+        let r = parse("s", 1, GOOD.as_bytes(), hdrs(Some("g-1")).meta()).expect("good");
         assert_eq!(
             (r.id.as_str(), r.channel.as_str(), r.event.as_str()),
             ("g-1", "chat", "WebsocketMessage")
@@ -412,8 +436,8 @@ mod tests {
         ];
         for case in cases {
             let h = hdrs(Some("id-1"));
-            let fast = fast_parse(case.as_bytes(), Some(&h)).expect(case);
-            let checked = checked_parse("s", 1, case.as_bytes(), Some(&h)).expect(case);
+            let fast = fast_parse(case.as_bytes(), h.meta()).expect(case);
+            let checked = checked_parse("s", 1, case.as_bytes(), h.meta()).expect(case);
             let json = |s: &str| serde_json::from_str::<Value>(s).expect("claims");
             assert_eq!(json(&fast.claims), json(&checked.claims), "{case}");
             assert_eq!(
@@ -436,7 +460,7 @@ mod tests {
             r#"{"event":"E","channel":"c","payload":"p","claims":[1]}"#,
         ] {
             assert!(
-                fast_parse(odd.as_bytes(), Some(&hdrs(Some("x")))).is_none(),
+                fast_parse(odd.as_bytes(), hdrs(Some("x")).meta()).is_none(),
                 "{odd}"
             );
         }
@@ -449,7 +473,7 @@ mod tests {
         let mut h = hdrs(Some("a"));
         h.insert(headers::MSG_IDS, "a,b,c");
         let mut batch = Batch::default();
-        batch.push("s", 9, body.as_bytes(), Some(&h));
+        batch.push("s", 9, body.as_bytes(), h.meta());
         let ids: Vec<&str> = batch.records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(
@@ -472,7 +496,7 @@ mod tests {
         // Ids and envelopes that do not pair up: the whole record is one dead letter.
         h.insert(headers::MSG_IDS, "a,b");
         let mut batch = Batch::default();
-        batch.push("s", 10, body.as_bytes(), Some(&h));
+        batch.push("s", 10, body.as_bytes(), h.meta());
         assert!(batch.records.is_empty());
         assert_eq!(batch.dead.len(), 1);
         assert_eq!(
@@ -495,12 +519,12 @@ mod tests {
         for lone in [r"a\udc00b", r"\ud800", r"\uD83D", r"\ud83d\u0041"] {
             let record = with(lone);
             let h = hdrs(Some("x"));
-            assert!(fast_parse(record.as_bytes(), Some(&h)).is_none(), "{lone}");
-            let err = parse("s", 1, record.as_bytes(), Some(&h)).expect_err(lone);
+            assert!(fast_parse(record.as_bytes(), h.meta()).is_none(), "{lone}");
+            let err = parse("s", 1, record.as_bytes(), h.meta()).expect_err(lone);
             assert_eq!(err.reason, "not a JSON object");
         }
         let pair = with(r"\ud83d\ude00");
-        let r = parse("s", 1, pair.as_bytes(), Some(&hdrs(Some("x")))).expect("a pair");
+        let r = parse("s", 1, pair.as_bytes(), hdrs(Some("x")).meta()).expect("a pair");
         assert_eq!(r.claims, "{\"message_delivered_at\":1,\"x\":\"\u{1f600}\"}");
         assert!(!has_surrogate_escape(r"\ud7ff\ue000\u00d8"));
         assert!(has_surrogate_escape(r"\uDFFF") && has_surrogate_escape(r"\udA00"));
@@ -520,13 +544,13 @@ mod tests {
             (br#"{"event":"E","channel":"c","payload":"p","claims":{"message_delivered_at":-1}}"#, Some("x"), "claims.message_delivered_at is not between 1970 and 9999"),
         ];
         for (data, id, reason) in cases {
-            let err = parse("s", 7, data, Some(&hdrs(id))).expect_err(reason);
+            let err = parse("s", 7, data, hdrs(id).meta()).expect_err(reason);
             assert_eq!(err.reason, reason);
             assert_eq!(err.stream_seq, 7);
         }
         let nul = "{\"event\":\"E\u{0}\"}";
         assert_eq!(
-            parse("s", 1, nul.as_bytes(), Some(&hdrs(Some("x"))))
+            parse("s", 1, nul.as_bytes(), hdrs(Some("x")).meta())
                 .expect_err("nul")
                 .reason,
             "contains a NUL character"
@@ -536,7 +560,7 @@ mod tests {
     #[test]
     fn outcome_records_become_failures_or_dead_letters() {
         let outcome = |ids: Option<&str>, value: &str| {
-            let mut h = HeaderMap::new();
+            let mut h = OwnedMeta::default();
             h.insert(headers::MSG_ID, "a-1:failed");
             if let Some(ids) = ids {
                 h.insert(headers::MSG_IDS, ids);
@@ -550,17 +574,17 @@ mod tests {
             "s",
             1,
             b"no bridge",
-            Some(&outcome(Some("a-1,a-2"), "failed")),
+            outcome(Some("a-1,a-2"), "failed").meta(),
         );
         batch.push(
             "s",
             2,
             long.as_bytes(),
-            Some(&outcome(Some("a-3"), "failed")),
+            outcome(Some("a-3"), "failed").meta(),
         );
-        batch.push("s", 3, b"x", Some(&outcome(Some("a-4"), "maybe")));
-        batch.push("s", 4, b"x", Some(&outcome(None, "failed")));
-        batch.push("s", 5, b"x", Some(&outcome(Some("a-5,,a-6"), "failed")));
+        batch.push("s", 3, b"x", outcome(Some("a-4"), "maybe").meta());
+        batch.push("s", 4, b"x", outcome(None, "failed").meta());
+        batch.push("s", 5, b"x", outcome(Some("a-5,,a-6"), "failed").meta());
         assert_eq!(batch.failures.len(), 2);
         assert_eq!(batch.failures[0].ids, ["a-1", "a-2"]);
         assert_eq!(batch.failures[0].reason, "no bridge");

@@ -1,6 +1,6 @@
 //! The recorder's schema: versioned migrations applied in order under an advisory lock (so
-//! replicas starting together apply each once), daily partitions created on demand, and the
-//! retention that drops old ones.
+//! replicas starting together apply each once), daily partitions created on demand (or ahead,
+//! for in-transaction writes, which cannot create one), and the retention that drops old ones.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -110,6 +110,20 @@ impl Partitions {
     pub(crate) fn forget(&mut self) {
         self.known.clear();
     }
+}
+
+/// Makes sure the partitions of yesterday, today and tomorrow (UTC, by this machine's clock,
+/// which stamps the messages in one process) exist: what in-transaction writes need, made
+/// ahead of them since a statement cannot create a partition of the table it writes.
+pub(crate) async fn ensure_ahead(db: &Client) -> Result<(), tokio_postgres::Error> {
+    let today = day_of(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
+    Partitions::default()
+        .ensure(db, today - 1..=today + 1)
+        .await
 }
 
 /// Drops the daily partitions of `pgws_audit.messages` wholly older than `days` days (UTC):

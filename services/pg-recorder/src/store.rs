@@ -85,7 +85,7 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    fn is_dispatcher(&self) -> bool {
+    pub(crate) fn is_dispatcher(&self) -> bool {
         matches!(self, Self::Dispatcher(_))
     }
 }
@@ -133,7 +133,7 @@ impl ToSql for JsonbText<'_> {
 
 /// Unix seconds as a timestamp, rounded to the microsecond: the one conversion of
 /// `message_delivered_at` for every path that writes rows.
-fn timestamp(unix: f64) -> SystemTime {
+pub(crate) fn timestamp(unix: f64) -> SystemTime {
     // Both parsers keep `message_delivered_at` between 1970 and 9999.
     UNIX_EPOCH + Duration::from_micros((unix * 1e6).round().max(0.0) as u64)
 }
@@ -148,11 +148,18 @@ const INSERT_DEAD: &str =
 /// The dispatcher statement: records not seen before are claimed in the ledger, then the
 /// function is called for each, in stream order (the ordered subquery feeds the aggregate).
 fn dispatch_sql(function: &str) -> String {
+    dispatch_sql_with(function, "", "")
+}
+
+/// [`dispatch_sql`] with more common table expressions (`also`, each starting with a comma)
+/// and more output columns (`and`, each starting with a comma): `$1` ids, `$2` notify
+/// channels, `$3` envelopes, without a repeated id.
+pub(crate) fn dispatch_sql_with(function: &str, also: &str, and: &str) -> String {
     format!(
         "WITH new AS (
             INSERT INTO pgws_audit.dispatched (id) SELECT unnest($1::text[])
-            ON CONFLICT DO NOTHING RETURNING id)
-         SELECT count({function}(t.c, t.p)), (SELECT count(*) FROM new) FROM (
+            ON CONFLICT DO NOTHING RETURNING id){also}
+         SELECT count({function}(t.c, t.p)), (SELECT count(*) FROM new){and} FROM (
             SELECT u.c, u.p FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(id, c, p, ord)
             WHERE u.id IN (SELECT id FROM new) ORDER BY u.ord) AS t"
     )
