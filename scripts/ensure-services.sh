@@ -1,18 +1,52 @@
 #!/usr/bin/env bash
-# ensure-services.sh: makes sure the two services the pgws stack depends on answer locally:
+# ensure-services.sh: makes sure what the pgws tests and tools depend on answers locally:
 #   - PostgreSQL on 127.0.0.1:5432, user postgres, trust auth (database postgres), with
 #     wal_level=logical (the change capture of /live table topics reads the WAL through a
-#     logical replication slot): a local cluster with another wal_level is set and restarted once;
-##   - NATS with JetStream on 127.0.0.1:4222.
+#     logical replication slot);
+#   - NATS with JetStream on 127.0.0.1:4222.
 # Idempotent and quick when both already answer (two probes, no changes). Otherwise it installs
 # the missing Debian package(s) with apt-get and starts the server, then waits up to 15 s for
 # it. Runs as root as is; as another user it needs sudo for the install/start steps.
-# Exit status: 0 when both answer, non-zero (with the reason on stderr) otherwise.
+# It never reconfigures or restarts a PostgreSQL cluster it did not create in this run unless
+# asked to (--reconfigure-postgres): without that, a cluster whose wal_level is not logical is
+# reported with the fix, and the run goes on.
+# Exit status: 0 when what was asked for answers, non-zero (with the reason on stderr) otherwise.
 #
-# Usage: scripts/ensure-services.sh            (from any directory)
+# Usage: scripts/ensure-services.sh [--reconfigure-postgres] [MODE]     (from any directory)
+#   (no MODE)             PostgreSQL and NATS, as above (the test command's mode)
+#   --postgres            only PostgreSQL
+#   --nats                only NATS with JetStream
+#   --postgres-binaries   only the PostgreSQL server programs (initdb, pg_ctl, postgres): installs
+#                         the Debian package when they are missing (Debian's package then
+#                         creates and starts its own cluster 'main' on 5432, which this mode
+#                         does not touch further), and prints their directory on stdout.
+#                         scripts/stack.sh uses it for the cluster it runs under .stack/.
+#   --reconfigure-postgres  allow setting wal_level=logical and max_slot_wal_keep_size=2GB on
+#                         the local cluster (ALTER SYSTEM) and restarting it to apply them.
+#                         A cluster this run created (package just installed) is configured
+#                         without it.
 # Env:   PGWS_DB_URI  if set, the connection check uses it instead of
 #                     postgres://postgres@127.0.0.1:5432/postgres
+#        ENSURE_RECONFIGURE_POSTGRES=1  the same as --reconfigure-postgres
 set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
+
+MODE=all
+RECONFIGURE=0
+[[ ${ENSURE_RECONFIGURE_POSTGRES:-0} == 1 ]] && RECONFIGURE=1
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --reconfigure-postgres) RECONFIGURE=1 ;;
+    --postgres) MODE=postgres ;;
+    --nats) MODE=nats ;;
+    --postgres-binaries) MODE=postgres-binaries ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; printf 'ensure-services: ERROR: unknown argument: %s\n' "$1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
 cd "$(dirname "$0")/.."
 
 PG_HOST=127.0.0.1
@@ -41,6 +75,9 @@ else
 fi
 
 apt_updated=0
+# Set when this run installed PostgreSQL or created its cluster: such a cluster may be
+# configured (trust auth, wal_level) without --reconfigure-postgres.
+PG_CREATED_NOW=0
 apt_install() {
   if [[ $apt_updated -eq 0 ]]; then
     say "running apt-get update"
@@ -95,17 +132,18 @@ ensure_postgres() {
     return 0
   fi
 
-  local installed_now=0 ver
+  local ver
   if ! command -v pg_ctlcluster >/dev/null 2>&1 || [[ -z $(pg_version) ]]; then
     say "PostgreSQL is not installed"
     apt_install postgresql
-    installed_now=1
+    PG_CREATED_NOW=1
   fi
   ver=$(pg_version)
   [[ -n $ver ]] || die "PostgreSQL installed but /etc/postgresql has no version directory"
   if [[ ! -d /etc/postgresql/${ver}/main ]]; then
     say "creating cluster ${ver}/main"
     as_root pg_createcluster "$ver" main || die "pg_createcluster $ver main failed"
+    PG_CREATED_NOW=1
   fi
 
   say "starting PostgreSQL cluster ${ver}/main"
@@ -125,7 +163,7 @@ ensure_postgres() {
   say "PostgreSQL answers on ${PG_HOST}:${PG_PORT}"
 
   if ! pg_login_ok; then
-    if [[ $installed_now -eq 1 && ${PGWS_DB_URI:-$DEFAULT_DB_URI} == "$DEFAULT_DB_URI" ]]; then
+    if [[ $PG_CREATED_NOW -eq 1 && ${PGWS_DB_URI:-$DEFAULT_DB_URI} == "$DEFAULT_DB_URI" ]]; then
       pg_trust_loopback "$ver"
       sleep 0.5
       pg_login_ok || die "login as postgres on ${PG_HOST} still fails after enabling trust auth"
@@ -137,12 +175,15 @@ ensure_postgres() {
 }
 
 # Table topics (/live) read committed changes through a logical replication slot: the server
-# needs wal_level=logical, which only a restart applies.
+# needs wal_level=logical, which only a restart applies. Only with --reconfigure-postgres (or
+# on a cluster this run created) is the local cluster changed and restarted; otherwise a
+# wal_level other than logical is reported with the fix.
 ensure_logical_wal() {
   command -v psql >/dev/null 2>&1 || return 0
-  local uri=${PGWS_DB_URI:-$DEFAULT_DB_URI} level ver keep
+  local uri=${PGWS_DB_URI:-$DEFAULT_DB_URI} level ver keep may_change=0
   level=$(psql -w -X -q -At -c 'show wal_level' "$uri" 2>/dev/null) || return 0
-  if [[ $uri == "$DEFAULT_DB_URI" ]]; then
+  [[ $RECONFIGURE -eq 1 || $PG_CREATED_NOW -eq 1 ]] && may_change=1
+  if [[ $uri == "$DEFAULT_DB_URI" && $may_change -eq 1 ]]; then
     # A slot nobody reads (no bridge running) keeps WAL: bound it, as the compose stack does.
     keep=$(psql -w -X -q -At -c 'show max_slot_wal_keep_size' "$uri" 2>/dev/null) || true
     if [[ $keep == -1 ]]; then
@@ -158,6 +199,14 @@ ensure_logical_wal() {
       "(ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
     return 0
   fi
+  if [[ $may_change -eq 0 ]]; then
+    say "WARNING: wal_level is '$level' on PostgreSQL cluster ${ver}/main; /live table topics" \
+      "(and their tests) need wal_level=logical. Left as it is: to set it and restart the" \
+      "cluster, run scripts/ensure-services.sh --reconfigure-postgres (or by hand:" \
+      "psql -c 'ALTER SYSTEM SET wal_level = logical' $uri, then" \
+      "pg_ctlcluster $ver main restart)"
+    return 0
+  fi
   say "setting wal_level=logical (was '$level') and restarting PostgreSQL cluster ${ver}/main"
   psql -w -X -q -c 'ALTER SYSTEM SET wal_level = logical' "$uri" ||
     die "cannot set wal_level=logical (ALTER SYSTEM needs a superuser)"
@@ -170,6 +219,36 @@ ensure_logical_wal() {
   done
   level=$(psql -w -X -q -At -c 'show wal_level' "$uri" 2>/dev/null) || true
   [[ $level == logical ]] || die "wal_level is still '$level' after the restart"
+}
+
+# The directory of the PostgreSQL server programs (the newest installed major version), or
+# nothing.
+pg_bindir() {
+  local d best=""
+  for d in /usr/lib/postgresql/*/bin; do
+    [[ -x $d/initdb && -x $d/pg_ctl && -x $d/postgres ]] || continue
+    if [[ -z $best ]] || [[ $(printf '%s\n%s\n' "$best" "$d" | sort -V | tail -n 1) == "$d" ]]; then
+      best=$d
+    fi
+  done
+  if [[ -z $best ]] && command -v initdb >/dev/null 2>&1; then
+    d=$(dirname "$(command -v initdb)")
+    [[ -x $d/pg_ctl && -x $d/postgres ]] && best=$d
+  fi
+  [[ -n $best ]] && printf '%s\n' "$best"
+  return 0
+}
+
+ensure_postgres_binaries() {
+  local bin
+  bin=$(pg_bindir)
+  if [[ -z $bin ]]; then
+    say "the PostgreSQL server programs (initdb, pg_ctl) are not installed"
+    apt_install postgresql
+    bin=$(pg_bindir)
+    [[ -n $bin ]] || die "PostgreSQL installed but no initdb found under /usr/lib/postgresql/*/bin"
+  fi
+  printf '%s\n' "$bin"
 }
 
 # ---------------------------------------------------------------- NATS
@@ -229,6 +308,16 @@ ensure_nats() {
   say "NATS (JetStream) answers on ${NATS_HOST}:${NATS_PORT}"
 }
 
-ensure_postgres
-ensure_logical_wal
-ensure_nats
+case $MODE in
+  all)
+    ensure_postgres
+    ensure_logical_wal
+    ensure_nats
+    ;;
+  postgres)
+    ensure_postgres
+    ensure_logical_wal
+    ;;
+  nats) ensure_nats ;;
+  postgres-binaries) ensure_postgres_binaries ;;
+esac

@@ -1,23 +1,51 @@
 #!/usr/bin/env bash
-# stack.sh: the one command that starts the whole pgws stack locally.
-#   1. loads the env file (default deploy/sample.env; `set -a; . file; set +a`)
-#   2. scripts/ensure-services.sh  (PostgreSQL on 127.0.0.1:5432, NATS+JetStream on :4222)
-#   3. cargo build --release --workspace  (binaries in ${CARGO_TARGET_DIR:-target}/release),
-#      then starts pg-bridge, pg-recorder and ws-gateway in the background from the
-#      repository root, logs in .stack/<service>.log
-#   4. waits for each admin /readyz (gateway :9100, bridge :9101, recorder :9102), prints the
-#      demo page's URL with a sample token (made by the pgws-token just built), then runs until
-#      Ctrl-C / SIGTERM, which stops all three.
-# Every service must become ready; if one exits or never gets ready, the stack stops with its log.
+# stack.sh: the one command that starts the whole pgws stack locally. It touches nothing it did
+# not create: a database of yours is used as it is, never reconfigured or restarted.
+#   1. loads the env file (default deploy/sample.env; `set -a; . file; set +a`); PGWS_DB_URI and
+#      PGWS_NATS_URL set in the environment win over the env file's
+#   2. the database:
+#      - PGWS_DB_URI set (in the environment or the env file): that database, as it is. It must
+#        answer; its wal_level is checked (/live table topics need logical: without it the
+#        stack stops when PGWS_TABLE_TOPICS is set, and goes on with a warning otherwise).
+#      - otherwise the stack's own PostgreSQL cluster in .stack/pg: made on first use by the
+#        installed PostgreSQL's initdb (as the OS user postgres when run as root; the server
+#        programs are installed by `scripts/ensure-services.sh --postgres-binaries` when
+#        missing), listening on 127.0.0.1:STACK_PG_PORT only, trust auth, wal_level=logical;
+#        started with the stack and stopped when it stops, its data kept for the next start.
+#   3. NATS only with --split, or when PGWS_NATS_URL is set in the environment:
+#      `scripts/ensure-services.sh --nats` (NATS with JetStream on 127.0.0.1:4222, started if
+#      absent and left running) when the URL is that local default; any other URL is used as
+#      it is.
+#   4. cargo build --release -p pgws -p pgws-token (--split: pg-bridge, pg-recorder and
+#      ws-gateway instead of pgws; binaries in ${CARGO_TARGET_DIR:-target}/release), then
+#      starts pgws (--split: pg-bridge, pg-recorder and ws-gateway) in the background from the
+#      repository root, logs in .stack/<name>.log
+#   5. waits for each admin /readyz (pgws: PGWS_ADMIN_PORT, default 9100; --split: gateway
+#      :9100, bridge :9101, recorder :9102), prints the demo page's URL with a sample token
+#      (made by the pgws-token just built), then runs until Ctrl-C / SIGTERM, which stops it
+#      all (the services, then the stack's own PostgreSQL cluster).
+# Everything must become ready; if a process exits or never gets ready, the stack stops with its log.
 #
-# Usage: scripts/stack.sh [--check [--browser]] [ENV_FILE]
+# Usage: scripts/stack.sh [--split] [--check [--browser]] [ENV_FILE]
+#   (default) pgws: the gateway, the bridge and the recorder in one process, talking over an
+#             in-process bus (no NATS). The env file's PGWS_NATS_URL is not used; set
+#             PGWS_NATS_URL in the environment to run pgws over NATS.
+#   --split   the three services ws-gateway, pg-bridge and pg-recorder, talking over NATS.
 #   --check   start everything, wait until ready, check the demo page and a websocket round
 #             trip (two sockets on channel chat), stop everything; exit 0 if all passed.
 #   --browser with --check: also run the real-browser test tests/browser/demo.mjs (after
 #             scripts/browser-test-setup.sh, which installs chromium / playwright-core if missing).
+# The bridge connects as the database role pgws_bridge (not a superuser), set up by
+# deploy/bridge-role.sql as PGWS_DB_URI's user, password in .stack/bridge-db-password. pgws
+# reads one PGWS_DB_URI for all its roles: it connects as pgws_bridge when its recorder can
+# work as that role too (audit off, or the schema pgws_audit absent or pgws_bridge's, and no
+# PGWS_RECORDER_DISPATCHER), otherwise as PGWS_DB_URI's user (it says which, and why).
 # Env:   STACK_READY_TIMEOUT  seconds to wait for each service's /readyz (default 60)
-#        PGWS_BRIDGE_DB_URI   the bridge's database URI (default: PGWS_DB_URI's server and
-#                             database as the role pgws_bridge, set up by deploy/bridge-role.sql)
+#        STACK_PG_PORT        the port of the stack's own PostgreSQL cluster (default 54329)
+#        PGWS_DB_URI          your database (see 2.)
+#        PGWS_BRIDGE_DB_URI   the bridge's database URI, used as it is (default: PGWS_DB_URI's
+#                             server and database as the role pgws_bridge); pgws uses it too
+#        PGWS_NATS_URL        (in the environment) pgws talks over NATS
 set -euo pipefail
 
 say() { printf 'stack: %s\n' "$*" >&2; }
@@ -28,11 +56,13 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 CHECK=0
 BROWSER=0
+SPLIT=0
 ENV_ARG=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --check) CHECK=1 ;;
     --browser) BROWSER=1 ;;
+    --split) SPLIT=1 ;;
     -h | --help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option: $1" ;;
     *)
@@ -54,12 +84,46 @@ ENV_FILE=${ENV_ARG:-$ROOT/deploy/sample.env}
 STATE_DIR=$ROOT/.stack
 READY_TIMEOUT=${STACK_READY_TIMEOUT:-60}
 
-# service name -> admin port (each service's built-in default; see deploy/sample.env)
-SERVICES=(pg-bridge pg-recorder ws-gateway)
+# The stack's own PostgreSQL cluster (when PGWS_DB_URI is not given).
+PG_PORT=${STACK_PG_PORT:-54329}
+if ! [[ $PG_PORT =~ ^[0-9]{1,5}$ ]] || ((PG_PORT < 1 || PG_PORT > 65535)); then
+  die "STACK_PG_PORT must be a port number, not '$PG_PORT'"
+fi
+PG_DIR=$STATE_DIR/pg
+PG_DATA=$PG_DIR/data
+PG_LOG=$PG_DIR/postgresql.log
+PG_STARTED=0 # set once this run starts the stack's cluster: it stops it at the end
+
+# What the user set in the environment, before the env file is loaded.
+ENV_DB_URI=${PGWS_DB_URI:-}
+ENV_NATS_URL=${PGWS_NATS_URL:-}
+
+if [[ $SPLIT -eq 1 ]]; then
+  # service name -> admin port (each service's built-in default; see deploy/sample.env)
+  SERVICES=(pg-bridge pg-recorder ws-gateway)
+  declare -A ADMIN_PORT=([ws-gateway]=9100 [pg-bridge]=9101 [pg-recorder]=9102)
+else
+  SERVICES=(pgws)
+  declare -A ADMIN_PORT=() # PGWS_ADMIN_PORT, read below
+fi
 # built beside them: prints the sample token
 TOOLS=(pgws-token)
-declare -A ADMIN_PORT=([ws-gateway]=9100 [pg-bridge]=9101 [pg-recorder]=9102)
 declare -A PID=()
+
+# ---------------------------------------------------------------- the stack's own cluster
+as_pg_owner() {
+  # The cluster's programs run as the OS user postgres when we are root (PostgreSQL refuses
+  # to run as root), as ourselves otherwise.
+  if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_stop_own() {
+  [[ $PG_STARTED -eq 1 ]] || return 0
+  PG_STARTED=0
+  say "stopping the stack's PostgreSQL cluster (.stack/pg, port $PG_PORT)"
+  as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null 2>&1 ||
+    warn "pg_ctl stop failed for .stack/pg (see ${PG_LOG#"$ROOT"/})"
+}
 
 # ---------------------------------------------------------------- stopping
 stop_all() {
@@ -97,19 +161,28 @@ on_exit() {
   if [[ ${#PID[@]} -gt 0 ]]; then
     say "stopping the stack"
     stop_all
-    say "stopped"
   fi
+  pg_stop_own
+  [[ ${#PID[@]} -gt 0 ]] && say "stopped"
   exit "$rc"
 }
 trap on_exit EXIT
 trap 'say "signal received"; exit 0' INT TERM
 
 log_tail() {
-  local name=$1
-  printf -- '----- last lines of %s -----\n' "$STATE_DIR/$name.log" >&2
-  tail -n 30 "$STATE_DIR/$name.log" >&2 || true
+  local file=$1
+  printf -- '----- last lines of %s -----\n' "$file" >&2
+  tail -n 30 "$file" >&2 || true
   printf -- '-----\n' >&2
 }
+
+port_busy() {
+  # shellcheck disable=SC2016 # $1 is expanded by the inner bash
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
+}
+
+# A URI with its password hidden, for messages.
+redact() { sed -E 's#^([a-z]+://[^:@/]*):[^@/]*@#\1:***@#' <<<"$1"; }
 
 # ---------------------------------------------------------------- configuration
 say "loading $ENV_FILE"
@@ -117,10 +190,28 @@ set -a
 # shellcheck disable=SC1090 # the env file is chosen at run time
 . "$ENV_FILE"
 set +a
-if [[ -n ${PGWS_ADMIN_PORT:-} ]]; then
-  warn "PGWS_ADMIN_PORT=$PGWS_ADMIN_PORT is ignored: the three services share this host, each" \
-    "uses its own admin port (gateway 9100, bridge 9101, recorder 9102)"
-  unset PGWS_ADMIN_PORT
+# The environment's database and NATS win over the env file's.
+[[ -n $ENV_DB_URI ]] && PGWS_DB_URI=$ENV_DB_URI
+[[ -n $ENV_NATS_URL ]] && PGWS_NATS_URL=$ENV_NATS_URL
+
+if [[ $SPLIT -eq 1 ]]; then
+  if [[ -n ${PGWS_ADMIN_PORT:-} ]]; then
+    warn "PGWS_ADMIN_PORT=$PGWS_ADMIN_PORT is ignored: the three services share this host, each" \
+      "uses its own admin port (gateway 9100, bridge 9101, recorder 9102)"
+    unset PGWS_ADMIN_PORT
+  fi
+  USE_NATS=1
+  export PGWS_NATS_URL=${PGWS_NATS_URL:-nats://127.0.0.1:4222}
+else
+  ADMIN_PORT[pgws]=${PGWS_ADMIN_PORT:-9100}
+  if [[ -n $ENV_NATS_URL ]]; then
+    USE_NATS=1
+    say "PGWS_NATS_URL is set in the environment: pgws talks over NATS ($(redact "$PGWS_NATS_URL"))"
+  else
+    # The env file's NATS URL is for --split: one pgws needs no NATS (in-process bus).
+    USE_NATS=0
+    unset PGWS_NATS_URL
+  fi
 fi
 ADMIN_HOST=${PGWS_ADMIN_HOST:-127.0.0.1}
 case $ADMIN_HOST in
@@ -130,12 +221,135 @@ case $ADMIN_HOST in
 esac
 WS_PORT=${PGWS_PORT:-3000}
 
-# ---------------------------------------------------------------- services, build
-# (after loading the env file, so the database login is checked with its PGWS_DB_URI)
-"$ROOT/scripts/ensure-services.sh" || die "PostgreSQL / NATS are not available (see above)"
+for port in "$WS_PORT" "${ADMIN_PORT[@]}"; do
+  if port_busy "$port"; then
+    die "port $port is already in use on 127.0.0.1 (another stack still running? try" \
+      "'ss -ltnp | grep :$port')"
+  fi
+done
 
-say "building: cargo build --release --workspace"
-cargo build --release --workspace || die "cargo build failed"
+# ---------------------------------------------------------------- the database
+OWN_PG=0
+if [[ -n ${PGWS_DB_URI:-} ]]; then
+  # Yours: used as it is. Never started, reconfigured or restarted from here.
+  ADMIN_DB_URI=$PGWS_DB_URI
+  if [[ $ADMIN_DB_URI == @* ]]; then # PGWS_DB_URI=@path: the URI is in that file
+    ADMIN_DB_URI=$(<"${ADMIN_DB_URI#@}") || die "cannot read PGWS_DB_URI's file ${PGWS_DB_URI#@}"
+    ADMIN_DB_URI=${ADMIN_DB_URI//[$'\r\n']/}
+  fi
+  [[ $ADMIN_DB_URI == *://* ]] || die "PGWS_DB_URI is not a URI (postgres://...)"
+  command -v psql >/dev/null 2>&1 ||
+    die "psql is needed to check PGWS_DB_URI and set up the role pgws_bridge (package postgresql-client)"
+  say "database: PGWS_DB_URI ($(redact "$ADMIN_DB_URI")), used as it is"
+  WAL_LEVEL=$(psql -w -X -q -At -c 'show wal_level' "$ADMIN_DB_URI" 2>&1) ||
+    die "cannot connect with PGWS_DB_URI ($(redact "$ADMIN_DB_URI")): $WAL_LEVEL" \
+      "-- stack.sh does not start or configure a database it did not create: start it, fix" \
+      "the URI, or unset PGWS_DB_URI to run the stack's own cluster (.stack/pg)"
+  if [[ $WAL_LEVEL != logical ]]; then
+    fix="ALTER SYSTEM SET wal_level = logical as a superuser, then restart that PostgreSQL (on a Debian cluster: pg_ctlcluster <version> main restart, or scripts/ensure-services.sh --reconfigure-postgres for the local 15/main); or unset PGWS_DB_URI to run the stack's own cluster, which has it"
+    if [[ -n ${PGWS_TABLE_TOPICS:-} ]]; then
+      die "wal_level is '$WAL_LEVEL' on PGWS_DB_URI's server, and PGWS_TABLE_TOPICS is set: /live" \
+        "table topics need wal_level=logical. stack.sh leaves that server as it is; fix: $fix"
+    fi
+    warn "wal_level is '$WAL_LEVEL' on PGWS_DB_URI's server: /live table topics would need" \
+      "wal_level=logical (going on: PGWS_TABLE_TOPICS is not set). Left as it is; to enable: $fix"
+  fi
+else
+  OWN_PG=1
+  if [[ -s $PG_DATA/PG_VERSION ]]; then
+    # Reused: run by the programs of the major version that made it.
+    ver=$(<"$PG_DATA/PG_VERSION")
+    PG_BIN=/usr/lib/postgresql/$ver/bin
+    if [[ ! -x $PG_BIN/pg_ctl ]] && command -v pg_ctl >/dev/null 2>&1; then
+      PG_BIN=$(dirname "$(command -v pg_ctl)")
+    fi
+    [[ -x $PG_BIN/pg_ctl && $("$PG_BIN/pg_ctl" --version) == *" $ver"* ]] ||
+      die "the stack's cluster in .stack/pg was made by PostgreSQL $ver, which is not" \
+        "installed; install it, or remove .stack/pg to start afresh (its data is lost)"
+  else
+    PG_BIN=$("$ROOT/scripts/ensure-services.sh" --postgres-binaries) ||
+      die "no PostgreSQL server programs to run the stack's own cluster (see above); or set" \
+        "PGWS_DB_URI to a database of yours"
+  fi
+  if ! command -v psql >/dev/null 2>&1; then
+    [[ -x $PG_BIN/psql ]] || die "psql not found (package postgresql-client)"
+    psql() { "$PG_BIN/psql" "$@"; }
+  fi
+  if [[ $(id -u) -eq 0 ]]; then
+    id postgres >/dev/null 2>&1 || die "running as root, the stack's cluster needs the OS user" \
+      "postgres (made by the postgresql package) to run it"
+    command -v runuser >/dev/null 2>&1 || die "runuser not found (package util-linux)"
+  fi
+  ADMIN_DB_URI=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+  export PGWS_DB_URI=$ADMIN_DB_URI
+  say "database: the stack's own PostgreSQL cluster (.stack/pg, 127.0.0.1:$PG_PORT," \
+    "$("$PG_BIN/pg_ctl" --version | sed 's/^pg_ctl (PostgreSQL) /PostgreSQL /'))"
+
+  mkdir -p "$PG_DIR"
+  [[ $(id -u) -eq 0 ]] && chown postgres: "$PG_DIR"
+  if ! as_pg_owner test -w "$PG_DIR" 2>/dev/null; then
+    blocked=""
+    d=$PG_DIR
+    while [[ $d != / ]]; do
+      d=$(dirname "$d")
+      as_pg_owner test -x "$d" 2>/dev/null || blocked=$d
+    done
+    die "the OS user postgres cannot reach $PG_DIR (${blocked:-a parent directory} is not" \
+      "searchable by it, e.g. a clone under /root): clone the repository elsewhere, allow it" \
+      "(chmod o+x ${blocked:-<that directory>}), or set PGWS_DB_URI to a database of yours"
+  fi
+  if [[ -s $PG_DATA/PG_VERSION ]]; then
+    # Left running by a stack that was killed? It is ours: stop it, to start it as configured.
+    if as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+      say "the stack's cluster (.stack/pg) is still running from an earlier run; stopping it first"
+      as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null ||
+        die "cannot stop the stack's cluster left running (.stack/pg)"
+    fi
+    say "reusing the stack's PostgreSQL cluster in .stack/pg"
+  else
+    say "creating the stack's PostgreSQL cluster in .stack/pg (initdb, log .stack/pg/initdb.log)"
+    as_pg_owner "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --locale=C \
+      >"$PG_DIR/initdb.log" 2>&1 || {
+      log_tail "$PG_DIR/initdb.log"
+      rm -rf "$PG_DATA"
+      die "initdb failed for .stack/pg/data"
+    }
+    # The settings the stack needs; the port is given at each start (STACK_PG_PORT).
+    as_pg_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null <<'CONF'
+
+# ---- scripts/stack.sh: the pgws stack's own cluster
+# Reachable on 127.0.0.1 only (TCP; no Unix socket): trust auth is fine there.
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+# /live table topics read the WAL through a logical replication slot.
+wal_level = logical
+# A slot nobody reads keeps WAL: at most this much.
+max_slot_wal_keep_size = '1GB'
+CONF
+  fi
+  if port_busy "$PG_PORT"; then
+    die "port $PG_PORT (for the stack's PostgreSQL cluster) is already in use on 127.0.0.1" \
+      "(see 'ss -ltnp | grep :$PG_PORT'); set STACK_PG_PORT to a free port"
+  fi
+fi
+
+# ---------------------------------------------------------------- NATS
+if [[ $USE_NATS -eq 1 ]]; then
+  if [[ $PGWS_NATS_URL =~ ^(nats://)?(127\.0\.0\.1|localhost)(:4222)?/?$ ]]; then
+    "$ROOT/scripts/ensure-services.sh" --nats || die "NATS is not available (see above)"
+  else
+    say "NATS: $(redact "$PGWS_NATS_URL"), used as it is (not started here)"
+  fi
+fi
+
+# ---------------------------------------------------------------- build
+if [[ $SPLIT -eq 1 ]]; then
+  PACKAGES=(-p pg-bridge -p pg-recorder -p ws-gateway -p pgws-token)
+else
+  PACKAGES=(-p pgws -p pgws-token)
+fi
+say "building: cargo build --release ${PACKAGES[*]}"
+cargo build --release "${PACKAGES[@]}" || die "cargo build failed"
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 BIN_DIR=$TARGET_DIR/release
@@ -143,22 +357,30 @@ for name in "${SERVICES[@]}" "${TOOLS[@]}"; do
   [[ -x $BIN_DIR/$name ]] || die "$BIN_DIR/$name was not built"
 done
 
+# ---------------------------------------------------------------- start the stack's cluster
+mkdir -p "$STATE_DIR"
+if [[ $OWN_PG -eq 1 ]]; then
+  say "starting the stack's PostgreSQL cluster on 127.0.0.1:$PG_PORT (log .stack/pg/postgresql.log)"
+  PG_STARTED=1
+  as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -o "-p $PG_PORT" -w -t 60 start \
+    >/dev/null || {
+    log_tail "$PG_LOG"
+    die "the stack's PostgreSQL cluster did not start (.stack/pg)"
+  }
+  psql -w -X -q -At -c 'select 1' "$ADMIN_DB_URI" >/dev/null ||
+    die "cannot connect to the stack's cluster at $ADMIN_DB_URI"
+fi
+
 # ---------------------------------------------------------------- the bridges' database role
-# pg-bridge connects as pgws_bridge, not as the env file's user (a superuser on a local
-# cluster): a token can then act only as the roles granted to pgws_bridge. The env file's
+# pg-bridge connects as pgws_bridge, not as PGWS_DB_URI's user (a superuser on a local
+# cluster): a token can then act only as the roles granted to pgws_bridge. PGWS_DB_URI's
 # user runs deploy/bridge-role.sql (creates the role, or hands it the schemas the bridges
 # keep) and the bridge gets PGWS_DB_URI with pgws_bridge's login (a password kept in
 # .stack/bridge-db-password). PGWS_BRIDGE_DB_URI set: the bridge uses it as it is.
-BRIDGE_ENV=()
+BRIDGE_AS_ROLE=0
 if [[ -n ${PGWS_BRIDGE_DB_URI:-} ]]; then
-  BRIDGE_ENV=("PGWS_DB_URI=$PGWS_BRIDGE_DB_URI")
+  BRIDGE_DB_URI=$PGWS_BRIDGE_DB_URI
 else
-  ADMIN_DB_URI=${PGWS_DB_URI:-postgres://postgres@127.0.0.1:5432/postgres}
-  [[ $ADMIN_DB_URI == *://* ]] ||
-    die "PGWS_DB_URI is not a URI (postgres://...): set PGWS_BRIDGE_DB_URI for the bridge"
-  command -v psql >/dev/null 2>&1 ||
-    die "psql is needed to set up the bridges' database role (or set PGWS_BRIDGE_DB_URI)"
-  mkdir -p "$STATE_DIR"
   PASSWORD_FILE=$STATE_DIR/bridge-db-password
   if [[ ! -s $PASSWORD_FILE ]]; then
     (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$PASSWORD_FILE")
@@ -171,27 +393,70 @@ else
   scheme=${ADMIN_DB_URI%%://*}
   rest=${ADMIN_DB_URI#*://}
   [[ $rest == *@* ]] && rest=${rest#*@}
-  BRIDGE_ENV=("PGWS_DB_URI=$scheme://pgws_bridge:$BRIDGE_PASSWORD@$rest")
-  say "pg-bridge connects as the database role pgws_bridge (deploy/bridge-role.sql)"
+  BRIDGE_DB_URI=$scheme://pgws_bridge:$BRIDGE_PASSWORD@$rest
+  BRIDGE_AS_ROLE=1
+fi
+
+# pgws reads one PGWS_DB_URI for its three roles, so its recorder works as the bridge's role
+# too. pgws_bridge may create schemas in the database (deploy/bridge-role.sql), so the
+# recorder can make and keep pgws_audit as pgws_bridge when the schema is absent or already
+# pgws_bridge's; but bridge-role.sql does not hand over a pgws_audit made by another user
+# (e.g. by the recorder of `--split`, which connects as PGWS_DB_URI's user), and a
+# PGWS_RECORDER_DISPATCHER function is yours (pgws_bridge may not be allowed what it does).
+# In those cases pgws connects as PGWS_DB_URI's user, and says so.
+PGWS_AS=""
+if [[ $SPLIT -eq 0 ]]; then
+  PGWS_URI=$BRIDGE_DB_URI
+  PGWS_AS="the bridge's role (pgws_bridge)"
+  [[ $BRIDGE_AS_ROLE -eq 1 ]] || PGWS_AS="PGWS_BRIDGE_DB_URI's user"
+  audit_on=1
+  case $(tr '[:upper:]' '[:lower:]' <<<"${PGWS_AUDIT:-true}" | tr -d '[:space:]') in
+    false | 0 | no | off) audit_on=0 ;;
+  esac
+  if [[ $BRIDGE_AS_ROLE -eq 1 && $audit_on -eq 1 ]]; then
+    reason=""
+    if [[ -n ${PGWS_RECORDER_DISPATCHER:-} ]]; then
+      reason="PGWS_RECORDER_DISPATCHER is set (a function of yours, which pgws_bridge may not be allowed to run)"
+    else
+      others=$(psql -X -q -w -At -d "$ADMIN_DB_URI" -c "
+        SELECT string_agg(DISTINCT owner, ', ') FROM (
+          SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'pgws_audit'
+          UNION ALL
+          SELECT pg_get_userbyid(c.relowner) FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgws_audit'
+          UNION ALL
+          SELECT pg_get_userbyid(p.proowner) FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgws_audit'
+        ) AS o(owner) WHERE owner <> 'pgws_bridge'") ||
+        die "cannot read who owns the schema pgws_audit"
+      [[ -z $others ]] || reason="the audit schema pgws_audit is (in part) $others's, not" \
+        "pgws_bridge's (deploy/bridge-role.sql does not hand it over; e.g. made by the recorder" \
+        "of --split, which connects as PGWS_DB_URI's user)"
+    fi
+    if [[ -n $reason ]]; then
+      PGWS_URI=$ADMIN_DB_URI
+      PGWS_AS="PGWS_DB_URI's user, not pgws_bridge"
+    fi
+  fi
+  if [[ -n ${reason:-} ]]; then
+    warn "pgws connects as PGWS_DB_URI's user, not as pgws_bridge, since its recorder (same" \
+      "connection) could not work as pgws_bridge: $reason"
+  else
+    say "pgws connects as $PGWS_AS"
+  fi
+else
+  [[ $BRIDGE_AS_ROLE -eq 1 ]] &&
+    say "pg-bridge connects as the database role pgws_bridge (deploy/bridge-role.sql)"
 fi
 
 # ---------------------------------------------------------------- start
-port_busy() {
-  # shellcheck disable=SC2016 # $1 is expanded by the inner bash
-  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
-}
-for port in "$WS_PORT" "${ADMIN_PORT[@]}"; do
-  if port_busy "$port"; then
-    die "port $port is already in use on 127.0.0.1 (another stack still running? try" \
-      "'ss -ltnp | grep :$port')"
-  fi
-done
-
-mkdir -p "$STATE_DIR"
 for name in "${SERVICES[@]}"; do
   : >"$STATE_DIR/$name.log"
   extra=()
-  [[ $name == pg-bridge ]] && extra=("${BRIDGE_ENV[@]}")
+  case $name in
+    pg-bridge) extra=("PGWS_DB_URI=$BRIDGE_DB_URI") ;;
+    pgws) extra=("PGWS_DB_URI=$PGWS_URI") ;;
+  esac
   env "${extra[@]}" "$BIN_DIR/$name" >>"$STATE_DIR/$name.log" 2>&1 &
   PID[$name]=$!
   say "started $name (pid ${PID[$name]}), log .stack/$name.log"
@@ -217,18 +482,18 @@ wait_ready() {
       rc=0
       wait "${PID[$name]}" || rc=$?
       PID[$name]=""
-      log_tail "$name"
+      log_tail "$STATE_DIR/$name.log"
       die "$name exited with status $rc before it was ready"
     fi
     sleep 0.25
   done
-  log_tail "$name"
+  log_tail "$STATE_DIR/$name.log"
   die "$name is not ready after ${READY_TIMEOUT}s (http://$ADMIN_HOST:${ADMIN_PORT[$name]}/readyz)"
 }
 
-wait_ready pg-bridge
-wait_ready pg-recorder
-wait_ready ws-gateway
+for name in "${SERVICES[@]}"; do
+  wait_ready "$name"
+done
 
 # ---------------------------------------------------------------- sample token
 # A token for the demo page: channel chat and the meta channel, read and write, for a day,
@@ -316,10 +581,10 @@ JS
   fi
 
   if [[ $BROWSER -eq 1 ]]; then
+    # shellcheck disable=SC2086 # node_cmd is "node" plus an optional flag
     if [[ -z $TOKEN ]]; then
       warn "check: no sample token (JWK secret); browser test skipped"
       failed=1
-    # shellcheck disable=SC2086 # node_cmd is "node" plus an optional flag
     elif "$ROOT/scripts/browser-test-setup.sh" && node_cmd=$(websocket_node) && [[ -n $node_cmd ]] &&
       PGWS_BROWSER_SCREENSHOT=${PGWS_BROWSER_SCREENSHOT:-$STATE_DIR/browser.png} \
         $node_cmd "$ROOT/tests/browser/demo.mjs" "http://127.0.0.1:$WS_PORT" "$TOKEN"; then
@@ -340,16 +605,40 @@ if [[ $CHECK -eq 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- running
+if [[ $SPLIT -eq 1 ]]; then
+  WHAT="ws-gateway, pg-bridge and pg-recorder over NATS ($(redact "$PGWS_NATS_URL"))"
+  ADMIN_LINE="gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102"
+  LOGS=".stack/ws-gateway.log .stack/pg-bridge.log .stack/pg-recorder.log"
+  DB_AS="pg-bridge as pgws_bridge"
+  [[ $BRIDGE_AS_ROLE -eq 1 ]] || DB_AS="pg-bridge as PGWS_BRIDGE_DB_URI's user"
+else
+  if [[ $USE_NATS -eq 1 ]]; then
+    WHAT="pgws (one process) over NATS ($(redact "$PGWS_NATS_URL"))"
+  else
+    WHAT="pgws (one process, in-process bus, no NATS)"
+  fi
+  ADMIN_LINE="pgws http://$ADMIN_HOST:${ADMIN_PORT[pgws]}"
+  LOGS=".stack/pgws.log"
+  DB_AS="pgws as $PGWS_AS"
+fi
+if [[ $OWN_PG -eq 1 ]]; then
+  DB_LINE="$ADMIN_DB_URI  (the stack's own cluster in .stack/pg, stopped with the stack)"
+  LOGS="$LOGS .stack/pg/postgresql.log"
+else
+  DB_LINE="$(redact "$ADMIN_DB_URI")  (PGWS_DB_URI, yours)"
+fi
 cat <<EOF
 
-  pgws stack is running (env: ${ENV_FILE#"$ROOT"/})
+  pgws stack is running: $WHAT (env: ${ENV_FILE#"$ROOT"/})
     demo page:      $PAGE_URL$PAGE_HASH
     sample token:   ${TOKEN:-(none)}   {"mode":"rw","channels":["${TOKEN_CHANNELS//,/\",\"}"],"sub":"demo"}, 24 h
                     more: $BIN_DIR/pgws-token --help
     websocket:      ws://localhost:$WS_PORT/chat/$TOKEN
-    admin:          gateway http://$ADMIN_HOST:9100  bridge http://$ADMIN_HOST:9101  recorder http://$ADMIN_HOST:9102
+    admin:          $ADMIN_LINE
                     (/healthz /readyz /metrics)
-    logs:           .stack/ws-gateway.log .stack/pg-bridge.log .stack/pg-recorder.log
+    database:       $DB_LINE
+                    $DB_AS
+    logs:           $LOGS
   Press Ctrl-C to stop.
 
 EOF
@@ -366,7 +655,7 @@ while true; do
   for name in "${SERVICES[@]}"; do
     [[ ${PID[$name]} == "$done_pid" ]] || continue
     PID[$name]=""
-    log_tail "$name"
+    log_tail "$STATE_DIR/$name.log"
     if [[ $name == pg-recorder ]]; then
       warn "pg-recorder exited (status $rc); the rest of the stack keeps running"
     else
