@@ -21,6 +21,7 @@ mod live_routing;
 mod live_tables;
 mod load;
 mod metrics;
+mod one;
 mod pubsub;
 mod recorder;
 mod retries;

@@ -62,9 +62,24 @@ pub async fn listen(
         .context("LISTEN on the machine's PostgreSQL")
 }
 
+/// How a stack's roles run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// The three service binaries over NATS.
+    Split,
+    /// `pgws` processes: without NATS (one node, the in-process bus), or over NATS when the
+    /// stack's settings name it ([`Stack::over_nats`]).
+    One,
+}
+
 /// One stack: its own NATS prefix and listen channel, with gateways and bridges added as the
-/// test needs them. Processes are killed when the stack is dropped.
+/// test needs them (in the [`Topology::One`] shape, `pgws` nodes, kept in `gateways`).
+/// Processes are killed when the stack is dropped.
 pub struct Stack {
+    /// How the roles run.
+    pub topology: Topology,
+    /// `pgws` nodes talk over NATS (`PGWS_NATS_URL` is in their settings).
+    pub over_nats: bool,
     /// `PGWS_NATS_PREFIX`.
     pub prefix: String,
     /// `PGWS_LISTEN_CHANNEL`.
@@ -81,6 +96,8 @@ impl Stack {
     /// An empty stack with fresh names.
     pub fn new() -> Self {
         Self {
+            topology: Topology::Split,
+            over_nats: true,
             prefix: unique("t"),
             listen_channel: unique("listen-"),
             extra: Vec::new(),
@@ -99,6 +116,29 @@ impl Stack {
         let stack = Self::start_sized(extra, 1, 1).await?;
         stack.wait_flowing(0).await?;
         Ok(stack)
+    }
+
+    /// One `pgws` process without NATS (`extra` settings added), delivering end to end.
+    pub async fn start_one(extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut stack = Self::new();
+        stack.topology = Topology::One;
+        stack.over_nats = false;
+        stack.extra = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        stack.add_gateway(&[]).await?;
+        stack.wait_flowing(0).await?;
+        Ok(stack)
+    }
+
+    /// A stack of `topology` (one `pgws` without NATS, or a bridge and a gateway) with `extra`
+    /// settings, delivering end to end.
+    pub async fn start_as(topology: Topology, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        match topology {
+            Topology::Split => Self::start_with(extra).await,
+            Topology::One => Self::start_one(extra).await,
+        }
     }
 
     /// `bridges` bridges, then `gateways` gateways, each ready, with `extra` settings for every
@@ -144,6 +184,9 @@ impl Stack {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         env.extend(self.extra.iter().cloned());
+        if !self.over_nats {
+            env.retain(|(k, _)| k != "PGWS_NATS_URL");
+        }
         env
     }
 
@@ -157,10 +200,15 @@ impl Stack {
         env
     }
 
-    /// Starts a gateway and waits until it listens and is ready.
+    /// Starts a gateway (a `pgws` node in the [`Topology::One`] shape) and waits until it
+    /// listens and is ready.
     pub async fn add_gateway(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
         sweep_stale_streams().await;
-        let svc = Service::start(ServiceKind::Gateway, &self.env_with(extra)).await?;
+        let kind = match self.topology {
+            Topology::Split => ServiceKind::Gateway,
+            Topology::One => ServiceKind::Pgws,
+        };
+        let svc = Service::start(kind, &self.env_with(extra)).await?;
         svc.wait_ready().await?;
         self.gateways.push(svc);
         Ok(self.gateways.len() - 1)

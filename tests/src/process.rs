@@ -21,6 +21,8 @@ pub enum ServiceKind {
     Bridge,
     /// `pg-recorder`
     Recorder,
+    /// `pgws`: the three in one process
+    Pgws,
 }
 
 impl ServiceKind {
@@ -29,6 +31,7 @@ impl ServiceKind {
             Self::Gateway => "ws-gateway",
             Self::Bridge => "pg-bridge",
             Self::Recorder => "pg-recorder",
+            Self::Pgws => "pgws",
         }
     }
 }
@@ -89,7 +92,8 @@ impl Service {
             let admin = find_addr(&text, "admin listening");
             let public = find_addr(&text, "websocket listening");
             if let Some(admin) = admin {
-                if kind != ServiceKind::Gateway || public.is_some() {
+                let serves_sockets = matches!(kind, ServiceKind::Gateway | ServiceKind::Pgws);
+                if !serves_sockets || public.is_some() {
                     svc.admin = admin;
                     svc.addr = public;
                     return Ok(svc);
@@ -111,7 +115,10 @@ impl Service {
         let mut cmd = Command::new(&path);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PGWS_LOG", "info,pg_bridge=debug,ws_gateway=debug")
+            .env(
+                "PGWS_LOG",
+                "info,pg_bridge=debug,ws_gateway=debug,pgws=debug",
+            )
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
