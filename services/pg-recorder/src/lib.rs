@@ -111,6 +111,12 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
     let link = connect_nats(&config.nats, "pg-recorder", &readiness)
         .await
         .context("connecting to NATS")?;
+    // Not ready before the audit stream is there (created, or brought to the limits set).
+    let stream_ready: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let flag = Arc::clone(&stream_ready);
+    readiness.add("audit stream", move || {
+        flag.load(std::sync::atomic::Ordering::Acquire)
+    });
     let token = shutdown.token.clone();
     let (r, m) = (readiness.clone(), registry.clone());
     shutdown.spawn(async move {
@@ -131,6 +137,7 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
     {
         return Ok(());
     }
+    stream_ready.store(true, std::sync::atomic::Ordering::Release);
     let log = audit_log(&link, &config);
     let host = Host::nats(&link, registry, readiness);
     let bus = host.bus.clone();

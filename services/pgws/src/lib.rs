@@ -75,6 +75,12 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     match recorder {
         Some((recorder, Some(link))) => {
             let log = Arc::new(pg_recorder::audit_log(&link, &recorder));
+            // Not ready before the audit stream is there.
+            let stream_ready: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+            let flag = Arc::clone(&stream_ready);
+            readiness.add("audit stream", move || {
+                flag.load(std::sync::atomic::Ordering::Acquire)
+            });
             let (host, core) = (host.clone(), core.clone());
             recorder_task = Some(tokio::spawn(async move {
                 // The recorder owns the audit stream: created, or brought to the limits set.
@@ -87,6 +93,7 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
                 {
                     return Ok(());
                 }
+                stream_ready.store(true, std::sync::atomic::Ordering::Release);
                 pg_recorder::run_on(recorder, host, log, core).await
             }));
         }
