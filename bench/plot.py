@@ -46,7 +46,7 @@ def ratio(a, b):
 
 def ratios(reports):
     lines = []
-    idle = {t: {r["params"]["sockets"]: r for r in of(reports, "idle", t)} for t in TARGETS}
+    idle = {t: {r["params"]["sockets"]: r for r in of(reports, "idle", t, "idle-")} for t in TARGETS}
     if any(idle.values()):
         lines.append("idle: server RSS per socket (KiB), pgws vs peers")
         lines.append(f"  {'sockets':>8} {'pgws':>8} {'nats':>8} {'node':>8} {'pgws/nats':>10} {'pgws/node':>10}")
@@ -109,7 +109,8 @@ def ratios(reports):
                 f" {ratio(v('pgws', 'server_cpu_us_per_delivery'), v('nats', 'server_cpu_us_per_delivery')):>14}"
                 f"  {v('pgws', 'lost_deliveries')} / {v('nats', 'lost_deliveries')}"
             )
-    for r in of(reports, "ingest"):
+    lines.extend(one_vs_split(reports))
+    for r in of(reports, "ingest", prefix="ingest-"):
         lines.append(
             f"ingest ({r['params']['sockets']} sockets): {fig(r, 'ingest_msgs_per_s'):.0f} msgs/s reaching NOTIFY,"
             f" baseline {fig(r, 'baseline_msgs_per_s'):.0f}/s, ratio {fig(r, 'ratio_to_baseline')}x"
@@ -121,6 +122,54 @@ def ratios(reports):
             f" gateways, deliveries {fig(r, 'deliveries')} of {fig(r, 'expected_deliveries')}, p99 {lat.get('p99_ms')} ms"
         )
     return "\n".join(lines)
+
+
+def one_vs_split(reports):
+    """The `one` phase: pgws in one process (`one-one-*`) against the split stack
+    (`one-pgws-*`), run by run, and the ratios one / split."""
+    runs = {}
+    for r in reports:
+        parts = r["_name"].split("-")
+        if parts[0] != "one" or len(parts) < 3:
+            continue
+        shape, what = parts[1], parts[2]
+        run = parts[-1] if parts[-1].startswith("run") else "-"
+        runs.setdefault((what, run), {})[shape] = r
+    lines = []
+    if not runs:
+        return lines
+    lines.append("one process (pgws) vs split services (gateway + bridge + recorder + NATS), same run")
+    for (what, run), by in sorted(runs.items()):
+        split, one = by.get("pgws"), by.get("one")
+        if what == "fanout":
+            v = lambda r, k: fig(r, k) if r else None
+            p = lambda r, k: (v(r, "latency") or {}).get(k)
+            lines.append(
+                f"  fanout {run}: deliveries/s split {v(split, 'deliveries_per_s')} one {v(one, 'deliveries_per_s')}"
+                f" ({ratio(v(one, 'deliveries_per_s'), v(split, 'deliveries_per_s'))});"
+                f" p50 ms {p(split, 'p50_ms')} / {p(one, 'p50_ms')}; p99 ms {p(split, 'p99_ms')} / {p(one, 'p99_ms')}"
+                f" ({ratio(p(one, 'p99_ms'), p(split, 'p99_ms'))});"
+                f" cpu us/delivery {v(split, 'server_cpu_us_per_delivery')} / {v(one, 'server_cpu_us_per_delivery')}"
+                f" ({ratio(v(one, 'server_cpu_us_per_delivery'), v(split, 'server_cpu_us_per_delivery'))})"
+            )
+        elif what == "ingest":
+            v = lambda r, k: fig(r, k) if r else None
+            lines.append(
+                f"  ingest {run}: msgs/s reaching NOTIFY split {v(split, 'ingest_msgs_per_s')} one {v(one, 'ingest_msgs_per_s')}"
+                f" ({ratio(v(one, 'ingest_msgs_per_s'), v(split, 'ingest_msgs_per_s'))});"
+                f" baseline {v(split, 'baseline_msgs_per_s')} / {v(one, 'baseline_msgs_per_s')}"
+            )
+        elif what == "idle":
+            v = lambda r: fig(r, "server_rss_per_socket_kib") if r else None
+            lines.append(
+                f"  idle {parts_sockets(split or one)} sockets: RSS per socket KiB split gateway {v(split)}"
+                f" one {v(one)} ({ratio(v(one), v(split))})"
+            )
+    return lines
+
+
+def parts_sockets(r):
+    return r["params"].get("sockets") if r else None
 
 
 def plots(reports, img):

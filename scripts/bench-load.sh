@@ -16,6 +16,10 @@
 #   busy    (not in the default PHASES) BUSY_CHANNELS channels of BUSY_SUBSCRIBERS sockets at
 #           BUSY_RATES notifications/s, on pgws and nats-server in turn, BUSY_RUNS times: the
 #           latency of busy sockets (each receives rate / channels messages/s)
+#   one     (not in the default PHASES) pgws in one process (no NATS) against the split stack
+#           (gateway, bridge, recorder and their NATS, all counted for CPU), in turn, ONE_RUNS
+#           times: fan-out (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s) and
+#           ingest (INGEST_SOCKETS sockets, audit on); then ONE_IDLE idle sockets on each
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
 #   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
@@ -51,6 +55,9 @@ BUSY_CHANNELS=${BUSY_CHANNELS:-10}
 BUSY_SUBSCRIBERS=${BUSY_SUBSCRIBERS:-100}
 BUSY_RATES=${BUSY_RATES:-5000}
 BUSY_RUNS=${BUSY_RUNS:-3}
+ONE_RUNS=${ONE_RUNS:-3}
+ONE_RATE=${ONE_RATE:-50}
+ONE_IDLE=${ONE_IDLE:-19000}
 BIG_SOCKETS=${BIG_SOCKETS:-100000}
 BIG_GATEWAYS=${BIG_GATEWAYS:-6}
 PUBSUB_SOCKETS=${PUBSUB_SOCKETS:-10000}
@@ -62,7 +69,7 @@ PUBSUB_QUIET=${PUBSUB_QUIET:-10} # seconds without a delivery that end a run's d
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
 bash scripts/ensure-services.sh >/dev/null
-cargo build --release --locked -p ws-gateway -p pg-bridge -p pg-recorder -p pgws-load >&2
+cargo build --release --locked -p ws-gateway -p pg-bridge -p pg-recorder -p pgws -p pgws-load >&2
 BIN=$CARGO_TARGET_DIR/release
 LOAD=$BIN/pgws-load
 
@@ -71,12 +78,17 @@ set -a
 . deploy/sample.env
 set +a
 unset PGWS_META_CHANNEL PGWS_ROOT_PATH PGWS_ADMIN_PORT
+# The machine's PostgreSQL unless one is given (deploy/sample.env names none).
+export PGWS_DB_URI=${PGWS_DB_URI:-postgres://postgres@127.0.0.1:5432/postgres}
 export PGWS_NATS_PREFIX=$RUN
 export PGWS_LISTEN_CHANNEL=$RUN-listen
 export PGWS_HOST=127.0.0.1
 export PGWS_AUDIT_MAX_BYTES=$((512 << 20))
 export PGWS_LOG=${PGWS_LOG:-warn}
 NODE_LISTEN=$RUN-node
+# pgws in one process: a stack of its own (prefix, hence leader lock, and listen channel).
+ONE_LISTEN=$RUN-one-listen
+ONE_PORT=13050
 NATS_CLIENT_PORT=14222
 NATS_WS_PORT=14280
 NODE_PORT=13100
@@ -130,6 +142,11 @@ start_gateway() { # i
   start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${GATEWAY_BIN:-$BIN/ws-gateway}"
   wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
 }
+start_one() {
+  start one env -u PGWS_NATS_URL PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
+    PGWS_PORT=$ONE_PORT PGWS_ADMIN_PORT=19150 "$BIN/pgws"
+  wait_http http://127.0.0.1:19150/readyz
+}
 start_nats() {
   cat >"$LOGS/nats.conf" <<CONF
 listen: 127.0.0.1:$NATS_CLIENT_PORT
@@ -159,6 +176,7 @@ url() { # target -> websocket base URL
     pgws) echo "ws://127.0.0.1:$GW_PORT" ;;
     nats) echo "ws://127.0.0.1:$NATS_WS_PORT" ;;
     node) echo "ws://127.0.0.1:$NODE_PORT" ;;
+    one) echo "ws://127.0.0.1:$ONE_PORT" ;;
   esac
 }
 pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is set)
@@ -166,6 +184,7 @@ pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is 
     pgws) echo "${PID[gw0]}${BUS_PID:+,$BUS_PID}" ;;
     nats) echo "${PID[nats]}" ;;
     node) echo "${PID[node]}" ;;
+    one) echo "${PID[one]}" ;;
   esac
 }
 start_target() {
@@ -173,6 +192,7 @@ start_target() {
     pgws) start_gateway 0 ;;
     nats) start_nats ;;
     node) start_node ;;
+    one) start_one ;;
   esac
 }
 stop_target() {
@@ -180,15 +200,17 @@ stop_target() {
     pgws) stop gw0 ;;
     nats) stop nats ;;
     node) stop node ;;
+    one) stop one ;;
   esac
 }
 load() { # target, json name, mode and options...
   local target=$1 name=$2
   shift 2
-  local listen=$PGWS_LISTEN_CHANNEL
+  local listen=$PGWS_LISTEN_CHANNEL kind=$target
   [[ $target == node ]] && listen=$NODE_LISTEN
+  [[ $target == one ]] && listen=$ONE_LISTEN && kind=pgws
   say "run $name: pgws-load $* --target $target"
-  "$LOAD" "$@" --target "$target" --gateways "$(url "$target")" --gateway-pid "$(pid_of "$target")" \
+  "$LOAD" "$@" --target "$kind" --gateways "$(url "$target")" --gateway-pid "$(pid_of "$target")" \
     --listen-channel "$listen" --nats-url "nats://127.0.0.1:$NATS_CLIENT_PORT" \
     --label "$name" --json "$OUT/$name.json" ${LOAD_ARGS:-} | tee -a "$OUT/report.txt"
 }
@@ -272,6 +294,30 @@ for phase in $PHASES; do
         stop_target "$target"
       done
       BUS_PID=
+      ;;
+    one)
+      # The split stack's CPU is its gateway's, its bridge's, its recorder's and its NATS's.
+      nats_pid=$(ss -Hltnp "sport = :${PGWS_NATS_URL##*:}" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
+      [[ -n $nats_pid ]] || say "the stack's NATS process was not found: its CPU is not counted"
+      for ((run = 1; run <= ONE_RUNS; run++)); do
+        for target in pgws one; do
+          [[ $target == pgws ]] && BUS_PID="${PID[bridge]},${PID[recorder]}${nats_pid:+,$nats_pid}"
+          start_target "$target"
+          load "$target" "one-$target-fanout-$FANOUT_SOCKETS-r$ONE_RATE-run$run" fanout --channels 1 \
+            --subscribers "$FANOUT_SOCKETS" --rate "$ONE_RATE" --seconds "$SECS" || true
+          load "$target" "one-$target-ingest-$INGEST_SOCKETS-run$run" ingest \
+            --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+          stop_target "$target"
+          BUS_PID=
+        done
+      done
+      # RSS per idle socket: the process that holds the sockets.
+      for target in pgws one; do
+        start_target "$target"
+        sleep 1
+        load "$target" "one-$target-idle-$ONE_IDLE" idle --sockets "$ONE_IDLE" --hold 3 || true
+        stop_target "$target"
+      done
       ;;
     big)
       urls=()
