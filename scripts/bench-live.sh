@@ -22,6 +22,16 @@
 # classes / events/s baseline) and rows/s are printed.
 # At the end (and on failure): the processes are stopped, the audit stream, the replication
 # slot, its publication, the schema and its role are removed.
+# The database: PGWS_DB_URI from the environment (a superuser's URI: the run makes a schema, a
+# role and a replication slot), or else the machine's cluster,
+# postgres://postgres@127.0.0.1:5432/postgres (deploy/sample.env sets no PGWS_DB_URI;
+# scripts/ensure-services.sh starts that cluster when absent). Change capture needs
+# wal_level=logical: when the server lacks it, the run stops at once and says so. The server
+# is never reconfigured or restarted from here: for the machine's cluster run
+# `scripts/ensure-services.sh --reconfigure-postgres`, or point PGWS_DB_URI at a server that
+# has it, such as a running scripts/stack.sh's own cluster
+# (postgres://postgres@127.0.0.1:54329/postgres).
+# NATS: deploy/sample.env's PGWS_NATS_URL (the machine's, started by ensure-services.sh).
 #
 # Usage: scripts/bench-live.sh [OUT_DIR]      (default bench/results/<date>-live)
 # Env:   SOCKETS (1000), CLASSES (10), ROWS (20000), TXN_ROWS (500), THROUGHPUT_ROWS (100000),
@@ -48,8 +58,30 @@ LATENCY_RATE=${LATENCY_RATE:-100}
 LATENCY_ROWS=${LATENCY_ROWS:-3000}
 PHASES=${PHASES:-classes baseline throughput}
 
+say() { printf 'bench-live: %s\n' "$*" >&2; }
+# A URI with its password hidden, for messages.
+redact() { sed -E 's#^([a-z]+://[^:@/]*):[^@/]*@#\1:***@#' <<<"$1"; }
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
-bash scripts/ensure-services.sh >/dev/null
+DEFAULT_DB_URI=postgres://postgres@127.0.0.1:5432/postgres
+DB_URI=${PGWS_DB_URI:-$DEFAULT_DB_URI}
+if [[ $DB_URI == "$DEFAULT_DB_URI" ]]; then
+  bash scripts/ensure-services.sh >/dev/null
+else
+  bash scripts/ensure-services.sh --nats >/dev/null
+fi
+WAL_LEVEL=$(psql -X -w -q -At -d "$DB_URI" -c 'show wal_level' 2>&1) || {
+  say "cannot connect to $(redact "$DB_URI"): $WAL_LEVEL"
+  exit 1
+}
+if [[ $WAL_LEVEL != logical ]]; then
+  say "wal_level is '$WAL_LEVEL' on $(redact "$DB_URI"): /live change capture needs" \
+    "wal_level=logical. Left as it is (never reconfigured from here): for the machine's cluster" \
+    "run scripts/ensure-services.sh --reconfigure-postgres (it restarts that cluster), or set" \
+    "PGWS_DB_URI to a server that has it (e.g. a running scripts/stack.sh's own cluster," \
+    "postgres://postgres@127.0.0.1:54329/postgres)"
+  exit 1
+fi
 cargo build --release --locked -p ws-gateway -p pg-bridge -p pgws-tests \
   --bin ws-gateway --bin pg-bridge --bin pgws-live-bench >&2
 BIN=$CARGO_TARGET_DIR/release
@@ -59,6 +91,7 @@ set -a
 # shellcheck disable=SC1091
 . deploy/sample.env
 set +a
+export PGWS_DB_URI=$DB_URI # the environment's (or the machine's cluster), not the env file's
 unset PGWS_META_CHANNEL PGWS_ROOT_PATH PGWS_ADMIN_PORT
 export PGWS_NATS_PREFIX=$RUN
 export PGWS_LISTEN_CHANNEL=$RUN-listen
@@ -74,7 +107,6 @@ BRIDGE_ADMIN=127.0.0.1:$BRIDGE_ADMIN_PORT
 LOGS=$(mktemp -d)
 declare -A PID=()
 
-say() { printf 'bench-live: %s\n' "$*" >&2; }
 wait_http() { # url: waits up to 30 s for 200
   for _ in $(seq 300); do
     curl -fs -o /dev/null -m 1 "$1" && return 0

@@ -12,20 +12,41 @@
 #      one COPY into the same table, so the figures above can be read as ratios to what the
 #      database itself does on these cores.
 #
+# The database server: PGWS_DB_URI's (a superuser's URI; the run makes its database there, and
+# its COPY files are the server's, so the server runs on this machine), or else the machine's
+# cluster, postgres://postgres@127.0.0.1:5432/postgres (scripts/ensure-services.sh starts it
+# when absent; it is never reconfigured or restarted from here).
+#
 # Usage: scripts/bench-recorder.sh [RECORDS] [REPLICAS]     (defaults 500000 and 1)
-# Env:   PGWS_RECORDER_BATCH_SIZE (default 5000), PGWS_RECORDER_BATCH_WAIT (default 20)
+# Env:   PGWS_RECORDER_BATCH_SIZE (default 5000), PGWS_RECORDER_BATCH_WAIT (default 20),
+#        PGWS_DB_URI (see above)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS=${1:-500000}
 REPLICAS=${2:-1}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/pgws-target}"
-bash scripts/ensure-services.sh >/dev/null
+DEFAULT_DB_URI=postgres://postgres@127.0.0.1:5432/postgres
+ADMIN_URI=${PGWS_DB_URI:-$DEFAULT_DB_URI}
+if [[ $ADMIN_URI == "$DEFAULT_DB_URI" ]]; then
+  bash scripts/ensure-services.sh >/dev/null
+else
+  bash scripts/ensure-services.sh --nats >/dev/null
+fi
 cargo build --release --locked -p pg-recorder -p pgws-tests >&2
 BIN=$CARGO_TARGET_DIR/release
 
 RUN=bench$(date +%s)
 DB=pgws_$RUN
-export PGWS_DB_URI=postgres://postgres@127.0.0.1:5432/$DB
+# ADMIN_URI with its database replaced by $1 (scheme://[user@]host[:port][/database][?query]).
+with_database() {
+  local base=${ADMIN_URI%%\?*} query="" scheme rest
+  [[ $ADMIN_URI == *\?* ]] && query="?${ADMIN_URI#*\?}"
+  scheme=${base%%://*}
+  rest=${base#*://}
+  printf '%s://%s/%s%s\n' "$scheme" "${rest%%/*}" "$1" "$query"
+}
+export PGWS_DB_URI
+PGWS_DB_URI=$(with_database "$DB")
 export PGWS_NATS_URL=nats://127.0.0.1:4222
 export PGWS_NATS_PREFIX=$RUN
 export PGWS_LISTEN_CHANNEL=postgres-websockets-listener
@@ -37,11 +58,11 @@ export RUST_LOG=${RUST_LOG:-warn}
 LOGS=$(mktemp -d)
 PIDS=()
 
-psql() { command psql -h 127.0.0.1 -U postgres -qAtX -v ON_ERROR_STOP=1 "$@"; }
+psql() { command psql -qAtX -v ON_ERROR_STOP=1 "$@"; }
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  psql -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  psql -d "$ADMIN_URI" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   # The stream holds the benchmark's records: remove it (JetStream API over plain NATS).
   "$BIN/pgws-audit-bench" remove-stream >/dev/null 2>&1 || true
   rm -rf "$LOGS"
@@ -78,7 +99,7 @@ stop_recorders() {
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB"
 echo "versions: $(command psql --version), nats-server $(nats-server --version 2>/dev/null | awk '{print $NF}')"
 echo "parameters: records=$RECORDS replicas=$REPLICAS batch_size=$PGWS_RECORDER_BATCH_SIZE batch_wait=${PGWS_RECORDER_BATCH_WAIT}ms"
-psql -d postgres -c "CREATE DATABASE $DB"
+psql -d "$ADMIN_URI" -c "CREATE DATABASE $DB"
 
 # The first recorder creates the stream, the consumer and the schema; then none runs.
 recorder 0
@@ -109,7 +130,7 @@ recorder 1
 stop_recorders
 
 echo "== PostgreSQL alone: the last $RECORDS rows again, as one statement each"
-psql -d "$DB" <<SQL
+psql -d "$PGWS_DB_URI" <<SQL
 CREATE TABLE pgws_audit.bench_src AS
   SELECT id || '-again' AS id, channel, event, payload, claims::text AS claims,
          extract(epoch FROM received_at) AS at, notify_channel
@@ -118,11 +139,11 @@ COPY (SELECT id || '-copy', channel, event, payload, claims, to_timestamp(at), n
       FROM pgws_audit.bench_src) TO '/tmp/$RUN.tsv';
 SQL
 t0=$(date +%s.%N)
-psql -d "$DB" -c "INSERT INTO pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel)
+psql -d "$PGWS_DB_URI" -c "INSERT INTO pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel)
   SELECT id, channel, event, payload, claims::jsonb, to_timestamp(at), notify_channel FROM pgws_audit.bench_src
   ON CONFLICT DO NOTHING"
 t1=$(date +%s.%N)
-psql -d "$DB" -c "COPY pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel) FROM '/tmp/$RUN.tsv'"
+psql -d "$PGWS_DB_URI" -c "COPY pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel) FROM '/tmp/$RUN.tsv'"
 t2=$(date +%s.%N)
 rm -f "/tmp/$RUN.tsv"
 awk -v n="$RECORDS" -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN {

@@ -13,14 +13,16 @@
 # Exit status: 0 when what was asked for answers, non-zero (with the reason on stderr) otherwise.
 #
 # Usage: scripts/ensure-services.sh [--reconfigure-postgres] [MODE]     (from any directory)
-#   (no MODE)             PostgreSQL and NATS, as above (the test command's mode)
+#   (no MODE)             PostgreSQL and NATS, as above (the benchmarks' mode)
 #   --postgres            only PostgreSQL
-#   --nats                only NATS with JetStream
+#   --nats                only NATS with JetStream (the test command's mode: it runs a
+#                         PostgreSQL cluster of its own)
 #   --postgres-binaries   only the PostgreSQL server programs (initdb, pg_ctl, postgres): installs
 #                         the Debian package when they are missing (Debian's package then
 #                         creates and starts its own cluster 'main' on 5432, which this mode
 #                         does not touch further), and prints their directory on stdout.
-#                         scripts/stack.sh uses it for the cluster it runs under .stack/.
+#                         scripts/stack.sh and scripts/test.sh use it for the clusters they
+#                         run (scripts/lib/pg-cluster.sh).
 #   --reconfigure-postgres  allow setting wal_level=logical and max_slot_wal_keep_size=2GB on
 #                         the local cluster (ALTER SYSTEM) and restarting it to apply them.
 #                         A cluster this run created (package just installed) is configured

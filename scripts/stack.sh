@@ -84,15 +84,19 @@ ENV_FILE=${ENV_ARG:-$ROOT/deploy/sample.env}
 STATE_DIR=$ROOT/.stack
 READY_TIMEOUT=${STACK_READY_TIMEOUT:-60}
 
-# The stack's own PostgreSQL cluster (when PGWS_DB_URI is not given).
-PG_PORT=${STACK_PG_PORT:-54329}
-if ! [[ $PG_PORT =~ ^[0-9]{1,5}$ ]] || ((PG_PORT < 1 || PG_PORT > 65535)); then
-  die "STACK_PG_PORT must be a port number, not '$PG_PORT'"
+# The stack's own PostgreSQL cluster (when PGWS_DB_URI is not given): scripts/lib/pg-cluster.sh
+# makes, starts and stops it (PGC_STARTED is set once this run starts it: it stops it at the end).
+# shellcheck source=scripts/lib/pg-cluster.sh
+. "$ROOT/scripts/lib/pg-cluster.sh"
+PGC_ROOT=$ROOT
+PGC_PORT=${STACK_PG_PORT:-54329}
+if ! [[ $PGC_PORT =~ ^[0-9]{1,5}$ ]] || ((PGC_PORT < 1 || PGC_PORT > 65535)); then
+  die "STACK_PG_PORT must be a port number, not '$PGC_PORT'"
 fi
-PG_DIR=$STATE_DIR/pg
-PG_DATA=$PG_DIR/data
-PG_LOG=$PG_DIR/postgresql.log
-PG_STARTED=0 # set once this run starts the stack's cluster: it stops it at the end
+PGC_DIR=$STATE_DIR/pg
+PGC_SHOWN=.stack/pg
+PGC_WHOSE="the stack's"
+pgc_paths
 
 # What the user set in the environment, before the env file is loaded.
 ENV_DB_URI=${PGWS_DB_URI:-}
@@ -109,21 +113,6 @@ fi
 # built beside them: prints the sample token
 TOOLS=(pgws-token)
 declare -A PID=()
-
-# ---------------------------------------------------------------- the stack's own cluster
-as_pg_owner() {
-  # The cluster's programs run as the OS user postgres when we are root (PostgreSQL refuses
-  # to run as root), as ourselves otherwise.
-  if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-
-pg_stop_own() {
-  [[ $PG_STARTED -eq 1 ]] || return 0
-  PG_STARTED=0
-  say "stopping the stack's PostgreSQL cluster (.stack/pg, port $PG_PORT)"
-  as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null 2>&1 ||
-    warn "pg_ctl stop failed for .stack/pg (see ${PG_LOG#"$ROOT"/})"
-}
 
 # ---------------------------------------------------------------- stopping
 stop_all() {
@@ -162,7 +151,7 @@ on_exit() {
     say "stopping the stack"
     stop_all
   fi
-  pg_stop_own
+  pgc_stop
   [[ ${#PID[@]} -gt 0 ]] && say "stopped"
   exit "$rc"
 }
@@ -176,10 +165,7 @@ log_tail() {
   printf -- '-----\n' >&2
 }
 
-port_busy() {
-  # shellcheck disable=SC2016 # $1 is expanded by the inner bash
-  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
-}
+port_busy() { pgc_port_busy "$1"; }
 
 # A URI with its password hidden, for messages.
 redact() { sed -E 's#^([a-z]+://[^:@/]*):[^@/]*@#\1:***@#' <<<"$1"; }
@@ -256,80 +242,37 @@ if [[ -n ${PGWS_DB_URI:-} ]]; then
   fi
 else
   OWN_PG=1
-  if [[ -s $PG_DATA/PG_VERSION ]]; then
+  if [[ -s $PGC_DATA/PG_VERSION ]]; then
     # Reused: run by the programs of the major version that made it.
-    ver=$(<"$PG_DATA/PG_VERSION")
-    PG_BIN=/usr/lib/postgresql/$ver/bin
-    if [[ ! -x $PG_BIN/pg_ctl ]] && command -v pg_ctl >/dev/null 2>&1; then
-      PG_BIN=$(dirname "$(command -v pg_ctl)")
-    fi
-    [[ -x $PG_BIN/pg_ctl && $("$PG_BIN/pg_ctl" --version) == *" $ver"* ]] ||
-      die "the stack's cluster in .stack/pg was made by PostgreSQL $ver, which is not" \
-        "installed; install it, or remove .stack/pg to start afresh (its data is lost)"
+    pgc_bin_of_data
   else
-    PG_BIN=$("$ROOT/scripts/ensure-services.sh" --postgres-binaries) ||
+    pgc_bin_installed ||
       die "no PostgreSQL server programs to run the stack's own cluster (see above); or set" \
         "PGWS_DB_URI to a database of yours"
   fi
   if ! command -v psql >/dev/null 2>&1; then
-    [[ -x $PG_BIN/psql ]] || die "psql not found (package postgresql-client)"
-    psql() { "$PG_BIN/psql" "$@"; }
+    [[ -x $PGC_BIN/psql ]] || die "psql not found (package postgresql-client)"
+    psql() { "$PGC_BIN/psql" "$@"; }
   fi
-  if [[ $(id -u) -eq 0 ]]; then
-    id postgres >/dev/null 2>&1 || die "running as root, the stack's cluster needs the OS user" \
-      "postgres (made by the postgresql package) to run it"
-    command -v runuser >/dev/null 2>&1 || die "runuser not found (package util-linux)"
-  fi
-  ADMIN_DB_URI=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+  pgc_check_user
+  ADMIN_DB_URI=postgres://postgres@127.0.0.1:$PGC_PORT/postgres
   export PGWS_DB_URI=$ADMIN_DB_URI
-  say "database: the stack's own PostgreSQL cluster (.stack/pg, 127.0.0.1:$PG_PORT," \
-    "$("$PG_BIN/pg_ctl" --version | sed 's/^pg_ctl (PostgreSQL) /PostgreSQL /'))"
+  say "database: the stack's own PostgreSQL cluster (.stack/pg, 127.0.0.1:$PGC_PORT," \
+    "$("$PGC_BIN/pg_ctl" --version | sed 's/^pg_ctl (PostgreSQL) /PostgreSQL /'))"
 
-  mkdir -p "$PG_DIR"
-  [[ $(id -u) -eq 0 ]] && chown postgres: "$PG_DIR"
-  if ! as_pg_owner test -w "$PG_DIR" 2>/dev/null; then
-    blocked=""
-    d=$PG_DIR
-    while [[ $d != / ]]; do
-      d=$(dirname "$d")
-      as_pg_owner test -x "$d" 2>/dev/null || blocked=$d
-    done
-    die "the OS user postgres cannot reach $PG_DIR (${blocked:-a parent directory} is not" \
+  pgc_make_dir ||
+    die "the OS user postgres cannot reach $PGC_DIR (${PGC_BLOCKED:-a parent directory} is not" \
       "searchable by it, e.g. a clone under /root): clone the repository elsewhere, allow it" \
-      "(chmod o+x ${blocked:-<that directory>}), or set PGWS_DB_URI to a database of yours"
-  fi
-  if [[ -s $PG_DATA/PG_VERSION ]]; then
-    # Left running by a stack that was killed? It is ours: stop it, to start it as configured.
-    if as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
-      say "the stack's cluster (.stack/pg) is still running from an earlier run; stopping it first"
-      as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null ||
-        die "cannot stop the stack's cluster left running (.stack/pg)"
-    fi
+      "(chmod o+x ${PGC_BLOCKED:-<that directory>}), or set PGWS_DB_URI to a database of yours"
+  if [[ -s $PGC_DATA/PG_VERSION ]]; then
+    pgc_stop_leftover
     say "reusing the stack's PostgreSQL cluster in .stack/pg"
   else
-    say "creating the stack's PostgreSQL cluster in .stack/pg (initdb, log .stack/pg/initdb.log)"
-    as_pg_owner "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -A trust -E UTF8 --locale=C \
-      >"$PG_DIR/initdb.log" 2>&1 || {
-      log_tail "$PG_DIR/initdb.log"
-      rm -rf "$PG_DATA"
-      die "initdb failed for .stack/pg/data"
-    }
-    # The settings the stack needs; the port is given at each start (STACK_PG_PORT).
-    as_pg_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null <<'CONF'
-
-# ---- scripts/stack.sh: the pgws stack's own cluster
-# Reachable on 127.0.0.1 only (TCP; no Unix socket): trust auth is fine there.
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-# /live table topics read the WAL through a logical replication slot.
-wal_level = logical
-# A slot nobody reads keeps WAL: at most this much.
-max_slot_wal_keep_size = '1GB'
-CONF
+    pgc_initdb "scripts/stack.sh: the pgws stack's own cluster"
   fi
-  if port_busy "$PG_PORT"; then
-    die "port $PG_PORT (for the stack's PostgreSQL cluster) is already in use on 127.0.0.1" \
-      "(see 'ss -ltnp | grep :$PG_PORT'); set STACK_PG_PORT to a free port"
+  if port_busy "$PGC_PORT"; then
+    die "port $PGC_PORT (for the stack's PostgreSQL cluster) is already in use on 127.0.0.1" \
+      "(see 'ss -ltnp | grep :$PGC_PORT'); set STACK_PG_PORT to a free port"
   fi
 fi
 
@@ -360,13 +303,7 @@ done
 # ---------------------------------------------------------------- start the stack's cluster
 mkdir -p "$STATE_DIR"
 if [[ $OWN_PG -eq 1 ]]; then
-  say "starting the stack's PostgreSQL cluster on 127.0.0.1:$PG_PORT (log .stack/pg/postgresql.log)"
-  PG_STARTED=1
-  as_pg_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -o "-p $PG_PORT" -w -t 60 start \
-    >/dev/null || {
-    log_tail "$PG_LOG"
-    die "the stack's PostgreSQL cluster did not start (.stack/pg)"
-  }
+  pgc_start
   psql -w -X -q -At -c 'select 1' "$ADMIN_DB_URI" >/dev/null ||
     die "cannot connect to the stack's cluster at $ADMIN_DB_URI"
 fi

@@ -1,6 +1,8 @@
 // A real pgws stack for the client's tests: the built ws-gateway and pg-bridge binaries against
-// the machine's PostgreSQL and NATS (scripts/ensure-services.sh starts them), on a NATS prefix
-// and listen channel of their own, so several stacks share the servers without meeting.
+// a real PostgreSQL and NATS, on a NATS prefix and listen channel of their own, so several
+// stacks share the servers without meeting. The PostgreSQL is PGWS_TEST_DB_URI's (scripts/test.sh
+// runs a cluster of its own and sets it; without it, the machine's on 127.0.0.1:5432), the NATS
+// the machine's (scripts/ensure-services.sh --nats starts it).
 //
 // Env: PGWS_BIN_DIR (default $CARGO_TARGET_DIR/debug, CARGO_TARGET_DIR defaulting to
 // /var/tmp/pgws-target as in scripts/test.sh), PGWS_TEST_DB_URI, PGWS_TEST_NATS_URL.

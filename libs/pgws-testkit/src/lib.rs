@@ -1,7 +1,11 @@
-//! What the tests of every crate share, on the machine's real PostgreSQL and NATS (never a
-//! mock): where they are, names no other test uses, a client and a LISTEN session, a database
-//! of a test's own, waiting for a condition, and a TCP proxy to PostgreSQL that plays an
-//! outage. A dev-dependency only: nothing here is compiled into a service.
+//! What the tests of every crate share, on a real PostgreSQL and NATS (never a mock): where
+//! they are, names no other test uses, a client and a LISTEN session, a database of a test's
+//! own, waiting for a condition, and a TCP proxy to PostgreSQL that plays an outage. A
+//! dev-dependency only: nothing here is compiled into a service.
+//!
+//! The PostgreSQL is [`db_uri`]'s: the test command (`scripts/test.sh`) runs a cluster of its
+//! own and points `PGWS_TEST_DB_URI` at it; without that variable (a `cargo test` by hand), the
+//! machine's cluster on 127.0.0.1:5432.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,10 +17,32 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-/// The machine's PostgreSQL (trust auth; override with `PGWS_TEST_DB_URI`).
+/// The tests' PostgreSQL, a superuser's URI (trust auth): `PGWS_TEST_DB_URI` (set by
+/// `scripts/test.sh` to its own cluster), or the machine's cluster on 127.0.0.1:5432.
 pub fn db_uri() -> String {
     std::env::var("PGWS_TEST_DB_URI")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The TCP host and port of [`db_uri`]'s server (the first, when it names several; port
+/// 5432 when it names none). Panics when it names none over TCP (a Unix socket only).
+pub fn db_addr() -> (String, u16) {
+    let uri = db_uri();
+    let config: tokio_postgres::Config = uri
+        .parse()
+        .unwrap_or_else(|e| panic!("PGWS_TEST_DB_URI is not a connection string ({e})"));
+    let host = config
+        .get_hosts()
+        .iter()
+        .find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => Some(name.clone()),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(_) => None,
+        })
+        .or_else(|| config.get_hostaddrs().first().map(ToString::to_string))
+        .unwrap_or_else(|| panic!("the test PostgreSQL ({uri}) is not reached over TCP"));
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host, port)
 }
 
 /// The machine's NATS (override with `PGWS_TEST_NATS_URL`).
@@ -131,6 +157,18 @@ fn with_database(uri: &str, name: &str) -> String {
     }
 }
 
+/// `uri` (`scheme://[user[:password]@]host[:port][/database][?query]`) with its host and port
+/// replaced by `host` and `port`.
+fn with_host_port(uri: &str, host: &str, port: u16) -> String {
+    let start = uri.find("://").map_or(0, |i| i + 3);
+    let end = uri[start..]
+        .find(['/', '?'])
+        .map_or(uri.len(), |i| start + i);
+    let authority = &uri[start..end];
+    let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
+    format!("{}{userinfo}{host}:{port}{}", &uri[..start], &uri[end..])
+}
+
 impl Drop for TempDb {
     fn drop(&mut self) {
         // Logical replication slots (a table capture's) keep a database from being dropped.
@@ -169,9 +207,9 @@ pub fn off_runtime(f: impl Future<Output = ()> + Send + 'static) {
     drop(done.join());
 }
 
-/// A TCP proxy to the machine's PostgreSQL at 127.0.0.1:5432, to play a database that is
-/// down: closed, it takes connections and drops them; [`Proxy::cut`] ends it and every
-/// connection through it.
+/// A TCP proxy to the tests' PostgreSQL (at [`db_addr`]), to play a database that is down:
+/// closed, it takes connections and drops them; [`Proxy::cut`] ends it and every connection
+/// through it. [`Proxy::uri`] turns a URI of that server into one through the proxy.
 pub struct Proxy {
     pub port: u16,
     open: Arc<AtomicBool>,
@@ -179,8 +217,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on `port` (0: any free one), open or closed.
+    /// Listens on `port` (0: any free one) of 127.0.0.1, open or closed.
     pub async fn start(port: u16, open: bool) -> Self {
+        let upstream = db_addr();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("the proxy binds");
@@ -200,10 +239,9 @@ impl Proxy {
                 if !gate.load(Ordering::Relaxed) {
                     continue;
                 }
-                let token = token.clone();
+                let (token, upstream) = (token.clone(), upstream.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
-                    else {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
@@ -214,6 +252,12 @@ impl Proxy {
             }
         });
         Self { port, open, stop }
+    }
+
+    /// `uri` (a URI of the tests' PostgreSQL, such as [`db_uri`] or a [`TempDb`]'s) through
+    /// this proxy: its host and port replaced by 127.0.0.1 and the proxy's port.
+    pub fn uri(&self, uri: &str) -> String {
+        with_host_port(uri, "127.0.0.1", self.port)
     }
 
     /// Lets connections through from now on.
@@ -252,5 +296,25 @@ mod tests {
             "postgres://u@h/x?sslmode=disable"
         );
         assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+    }
+
+    #[test]
+    fn uris_go_through_another_host_and_port() {
+        assert_eq!(
+            with_host_port("postgres://postgres@127.0.0.1:54330/db_1", "127.0.0.1", 7),
+            "postgres://postgres@127.0.0.1:7/db_1"
+        );
+        assert_eq!(
+            with_host_port("postgresql://u:p@w@db.example/x?sslmode=disable", "h", 9),
+            "postgresql://u:p@w@h:9/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_host_port("postgres://h", "127.0.0.1", 1),
+            "postgres://127.0.0.1:1"
+        );
+        assert_eq!(
+            with_host_port("postgres://h:5/?x=1", "127.0.0.1", 1),
+            "postgres://127.0.0.1:1/?x=1"
+        );
     }
 }
