@@ -1,10 +1,11 @@
-//! The in-process bus: subscriptions in a list behind a lock, each a bounded tokio channel.
+//! The in-process bus: subscriptions behind a lock (those of one exact subject found by it, those
+//! with wildcards in a list), each a bounded tokio channel.
 //! A publish matches every subscription's pattern, sends a copy to each plain subscription and
 //! to one member of each queue group (in turn), and returns at once; a subscription whose
 //! channel is full loses the message (counted by [`Local::dropped`]), as a slow consumer does
 //! on NATS.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
@@ -24,11 +25,50 @@ pub struct Local {
 
 #[derive(Default)]
 struct Inner {
-    subscriptions: RwLock<Vec<Entry>>,
+    subscriptions: RwLock<Subscriptions>,
     next_id: AtomicU64,
     /// Turns of the queue groups: which member gets the next message.
     turn: AtomicUsize,
     dropped: AtomicU64,
+}
+
+/// The subscriptions: by exact subject, and those whose pattern has wildcards.
+#[derive(Default)]
+struct Subscriptions {
+    exact: HashMap<String, Vec<Entry>>,
+    wildcard: Vec<Entry>,
+}
+
+impl Subscriptions {
+    fn add(&mut self, entry: Entry) {
+        if entry.pattern.split('.').any(|t| t == "*" || t == ">") {
+            self.wildcard.push(entry);
+        } else {
+            self.exact
+                .entry(entry.pattern.clone())
+                .or_default()
+                .push(entry);
+        }
+    }
+
+    fn remove(&mut self, pattern: &str, id: u64) {
+        if let Some(entries) = self.exact.get_mut(pattern) {
+            entries.retain(|e| e.id != id);
+            if entries.is_empty() {
+                self.exact.remove(pattern);
+            }
+        }
+        self.wildcard.retain(|e| e.id != id);
+    }
+
+    /// Every subscription `subject` matches.
+    fn matching<'a>(&'a self, subject: &'a str) -> impl Iterator<Item = &'a Entry> {
+        self.exact.get(subject).into_iter().flatten().chain(
+            self.wildcard
+                .iter()
+                .filter(|e| matches(&e.pattern, subject)),
+        )
+    }
 }
 
 struct Entry {
@@ -41,6 +81,7 @@ struct Entry {
 /// Removes its subscription when the [`Subscription`] is dropped.
 struct Registered {
     inner: Weak<Inner>,
+    pattern: String,
     id: u64,
 }
 
@@ -51,7 +92,7 @@ impl Drop for Registered {
                 .subscriptions
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            subs.retain(|e| e.id != self.id);
+            subs.remove(&self.pattern, self.id);
         }
     }
 }
@@ -74,7 +115,7 @@ impl Local {
             .subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Entry {
+            .add(Entry {
                 id,
                 pattern: pattern.to_owned(),
                 queue: queue.map(str::to_owned),
@@ -82,6 +123,7 @@ impl Local {
             });
         let guard = Registered {
             inner: Arc::downgrade(&self.inner),
+            pattern: pattern.to_owned(),
             id,
         };
         Subscription::channel(rx, guard)
@@ -96,10 +138,7 @@ impl Local {
             .unwrap_or_else(|e| e.into_inner());
         let mut groups: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
         let mut matched = 0;
-        for entry in subs
-            .iter()
-            .filter(|e| matches(&e.pattern, &message.subject))
-        {
+        for entry in subs.matching(&message.subject) {
             match &entry.queue {
                 Some(q) => groups.entry(q.as_str()).or_default().push(entry),
                 None => {
