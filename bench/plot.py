@@ -134,6 +134,8 @@ def one_vs_split(reports):
             continue
         shape, what = parts[1], parts[2]
         run = parts[-1] if parts[-1].startswith("run") else "-"
+        if what == "ingest" and len(parts) > 4 and parts[3].startswith("audit"):
+            what = "ingest-" + parts[3]
         runs.setdefault((what, run), {})[shape] = r
     lines = []
     if not runs:
@@ -151,6 +153,12 @@ def one_vs_split(reports):
                 f" ({ratio(p(one, 'p99_ms'), p(split, 'p99_ms'))});"
                 f" cpu us/delivery {v(split, 'server_cpu_us_per_delivery')} / {v(one, 'server_cpu_us_per_delivery')}"
                 f" ({ratio(v(one, 'server_cpu_us_per_delivery'), v(split, 'server_cpu_us_per_delivery'))})"
+            )
+        elif what.startswith("ingest-audit"):
+            v = lambda r, k: fig(r, k) if r else None
+            lines.append(
+                f"  ingest {run}, one process, {what[7:].replace('audit', 'audit ')}: msgs/s reaching NOTIFY"
+                f" {v(one, 'ingest_msgs_per_s')}, baseline {v(one, 'baseline_msgs_per_s')}"
             )
         elif what == "ingest":
             v = lambda r, k: fig(r, k) if r else None

@@ -20,6 +20,9 @@
 #           (gateway, bridge, recorder and their NATS, all counted for CPU), in turn, ONE_RUNS
 #           times: fan-out (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s) and
 #           ingest (INGEST_SOCKETS sockets, audit on); then ONE_IDLE idle sockets on each
+#   one-noaudit (not in the default PHASES) ingest on pgws in one process with PGWS_AUDIT=false
+#           and with the audit (written in the NOTIFY transaction), in turn, ONE_RUNS times: what
+#           the in-transaction audit costs
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
 #   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
@@ -138,12 +141,25 @@ start_bridge() {
   wait_http http://127.0.0.1:19101/readyz
   wait_http http://127.0.0.1:19102/readyz
 }
+recorder_drained() { # waits (at most 120 s) until the split recorder has nothing pending
+  local pending started=$SECONDS
+  for _ in $(seq 1200); do
+    pending=$(curl -fs -m 1 http://127.0.0.1:19102/metrics | awk '/^pgws_recorder_pending_messages /{print $2}')
+    if [[ ${pending:-1} == 0 ]]; then
+      say "the recorder drained the audit stream $((SECONDS - started)) s after the load ended" |&
+        tee -a "$OUT/report.txt"
+      return 0
+    fi
+    sleep 0.1
+  done
+  say "the recorder still has ${pending:-?} records pending after 120 s"
+}
 start_gateway() { # i
   start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${GATEWAY_BIN:-$BIN/ws-gateway}"
   wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
 }
 start_one() {
-  start one env -u PGWS_NATS_URL PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
+  start one env -u PGWS_NATS_URL PGWS_AUDIT="${ONE_AUDIT:-true}" PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
     PGWS_PORT=$ONE_PORT PGWS_ADMIN_PORT=19150 "$BIN/pgws"
   wait_http http://127.0.0.1:19150/readyz
 }
@@ -307,16 +323,28 @@ for phase in $PHASES; do
             --subscribers "$FANOUT_SOCKETS" --rate "$ONE_RATE" --seconds "$SECS" || true
           load "$target" "one-$target-ingest-$INGEST_SOCKETS-run$run" ingest \
             --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+          # The split recorder drains the stream behind the ingest: the next run starts after.
+          [[ $target == pgws ]] && recorder_drained
           stop_target "$target"
           BUS_PID=
         done
       done
-      # RSS per idle socket: the process that holds the sockets.
-      for target in pgws one; do
+      # RSS per idle socket: the process that holds the sockets (ONE_IDLE=0: skipped).
+      [[ $ONE_IDLE -gt 0 ]] && for target in pgws one; do
         start_target "$target"
         sleep 1
         load "$target" "one-$target-idle-$ONE_IDLE" idle --sockets "$ONE_IDLE" --hold 3 || true
         stop_target "$target"
+      done
+      ;;
+    one-noaudit)
+      for ((run = 1; run <= ONE_RUNS; run++)); do
+        for audit in false true; do
+          ONE_AUDIT=$audit start_target one
+          load one "one-one-ingest-audit$audit-$INGEST_SOCKETS-run$run" ingest \
+            --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+          stop_target one
+        done
       done
       ;;
     big)
