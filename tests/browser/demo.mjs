@@ -7,7 +7,7 @@
 //        chats; no SQL, no restart)
 //
 // Without arguments it starts its own stack (clients/js/test/stack.mjs: the built ws-gateway serving examples/demo,
-// a pg-bridge, the machine's PostgreSQL and NATS, meta channel server-info), opens the page in
+// a pg-bridge, the PostgreSQL of PGWS_TEST_DB_URI (the test command's own) and NATS, meta channel server-info), opens the page in
 // headless Chromium (Debian's /usr/bin/chromium or $PGWS_CHROMIUM, through playwright-core)
 // with a token in its URL fragment, and checks, as a user would see it on the page: the meta
 // channel shows another socket's ConnectionOpen; a message typed in the page comes back marked

@@ -13,7 +13,7 @@ use pgws_proto::Presence;
 use super::*;
 use crate::db;
 use crate::leader::{Election, LeaderState};
-use crate::test_support::{bus, client, eventually, unique, DB_URI, WAIT};
+use crate::test_support::{bus, client, db_uri, eventually, unique, WAIT};
 
 struct Bridge {
     state: Arc<LeaderState>,
@@ -31,7 +31,7 @@ async fn start(
 ) -> Bridge {
     let bus = bus().await;
     let app = unique("listener");
-    let mut pg = db::pg_config(DB_URI).expect("uri");
+    let mut pg = db::pg_config(&db_uri()).expect("uri");
     pg.application_name(&app);
     let metrics = BridgeMetrics::register(&Metrics::new());
     let first = db::connect_listening(&pg, &metrics.notifications_mended)

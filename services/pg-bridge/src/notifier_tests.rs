@@ -9,7 +9,7 @@ use pgws_service::Metrics;
 
 use super::*;
 use crate::db;
-use crate::test_support::{bus, eventually, listen, take, unique, Proxy, DB_URI, WAIT};
+use crate::test_support::{bus, db_uri, eventually, listen, take, unique, Proxy, WAIT};
 
 async fn ask(nats: &Bus, subject: &str, body: Vec<u8>) -> NotifyReply {
     let reply = tokio::time::timeout(WAIT, nats.request(subject, body.into()))
@@ -41,7 +41,7 @@ async fn requests_over_nats_are_executed_in_order_and_answered() {
     let shutdown = Shutdown::new();
     let (fatal, _fatal_rx) = mpsc::channel(1);
     let notifier = Notifier {
-        pg: db::pg_config(DB_URI).expect("uri"),
+        pg: db::pg_config(&db_uri()).expect("uri"),
         subjects: subjects.clone(),
         pool_size: 2,
         batch_size: 12,
@@ -130,7 +130,7 @@ async fn requests_pause_while_the_database_is_away() {
     let nats = bus().await;
     let subjects = Subjects::new(Prefix::new(&unique("t")).expect("prefix"));
     let proxy = Proxy::start(0, true).await;
-    let uri = DB_URI.replace(":5432", &format!(":{}", proxy.port));
+    let uri = proxy.uri(&db_uri());
     let pg = db::pg_config(&uri).expect("uri");
     let metrics = BridgeMetrics::register(&Metrics::new());
     let shutdown = Shutdown::new();

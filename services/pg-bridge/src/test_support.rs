@@ -1,4 +1,5 @@
-//! Helpers for the bridge's tests on the real PostgreSQL and NATS of the development setup
+//! Helpers for the bridge's tests on the real PostgreSQL and NATS of the test setup
+//! (`PGWS_TEST_DB_URI`, `PGWS_TEST_NATS_URL`)
 //! (what every crate's tests share is in `pgws-testkit`).
 
 use std::time::Duration;
@@ -9,45 +10,40 @@ use pgws_service::{connect_nats, Readiness};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-pub(crate) use pgws_testkit::{unique, Proxy};
-
-/// The local PostgreSQL (trust auth).
-pub(crate) const DB_URI: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-/// The local NATS server.
-pub(crate) const NATS_URL: &str = "nats://127.0.0.1:4222";
+pub(crate) use pgws_testkit::{db_uri, unique, Proxy};
 /// How long a test waits for something that should happen at once.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// A bus on the local NATS server, as a bridge process connects to it.
 pub(crate) async fn bus() -> pgws_bus::Client {
     let config = NatsConfig {
-        url: NATS_URL.to_owned(),
+        url: pgws_testkit::nats_url(),
         subjects: Subjects::new(Prefix::new("pgws").expect("prefix")),
         auth: NatsAuth::default(),
     };
     let link = connect_nats(&config, "pg-bridge-test", &Readiness::new())
         .await
-        .expect("NATS at 127.0.0.1:4222");
+        .expect("the test NATS (PGWS_TEST_NATS_URL)");
     let bus = link.bus();
     tokio::time::timeout(WAIT, bus.flush())
         .await
-        .expect("NATS at 127.0.0.1:4222 answers")
+        .expect("the test NATS answers")
         .expect("NATS flushes");
     bus
 }
 
 /// A plain client (its connection driven by a test task).
 pub(crate) async fn client() -> Client {
-    pgws_testkit::connect(DB_URI)
+    pgws_testkit::connect(&db_uri())
         .await
-        .expect("the test database at 127.0.0.1:5432 is reachable")
+        .expect("the test database (PGWS_TEST_DB_URI) is reachable")
 }
 
 /// LISTENs on `channel`; the payloads arrive on the receiver, in order.
 pub(crate) async fn listen(channel: &str) -> (Client, mpsc::UnboundedReceiver<String>) {
-    let (client, mut heard) = pgws_testkit::listen(DB_URI, &[channel])
+    let (client, mut heard) = pgws_testkit::listen(&db_uri(), &[channel])
         .await
-        .expect("LISTEN on the test database at 127.0.0.1:5432");
+        .expect("LISTEN on the test database (PGWS_TEST_DB_URI)");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((_, payload, _)) = heard.recv().await {

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::batch::Request;
-use crate::test_support::{bus, client, eventually, listen, take, unique, DB_URI, WAIT};
+use crate::test_support::{bus, client, db_uri, eventually, listen, take, unique, WAIT};
 
 struct Setup {
     worker: Worker,
@@ -34,7 +34,7 @@ async fn setup_with(audit: Option<Arc<dyn TxAudit>>) -> Setup {
     let metrics = BridgeMetrics::register(&Metrics::new());
     let shutdown = Shutdown::new();
     let app = unique("worker");
-    let mut pg = db::pg_config(DB_URI).expect("uri");
+    let mut pg = db::pg_config(&db_uri()).expect("uri");
     pg.application_name(&app);
     let (up, _) = watch::channel(0);
     let mut worker = Worker::new(

@@ -18,7 +18,7 @@ pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) async fn connect(uri: &str) -> Client {
     pgws_testkit::connect(uri)
         .await
-        .expect("the test PostgreSQL at 127.0.0.1:5432 is reachable")
+        .expect("the test PostgreSQL (PGWS_TEST_DB_URI) is reachable")
 }
 
 /// A database of the test's own, dropped (with its connections) when this is dropped.
