@@ -114,9 +114,13 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         }
     });
 
-    let bridge = {
+    // The bridge runs on a runtime of its own: the LISTEN session and the NOTIFY workers are
+    // not queued behind the gateway's socket tasks (as in a process of their own).
+    let mut bridge = {
         let (config, host, core) = (config.bridge.clone(), host.clone(), core.clone());
-        tokio::spawn(async move { pg_bridge::run_on(config, host, tx_audit, core).await })
+        on_own_runtime("pgws-bridge", async move {
+            pg_bridge::run_on(config, host, tx_audit, core).await
+        })?
     };
     let gateway = ws_gateway::run_on(
         config.gateway,
@@ -125,14 +129,23 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     // A role that stops on its own stops the process.
+    let mut bridge_done = None;
     let result = tokio::select! {
         r = gateway => r.context("gateway"),
-        r = wait(bridge) => {
+        r = &mut bridge => {
             shutdown.token.cancel();
-            r.context("bridge")
+            bridge_done = Some(());
+            r.unwrap_or_else(|_| Err(anyhow::anyhow!("the bridge's runtime ended"))).context("bridge")
         }
     };
     core.token.cancel();
+    if bridge_done.is_none() {
+        match bridge.await {
+            Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "bridge"),
+            Err(_) => tracing::error!("the bridge's runtime ended"),
+            Ok(Ok(())) => {}
+        }
+    }
     if let Some(task) = recorder_task {
         if let Err(e) = wait(task).await {
             tracing::error!(error = format!("{e:#}"), "recorder");
@@ -143,6 +156,30 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     pgws_service::flush_at_stop(&host.bus).await;
     result
+}
+
+/// Runs `role` on a multi-threaded runtime of its own, in a thread named `name`; its result
+/// arrives on the receiver.
+fn on_own_runtime(
+    name: &str,
+    role: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<()>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .with_context(|| format!("starting the runtime of {name}"))?;
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let result = runtime.block_on(role);
+            drop(tx.send(result));
+            // What the role's tasks still hold is dropped with the runtime, here.
+            drop(runtime);
+        })
+        .with_context(|| format!("starting the thread of {name}"))?;
+    Ok(rx)
 }
 
 /// The result of a role's task.
