@@ -4,7 +4,10 @@
 -- keeps (pgws_bridge, pgws_live) in this database, and owns them when they already exist.
 -- Run as a superuser (or a role with CREATEROLE) by scripts/stack.sh and by the compose
 -- stack's pgws-db-setup, with psql:
---   psql -v bridge_password=... [-v keys_table=apikeys] -f deploy/bridge-role.sql
+--   psql -v bridge_password=... [-v keys_table=apikeys] [-v audit_to_bridge=1] -f deploy/bridge-role.sql
+-- audit_to_bridge: for pgws in one process, whose recorder writes the audit on the bridge's
+-- connection: pgws_audit (schema, tables and partitions, views, functions) becomes
+-- pgws_bridge's too. Split stacks leave it to the recorder's own user.
 -- What it does not do, because the tables are yours (README, "Table topics"):
 --   GRANT web_user TO pgws_bridge;                    -- each role tokens may name
 --   ALTER TABLE public.orders OWNER TO pgws_bridge;   -- each table of PGWS_TABLE_TOPICS
@@ -27,4 +30,17 @@ SELECT format('ALTER TABLE %I.%I OWNER TO pgws_bridge', schemaname, tablename)
 \if :{?keys_table}
 SELECT format('GRANT SELECT ON %s TO pgws_bridge', to_regclass(:'keys_table'))
   WHERE to_regclass(:'keys_table') IS NOT NULL \gexec
+\endif
+-- pgws in one process: the audit schema is the bridge role's (the recorder of a split stack,
+-- connecting as another user, may have made it or a partition of it since).
+\if :{?audit_to_bridge}
+SELECT format('ALTER SCHEMA %I OWNER TO pgws_bridge', nspname)
+  FROM pg_namespace WHERE nspname = 'pgws_audit' \gexec
+SELECT format('ALTER TABLE %I.%I OWNER TO pgws_bridge', n.nspname, c.relname)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'pgws_audit' AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+   AND pg_get_userbyid(c.relowner) <> 'pgws_bridge' \gexec
+SELECT format('ALTER FUNCTION %s OWNER TO pgws_bridge', p.oid::regprocedure)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'pgws_audit' AND pg_get_userbyid(p.proowner) <> 'pgws_bridge' \gexec
 \endif

@@ -37,9 +37,10 @@
 #             scripts/browser-test-setup.sh, which installs chromium / playwright-core if missing).
 # The bridge connects as the database role pgws_bridge (not a superuser), set up by
 # deploy/bridge-role.sql as PGWS_DB_URI's user, password in .stack/bridge-db-password. pgws
-# reads one PGWS_DB_URI for all its roles: it connects as pgws_bridge when its recorder can
-# work as that role too (audit off, or the schema pgws_audit absent or pgws_bridge's, and no
-# PGWS_RECORDER_DISPATCHER), otherwise as PGWS_DB_URI's user (it says which, and why).
+# reads one PGWS_DB_URI for all its roles: it connects as pgws_bridge, to which
+# deploy/bridge-role.sql then hands the audit schema pgws_audit too, unless
+# PGWS_RECORDER_DISPATCHER names a function of yours; then as PGWS_DB_URI's user (it says
+# which, and why).
 # Env:   STACK_READY_TIMEOUT  seconds to wait for each service's /readyz (default 60)
 #        STACK_PG_PORT        the port of the stack's own PostgreSQL cluster (default 54329)
 #        PGWS_DB_URI          your database (see 2.)
@@ -323,8 +324,13 @@ else
     (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$PASSWORD_FILE")
   fi
   BRIDGE_PASSWORD=$(cat "$PASSWORD_FILE")
+  # pgws (one process): its recorder writes the audit on the bridge's connection, so the
+  # audit schema is handed to pgws_bridge too (a --split recorder may have made it).
+  audit_to_bridge=()
+  [[ $SPLIT -eq 0 ]] && audit_to_bridge=(-v audit_to_bridge=1)
   psql -X -q -w -d "$ADMIN_DB_URI" -v bridge_password="$BRIDGE_PASSWORD" \
-    -v keys_table="${PGWS_PUBSUB_KEYS_TABLE:-apikeys}" -f "$ROOT/deploy/bridge-role.sql" >/dev/null ||
+    -v keys_table="${PGWS_PUBSUB_KEYS_TABLE:-apikeys}" "${audit_to_bridge[@]}" \
+    -f "$ROOT/deploy/bridge-role.sql" >/dev/null ||
     die "cannot set up the database role pgws_bridge as the user of PGWS_DB_URI" \
       "(deploy/bridge-role.sql needs a superuser or CREATEROLE); or set PGWS_BRIDGE_DB_URI"
   scheme=${ADMIN_DB_URI%%://*}
@@ -335,12 +341,11 @@ else
 fi
 
 # pgws reads one PGWS_DB_URI for its three roles, so its recorder works as the bridge's role
-# too. pgws_bridge may create schemas in the database (deploy/bridge-role.sql), so the
-# recorder can make and keep pgws_audit as pgws_bridge when the schema is absent or already
-# pgws_bridge's; but bridge-role.sql does not hand over a pgws_audit made by another user
-# (e.g. by the recorder of `--split`, which connects as PGWS_DB_URI's user), and a
-# PGWS_RECORDER_DISPATCHER function is yours (pgws_bridge may not be allowed what it does).
-# In those cases pgws connects as PGWS_DB_URI's user, and says so.
+# too. pgws_bridge may create schemas in the database, and deploy/bridge-role.sql hands it
+# pgws_audit (audit_to_bridge, above), so the recorder makes and keeps the audit as
+# pgws_bridge; but a PGWS_RECORDER_DISPATCHER function is yours (pgws_bridge may not be
+# allowed what it does), and something of pgws_audit may still be another user's: in those
+# cases pgws connects as PGWS_DB_URI's user, and says so.
 PGWS_AS=""
 if [[ $SPLIT -eq 0 ]]; then
   PGWS_URI=$BRIDGE_DB_URI
@@ -367,8 +372,7 @@ if [[ $SPLIT -eq 0 ]]; then
         ) AS o(owner) WHERE owner <> 'pgws_bridge'") ||
         die "cannot read who owns the schema pgws_audit"
       [[ -z $others ]] || reason="the audit schema pgws_audit is (in part) $others's, not" \
-        "pgws_bridge's (deploy/bridge-role.sql does not hand it over; e.g. made by the recorder" \
-        "of --split, which connects as PGWS_DB_URI's user)"
+        "pgws_bridge's, after deploy/bridge-role.sql handed it over"
     fi
     if [[ -n $reason ]]; then
       PGWS_URI=$ADMIN_DB_URI
