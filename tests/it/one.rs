@@ -5,52 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use pgws_tests::{listen, nats_url, token, unique, Stack, Topology, WsClient};
+use pgws_tests::{listen, nats_url, remote_ports, token, unique, Stack, Topology, WsClient};
 use serde_json::{json, Value};
 
 use crate::live_tables::{self, Fixture};
+use crate::pubsub::{keys_table, KEY};
 
 const T: Duration = Duration::from_secs(10);
-const KEY: &str = "0b6c1e8e-6f43-4e0e-9d1c-4a7f2f9d5a11";
-
-/// The remote ports of the TCP connections process `pid` holds (from `/proc`: its socket
-/// inodes matched against its network namespace's TCP tables).
-fn remote_ports(pid: u32) -> Vec<u16> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| {
-            dir.filter_map(Result::ok)
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    let l = l.to_string_lossy().into_owned();
-                    l.strip_prefix("socket:[")?
-                        .strip_suffix(']')
-                        .map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(remote), Some(inode)) = (f.get(2), f.get(9)) else {
-                continue;
-            };
-            if !inodes.iter().any(|i| i == inode) {
-                continue;
-            }
-            if let Some(port) = remote
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-            {
-                ports.push(port);
-            }
-        }
-    }
-    ports
-}
 
 /// The port of the machine's NATS (`nats_url()`).
 fn nats_port() -> u16 {
@@ -59,26 +20,6 @@ fn nats_port() -> u16 {
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .unwrap_or(4222)
-}
-
-/// A wspubsub keys table holding [`KEY`] for a fresh domain: `(table, domain)`.
-async fn keys_table() -> anyhow::Result<(String, String)> {
-    let table = unique("apikeys_");
-    let domain = unique("dom-");
-    let db = pgws_tests::pg().await?;
-    db.batch_execute(&format!(
-        r#"create table "{table}" ("id" serial primary key, "domain" varchar(64) not null,
-             "username" varchar(254) not null, "apikey" varchar(36) not null,
-             "insert_ts" timestamp not null default now(), "active" boolean not null default false);
-           create unique index on "{table}" ("domain"); create unique index on "{table}" ("apikey");"#
-    ))
-    .await?;
-    db.execute(
-        &format!(r#"insert into "{table}" (domain, username, apikey, active) values ($1, 'a@b.c', $2, true)"#),
-        &[&domain, &KEY],
-    )
-    .await?;
-    Ok((table, domain))
 }
 
 /// postgres-websockets channels, a direct channel, a wspubsub topic and a `/live` custom

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use pgws_tests::{unique, Frame, Service, ServiceKind, Stack, WsClient};
 
 const T: Duration = Duration::from_secs(10);
-const KEY: &str = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
+pub(crate) const KEY: &str = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
 
 /// A stack with its own `apikeys` table (the seed's DDL) holding one key, active for
 /// `domain`, and `extra` settings; one bridge, `gateways` gateways.
@@ -17,11 +17,9 @@ async fn pubsub_stack(
     pubsub_stack_of(1, gateways, extra).await
 }
 
-async fn pubsub_stack_of(
-    bridges: usize,
-    gateways: usize,
-    extra: &[(&str, &str)],
-) -> anyhow::Result<(Stack, String, String)> {
+/// An `apikeys` table of its own (the seed's DDL) holding [`KEY`], active for a fresh domain:
+/// `(table, domain)`.
+pub(crate) async fn keys_table() -> anyhow::Result<(String, String)> {
     let table = unique("apikeys_");
     let domain = unique("dom-");
     let db = pgws_tests::pg().await?;
@@ -43,6 +41,15 @@ async fn pubsub_stack_of(
         &[&domain, &KEY],
     )
     .await?;
+    Ok((table, domain))
+}
+
+async fn pubsub_stack_of(
+    bridges: usize,
+    gateways: usize,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<(Stack, String, String)> {
+    let (table, domain) = keys_table().await?;
     let mut env = vec![("PGWS_PUBSUB_KEYS_TABLE", table.as_str())];
     env.extend_from_slice(extra);
     let stack = Stack::start_sized(&env, bridges, gateways).await?;

@@ -322,6 +322,56 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// One connection of a kernel TCP table (`/proc/net/tcp`, `tcp6`).
+struct TcpEntry {
+    local_port: u16,
+    remote_port: u16,
+    /// The state as the kernel numbers it.
+    state: usize,
+    /// Bytes sent but not acknowledged or not yet sent.
+    unsent: u64,
+    inode: String,
+}
+
+/// The connections of the TCP tables under `dir` (`/proc/net`, `/proc/<pid>/net`).
+fn tcp_entries(dir: &str) -> Vec<TcpEntry> {
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("{dir}/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state), Some(queues), Some(inode)) =
+                (f.get(1), f.get(2), f.get(3), f.get(4), f.get(9))
+            else {
+                continue;
+            };
+            let (Some(local_port), Some(remote_port), Ok(state)) =
+                (port(local), port(remote), usize::from_str_radix(state, 16))
+            else {
+                continue;
+            };
+            let unsent = queues
+                .split(':')
+                .next()
+                .and_then(|q| u64::from_str_radix(q, 16).ok())
+                .unwrap_or(0);
+            found.push(TcpEntry {
+                local_port,
+                remote_port,
+                state,
+                unsent,
+                inode: (*inode).to_owned(),
+            });
+        }
+    }
+    found
+}
+
 /// The kernel's TCP connections on local port `port` (listeners left out), as
 /// `/proc/net/tcp` and `tcp6` show them: `(state, bytes sent but not acknowledged or not yet
 /// sent)` each, the state as the kernel names it (`ESTABLISHED`, `FIN_WAIT1`, ...).
@@ -340,35 +390,41 @@ pub fn tcp_connections(port: u16) -> Vec<(&'static str, u64)> {
         "LISTEN",
         "CLOSING",
     ];
-    let mut found = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(queues)) =
-                (fields.get(1), fields.get(3), fields.get(4))
-            else {
-                continue;
-            };
-            let local_port = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            let state = usize::from_str_radix(state, 16)
-                .ok()
-                .and_then(|s| STATES.get(s).copied())
-                .unwrap_or("?");
-            let unsent = queues
-                .split(':')
-                .next()
-                .and_then(|q| u64::from_str_radix(q, 16).ok())
-                .unwrap_or(0);
-            if local_port == Some(port) && state != "LISTEN" {
-                found.push((state, unsent));
-            }
-        }
-    }
-    found
+    tcp_entries("/proc/net")
+        .into_iter()
+        .map(|e| {
+            (
+                e.local_port,
+                STATES.get(e.state).copied().unwrap_or("?"),
+                e.unsent,
+            )
+        })
+        .filter(|(local, state, _)| *local == port && *state != "LISTEN")
+        .map(|(_, state, unsent)| (state, unsent))
+        .collect()
+}
+
+/// The remote ports of the TCP connections process `pid` holds (its socket inodes, from
+/// `/proc/<pid>/fd`, matched against its network namespace's TCP tables).
+pub fn remote_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    tcp_entries(&format!("/proc/{pid}/net"))
+        .into_iter()
+        .filter(|e| inodes.contains(&e.inode))
+        .map(|e| e.remote_port)
+        .collect()
 }
 
 /// Test stacks' audit streams live on the shared NATS server: delete those left by runs that

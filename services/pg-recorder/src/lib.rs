@@ -111,45 +111,55 @@ pub async fn run(config: RecorderConfig, shutdown: Shutdown) -> anyhow::Result<(
     let link = connect_nats(&config.nats, "pg-recorder", &readiness)
         .await
         .context("connecting to NATS")?;
-    // Not ready before the audit stream is there (created, or brought to the limits set).
-    let stream_ready: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-    let flag = Arc::clone(&stream_ready);
-    readiness.add("audit stream", move || {
-        flag.load(std::sync::atomic::Ordering::Acquire)
-    });
+    let host = Host::nats(&link, registry.clone(), readiness.clone());
+    let bus = host.bus.clone();
+    // Its readiness check is registered here, before the admin listener answers.
+    let recording = run_on_stream(config, link, host, shutdown.clone());
     let token = shutdown.token.clone();
-    let (r, m) = (readiness.clone(), registry.clone());
     shutdown.spawn(async move {
-        if let Err(e) = serve_admin(admin, r, m, token).await {
+        if let Err(e) = serve_admin(admin, readiness, registry, token).await {
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-
-    let subjects = &config.nats.subjects;
-    if ensure_audit_stream(
-        &link.jetstream(),
-        subjects,
-        &config.audit,
-        shutdown.token.cancelled(),
-    )
-    .await
-    .is_err()
-    {
-        return Ok(());
-    }
-    stream_ready.store(true, std::sync::atomic::Ordering::Release);
-    let log = audit_log(&link, &config);
-    let host = Host::nats(&link, registry, readiness);
-    let bus = host.bus.clone();
-    let result = run_on(config, host, Arc::new(log), shutdown).await;
+    let result = recording.await;
     pgws_service::flush_at_stop(&bus).await;
     result
+}
+
+/// The recorder on a NATS connection: makes sure the audit stream exists (created, or brought
+/// to the configured limits), then [`run_on`] its log until `shutdown.token` is cancelled. The
+/// `audit stream` readiness check (on `host.readiness`, failing until the stream is there) is
+/// registered when this is called; the work is the future it returns.
+pub fn run_on_stream(
+    config: RecorderConfig,
+    link: NatsLink,
+    host: Host,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+    let stream_ready: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+    let flag = Arc::clone(&stream_ready);
+    host.readiness.add("audit stream", move || {
+        flag.load(std::sync::atomic::Ordering::Acquire)
+    });
+    async move {
+        let give_up = shutdown.token.cancelled();
+        let js = link.jetstream();
+        if ensure_audit_stream(&js, &config.nats.subjects, &config.audit, give_up)
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        stream_ready.store(true, std::sync::atomic::Ordering::Release);
+        let log = audit_log(&link, &config);
+        run_on(config, host, Arc::new(log), shutdown).await
+    }
 }
 
 /// The audit stream's log on `link` as the recorder consumes it: acknowledgements waited for
 /// [`ACK_WAIT`], at most four batches (`PGWS_RECORDER_BATCH_SIZE`) of records unacknowledged
 /// (when it creates the shared consumer).
-pub fn audit_log(link: &NatsLink, config: &RecorderConfig) -> JetStreamLog {
+fn audit_log(link: &NatsLink, config: &RecorderConfig) -> JetStreamLog {
     link.log(&config.nats.subjects.audit_stream(), ACK_WAIT)
         .with_max_ack_pending(consumer::max_ack_pending(config.batch_size))
 }

@@ -18,9 +18,7 @@ mod config;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use pgws_service::{
-    connect_nats, ensure_audit_stream, serve_admin, Host, Metrics, Readiness, Shutdown,
-};
+use pgws_service::{connect_nats, serve_admin, Host, Metrics, Readiness, Shutdown};
 use tokio::net::TcpListener;
 
 pub use config::{PgwsConfig, DEFAULT_ADMIN_PORT};
@@ -42,13 +40,10 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
             .await
             .context("connecting to NATS")?;
         let host = Host::nats(&link, metrics.clone(), readiness.clone());
-        let gateway_audit = config.recorder.as_ref().map(|_| {
-            let subjects = &config.gateway.nats.subjects;
-            ws_gateway::Audit::Log {
-                log: Arc::new(link.log(&subjects.audit_stream(), pg_recorder::ACK_WAIT)),
-                subject: subjects.audit(),
-            }
-        });
+        let gateway_audit = config
+            .recorder
+            .as_ref()
+            .map(|_| ws_gateway::stream_audit(&link, &config.gateway));
         (
             host,
             gateway_audit,
@@ -74,28 +69,8 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut recorder_task = None;
     match recorder {
         Some((recorder, Some(link))) => {
-            let log = Arc::new(pg_recorder::audit_log(&link, &recorder));
-            // Not ready before the audit stream is there.
-            let stream_ready: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-            let flag = Arc::clone(&stream_ready);
-            readiness.add("audit stream", move || {
-                flag.load(std::sync::atomic::Ordering::Acquire)
-            });
-            let (host, core) = (host.clone(), core.clone());
-            recorder_task = Some(tokio::spawn(async move {
-                // The recorder owns the audit stream: created, or brought to the limits set.
-                let js = link.jetstream();
-                let subjects = recorder.nats.subjects.clone();
-                let give_up = core.token.cancelled();
-                if ensure_audit_stream(&js, &subjects, &recorder.audit, give_up)
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                stream_ready.store(true, std::sync::atomic::Ordering::Release);
-                pg_recorder::run_on(recorder, host, log, core).await
-            }));
+            let recording = pg_recorder::run_on_stream(recorder, link, host.clone(), core.clone());
+            recorder_task = Some(tokio::spawn(recording));
         }
         Some((recorder, None)) => {
             let writer = pg_recorder::prepare_in_process(&recorder, core.clone(), &host)
@@ -128,24 +103,21 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         gateway_audit,
         shutdown.clone(),
     );
-    // A role that stops on its own stops the process.
-    let mut bridge_done = None;
+    // A role that stops on its own stops the process; the bridge stops after the gateway.
     let result = tokio::select! {
-        r = gateway => r.context("gateway"),
+        r = gateway => {
+            core.token.cancel();
+            if let Err(e) = ended(bridge.await) {
+                tracing::error!(error = format!("{e:#}"), "bridge");
+            }
+            r.context("gateway")
+        }
         r = &mut bridge => {
             shutdown.token.cancel();
-            bridge_done = Some(());
-            r.unwrap_or_else(|_| Err(anyhow::anyhow!("the bridge's runtime ended"))).context("bridge")
+            ended(r).context("bridge")
         }
     };
     core.token.cancel();
-    if bridge_done.is_none() {
-        match bridge.await {
-            Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "bridge"),
-            Err(_) => tracing::error!("the bridge's runtime ended"),
-            Ok(Ok(())) => {}
-        }
-    }
     if let Some(task) = recorder_task {
         if let Err(e) = wait(task).await {
             tracing::error!(error = format!("{e:#}"), "recorder");
@@ -180,6 +152,13 @@ fn on_own_runtime(
         })
         .with_context(|| format!("starting the thread of {name}"))?;
     Ok(rx)
+}
+
+/// The result of a role run by [`on_own_runtime`].
+fn ended(
+    received: Result<anyhow::Result<()>, tokio::sync::oneshot::error::RecvError>,
+) -> anyhow::Result<()> {
+    received.unwrap_or_else(|_| Err(anyhow::anyhow!("its runtime ended")))
 }
 
 /// The result of a role's task.

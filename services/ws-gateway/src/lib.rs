@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pgws_service::{
-    await_audit_stream, connect_nats, serve_admin, Host, Metrics, Readiness, Shutdown,
+    await_audit_stream, connect_nats, serve_admin, Host, Metrics, NatsLink, Readiness, Shutdown,
 };
 use tokio::net::TcpListener;
 
@@ -133,14 +133,7 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
                 ready.store(true, Ordering::Relaxed);
             }
         });
-        let log = link.log(
-            &config.nats.subjects.audit_stream(),
-            Duration::from_secs(30),
-        );
-        Audit::Log {
-            log: Arc::new(log),
-            subject: config.nats.subjects.audit(),
-        }
+        stream_audit(&link, &config)
     });
     let admin_token = shutdown.token.clone();
     let admin_readiness = readiness.clone();
@@ -157,6 +150,17 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
         shutdown,
     )
     .await
+}
+
+/// The audit in the stack's audit stream on `link` (JetStream): records appended before their
+/// NOTIFY request leaves.
+pub fn stream_audit(link: &NatsLink, config: &GatewayConfig) -> Audit {
+    let subjects = &config.nats.subjects;
+    Audit::Log {
+        // Appends only: the ack wait is a consumer's, unused here.
+        log: Arc::new(link.log(&subjects.audit_stream(), Duration::from_secs(30))),
+        subject: subjects.audit(),
+    }
 }
 
 /// Runs the gateway on `host`'s bus (registering its metrics and readiness there) until

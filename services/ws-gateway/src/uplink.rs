@@ -273,16 +273,21 @@ async fn notify(
         attempts += 1;
         Span::current().record("attempts", attempts);
         let attempt = (deadline - now).min(Duration::from_secs(5));
-        let error =
-            match tokio::time::timeout(attempt, request(client, subject, trace, &body)).await {
-                Ok(Ok(reply)) => match serde_json::from_slice::<NotifyReply>(&reply.payload) {
-                    Ok(r) if r.ok => return Ok(()),
-                    Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
-                    Err(e) => format!("unreadable bridge reply: {e}"),
-                },
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "bridge did not answer".to_owned(),
-            };
+        let sent = client.request_with_headers(
+            subject,
+            trace.clone(),
+            body.clone(),
+            pgws_bus::REQUEST_TIMEOUT,
+        );
+        let error = match tokio::time::timeout(attempt, sent).await {
+            Ok(Ok(reply)) => match serde_json::from_slice::<NotifyReply>(&reply.payload) {
+                Ok(r) if r.ok => return Ok(()),
+                Ok(r) => r.error.unwrap_or_else(|| "bridge failed".to_owned()),
+                Err(e) => format!("unreadable bridge reply: {e}"),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "bridge did not answer".to_owned(),
+        };
         tracing::debug!(error, "notify request failed; retrying");
         last = Some(error);
         backoff = pause(backoff, deadline).await;
@@ -343,23 +348,6 @@ fn with_echoes(
         out.extend(copy);
     }
     out
-}
-
-/// One request on the bus, with the trace context when there is one.
-async fn request(
-    client: &pgws_bus::Client,
-    subject: &str,
-    trace: &HeaderMap,
-    body: &Bytes,
-) -> Result<pgws_bus::Message, pgws_bus::BusError> {
-    client
-        .request_with_headers(
-            subject,
-            trace.clone(),
-            body.clone(),
-            pgws_bus::REQUEST_TIMEOUT,
-        )
-        .await
 }
 
 /// Sleeps `backoff` (at most until `deadline`) and returns the next, longer one.
