@@ -9,12 +9,15 @@
 //! - [`Local`]: tokio primitives, for the roles of one process.
 //!
 //! The audit's durable log is a second seam ([`Log`]): appends deduplicated by id, read by
-//! named consumers that acknowledge each record ([`JetStreamLog`], [`MemoryLog`]).
+//! named consumers that acknowledge each record ([`JetStreamLog`], [`MemoryLog`]). The
+//! history of delivered messages is a third ([`History`]: replay after a sequence, tail from
+//! now; [`JetStreamHistory`], [`MemoryHistory`]).
 //!
 //! Delivery is at most once, as core NATS: a subscriber whose queue is full (it does not
 //! read) loses the messages that do not fit, and the bus counts them ([`Subscription`]).
 //! Messages from one publisher to one subscriber keep their order.
 
+mod history;
 mod local;
 mod log;
 mod nats;
@@ -31,6 +34,10 @@ use futures::future::BoxFuture;
 use futures::Stream;
 use tokio::sync::mpsc;
 
+pub use history::{
+    format_position, parse_position, replay_all, History, JetStreamHistory, Kept, KeptStream,
+    MemoryHistory, Replay, Tail,
+};
 pub use local::Local;
 pub use log::{JetStreamLog, Log, MemoryLog, Record};
 pub use nats::Nats;

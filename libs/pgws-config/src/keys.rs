@@ -154,6 +154,12 @@ pub const TABLE_TOPICS: Key = Key("table_topics");
 pub const CAPTURE_SLOT: Key = Key("capture_slot");
 /// `PGWS_LIVE_CLASSES`.
 pub const LIVE_CLASSES: Key = Key("live_classes");
+/// `PGWS_HISTORY_SECONDS`.
+pub const HISTORY_SECONDS: Key = Key("history_seconds");
+/// `PGWS_HISTORY_MAX_BYTES`.
+pub const HISTORY_MAX_BYTES: Key = Key("history_max_bytes");
+/// `PGWS_HISTORY_REPLICAS`.
+pub const HISTORY_REPLICAS: Key = Key("history_replicas");
 
 /// Every key the stack knows. Others are reported as warnings, so a typo in an env file
 /// does not go unnoticed.
@@ -221,6 +227,9 @@ pub const KNOWN_KEYS: &[Key] = &[
     TABLE_TOPICS,
     CAPTURE_SLOT,
     LIVE_CLASSES,
+    HISTORY_SECONDS,
+    HISTORY_MAX_BYTES,
+    HISTORY_REPLICAS,
 ];
 
 #[cfg(test)]

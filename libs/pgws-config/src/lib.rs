@@ -13,5 +13,7 @@ mod settings;
 
 pub use direct::DirectChannels;
 pub use keys::{Key, KNOWN_KEYS};
-pub use sections::{AdminConfig, AuditConfig, DbConfig, NatsAuth, NatsConfig, DEFAULT_ADMIN_PORTS};
+pub use sections::{
+    AdminConfig, AuditConfig, DbConfig, HistoryConfig, NatsAuth, NatsConfig, DEFAULT_ADMIN_PORTS,
+};
 pub use settings::{ConfigError, Problems, Settings};

@@ -245,3 +245,42 @@ impl AuditConfig {
         }
     }
 }
+
+/// The history of delivered messages that resuming sockets are served from: on NATS a
+/// JetStream stream, in one process memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// `PGWS_HISTORY_SECONDS` (default 300): how long a delivered message is kept; 0 keeps
+    /// none (no history: `?resume` is refused).
+    pub max_age: Duration,
+    /// `PGWS_HISTORY_MAX_BYTES` (default 256 MiB) for the whole stack: the oldest messages go
+    /// first beyond it.
+    pub max_bytes: i64,
+    /// `PGWS_HISTORY_REPLICAS` (default 1; 3 on a NATS cluster).
+    pub replicas: usize,
+}
+
+impl HistoryConfig {
+    /// Reads the section.
+    pub fn read(p: &mut Problems<'_>) -> Self {
+        let seconds: u64 = p.parse_or(keys::HISTORY_SECONDS, 300);
+        let max_bytes: i64 = p.parse_or(keys::HISTORY_MAX_BYTES, 256 << 20);
+        let replicas: usize = p.parse_or(keys::HISTORY_REPLICAS, 1);
+        if max_bytes < 1 {
+            p.push("PGWS_HISTORY_MAX_BYTES: must be positive");
+        }
+        if !(1..=5).contains(&replicas) {
+            p.push("PGWS_HISTORY_REPLICAS: must be 1 to 5");
+        }
+        Self {
+            max_age: Duration::from_secs(seconds),
+            max_bytes,
+            replicas,
+        }
+    }
+
+    /// Whether messages are kept at all.
+    pub fn enabled(&self) -> bool {
+        !self.max_age.is_zero()
+    }
+}
