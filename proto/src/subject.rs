@@ -172,6 +172,21 @@ impl Subjects {
         format!("{}-audit", encode_channel(self.prefix.as_str()))
     }
 
+    /// The JetStream stream keeping delivered messages for sockets that resume
+    /// ([`Subjects::history`] captures what goes in it).
+    pub fn history_stream(&self) -> String {
+        format!("{}-history", encode_channel(self.prefix.as_str()))
+    }
+
+    /// What the history keeps: every postgres-websockets channel's and direct channel's
+    /// deliveries.
+    pub fn history(&self) -> Vec<String> {
+        vec![
+            format!("{}.deliver.>", self.prefix),
+            format!("{}.direct.>", self.prefix),
+        ]
+    }
+
     /// The durable consumer shared by every pg-recorder replica.
     pub fn recorder_consumer(&self) -> String {
         format!("{}-recorder", encode_channel(self.prefix.as_str()))

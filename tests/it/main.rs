@@ -24,6 +24,7 @@ mod metrics;
 mod one;
 mod pubsub;
 mod recorder;
+mod resume;
 mod retries;
 mod scale;
 mod static_files;

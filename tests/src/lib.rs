@@ -179,6 +179,7 @@ impl Stack {
             ("PGWS_CHECK_LISTENER_INTERVAL", "500".to_owned()),
             // JetStream reserves a stream's byte limit up front: test stacks keep it small.
             ("PGWS_AUDIT_MAX_BYTES", (16 << 20).to_string()),
+            ("PGWS_HISTORY_MAX_BYTES", (16 << 20).to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -427,7 +428,7 @@ pub fn remote_ports(pid: u32) -> Vec<u16> {
         .collect()
 }
 
-/// Test stacks' audit streams live on the shared NATS server: delete those left by runs that
+/// Test stacks' audit and history streams live on the shared NATS server: delete those left by runs that
 /// ended more than ten minutes ago (once per test process).
 async fn sweep_stale_streams() {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
@@ -440,9 +441,9 @@ async fn sweep_stale_streams() {
             let mut names = js.stream_names();
             let mut stale = Vec::new();
             while let Some(Ok(name)) = futures::StreamExt::next(&mut names).await {
-                let is_test = name.len() == "t00000000-audit".len()
-                    && name.starts_with('t')
-                    && name.ends_with("-audit");
+                let is_test = name.starts_with('t')
+                    && ((name.len() == "t00000000-audit".len() && name.ends_with("-audit"))
+                        || (name.len() == "t00000000-history".len() && name.ends_with("-history")));
                 if is_test {
                     stale.push(name);
                 }

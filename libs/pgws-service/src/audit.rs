@@ -1,13 +1,15 @@
-//! The audit stream. The recorder owns it: it creates the stream or brings it to the configured
-//! limits. A gateway only makes sure it exists, creating it when no recorder has yet (so that
-//! it exists before the first client message), and never changes one that does.
+//! The stack's JetStream streams. The audit stream: the recorder owns it: it creates the
+//! stream or brings it to the configured limits. A gateway only makes sure it exists, creating
+//! it when no recorder has yet (so that it exists before the first client message), and never
+//! changes one that does. The history stream (delivered messages, for sockets that resume):
+//! the bridges own it, as they publish what it keeps; gateways only read it.
 
 use std::time::Duration;
 
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{Context, ErrorCode};
-use pgws_config::AuditConfig;
+use pgws_config::{AuditConfig, HistoryConfig};
 use pgws_proto::Subjects;
 
 /// JetStream drops a record whose `Nats-Msg-Id` it saw within this window (gateway retries).
@@ -27,6 +29,42 @@ pub fn audit_stream_config(subjects: &Subjects, audit: &AuditConfig) -> Config {
         num_replicas: audit.replicas,
         ..Default::default()
     }
+}
+
+/// The history stream's configuration for a stack: it keeps every delivery for
+/// `PGWS_HISTORY_SECONDS`, the oldest dropped beyond `PGWS_HISTORY_MAX_BYTES`.
+pub fn history_stream_config(subjects: &Subjects, history: &HistoryConfig) -> Config {
+    Config {
+        name: subjects.history_stream(),
+        subjects: subjects.history(),
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        max_bytes: history.max_bytes,
+        max_age: history.max_age,
+        // No message carries an id to deduplicate: the smallest window the server takes.
+        duplicate_window: history.max_age.min(Duration::from_secs(1)),
+        storage: StorageType::File,
+        num_replicas: history.replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates the history stream, or brings it to the configured limits when it exists: a
+/// bridge's part. Retries until it succeeds or `give_up` resolves.
+pub async fn ensure_history_stream(
+    js: &Context,
+    subjects: &Subjects,
+    history: &HistoryConfig,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let config = history_stream_config(subjects, history);
+    retrying(&config.name, give_up, || async {
+        js.create_or_update_stream(config.clone())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// Creates the audit stream, or brings it to the configured limits when it exists: the
@@ -115,13 +153,13 @@ where
     loop {
         match attempt().await {
             Ok(()) => {
-                tracing::info!(stream, "audit stream ready");
+                tracing::info!(stream, "stream ready");
                 return Ok(());
             }
-            Err(error) => tracing::warn!(stream, error, "audit stream not ready"),
+            Err(error) => tracing::warn!(stream, error, "stream not ready"),
         }
         tokio::select! {
-            _ = &mut give_up => return Err("gave up waiting for the audit stream".to_owned()),
+            _ = &mut give_up => return Err(format!("gave up waiting for the stream {stream}")),
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(Duration::from_secs(5));

@@ -18,6 +18,9 @@ pub struct Host {
     pub metrics: Metrics,
     /// Where the role registers its readiness checks.
     pub readiness: Readiness,
+    /// The history of delivered messages that resuming sockets are served from, when one is
+    /// kept ([`Host::with_history`]).
+    pub history: Option<std::sync::Arc<dyn pgws_bus::History>>,
     /// Keeps `reconnects` open on a bus that never reconnects.
     _reconnected: Option<std::sync::Arc<watch::Sender<u64>>>,
 }
@@ -31,6 +34,7 @@ impl Host {
             reconnects,
             metrics,
             readiness,
+            history: None,
             _reconnected: Some(std::sync::Arc::new(tx)),
         }
     }
@@ -42,8 +46,16 @@ impl Host {
             reconnects: link.reconnects.clone(),
             metrics,
             readiness,
+            history: None,
             _reconnected: None,
         }
+    }
+
+    /// The same host, keeping `history`.
+    #[must_use]
+    pub fn with_history(mut self, history: std::sync::Arc<dyn pgws_bus::History>) -> Self {
+        self.history = Some(history);
+        self
     }
 }
 

@@ -15,7 +15,10 @@ mod shutdown;
 pub mod telemetry;
 
 pub use admin::{serve_admin, Readiness};
-pub use audit::{audit_stream_config, await_audit_stream, ensure_audit_stream};
+pub use audit::{
+    audit_stream_config, await_audit_stream, ensure_audit_stream, ensure_history_stream,
+    history_stream_config,
+};
 pub use host::Host;
 pub use launch::{install_crypto_provider, run_main};
 pub use metrics::Metrics;

@@ -11,7 +11,7 @@
 use anyhow::Context as _;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Event};
-use pgws_bus::{JetStreamLog, Nats};
+use pgws_bus::{JetStreamHistory, JetStreamLog, Nats};
 use pgws_config::{NatsAuth, NatsConfig};
 use tokio::sync::watch;
 
@@ -41,6 +41,11 @@ impl NatsLink {
     /// `ack_wait` come again.
     pub fn log(&self, stream: &str, ack_wait: std::time::Duration) -> JetStreamLog {
         JetStreamLog::new(self.jetstream(), stream, ack_wait)
+    }
+
+    /// The history kept in `stream` on this connection.
+    pub fn history(&self, stream: &str) -> JetStreamHistory {
+        JetStreamHistory::new(self.jetstream(), stream)
     }
 }
 

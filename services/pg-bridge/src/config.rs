@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use pgws_config::keys;
 use pgws_config::{
-    AdminConfig, ConfigError, DbConfig, DirectChannels, NatsConfig, Problems, Settings,
+    AdminConfig, ConfigError, DbConfig, DirectChannels, HistoryConfig, NatsConfig, Problems,
+    Settings,
 };
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
@@ -57,6 +58,8 @@ pub struct BridgeConfig {
     /// `PGWS_LIVE_CLASSES`: `policy` (default) or `subscriber` (one class per socket: the
     /// baseline of the benchmark, never for production).
     pub class_per_subscriber: bool,
+    /// `PGWS_HISTORY_*`: the history stream the bridges keep up (on NATS).
+    pub history: HistoryConfig,
 }
 
 /// One entry of `PGWS_TABLE_TOPICS`: `schema.table`, or `schema.*` for every table of a schema.
@@ -205,6 +208,7 @@ impl BridgeConfig {
                 false
             }
         };
+        let history = HistoryConfig::read(&mut p);
 
         p.finish(Self {
             db,
@@ -221,6 +225,7 @@ impl BridgeConfig {
             table_topics,
             capture_slot,
             class_per_subscriber,
+            history,
         })
     }
 }

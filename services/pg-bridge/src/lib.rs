@@ -62,7 +62,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use pgws_service::{connect_nats, flush_at_stop, serve_admin, Host, Metrics, Readiness, Shutdown};
+use pgws_service::{
+    connect_nats, ensure_history_stream, flush_at_stop, serve_admin, Host, Metrics, NatsLink,
+    Readiness, Shutdown,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -108,6 +111,24 @@ pub async fn run(config: BridgeConfig, shutdown: Shutdown) -> anyhow::Result<()>
     result
 }
 
+/// Makes sure the stack's history stream exists with the configured limits (in the
+/// background, retrying while NATS is away), when history is kept: the bridges own it, as
+/// what it keeps is what the leader publishes.
+pub fn keep_history(link: &NatsLink, config: &BridgeConfig, shutdown: &Shutdown) {
+    if !config.history.enabled() {
+        return;
+    }
+    let (js, subjects, history) = (
+        link.jetstream(),
+        config.nats.subjects.clone(),
+        config.history,
+    );
+    let token = shutdown.token.clone();
+    shutdown.spawn(async move {
+        drop(ensure_history_stream(&js, &subjects, &history, token.cancelled()).await);
+    });
+}
+
 /// The admin listener (spawned on `shutdown`) and the NATS connection of a bridge process.
 async fn start(
     config: &BridgeConfig,
@@ -129,6 +150,7 @@ async fn start(
     let link = connect_nats(&config.nats, "pg-bridge", &readiness)
         .await
         .context("cannot connect to NATS")?;
+    keep_history(&link, config, shutdown);
     Ok(Host::nats(&link, metrics, readiness))
 }
 

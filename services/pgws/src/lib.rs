@@ -39,7 +39,12 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         let link = connect_nats(&config.gateway.nats, "pgws", &readiness)
             .await
             .context("connecting to NATS")?;
-        let host = Host::nats(&link, metrics.clone(), readiness.clone());
+        let mut host = Host::nats(&link, metrics.clone(), readiness.clone());
+        if config.gateway.history.enabled() {
+            pg_bridge::keep_history(&link, &config.bridge, &core);
+            let history = link.history(&config.gateway.nats.subjects.history_stream());
+            host = host.with_history(Arc::new(history));
+        }
         let gateway_audit = config
             .recorder
             .as_ref()
@@ -51,7 +56,11 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
         )
     } else {
         let bus = pgws_bus::Client::new(pgws_bus::Local::new());
-        let host = Host::local(bus, metrics.clone(), readiness.clone());
+        let mut host = Host::local(bus, metrics.clone(), readiness.clone());
+        if config.gateway.history.enabled() {
+            let history = keep_in_memory(&host.bus, &config, &core).await?;
+            host = host.with_history(Arc::new(history));
+        }
         let gateway_audit = config
             .recorder
             .as_ref()
@@ -128,6 +137,34 @@ pub async fn run(config: PgwsConfig, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     pgws_service::flush_at_stop(&host.bus).await;
     result
+}
+
+/// The history of one process: every delivery on the in-process bus, kept in memory (subscribed
+/// before the bridge starts, so nothing it publishes is missed).
+async fn keep_in_memory(
+    bus: &pgws_bus::Client,
+    config: &PgwsConfig,
+    core: &Shutdown,
+) -> anyhow::Result<pgws_bus::MemoryHistory> {
+    let limits = &config.gateway.history;
+    let history = pgws_bus::MemoryHistory::new(
+        limits.max_age,
+        usize::try_from(limits.max_bytes).unwrap_or(usize::MAX),
+    );
+    for pattern in config.gateway.nats.subjects.history() {
+        let subscription = bus
+            .subscribe(&pattern)
+            .await
+            .context("subscribing the history")?;
+        let (history, token) = (history.clone(), core.token.clone());
+        core.spawn(async move {
+            tokio::select! {
+                () = history.keep_from(subscription) => {}
+                () = token.cancelled() => {}
+            }
+        });
+    }
+    Ok(history)
 }
 
 /// Runs `role` on a multi-threaded runtime of its own, in a thread named `name`; its result

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgws_auth::{Authorizer, KeySet, Policy};
-use pgws_config::{keys, AdminConfig, AuditConfig, ConfigError, NatsConfig, Problems, Settings};
+use pgws_config::{
+    keys, AdminConfig, AuditConfig, ConfigError, HistoryConfig, NatsConfig, Problems, Settings,
+};
 use pgws_proto::{DEFAULT_LISTEN_CHANNEL, MAX_PG_CHANNEL};
 
 use crate::jwks::JwksConfig;
@@ -43,6 +45,8 @@ pub struct GatewayConfig {
     pub admin: AdminConfig,
     /// The audit stream (`PGWS_AUDIT*`).
     pub audit: AuditConfig,
+    /// The history resuming sockets are served from (`PGWS_HISTORY_*`).
+    pub history: HistoryConfig,
     /// Messages queued for one socket before it counts as a slow consumer and is
     /// disconnected (`PGWS_SEND_QUEUE`).
     pub send_queue: usize,
@@ -179,6 +183,7 @@ impl GatewayConfig {
         let nats = NatsConfig::read(&mut p);
         let admin = AdminConfig::read_for(&mut p, env!("CARGO_PKG_NAME"));
         let audit = AuditConfig::read(&mut p);
+        let history = HistoryConfig::read(&mut p);
         let send_queue: usize = p.parse_or(keys::SEND_QUEUE, 1024);
         let send_queue_bytes: usize = p.parse_or(keys::SEND_QUEUE_BYTES, 4 << 20);
         let send_budget: usize = p.parse_or(keys::SEND_BUDGET, 1 << 30);
@@ -231,6 +236,7 @@ impl GatewayConfig {
             nats,
             admin,
             audit,
+            history,
             send_queue,
             send_queue_bytes,
             send_budget,

@@ -11,6 +11,11 @@
 //! publish), its `Pgws-Close` header giving the close frame; the same header on a data subject
 //! (which a publisher's gateway writes) is ignored, and that message dropped.
 //!
+//! Resuming sockets (`?resume`, `resume.rs`) read a subject through the history instead: one
+//! tail of the history per subject with such readers (its own entry here, [`resume_key`]),
+//! each message framed once with its position, and each socket's [`Hold`] keeping what comes
+//! while its replay runs.
+//!
 //! Gap signals: sockets whose token asks for them (claim `"gaps": true`) get
 //! `{"event":"Gap","reason":"..."}` when database -> socket delivery may have been interrupted:
 //! a bridge (re)gained LISTEN (`<prefix>.gap`, reason `listener`), or this gateway's NATS
@@ -23,6 +28,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
+use futures::StreamExt;
 use pgws_proto::{headers, Subjects};
 use pgws_service::prometheus_client::metrics::gauge::Gauge;
 use pgws_service::telemetry::{self, TARGET as TRACE};
@@ -32,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::GatewayMetrics;
 use crate::queue;
+use crate::resume::{Hold, Wrap};
 
 /// The close code used when a `Pgws-Close` header carries no valid code.
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -41,6 +48,19 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 
 /// Close code of a slow consumer.
 const CLOSE_POLICY: u16 = 1008;
+
+/// Close code of a resuming socket whose history tail ended: come again (RFC 6455 1012,
+/// service restart).
+pub(crate) const CLOSE_RESTART: u16 = 1012;
+
+/// The bytes a frame counts for.
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
 
 /// How a socket is told to close, from outside its task: a close frame to send, or (cancelled
 /// without one) shutdown.
@@ -179,19 +199,24 @@ pub(crate) struct Subscriber {
     pub(crate) kick: Kick,
     /// Bytes queued for this socket.
     pub(crate) bytes: Arc<SocketBytes>,
+    /// On a resume subject: what comes while the socket's replay runs, held back.
+    pub(crate) hold: Option<Arc<Hold>>,
 }
 
 impl Subscriber {
+    /// Whether the socket has at least half of its queue (messages or bytes) waiting: a
+    /// replay waits for room rather than filling it.
+    pub(crate) fn busy(&self) -> bool {
+        self.tx.len() * 2 >= self.tx.capacity()
+            || self.bytes.queued.load(Ordering::Relaxed) * 2 >= self.bytes.budget.per_socket
+    }
+
     /// Queues `message`. At a limit the socket is disconnected: its queue full (messages or
     /// bytes: a slow consumer), or the gateway's budget spent while this socket has a backlog
     /// (a socket with an empty queue always gets its message). True when queued; `slow` and
     /// `spent` count the sockets newly kicked for each reason.
-    fn offer(&self, message: Message, slow: &mut u64, spent: &mut u64) -> bool {
-        let len = match &message {
-            Message::Text(t) => t.len(),
-            Message::Binary(b) => b.len(),
-            _ => 0,
-        };
+    pub(crate) fn offer(&self, message: Message, slow: &mut u64, spent: &mut u64) -> bool {
+        let len = message_len(&message);
         let (ticket, mine, all) = Ticket::take(len, &self.bytes);
         let budget = &self.bytes.budget;
         let refused = if mine > budget.per_socket && mine > len {
@@ -237,6 +262,12 @@ struct Channel {
     last_change: Mutex<Option<(u64, u64)>>,
 }
 
+/// The hub's entry of `subject` for sockets that read it through the history (framed as
+/// `wrap`): a key no NATS subject can be (`#`).
+pub(crate) fn resume_key(subject: &str, wrap: Wrap) -> String {
+    format!("{subject}#{}", wrap.name())
+}
+
 impl Channel {
     /// Closes every local socket of the subject with `code` and `reason`.
     fn close_all(&self, code: u16, reason: &str) {
@@ -251,6 +282,8 @@ impl Channel {
 /// The subjects with local readers.
 pub(crate) struct Hub {
     client: pgws_bus::Client,
+    /// Where resuming sockets are served from (none: `?resume` is refused).
+    pub(crate) history: Option<Arc<dyn pgws_bus::History>>,
     subjects: Subjects,
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     /// Sockets that asked for gap signals.
@@ -264,6 +297,7 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         client: pgws_bus::Client,
+        history: Option<Arc<dyn pgws_bus::History>>,
         subjects: Subjects,
         budget: Arc<Budget>,
         metrics: GatewayMetrics,
@@ -271,6 +305,7 @@ impl Hub {
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
+            history,
             subjects,
             channels: Mutex::new(HashMap::new()),
             gap_watchers: RwLock::new(HashMap::new()),
@@ -284,13 +319,39 @@ impl Hub {
     /// reader; resolves once the subscription is known to the server (bounded wait), so that a
     /// socket receives everything published after its handshake.
     pub(crate) async fn join(self: &Arc<Self>, subject: &str, id: u64, sub: Subscriber) {
+        self.join_as(subject, None, id, sub).await;
+    }
+
+    /// Adds socket `id` to the history's tail of `subject` ([`resume_key`]), framed as `wrap`,
+    /// opening the tail if it is the first such reader here; resolves once the tail runs.
+    pub(crate) async fn join_resume(
+        self: &Arc<Self>,
+        subject: &str,
+        wrap: Wrap,
+        id: u64,
+        sub: Subscriber,
+    ) {
+        self.join_as(subject, Some(wrap), id, sub).await;
+    }
+
+    async fn join_as(
+        self: &Arc<Self>,
+        subject: &str,
+        resume: Option<Wrap>,
+        id: u64,
+        sub: Subscriber,
+    ) {
+        let key = match resume {
+            Some(wrap) => resume_key(subject, wrap),
+            None => subject.to_owned(),
+        };
         let state = {
             let Ok(mut channels) = self.channels.lock() else {
                 return;
             };
             let state = channels
-                .entry(subject.to_owned())
-                .or_insert_with(|| self.open(subject))
+                .entry(key)
+                .or_insert_with(|| self.open(subject, resume))
                 .clone();
             if let Ok(mut subs) = state.subscribers.write() {
                 subs.insert(id, sub);
@@ -440,7 +501,7 @@ impl Hub {
             .unwrap_or(0)
     }
 
-    fn open(self: &Arc<Self>, subject: &str) -> Arc<Channel> {
+    fn open(self: &Arc<Self>, subject: &str, resume: Option<Wrap>) -> Arc<Channel> {
         let (ready, _) = watch::channel(false);
         let state = Arc::new(Channel {
             subscribers: RwLock::new(HashMap::new()),
@@ -452,9 +513,89 @@ impl Hub {
         let hub = Arc::clone(self);
         let subject = subject.to_owned();
         let pump_state = Arc::clone(&state);
-        self.shutdown
-            .spawn(async move { hub.pump(subject, pump_state).await });
+        match resume {
+            Some(wrap) => self
+                .shutdown
+                .spawn(async move { hub.pump_history(subject, wrap, pump_state).await }),
+            None => self
+                .shutdown
+                .spawn(async move { hub.pump(subject, pump_state).await }),
+        };
         state
+    }
+
+    /// A resume entry's pump: the history's tail of `subject`. When the tail cannot start or
+    /// ends, its sockets are closed with 1012 (they resume from their last position, on this
+    /// gateway or another) and the entry is removed, so the next socket opens a new tail.
+    async fn pump_history(&self, subject: String, wrap: Wrap, state: Arc<Channel>) {
+        let tail = match &self.history {
+            Some(history) => history.tail(&subject).await,
+            None => Err(pgws_bus::BusError::Unavailable("no history".to_owned())),
+        };
+        let mut tail = match tail {
+            Ok(tail) => tail,
+            Err(e) => {
+                tracing::warn!(subject, error = %e, "cannot read the history");
+                self.end_resume(&subject, wrap, &state, "history unavailable: try again");
+                return;
+            }
+        };
+        state.ready.send_replace(true);
+        loop {
+            tokio::select! {
+                _ = state.stop.cancelled() => return,
+                kept = tail.messages.next() => match kept {
+                    Some(Ok(kept)) => self.fan_out_kept(&state, &tail.epoch, wrap, &kept),
+                    Some(Err(e)) => {
+                        tracing::warn!(subject, error = %e, "the history's tail failed");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.end_resume(&subject, wrap, &state, "history interrupted: resume");
+    }
+
+    /// Closes a resume entry's sockets with 1012 and removes the entry (if it is still this
+    /// one).
+    fn end_resume(&self, subject: &str, wrap: Wrap, state: &Arc<Channel>, reason: &str) {
+        state.ready.send_replace(true);
+        if let Ok(mut channels) = self.channels.lock() {
+            let key = resume_key(subject, wrap);
+            if channels.get(&key).is_some_and(|c| Arc::ptr_eq(c, state)) {
+                channels.remove(&key);
+                self.metrics.channels.dec();
+            }
+        }
+        state.close_all(CLOSE_RESTART, reason);
+    }
+
+    /// Queues one kept message, framed with its position, to every resuming reader of its
+    /// subject (held back for those whose replay runs).
+    fn fan_out_kept(&self, state: &Channel, epoch: &str, wrap: Wrap, kept: &pgws_bus::Kept) {
+        let position = pgws_bus::format_position(epoch, kept.seq);
+        let Some(text) = wrap.frame(&position, &kept.payload) else {
+            tracing::warn!("text frame is not UTF-8; dropped");
+            return;
+        };
+        let message = Message::Text(text);
+        let len = message_len(&message) as u64;
+        let (mut delivered, mut slow, mut spent) = (0u64, 0u64, 0u64);
+        if let Ok(subs) = state.subscribers.read() {
+            for sub in subs.values() {
+                let queued = match &sub.hold {
+                    Some(hold) => hold.offer(sub, kept.seq, message.clone(), &mut slow, &mut spent),
+                    None => sub.offer(message.clone(), &mut slow, &mut spent),
+                };
+                delivered += u64::from(queued);
+            }
+        }
+        self.metrics.budget_disconnects.inc_by(spent);
+        self.budget.sample();
+        self.metrics.slow_consumers.inc_by(slow);
+        self.metrics.deliveries.inc_by(delivered);
+        self.metrics.bytes_out.inc_by(delivered * len);
     }
 
     async fn pump(&self, subject: String, state: Arc<Channel>) {
@@ -563,6 +704,7 @@ mod tests {
             tx,
             kick: Kick::new(&CancellationToken::new()),
             bytes: SocketBytes::new(budget),
+            hold: None,
         };
         (sub, rx)
     }

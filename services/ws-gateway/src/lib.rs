@@ -29,6 +29,7 @@ mod metrics;
 mod presence;
 mod protocol;
 mod queue;
+mod resume;
 mod server;
 mod session;
 mod socket;
@@ -143,13 +144,12 @@ pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()
             tracing::error!(error = %e, "admin listener failed");
         }
     });
-    run_on(
-        config,
-        Host::nats(&link, registry, readiness),
-        audit,
-        shutdown,
-    )
-    .await
+    let mut host = Host::nats(&link, registry, readiness);
+    if config.history.enabled() {
+        let history = link.history(&config.nats.subjects.history_stream());
+        host = host.with_history(Arc::new(history));
+    }
+    run_on(config, host, audit, shutdown).await
 }
 
 /// The audit in the stack's audit stream on `link` (JetStream): records appended before their
@@ -195,6 +195,7 @@ pub async fn run_on(
     );
     let hub = Hub::new(
         client.clone(),
+        host.history.clone(),
         config.nats.subjects.clone(),
         budget,
         metrics.clone(),

@@ -38,6 +38,10 @@ pub(crate) struct GatewayMetrics {
     pub(crate) jwks_throttled: Counter,
     pub(crate) jwks_keys: Gauge,
     pub(crate) jwks_updated: Gauge,
+    /// Resuming sockets whose position was served (`recovered`) or was a gap (`gap`).
+    pub(crate) resumes: Family<Labels, Counter>,
+    /// Messages replayed from the history to resuming sockets.
+    pub(crate) replayed: Counter,
 }
 
 impl GatewayMetrics {
@@ -176,6 +180,16 @@ impl GatewayMetrics {
                 "gateway_jwks_updated_timestamp_seconds",
                 "Unix time of the last good JWKS fetch (the age of the keys is now minus this)",
                 Gauge::default(),
+            ),
+            resumes: m.register(
+                "gateway_resumes",
+                "Sockets that resumed from a position, by outcome (recovered: replayed from the history; gap: the position could not be served)",
+                Family::default(),
+            ),
+            replayed: m.register(
+                "gateway_replayed_messages",
+                "Messages replayed from the history to resuming sockets",
+                Counter::default(),
             ),
         }
     }

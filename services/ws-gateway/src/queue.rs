@@ -92,6 +92,18 @@ impl<T> Sender<T> {
     }
 }
 
+impl<T> Sender<T> {
+    /// How many items are queued.
+    pub(crate) fn len(&self) -> usize {
+        self.shared.lock().items.len()
+    }
+
+    /// How many items the queue holds at most.
+    pub(crate) fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+}
+
 impl<T> std::fmt::Debug for Sender<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = self.shared.lock();

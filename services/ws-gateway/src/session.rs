@@ -5,10 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::hub::{Kick, Queued, SocketBytes, Subscriber};
+use crate::hub::{resume_key, Kick, Queued, SocketBytes, Subscriber};
 use crate::presence::Registration;
 use crate::protocol::{Admission, Protocol, Refusal};
 use crate::queue;
+use crate::resume::{self, Hold, Resuming, Wrap};
 use crate::uplink::Pending;
 use crate::Gateway;
 
@@ -16,7 +17,10 @@ use crate::Gateway;
 pub(crate) struct Membership {
     pub(crate) gw: Arc<Gateway>,
     id: u64,
+    /// The hub's entries the socket reads (a resuming socket's: [`resume_key`]s).
     subjects: Vec<String>,
+    /// How a resuming socket's messages are framed.
+    resume: Option<Wrap>,
     registrations: Vec<Registration>,
     gaps: bool,
     label: &'static str,
@@ -72,9 +76,13 @@ impl Membership {
 
     /// Leaves `subject`, if the socket reads it, and releases `what`.
     pub(crate) fn leave(&mut self, subject: &str, what: Option<Registration>) {
-        if let Some(i) = self.subjects.iter().position(|s| s == subject) {
+        let key = match self.resume {
+            Some(wrap) => resume_key(subject, wrap),
+            None => subject.to_owned(),
+        };
+        if let Some(i) = self.subjects.iter().position(|s| *s == key) {
             self.subjects.swap_remove(i);
-            self.gw.hub.leave(subject, self.id);
+            self.gw.hub.leave(&key, self.id);
             if let Some(what) = what {
                 if let Some(i) = self.registrations.iter().position(|r| *r == what) {
                     self.registrations.swap_remove(i);
@@ -119,7 +127,7 @@ impl Gateway {
         Ok(accepted)
     }
 
-    async fn join(self: &Arc<Self>, admission: Admission) -> Accepted {
+    async fn join(self: &Arc<Self>, mut admission: Admission) -> Accepted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = queue::channel(admission.send_queue.unwrap_or(self.config.send_queue));
         let kick = Kick::new(&self.shutdown.token);
@@ -132,10 +140,12 @@ impl Gateway {
             .connections_total
             .get_or_create(&[("protocol", label)])
             .inc();
+        let resume = admission.resume.take();
         let mut membership = Membership {
             gw: Arc::clone(self),
             id,
-            subjects: admission.subjects,
+            subjects: Vec::new(),
+            resume: resume.as_ref().map(|(_, wrap)| *wrap),
             registrations: admission.registrations.clone(),
             gaps: admission.gaps,
             label,
@@ -146,12 +156,35 @@ impl Gateway {
             tx,
             kick: kick.clone(),
             bytes: SocketBytes::new(&self.hub.budget),
+            hold: None,
         };
         if membership.gaps {
             self.hub.watch_gaps(id, subscriber.clone());
         }
-        for subject in &membership.subjects {
-            self.hub.join(subject, id, subscriber.clone()).await;
+        match resume {
+            None => {
+                for subject in admission.subjects {
+                    self.hub.join(&subject, id, subscriber.clone()).await;
+                    membership.subjects.push(subject);
+                }
+            }
+            Some((from, wrap)) => {
+                let mut holds = Vec::new();
+                for subject in admission.subjects {
+                    let hold = Hold::new(self.config.send_queue);
+                    let sub = Subscriber {
+                        hold: Some(Arc::clone(&hold)),
+                        ..subscriber.clone()
+                    };
+                    self.hub.join_resume(&subject, wrap, id, sub).await;
+                    membership.subjects.push(resume_key(&subject, wrap));
+                    holds.push((subject, hold));
+                }
+                let resuming = Resuming { from, wrap, holds };
+                let (gw, sub) = (Arc::clone(self), subscriber.clone());
+                self.shutdown
+                    .spawn(async move { resume::replay(gw, resuming, sub).await });
+            }
         }
         if admission.dynamic {
             membership.dynamic = Some(subscriber);

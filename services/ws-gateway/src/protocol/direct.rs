@@ -77,6 +77,7 @@ pub(crate) fn admission(
             writes: verified.mode.can_write(),
             claims: verified.claims,
         }),
+        resume: None,
         after_join: None,
     })
 }

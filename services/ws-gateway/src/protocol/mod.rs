@@ -37,6 +37,7 @@ use pgws_service::telemetry::{self, TARGET as TRACE};
 use crate::handshake::{credentials, Credentials};
 use crate::limits::Peer;
 use crate::presence::Registration;
+use crate::resume::{self, Resume, Wrap};
 use crate::uplink::Pending;
 use crate::{DirectChannels, Gateway};
 
@@ -124,6 +125,9 @@ pub(crate) struct Admission {
     /// A notification sent first (the meta channel's `ConnectionOpen`).
     pub(crate) opening: Option<Pending>,
     pub(crate) protocol: Box<dyn Protocol>,
+    /// The socket reads its subjects through the history, from this point, framed this way
+    /// (`?resume`: postgres-websockets and direct sockets).
+    pub(crate) resume: Option<(Resume, Wrap)>,
     /// A check that must pass once the socket reads its subjects, before the handshake
     /// completes (a wspubsub subscriber: does its topic exist?); what it answers is registered
     /// with the leader, a refusal ends the handshake and releases the socket.
@@ -229,8 +233,16 @@ pub(crate) async fn admit(gw: &Arc<Gateway>, parts: &Parts) -> Result<Admission,
             live::admission(gw, &creds)
         }
         Request::Channels(creds) => {
+            let from = resume::requested(parts.uri.query())?;
+            if from.is_some() && gw.hub.history.is_none() {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "no_history",
+                    "Error: this server keeps no history to resume from (PGWS_HISTORY_SECONDS=0)",
+                ));
+            }
             settle(gw, &creds).await;
-            channel_socket(gw, &creds)
+            channel_socket(gw, &creds, from)
         }
     }
 }
@@ -322,13 +334,22 @@ fn invalid_channel() -> Refusal {
 }
 
 /// A socket on channels: postgres-websockets, or direct when its channel is one of
-/// `PGWS_DIRECT_CHANNELS`.
-fn channel_socket(gw: &Gateway, creds: &Credentials) -> Result<Admission, Refusal> {
+/// `PGWS_DIRECT_CHANNELS`; resuming from `from` when it asked to.
+fn channel_socket(
+    gw: &Gateway,
+    creds: &Credentials,
+    from: Option<Resume>,
+) -> Result<Admission, Refusal> {
     let config = &gw.config;
-    match channel_grant(&config.authorizer, &config.direct, creds, unix_secs())? {
-        ChannelGrant::Pgws(grant) => Ok(pgws::admission(gw, grant)),
-        ChannelGrant::Direct(verified, channel) => direct::admission(gw, verified, channel),
-    }
+    let (mut admission, wrap) =
+        match channel_grant(&config.authorizer, &config.direct, creds, unix_secs())? {
+            ChannelGrant::Pgws(grant) => (pgws::admission(gw, grant), Wrap::Json),
+            ChannelGrant::Direct(verified, channel) => {
+                (direct::admission(gw, verified, channel)?, Wrap::Text)
+            }
+        };
+    admission.resume = from.map(|from| (from, wrap));
+    Ok(admission)
 }
 
 /// The span of one client message (`gateway.receive`): the first of its trace, ended when the

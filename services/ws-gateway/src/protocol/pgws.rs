@@ -55,6 +55,7 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
         expires_at: grant.expires_at,
         opening,
         protocol: Box::new(Pgws { grant }),
+        resume: None,
         after_join: None,
     }
 }

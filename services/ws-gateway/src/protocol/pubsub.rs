@@ -158,6 +158,7 @@ pub(crate) async fn publisher(
         protocol: Box::new(Publisher {
             subject: gw.config.nats.subjects.topic(&topic),
         }),
+        resume: None,
         after_join: None,
     })
 }
@@ -192,6 +193,7 @@ pub(crate) fn subscriber(gw: &Arc<Gateway>, topic: Topic) -> Admission {
         expires_at: None,
         opening: None,
         protocol: Box::new(Subscriber),
+        resume: None,
         after_join: Some(Box::pin(found)),
     }
 }

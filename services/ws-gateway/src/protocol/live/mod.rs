@@ -172,6 +172,7 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
             state: Arc::default(),
             lookups: Rate::new(LOOKUPS_PER_SECOND),
         }),
+        resume: None,
         after_join: None,
     })
 }

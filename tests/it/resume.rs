@@ -1,0 +1,293 @@
+//! Resuming sockets (`?resume`): every frame carries a position; a socket that comes back with
+//! its last position gets exactly what it missed, in order, on any gateway, then live
+//! messages; a position that cannot be served is a `Gap`; one that is not a position, a 400.
+
+use std::time::{Duration, Instant};
+
+use pgws_tests::{token, unique, Stack, Topology, WsClient};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(10);
+
+/// A postgres-websockets socket on `channel` of gateway `i`, resuming from `from` (`""`: now).
+async fn resuming(stack: &Stack, i: usize, channel: &str, from: &str) -> anyhow::Result<WsClient> {
+    let jwt = token(&json!({"mode": "r"}));
+    WsClient::connect(&format!(
+        "{}/{channel}/{jwt}?resume={from}",
+        stack.ws_url(i)
+    ))
+    .await
+}
+
+/// NOTIFYs `{"channel":channel,"n":n}` for each `n`.
+async fn notify_range(
+    stack: &Stack,
+    channel: &str,
+    range: std::ops::Range<u32>,
+) -> anyhow::Result<()> {
+    let db = stack.pg().await?;
+    for n in range {
+        stack
+            .notify(&db, &json!({"channel": channel, "n": n}).to_string())
+            .await?;
+    }
+    Ok(())
+}
+
+/// The next positioned frame: (position, message).
+async fn next_positioned(ws: &mut WsClient, timeout: Duration) -> anyhow::Result<(String, Value)> {
+    let frame = ws.next_json(timeout).await?;
+    let position = frame["position"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("a frame without a position: {frame}"))?
+        .to_owned();
+    Ok((position, frame["message"].clone()))
+}
+
+/// The `n` of the next `count` frames, and the last position.
+async fn take_ns(ws: &mut WsClient, count: usize) -> anyhow::Result<(Vec<u64>, String)> {
+    let mut ns = Vec::new();
+    let mut last = String::new();
+    for _ in 0..count {
+        let (position, message) = next_positioned(ws, T).await?;
+        assert!(
+            position > last,
+            "positions increase: {last} then {position}"
+        );
+        ns.push(message["n"].as_u64().unwrap_or(u64::MAX));
+        last = position;
+    }
+    Ok((ns, last))
+}
+
+/// Asserts that nothing more arrives within a short while.
+async fn nothing_more(ws: &mut WsClient) {
+    if let Ok(frame) = ws.next_text(Duration::from_millis(700)).await {
+        panic!("an extra frame: {frame}");
+    }
+}
+
+/// 30 notifications while the client is away, resumed on `back_on`: exactly those, in order,
+/// then live ones.
+async fn missed_come_back(stack: &Stack, back_on: usize) -> anyhow::Result<()> {
+    let channel = unique("resume-");
+    let mut ws = resuming(stack, 0, &channel, "").await?;
+    notify_range(stack, &channel, 0..5).await?;
+    let (ns, last) = take_ns(&mut ws, 5).await?;
+    assert_eq!(ns, (0..5).collect::<Vec<_>>());
+    drop(ws);
+
+    notify_range(stack, &channel, 5..35).await?;
+    let mut ws = resuming(stack, back_on, &channel, &last).await?;
+    let (ns, _) = take_ns(&mut ws, 30).await?;
+    assert_eq!(ns, (5..35).collect::<Vec<_>>(), "exactly the missed ones");
+    notify_range(stack, &channel, 35..38).await?;
+    let (ns, _) = take_ns(&mut ws, 3).await?;
+    assert_eq!(ns, [35, 36, 37], "then live ones");
+    nothing_more(&mut ws).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn missed_notifications_come_back_on_another_gateway() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.add_gateway(&[]).await?;
+    missed_come_back(&stack, 1).await
+}
+
+#[tokio::test]
+async fn missed_notifications_come_back_in_one_process() -> anyhow::Result<()> {
+    let stack = Stack::start_as(Topology::One, &[]).await?;
+    missed_come_back(&stack, 0).await
+}
+
+#[tokio::test]
+async fn plain_sockets_see_no_change_and_direct_channels_carry_text() -> anyhow::Result<()> {
+    let direct = unique("direct-");
+    let stack = Stack::start_with(&[("PGWS_DIRECT_CHANNELS", &direct)]).await?;
+    let channel = unique("plain-");
+    let mut plain = stack.connect(0, &channel, &json!({"mode": "r"})).await?;
+    let mut positioned = resuming(&stack, 0, &channel, "").await?;
+    let raw = json!({"channel": channel, "n": 1}).to_string();
+    let db = stack.pg().await?;
+    stack.notify(&db, &raw).await?;
+    assert_eq!(plain.next_text(T).await?, raw, "verbatim, as before");
+    let (position, message) = next_positioned(&mut positioned, T).await?;
+    assert_eq!(message, serde_json::from_str::<Value>(&raw)?);
+
+    // A direct channel: the payload as a JSON string, resumable likewise.
+    let jwt = token(&json!({"channel": direct, "mode": "r"}));
+    let url = format!("{}/{jwt}?resume=", stack.ws_url(0));
+    let mut dws = WsClient::connect(&url).await?;
+    db.execute("SELECT pg_notify($1, 'first')", &[&direct])
+        .await?;
+    let (first, message) = next_positioned(&mut dws, T).await?;
+    assert_eq!(message, json!("first"));
+    drop(dws);
+    db.execute("SELECT pg_notify($1, 'missed')", &[&direct])
+        .await?;
+    let url = format!("{}/{jwt}?resume={first}", stack.ws_url(0));
+    let mut dws = WsClient::connect(&url).await?;
+    let (later, message) = next_positioned(&mut dws, T).await?;
+    assert_eq!(message, json!("missed"));
+    assert!(later > first && later > position);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unservable_positions_are_gaps_and_malformed_ones_refused() -> anyhow::Result<()> {
+    let stack = Stack::start_with(&[("PGWS_HISTORY_SECONDS", "2")]).await?;
+    let channel = unique("expiry-");
+
+    // Not a position at all: HTTP 400 saying so.
+    let jwt = token(&json!({"mode": "r"}));
+    let url = format!("{}/{channel}/{jwt}?resume=yesterday", stack.ws_url(0));
+    let refusal = WsClient::refusal(&url, &[]).await;
+    assert!(refusal.contains("400"), "{refusal}");
+
+    // A position of another history: a gap, then live messages.
+    let mut ws = resuming(&stack, 0, &channel, "abc123-000000000001").await?;
+    assert_eq!(
+        ws.next_json(T).await?,
+        json!({"event": "Gap", "reason": "history"})
+    );
+    notify_range(&stack, &channel, 0..3).await?;
+    let (ns, _) = take_ns(&mut ws, 3).await?;
+    assert_eq!(ns, [0, 1, 2]);
+    drop(ws);
+
+    // Positions whose successors expired: a gap, no replay, then live messages.
+    let mut ws = resuming(&stack, 0, &channel, "").await?;
+    notify_range(&stack, &channel, 3..6).await?;
+    let (first, _) = next_positioned(&mut ws, T).await?;
+    take_ns(&mut ws, 2).await?;
+    drop(ws);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut ws = resuming(&stack, 0, &channel, &first).await?;
+    assert_eq!(
+        ws.next_json(T).await?,
+        json!({"event": "Gap", "reason": "history"})
+    );
+    notify_range(&stack, &channel, 6..7).await?;
+    let (ns, _) = take_ns(&mut ws, 1).await?;
+    assert_eq!(ns, [6], "live, with nothing replayed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_restart_of_one_process_old_positions_are_gaps() -> anyhow::Result<()> {
+    let mut stack = Stack::start_as(Topology::One, &[]).await?;
+    let channel = unique("restart-");
+    let mut ws = resuming(&stack, 0, &channel, "").await?;
+    notify_range(&stack, &channel, 0..2).await?;
+    let (_, first) = take_ns(&mut ws, 1).await?;
+    take_ns(&mut ws, 1).await?;
+    drop(ws);
+    stack.gateways[0].signal("KILL")?;
+    stack.gateways.clear();
+    stack.add_gateway(&[]).await?;
+    stack.wait_flowing(0).await?;
+    let mut ws = resuming(&stack, 0, &channel, &first).await?;
+    assert_eq!(
+        ws.next_json(T).await?,
+        json!({"event": "Gap", "reason": "history"})
+    );
+    notify_range(&stack, &channel, 2..3).await?;
+    let (ns, _) = take_ns(&mut ws, 1).await?;
+    assert_eq!(ns, [2]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_of_a_killed_gateway_resumes_elsewhere_with_nothing_lost_or_repeated(
+) -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.add_gateway(&[]).await?;
+    let channel = unique("flow-");
+    let mut ws = resuming(&stack, 0, &channel, "").await?;
+    // 400 notifications at 100/s, while the gateway is killed and the client comes back.
+    let db = stack.pg().await?;
+    let listen_channel = stack.listen_channel.clone();
+    let flow_channel = channel.clone();
+    let flow = tokio::spawn(async move {
+        let start = Instant::now();
+        for n in 0..400u32 {
+            let at = start + Duration::from_millis(10 * u64::from(n));
+            tokio::time::sleep_until(at.into()).await;
+            let payload = json!({"channel": flow_channel, "n": n}).to_string();
+            db.execute("SELECT pg_notify($1, $2)", &[&listen_channel, &payload])
+                .await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut ns = Vec::new();
+    let mut last = String::new();
+    while ns.len() < 100 {
+        let (position, message) = next_positioned(&mut ws, T).await?;
+        ns.push(message["n"].as_u64().unwrap_or(u64::MAX));
+        last = position;
+    }
+    stack.gateways[0].signal("KILL")?;
+    drop(ws);
+    let mut ws = resuming(&stack, 1, &channel, &last).await?;
+    while ns.len() < 400 {
+        let (position, message) = next_positioned(&mut ws, T).await?;
+        assert!(
+            position > last,
+            "positions increase: {last} then {position}"
+        );
+        ns.push(message["n"].as_u64().unwrap_or(u64::MAX));
+        last = position;
+    }
+    flow.await??;
+    assert_eq!(
+        ns,
+        (0..400).collect::<Vec<_>>(),
+        "all 400, once each, in order"
+    );
+    nothing_more(&mut ws).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_long_replay_joins_live_messages_without_gap_or_repeat() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.add_gateway(&[]).await?;
+    let channel = unique("seam-");
+    let mut ws = resuming(&stack, 0, &channel, "").await?;
+    notify_range(&stack, &channel, 0..1).await?;
+    let (_, last) = take_ns(&mut ws, 1).await?;
+    drop(ws);
+    // 3,000 missed at once, then live ones at 1,000/s while the client resumes.
+    let db = stack.pg().await?;
+    db.execute(
+        "SELECT pg_notify($1, json_build_object('channel', $2::text, 'n', n)::text) \
+         FROM generate_series(1, 3000) AS n",
+        &[&stack.listen_channel, &channel],
+    )
+    .await?;
+    let listen_channel = stack.listen_channel.clone();
+    let flow_channel = channel.clone();
+    let flow = tokio::spawn(async move {
+        for n in 3001..4001u32 {
+            let payload = json!({"channel": flow_channel, "n": n}).to_string();
+            db.execute("SELECT pg_notify($1, $2)", &[&listen_channel, &payload])
+                .await?;
+            if n % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        anyhow::Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut ws = resuming(&stack, 1, &channel, &last).await?;
+    let (ns, _) = take_ns(&mut ws, 4000).await?;
+    flow.await??;
+    let expected: Vec<u64> = (1..4001).collect();
+    if ns != expected {
+        let first_bad = ns.iter().zip(&expected).position(|(a, b)| a != b);
+        panic!("not 1..=4000 once each in order; first difference at {first_bad:?}");
+    }
+    nothing_more(&mut ws).await;
+    Ok(())
+}
