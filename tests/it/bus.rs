@@ -179,6 +179,25 @@ async fn the_shipped_nats_authorization_carries_the_stack_and_stops_a_forging_ga
         recorder.log()
     );
 
+    // A resuming socket reads the history the bridge keeps: what it missed comes back.
+    let jwt = token(&json!({"mode": "r"}));
+    let resume_url = |from: &str| format!("{}/kept/{jwt}?resume={from}", stack.ws_url(0));
+    let mut resuming = WsClient::connect(&resume_url("")).await?;
+    let pg = stack.pg().await?;
+    stack
+        .notify(&pg, r#"{"channel":"kept","payload":"kept 1"}"#)
+        .await?;
+    let first = resuming.next_json(T).await?;
+    assert_eq!(first["message"]["payload"], "kept 1", "{first}");
+    drop(resuming);
+    stack
+        .notify(&pg, r#"{"channel":"kept","payload":"kept 2"}"#)
+        .await?;
+    let position = first["position"].as_str().unwrap_or_default();
+    let mut resuming = WsClient::connect(&resume_url(position)).await?;
+    let missed = resuming.next_json(T).await?;
+    assert_eq!(missed["message"]["payload"], "kept 2", "{missed}");
+
     // A `/live` custom topic: created through a bridge, a message reaches its subscriber.
     let jwt = token(&json!({"sub": "ann", "role": "web_user"}));
     let url = format!("{}/live?token={jwt}", stack.ws_url(0));
