@@ -68,6 +68,12 @@ export interface ClientOptions {
 export interface PgwsClientOptions extends ClientOptions {
   /** One channel; omitted: every channel of the token. */
   channel?: string;
+  /**
+   * true: open with `?resume` and, after a reconnection, get from the server what was missed
+   * (from the last position received); `gap` is emitted only when the server could not give
+   * it back (`reason: 'history'`). The server must keep a history (PGWS_HISTORY_SECONDS > 0).
+   */
+  resume?: boolean;
 }
 
 export interface CloseInfo {
@@ -86,7 +92,7 @@ export interface Message {
   /** The envelope's payload; the whole JSON when it has none; the raw text otherwise. */
   payload: unknown;
   claims: Record<string, unknown> | null;
-  /** The frame as received. */
+  /** The frame as received (with `resume`: the message inside the positioned frame). */
   data: string | ArrayBuffer | Blob;
 }
 
@@ -121,6 +127,8 @@ declare class Connection<E> {
 
 export declare class PgwsClient extends Connection<Events & { message: Message }> {
   constructor(options: PgwsClientOptions);
+  /** With `resume`: the position of the last message received (`''` before the first). */
+  readonly position: string;
   /** A handler for one channel's messages; returns its remover. */
   channel(name: string, handler: (message: Message) => void): () => void;
   /** Sends to the socket's channels; throws `PgwsError` `not_open` when not connected. */

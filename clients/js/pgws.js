@@ -191,6 +191,11 @@ class Connection extends Emitter {
   }
   frame(_data) {}
   opened(_reconnected) {}
+
+  /** Whether the server gives back what a reconnection missed (no `reconnect` gap then). */
+  resumes() {
+    return false;
+  }
   stopped(_error) {}
   async refreshInBand(_token) {
     return false;
@@ -245,7 +250,8 @@ class Connection extends Emitter {
       this.#opened = true;
       this.#attempt = 0;
       this.emit('open', { reconnected });
-      if (reconnected) this.emit('gap', { reason: 'reconnect' });
+      // A resuming socket is told by the server when something could not be given back.
+      if (reconnected && !this.resumes()) this.emit('gap', { reason: 'reconnect' });
       this.#scheduleRefresh();
       this.opened(reconnected);
     };
@@ -366,10 +372,21 @@ class Connection extends Emitter {
 export class PgwsClient extends Connection {
   #channels = new Map(); // channel -> Set of handlers
   #refreshing = null; // {resolve, reject, timer}
+  #position = ''; // the last position received (resume: true)
 
   path() {
     const channel = this.options.channel;
-    return channel ? `/${encodeURIComponent(channel)}` : '/';
+    const path = channel ? `/${encodeURIComponent(channel)}` : '/';
+    return this.resumes() ? `${path}?resume=${encodeURIComponent(this.#position)}` : path;
+  }
+
+  resumes() {
+    return this.options.resume === true;
+  }
+
+  /** With `resume: true`: the position of the last message received (`''` before the first). */
+  get position() {
+    return this.#position;
   }
 
   /** Handlers for one channel's messages; returns a function that removes the handler. */
@@ -397,7 +414,25 @@ export class PgwsClient extends Connection {
         // not JSON: a raw payload (postgrest-ws direct channel)
       }
     }
-    const isObject = parsed && typeof parsed === 'object' && !Array.isArray(parsed);
+    let isObject = parsed && typeof parsed === 'object' && !Array.isArray(parsed);
+    if (isObject && this.resumes() && typeof parsed.position === 'string' && 'message' in parsed) {
+      // {"position":..., "message":...}: a postgres-websockets notification as its JSON value,
+      // a direct channel's payload as a string.
+      this.#position = parsed.position;
+      const inner = parsed.message;
+      data = typeof inner === 'string' ? inner : JSON.stringify(inner);
+      parsed = inner;
+      if (typeof parsed === 'string') {
+        try {
+          parsed = JSON.parse(parsed);
+        } catch {
+          // a raw payload
+        }
+      }
+      isObject = parsed && typeof parsed === 'object' && !Array.isArray(parsed);
+      this.#message(parsed, isObject, data);
+      return;
+    }
     if (isObject && parsed.event === 'Gap' && typeof parsed.reason === 'string' && !('channel' in parsed)) {
       this.emit('gap', { reason: parsed.reason });
       return;
@@ -414,6 +449,10 @@ export class PgwsClient extends Connection {
       this.emit('error', new PgwsError('server', parsed.error, parsed));
       return;
     }
+    this.#message(parsed, isObject, data);
+  }
+
+  #message(parsed, isObject, data) {
     const routed = isObject && typeof parsed.channel === 'string';
     const message = {
       channel: routed ? parsed.channel : this.options.channel ?? null,

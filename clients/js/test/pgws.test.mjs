@@ -223,3 +223,35 @@ test('a fixed token that expires: close 3001, an error, no reconnection', async 
   await sleep(1_000);
   assert.equal(seen.of('reconnecting').length, 0);
 });
+
+test('resume: what was notified while the gateway was down comes back, once each, in order, with no gap', async (t) => {
+  const channel = unique('resume-');
+  const client = new PgwsClient({
+    url: stack.url,
+    channel,
+    token: token({ mode: 'r' }),
+    resume: true,
+    initialDelay: 100,
+    maxDelay: 400,
+  });
+  t.after(() => client.close());
+  const seen = record(client, EVENTS);
+  const got = [];
+  client.channel(channel, (m) => got.push(m.payload));
+  await eventually('open', () => client.state === 'open');
+  await stack.notify({ channel, payload: 'before' });
+  await eventually('the first message', () => got.length === 1);
+  assert.match(client.position, /^[0-9a-f]+-[0-9a-f]{12,}$/);
+
+  await stack.killGateway();
+  await eventually('the close', () => seen.of('close').length >= 1);
+  for (let i = 0; i < 5; i += 1) {
+    await stack.notify({ channel, payload: `missed ${i}` });
+  }
+  await stack.startGateway();
+  await eventually('the reconnection', () => seen.of('open').length === 2, 10_000);
+  await stack.notify({ channel, payload: 'after' });
+  await eventually('every message', () => got.length === 7);
+  assert.deepEqual(got, ['before', 'missed 0', 'missed 1', 'missed 2', 'missed 3', 'missed 4', 'after']);
+  assert.deepEqual(seen.of('gap'), [], 'nothing was missed: no gap');
+});

@@ -124,6 +124,8 @@ export class Stack {
       PGWS_RETRIES: '2',
       PGWS_CHECK_LISTENER_INTERVAL: '500',
       PGWS_AUDIT: 'false',
+      // JetStream reserves a stream's byte limit up front: test stacks keep it small.
+      PGWS_HISTORY_MAX_BYTES: String(16 << 20),
       PGWS_LOG: 'warn',
       ...extra,
     };
