@@ -110,6 +110,7 @@ def ratios(reports):
                 f"  {v('pgws', 'lost_deliveries')} / {v('nats', 'lost_deliveries')}"
             )
     lines.extend(one_vs_split(reports))
+    lines.extend(history_cost(reports))
     for r in of(reports, "ingest", prefix="ingest-"):
         lines.append(
             f"ingest ({r['params']['sockets']} sockets): {fig(r, 'ingest_msgs_per_s'):.0f} msgs/s reaching NOTIFY,"
@@ -172,6 +173,41 @@ def one_vs_split(reports):
             lines.append(
                 f"  idle {parts_sockets(split or one)} sockets: RSS per socket KiB split gateway {v(split)}"
                 f" one {v(one)} ({ratio(v(one), v(split))})"
+            )
+    return lines
+
+
+def history_cost(reports):
+    """The `history` phase: the split stack without a history (`history-off-*`), with it
+    (`history-on-*`) and with resuming sockets (`history-resume-*`), run by run, against off."""
+    runs = {}
+    for r in reports:
+        parts = r["_name"].split("-")
+        if parts[0] != "history" or len(parts) < 4:
+            continue
+        mode, what, run = parts[1], parts[2], parts[-1]
+        runs.setdefault((what, run), {})[mode] = r
+    lines = []
+    if runs:
+        lines.append("history: off (PGWS_HISTORY_SECONDS=0) / on / on with resuming sockets, same run")
+    v = lambda r, k: fig(r, k) if r else None
+    p = lambda r, k: (v(r, "latency") or {}).get(k)
+    for (what, run), by in sorted(runs.items()):
+        off, on, res = by.get("off"), by.get("on"), by.get("resume")
+        if what == "fanout":
+            lines.append(
+                f"  fanout {run}: deliveries/s {v(off, 'deliveries_per_s')} / {v(on, 'deliveries_per_s')}"
+                f" / {v(res, 'deliveries_per_s')} ({ratio(v(on, 'deliveries_per_s'), v(off, 'deliveries_per_s'))},"
+                f" {ratio(v(res, 'deliveries_per_s'), v(off, 'deliveries_per_s'))});"
+                f" p99 ms {p(off, 'p99_ms')} / {p(on, 'p99_ms')} / {p(res, 'p99_ms')}"
+                f" ({ratio(p(on, 'p99_ms'), p(off, 'p99_ms'))}, {ratio(p(res, 'p99_ms'), p(off, 'p99_ms'))});"
+                f" cpu us/delivery {v(off, 'server_cpu_us_per_delivery')} / {v(on, 'server_cpu_us_per_delivery')}"
+                f" / {v(res, 'server_cpu_us_per_delivery')}"
+            )
+        elif what == "ingest":
+            lines.append(
+                f"  ingest {run}: msgs/s reaching NOTIFY {v(off, 'ingest_msgs_per_s')} / {v(on, 'ingest_msgs_per_s')}"
+                f" ({ratio(v(on, 'ingest_msgs_per_s'), v(off, 'ingest_msgs_per_s'))})"
             )
     return lines
 

@@ -23,6 +23,11 @@
 #   one-noaudit (not in the default PHASES) ingest on pgws in one process with PGWS_AUDIT=false
 #           and with the audit (written in the NOTIFY transaction), in turn, ONE_RUNS times: what
 #           the in-transaction audit costs
+#   history (not in the default PHASES) the split stack without a history
+#           (PGWS_HISTORY_SECONDS=0), with it (the default) and with it and every socket resuming
+#           (?resume=, read through the history), in turn, HISTORY_RUNS times: fan-out
+#           (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s; the bridge and the
+#           stack's NATS counted for CPU) and ingest (INGEST_SOCKETS sockets; not resuming)
 #   big     BIG=1: BIG_SOCKETS sockets over BIG_GATEWAYS gateways on one NATS, one broadcast
 #   pubsub  (not in the default PHASES: about 10 minutes more) wspubsub fan-out on pgws and the
 #           same on nats-server's websocket endpoint (publishers there speak NATS over a
@@ -60,6 +65,7 @@ BUSY_RATES=${BUSY_RATES:-5000}
 BUSY_RUNS=${BUSY_RUNS:-3}
 ONE_RUNS=${ONE_RUNS:-3}
 ONE_RATE=${ONE_RATE:-50}
+HISTORY_RUNS=${HISTORY_RUNS:-3}
 ONE_IDLE=${ONE_IDLE:-19000}
 BIG_SOCKETS=${BIG_SOCKETS:-100000}
 BIG_GATEWAYS=${BIG_GATEWAYS:-6}
@@ -336,6 +342,35 @@ for phase in $PHASES; do
         load "$target" "one-$target-idle-$ONE_IDLE" idle --sockets "$ONE_IDLE" --hold 3 || true
         stop_target "$target"
       done
+      ;;
+    history)
+      nats_pid=$(ss -Hltnp "sport = :${PGWS_NATS_URL##*:}" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
+      [[ -n $nats_pid ]] || say "the stack's NATS process was not found: its CPU is not counted"
+      for ((run = 1; run <= HISTORY_RUNS; run++)); do
+        for mode in off on resume; do
+          stop bridge recorder
+          if [[ $mode == off ]]; then export PGWS_HISTORY_SECONDS=0; else unset PGWS_HISTORY_SECONDS; fi
+          start_bridge
+          BUS_PID="${PID[bridge]}${nats_pid:+,$nats_pid}"
+          start_target pgws
+          # The bridge makes the history stream in the background: give it a moment.
+          sleep 1
+          extra=()
+          [[ $mode == resume ]] && extra=(--resume)
+          load pgws "history-$mode-fanout-$FANOUT_SOCKETS-r$ONE_RATE-run$run" fanout --channels 1 \
+            --subscribers "$FANOUT_SOCKETS" --rate "$ONE_RATE" --seconds "$SECS" "${extra[@]}" || true
+          if [[ $mode != resume ]]; then
+            load pgws "history-$mode-ingest-$INGEST_SOCKETS-run$run" ingest \
+              --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+            recorder_drained
+          fi
+          stop_target pgws
+          BUS_PID=
+        done
+      done
+      unset PGWS_HISTORY_SECONDS
+      stop bridge recorder
+      start_bridge
       ;;
     one-noaudit)
       for ((run = 1; run <= ONE_RUNS; run++)); do

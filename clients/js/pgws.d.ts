@@ -103,14 +103,20 @@ export interface LiveEvent {
   event: string;
   source?: string;
   data: unknown;
+  /** Where the event is in the server's history (when it keeps one): `since` resumes after it. */
+  position?: string;
 }
 
 interface Events {
   open: { reconnected: boolean };
   close: CloseInfo;
   reconnecting: { attempt: number; delay: number };
-  /** Messages may have been missed: `reconnect` (the client's), `listener` / `nats` (the server's). */
-  gap: { reason: string };
+  /**
+   * Messages may have been missed: `reconnect` (the client's), `listener` / `nats` (the
+   * server's), `history` (a resumed socket or `/live` topic whose missed messages were no
+   * longer kept); `topic` on a `/live` topic's own gap.
+   */
+  gap: { reason: string; topic?: string };
   error: PgwsError;
   /** A new token is in use: in-band, or by reconnecting. */
   token: { expiresAt: number | null; inBand: boolean };
@@ -138,6 +144,8 @@ export declare class PgwsClient extends Connection<Events & { message: Message }
 export declare class LiveClient extends Connection<Events & { event: LiveEvent }> {
   constructor(options: ClientOptions);
   request<T = unknown>(method: string, attributes?: Record<string, unknown>): Promise<T>;
+  /** The position of the last event of `topic` received, when the server gives positions. */
+  position(topic: string): string | undefined;
   subscribe(topic: string, handler?: (event: LiveEvent) => void): Promise<{ topic: string }>;
   unsubscribe(topic: string): Promise<{ topic: string }>;
   topic(name: string, handler: (event: LiveEvent) => void): () => void;

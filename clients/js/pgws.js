@@ -512,13 +512,25 @@ export class LiveError extends PgwsError {
 /**
  * The `/live` API: every method is a promise of the reply's `data` (rejected with a
  * `LiveError` carrying the server's reason). Subscriptions survive reconnections: the client
- * subscribes again and emits `gap` (events in between are not replayed).
+ * subscribes again, from the position of the last event of each topic when the server gives
+ * positions (a server keeping a history), so missed events are replayed; it emits `gap`
+ * (with the topic) only for what could not be given back.
  */
 export class LiveClient extends Connection {
   #nextId = 1;
   #pending = new Map(); // id -> {method, resolve, reject, timer}
   #waiting = []; // requests made before the socket opened
   #topics = new Map(); // topic -> Set of handlers (subscribed topics)
+  #positions = new Map(); // topic -> the position of its last event
+
+  resumes() {
+    return this.#positions.size > 0;
+  }
+
+  /** The position of `topic`'s last event (a server keeping a history), if any came. */
+  position(topic) {
+    return this.#positions.get(topic);
+  }
 
   path() {
     return '/live';
@@ -568,6 +580,7 @@ export class LiveClient extends Connection {
   /** Stops a topic's events and forgets its handlers. */
   unsubscribe(topic) {
     this.#topics.delete(topic);
+    this.#positions.delete(topic);
     return this.request('unsubscribe', { topicName: topic });
   }
 
@@ -606,9 +619,18 @@ export class LiveClient extends Connection {
     const waiting = this.#waiting;
     this.#waiting = [];
     if (reconnected) {
+      const resuming = this.resumes();
       for (const topic of this.#topics.keys()) {
-        this.request('subscribe', { topicName: topic }).catch((err) =>
-          this.emit('error', new PgwsError('resubscribe', `${topic}: ${err.message}`, err)),
+        const since = this.#positions.get(topic);
+        const attributes = since ? { topicName: topic, since } : { topicName: topic };
+        this.request('subscribe', attributes).then(
+          (data) => {
+            // Without positions the connection said `reconnect` once, for every topic.
+            if (resuming && data?.recovered !== true) {
+              this.emit('gap', { reason: since ? 'history' : 'reconnect', topic });
+            }
+          },
+          (err) => this.emit('error', new PgwsError('resubscribe', `${topic}: ${err.message}`, err)),
         );
       }
     }
@@ -649,6 +671,9 @@ export class LiveClient extends Connection {
       return;
     }
     if (msg?.type === 'event') {
+      if (typeof msg.position === 'string' && this.#topics.has(msg.topic)) {
+        this.#positions.set(msg.topic, msg.position);
+      }
       this.emit('event', msg);
       callEach(this.#topics.get(msg.topic), msg);
       return;

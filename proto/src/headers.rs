@@ -1,7 +1,8 @@
 //! NATS header names of the contract.
 
 /// The unique id of a client message, assigned by the gateway; JetStream's duplicate window
-/// uses it, and the recorder stores it as the audit row's primary key.
+/// uses it, and the recorder stores it as the audit row's primary key. A `/live` table event
+/// carries one too ([`change_id`]).
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
 /// On an audit record holding several envelopes (the messages of one NOTIFY request): their
@@ -72,6 +73,12 @@ pub fn change(commit_lsn: u64, index: u64) -> String {
 pub fn change_position(value: &str) -> Option<(u64, u64)> {
     let (lsn, index) = value.split_once('.')?;
     Some((lsn.parse().ok()?, index.parse().ok()?))
+}
+
+/// The [`MSG_ID`] of a table event (JetStream deduplicates by it: the history keeps an event
+/// the capture published again after a leader's failover once) at `position` ([`CHANGE`]) on `subject`.
+pub fn change_id(subject: &str, position: &str) -> String {
+    format!("{position}@{subject}")
 }
 
 /// W3C trace context (on NOTIFY requests, deliveries and audit records) when tracing is on.

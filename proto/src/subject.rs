@@ -179,11 +179,13 @@ impl Subjects {
     }
 
     /// What the history keeps: every postgres-websockets channel's and direct channel's
-    /// deliveries.
+    /// deliveries, `/live` custom topics' messages and table topics' events.
     pub fn history(&self) -> Vec<String> {
         vec![
             format!("{}.deliver.>", self.prefix),
             format!("{}.direct.>", self.prefix),
+            format!("{}.live.>", self.prefix),
+            format!("{}.table.>", self.prefix),
         ]
     }
 

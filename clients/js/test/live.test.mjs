@@ -111,3 +111,40 @@ test('close() rejects what is pending and stops for good', async () => {
   await assert.rejects(client.ping(), (err) => err.code === 'closed');
   assert.equal(client.state, 'closed');
 });
+
+test('resubscribing from the last position: events missed while away are replayed, no gap', async (t) => {
+  const sub = unique('dora-');
+  // Opens sockets to a closed port while `blocked`: the client keeps retrying.
+  let blocked = false;
+  class Gate extends WebSocket {
+    constructor(url, protocols) {
+      super(blocked ? 'ws://127.0.0.1:1/live' : url, protocols);
+    }
+  }
+  const client = new LiveClient({
+    url: stack.url, token: token({ sub }), initialDelay: 100, maxDelay: 300, WebSocket: Gate,
+  });
+  t.after(() => client.close());
+  const seen = record(client, EVENTS);
+  const topic = unique('room-');
+  await client.createTopic(topic);
+  const events = [];
+  await client.subscribe(topic, (e) => events.push(e.data));
+  const publisher = new LiveClient({ url: stack.url, token: token({ sub }), initialDelay: 100, maxDelay: 300 });
+  t.after(() => publisher.close());
+  await publisher.publish(topic, 'm0');
+  await eventually('the first event', () => events.length === 1);
+  assert.match(client.position(topic), /^[0-9a-f]+-[0-9a-f]{12,}$/);
+
+  blocked = true;
+  await stack.killGateway();
+  await stack.startGateway();
+  for (const m of ['m1', 'm2', 'm3']) await publisher.publish(topic, m);
+  blocked = false;
+  await eventually('the missed events', () => events.length === 4, 10_000);
+  await publisher.publish(topic, 'm4');
+  await eventually('the live event', () => events.length === 5, 5_000);
+  assert.deepEqual(events, ['m0', 'm1', 'm2', 'm3', 'm4']);
+  assert.deepEqual(seen.of('gap'), [], 'everything was given back');
+  assert.deepEqual(seen.of('error'), []);
+});

@@ -12,7 +12,7 @@
 //! carry sequences, so a reader that starts its tail before its replay ends can join the two
 //! without a gap or a repeat (the gateway does: `ws-gateway/src/resume.rs`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -81,6 +81,9 @@ pub trait History: Send + Sync + 'static {
 
     /// Every message kept on `subject` from now on, in order.
     fn tail(&self, subject: &str) -> BoxFuture<'_, Result<Tail, BusError>>;
+
+    /// Whether a replay after `after` of `epoch` would be served now (not a [`Replay::Gap`]).
+    fn servable(&self, epoch: &str, after: u64) -> BoxFuture<'_, Result<bool, BusError>>;
 }
 
 /// Whether `after` can be served by a history holding `first..=last` (`first` is `last + 1`
@@ -172,7 +175,8 @@ pub fn parse_position(text: &str) -> Option<(&str, u64)> {
 // ------------------------------------------------------------------ in memory
 
 /// The history of one process: messages kept in memory for `max_age` and at most `max_bytes`
-/// (payloads and subjects), fed with [`MemoryHistory::keep`] (or from a bus subscription,
+/// (payloads and subjects), a message whose `Nats-Msg-Id` is kept already dropped (as
+/// JetStream's duplicate window does), fed with [`MemoryHistory::keep`] (or from a bus subscription,
 /// [`MemoryHistory::keep_from`]). Its epoch is new for every process, so positions of an
 /// earlier process are gaps.
 #[derive(Clone)]
@@ -193,6 +197,8 @@ struct MemoryState {
     /// The sequence the next message gets.
     next: u64,
     tails: HashMap<String, Vec<mpsc::Sender<Result<Kept, BusError>>>>,
+    /// The `Nats-Msg-Id`s of the messages kept.
+    ids: HashSet<String>,
 }
 
 impl MemoryState {
@@ -208,10 +214,16 @@ impl MemoryState {
                 break;
             }
             self.bytes -= size(k);
+            if let Some(id) = k.headers.get(MSG_ID) {
+                self.ids.remove(id);
+            }
             self.kept.pop_front();
         }
     }
 }
+
+/// The header a message is deduplicated by.
+const MSG_ID: &str = "Nats-Msg-Id";
 
 fn size(k: &Kept) -> usize {
     k.payload.len() + k.subject.len()
@@ -235,6 +247,7 @@ impl MemoryHistory {
                     bytes: 0,
                     next: 1,
                     tails: HashMap::new(),
+                    ids: HashSet::new(),
                 }),
             }),
         }
@@ -248,6 +261,11 @@ impl MemoryHistory {
     /// is ended).
     pub fn keep(&self, subject: &str, headers: Headers, payload: Bytes) {
         let mut state = self.lock();
+        if let Some(id) = headers.get(MSG_ID) {
+            if !state.ids.insert(id.clone()) {
+                return;
+            }
+        }
         let kept = Kept {
             seq: state.next,
             subject: subject.to_owned(),
@@ -309,6 +327,14 @@ impl History for MemoryHistory {
         };
         drop(state);
         Box::pin(async move { Ok(replay) })
+    }
+
+    fn servable(&self, epoch: &str, after: u64) -> BoxFuture<'_, Result<bool, BusError>> {
+        let mut state = self.lock();
+        state.expire(self.inner.max_age, self.inner.max_bytes);
+        let ok = epoch == self.inner.epoch && servable(after, state.first(), state.next - 1);
+        drop(state);
+        Box::pin(async move { Ok(ok) })
     }
 
     fn tail(&self, subject: &str) -> BoxFuture<'_, Result<Tail, BusError>> {
@@ -445,6 +471,17 @@ impl History for JetStreamHistory {
                 }
             });
             Ok(Replay::Kept(Box::pin(kept)))
+        })
+    }
+
+    fn servable(&self, epoch: &str, after: u64) -> BoxFuture<'_, Result<bool, BusError>> {
+        let epoch = epoch.to_owned();
+        Box::pin(async move {
+            let stream = self.stream().await?;
+            let info = stream.cached_info();
+            let state = &info.state;
+            Ok(epoch == epoch_of(info)
+                && servable(after, state.first_sequence, state.last_sequence))
         })
     }
 

@@ -50,6 +50,25 @@ impl Fixture {
         }
     }
 
+    /// Publishes `text` on `name` with a `Nats-Msg-Id`.
+    async fn publish_with_id(&self, name: &str, text: &str, id: &str) {
+        let subject = self.subject(name);
+        let mut headers = pgws_bus::Headers::new();
+        headers.insert("Nats-Msg-Id".to_owned(), id.to_owned());
+        if let Some(memory) = &self.memory {
+            memory.keep(&subject, headers.clone(), Bytes::from(text.to_owned()));
+        }
+        if let Some((client, _, _)) = &self.nats {
+            let mut map = async_nats::HeaderMap::new();
+            map.insert("Nats-Msg-Id", id);
+            client
+                .publish_with_headers(subject, map, Bytes::from(text.to_owned()))
+                .await
+                .expect("published");
+            client.flush().await.expect("flushed");
+        }
+    }
+
     async fn publish_all(&self, name: &str, texts: std::ops::Range<u32>) {
         for i in texts {
             self.publish(name, &format!("{name}{i}")).await;
@@ -227,4 +246,19 @@ async fn merged(f: Fixture) {
     );
     let gap = replay_all(f.history.as_ref(), &subjects, "0", 0).await;
     assert!(matches!(gap, Ok(Replay::Gap)));
+}
+
+on_both!(
+    a_message_published_again_with_its_id_is_kept_once,
+    deduplicated
+);
+async fn deduplicated(f: Fixture) {
+    let epoch = f.history.epoch().await.expect("epoch");
+    f.publish_with_id("a", "e1", "1.0@a").await;
+    f.publish_with_id("a", "e2", "1.1@a").await;
+    f.publish_with_id("a", "e1", "1.0@a").await;
+    f.publish("a", "plain").await;
+    f.publish("a", "plain").await;
+    let kept = f.replay("a", &epoch, 0).await.expect("kept");
+    assert_eq!(texts(&kept), ["e1", "e2", "plain", "plain"]);
 }

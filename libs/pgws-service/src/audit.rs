@@ -41,8 +41,9 @@ pub fn history_stream_config(subjects: &Subjects, history: &HistoryConfig) -> Co
         discard: DiscardPolicy::Old,
         max_bytes: history.max_bytes,
         max_age: history.max_age,
-        // No message carries an id to deduplicate: the smallest window the server takes.
-        duplicate_window: history.max_age.min(Duration::from_secs(1)),
+        // Table events carry an id (their change and subject): one the capture publishes
+        // again after a failover is kept once.
+        duplicate_window: history.max_age.min(DUPLICATE_WINDOW),
         storage: StorageType::File,
         num_replicas: history.replicas,
         ..Default::default()

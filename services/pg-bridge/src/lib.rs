@@ -238,6 +238,11 @@ async fn serve(
             metrics: bridge_metrics.clone(),
             grace: config.pubsub_grace,
             direct: config.direct_channels.clone(),
+            class_linger: if config.history.enabled() {
+                config.history.max_age
+            } else {
+                Duration::ZERO
+            },
             classes: watch::channel(Arc::default()).0,
             capture: (!config.table_topics.is_empty()).then(|| capture::Capture {
                 pg: pg.clone(),

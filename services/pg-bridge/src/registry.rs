@@ -15,7 +15,7 @@
 //! the gateways report again, so for [`Registry::settle`] it answers `Retry` where an answer
 //! would depend on what it does not know yet.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use pgws_config::DirectChannels;
@@ -101,7 +101,14 @@ pub(crate) struct Registry {
     direct: DirectChannels,
     /// Until then, answers that depend on the whole stack's state are `Retry`.
     settled_at: Instant,
+    /// How long a table class nobody reads any more is still served
+    /// ([`Registry::with_class_linger`]), and the classes doing so, until when.
+    class_linger: Duration,
+    lingering: BTreeMap<LiveClass, Instant>,
 }
+
+/// Most classes served after their last reader left; beyond, the oldest go first.
+const MAX_LINGERING: usize = 100_000;
 
 impl Registry {
     /// An empty registry of a leader that took over at `now`, which LISTENs on the `direct`
@@ -116,6 +123,40 @@ impl Registry {
             grace,
             direct,
             settled_at: now + settle(),
+            class_linger: Duration::ZERO,
+            lingering: BTreeMap::new(),
+        }
+    }
+
+    /// The same registry, keeping a table class served for `linger` after its last reader
+    /// left: with a history, its events go on being kept for a socket that comes back and
+    /// resumes (`since`).
+    pub(crate) fn with_class_linger(mut self, linger: Duration) -> Self {
+        self.class_linger = linger;
+        self
+    }
+
+    /// `classes`, which some gateway no longer reads, linger if no other gateway reads them.
+    fn linger(&mut self, classes: impl IntoIterator<Item = LiveClass>, now: Instant) {
+        if self.class_linger.is_zero() {
+            return;
+        }
+        let until = now + self.class_linger;
+        for class in classes {
+            if !self.gateways.values().any(|g| g.classes.contains(&class)) {
+                self.lingering.insert(class, until);
+            }
+        }
+        while self.lingering.len() > MAX_LINGERING {
+            let oldest = self
+                .lingering
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(c, _)| c.clone());
+            match oldest {
+                Some(c) => self.lingering.remove(&c),
+                None => break,
+            };
         }
     }
 
@@ -168,7 +209,9 @@ impl Registry {
         state.last = None;
         changes.refused = refused.difference(&state.refused).cloned().collect();
         state.refused = refused;
-        state.classes = presence.classes.into_iter().collect();
+        let classes: BTreeSet<LiveClass> = presence.classes.into_iter().collect();
+        let left: Vec<LiveClass> = state.classes.difference(&classes).cloned().collect();
+        state.classes = classes;
         let added: Vec<String> = wanted.difference(&state.channels).cloned().collect();
         let removed: Vec<String> = state.channels.difference(&wanted).cloned().collect();
         state.channels = wanted;
@@ -212,6 +255,7 @@ impl Registry {
                 }
             }
         }
+        self.linger(left, now);
         changes
     }
 
@@ -315,9 +359,15 @@ impl Registry {
         held
     }
 
-    /// The `/live` table classes some gateway reads, each once, sorted.
+    /// The `/live` table classes some gateway reads, or that linger after their last reader
+    /// left ([`Registry::with_class_linger`]), each once, sorted.
     pub(crate) fn classes(&self) -> Vec<LiveClass> {
-        let all: BTreeSet<&LiveClass> = self.gateways.values().flat_map(|g| &g.classes).collect();
+        let all: BTreeSet<&LiveClass> = self
+            .gateways
+            .values()
+            .flat_map(|g| &g.classes)
+            .chain(self.lingering.keys())
+            .collect();
         all.into_iter().cloned().collect()
     }
 
@@ -373,6 +423,7 @@ impl Registry {
                 for c in state.channels {
                     self.drop_ref(&c, &mut changes);
                 }
+                self.linger(state.classes, now);
             }
             let until = now + self.grace;
             for holder in self.topics.values_mut() {
@@ -383,6 +434,7 @@ impl Registry {
         }
         self.parts
             .retain(|_, p| now.duration_since(p.seen) < expiry);
+        self.lingering.retain(|_, until| *until > now);
         let mut closed = Vec::new();
         self.topics.retain(|topic, holder| match holder {
             Holder::Orphan { until } if *until <= now => {
@@ -408,7 +460,12 @@ impl Registry {
             Holder::Publisher(_) => None,
         });
         let tombstones = self.closed.values().map(|at| *at + expiry);
-        gateways.chain(orphans).chain(tombstones).min()
+        let lingering = self.lingering.values().copied();
+        gateways
+            .chain(orphans)
+            .chain(tombstones)
+            .chain(lingering)
+            .min()
     }
 
     fn touch(&mut self, gateway: &str, now: Instant) {
@@ -456,6 +513,49 @@ mod tests {
             subscribed: subscribed.iter().map(|t| topic(t)).collect(),
             classes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn classes_linger_after_their_last_reader_when_asked() {
+        let t0 = Instant::now();
+        let class = |role: &str| LiveClass {
+            topic: "orders".into(),
+            role: role.into(),
+            claims: "{}".into(),
+            all: false,
+            route: None,
+        };
+        let with = |classes: Vec<LiveClass>| Presence {
+            classes,
+            ..Presence::default()
+        };
+        let linger = Duration::from_secs(30);
+        let mut r = Registry::new(GRACE, DirectChannels::All, t0).with_class_linger(linger);
+        r.report("g1", with(vec![class("a"), class("b")]), t0);
+        r.report("g2", with(vec![class("b")]), t0);
+        r.report("g1", with(vec![]), t0 + Duration::from_secs(1));
+        assert_eq!(
+            r.classes(),
+            [class("a"), class("b")],
+            "a lingers, b is read"
+        );
+        r.report("g2", with(vec![]), t0 + Duration::from_secs(2));
+        assert_eq!(
+            r.next_deadline()
+                .map(|d| d <= t0 + linger + Duration::from_secs(2)),
+            Some(true)
+        );
+        r.expire(t0 + Duration::from_secs(20));
+        assert_eq!(r.classes(), [class("a"), class("b")]);
+        r.expire(t0 + Duration::from_secs(31));
+        assert_eq!(r.classes(), [class("b")], "a's time is over");
+        r.expire(t0 + Duration::from_secs(33));
+        assert!(r.classes().is_empty());
+        // Without a linger a class goes with its last reader.
+        let mut plain = Registry::new(GRACE, DirectChannels::All, t0);
+        plain.report("g1", with(vec![class("a")]), t0);
+        plain.report("g1", with(vec![]), t0);
+        assert!(plain.classes().is_empty());
     }
 
     #[test]

@@ -46,6 +46,10 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 /// How long a handshake waits for a new subject's subscription to reach NATS.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a resuming socket waits for its subject's history tail (a JetStream consumer,
+/// slower to make than a subscription under load).
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
 /// Close code of a slow consumer.
 const CLOSE_POLICY: u16 = 1008;
 
@@ -323,31 +327,35 @@ impl Hub {
     }
 
     /// Adds socket `id` to the history's tail of `subject` ([`resume_key`]), framed as `wrap`,
-    /// opening the tail if it is the first such reader here; resolves once the tail runs.
+    /// opening the tail if it is the first such reader here; resolves once the tail runs. False
+    /// when it did not within [`RESUME_WAIT`]: what is published meanwhile may never reach the
+    /// socket, which must not go on as if it were reading.
     pub(crate) async fn join_resume(
         self: &Arc<Self>,
         subject: &str,
         wrap: Wrap,
         id: u64,
         sub: Subscriber,
-    ) {
-        self.join_as(subject, Some(wrap), id, sub).await;
+    ) -> bool {
+        self.join_as(subject, Some(wrap), id, sub).await
     }
 
+    /// True once the entry reads its subject (at most [`SUBSCRIBE_WAIT`] for a NATS
+    /// subscription, [`RESUME_WAIT`] for a history's tail).
     async fn join_as(
         self: &Arc<Self>,
         subject: &str,
         resume: Option<Wrap>,
         id: u64,
         sub: Subscriber,
-    ) {
+    ) -> bool {
         let key = match resume {
             Some(wrap) => resume_key(subject, wrap),
             None => subject.to_owned(),
         };
         let state = {
             let Ok(mut channels) = self.channels.lock() else {
-                return;
+                return false;
             };
             let state = channels
                 .entry(key)
@@ -359,7 +367,13 @@ impl Hub {
             state
         };
         let mut ready = state.ready.subscribe();
-        drop(tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)).await);
+        let wait = if resume.is_some() {
+            RESUME_WAIT
+        } else {
+            SUBSCRIBE_WAIT
+        };
+        let waited = tokio::time::timeout(wait, ready.wait_for(|r| *r)).await;
+        waited.is_ok_and(|r| r.is_ok())
     }
 
     /// Socket `id` gets gap signals until [`Hub::unwatch_gaps`].
@@ -490,15 +504,17 @@ impl Hub {
         }
     }
 
-    /// How many sockets of this gateway read `subject`.
+    /// How many sockets of this gateway read `subject` (directly or through the history).
     pub(crate) fn readers(&self, subject: &str) -> usize {
         let Ok(channels) = self.channels.lock() else {
             return 0;
         };
-        channels
-            .get(subject)
-            .and_then(|state| state.subscribers.read().ok().map(|subs| subs.len()))
-            .unwrap_or(0)
+        let keys = [Wrap::Json, Wrap::Text, Wrap::Event].map(|w| resume_key(subject, w));
+        std::iter::once(subject)
+            .chain(keys.iter().map(String::as_str))
+            .filter_map(|key| channels.get(key))
+            .filter_map(|state| state.subscribers.read().ok().map(|subs| subs.len()))
+            .sum()
     }
 
     fn open(self: &Arc<Self>, subject: &str, resume: Option<Wrap>) -> Arc<Channel> {
@@ -574,6 +590,9 @@ impl Hub {
     /// Queues one kept message, framed with its position, to every resuming reader of its
     /// subject (held back for those whose replay runs).
     fn fan_out_kept(&self, state: &Channel, epoch: &str, wrap: Wrap, kept: &pgws_bus::Kept) {
+        if !self.first_time(state, &kept.headers) {
+            return;
+        }
         let position = pgws_bus::format_position(epoch, kept.seq);
         let Some(text) = wrap.frame(&position, &kept.payload) else {
             tracing::warn!("text frame is not UTF-8; dropped");
@@ -629,6 +648,24 @@ impl Hub {
         drop(sub);
     }
 
+    /// False for a table event whose position the subject already passed on (a leader bridge
+    /// that took over publishes again what may have been published already).
+    fn first_time(&self, state: &Channel, h: &pgws_bus::Headers) -> bool {
+        let Some(at) = h
+            .get(headers::CHANGE)
+            .and_then(|v| headers::change_position(v))
+        else {
+            return true;
+        };
+        let mut last = state.last_change.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|seen| at <= seen) {
+            self.metrics.changes_repeated.inc();
+            return false;
+        }
+        *last = Some(at);
+        true
+    }
+
     /// Queues one message to every local reader of its subject: one span for the message (not
     /// one per socket), one shared buffer.
     fn fan_out(&self, state: &Channel, msg: pgws_bus::Message) {
@@ -652,13 +689,8 @@ impl Hub {
             tracing::debug!("a close header on a data subject: dropped");
             return;
         }
-        if let Some(at) = header(headers::CHANGE).and_then(|v| headers::change_position(&v)) {
-            let mut last = state.last_change.lock().unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|seen| at <= seen) {
-                self.metrics.changes_repeated.inc();
-                return;
-            }
-            *last = Some(at);
+        if !self.first_time(state, &msg.headers) {
+            return;
         }
         let binary = header(headers::FRAME).is_some_and(|f| f == headers::FRAME_BINARY);
         let payload = msg.payload;

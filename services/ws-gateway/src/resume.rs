@@ -76,6 +76,9 @@ pub(crate) enum Wrap {
     Json,
     /// A direct channel: the payload as a JSON string.
     Text,
+    /// A `/live` event (a JSON object): the position goes in as its first member,
+    /// `{"position":"<position>","type":"event",...}`.
+    Event,
 }
 
 impl Wrap {
@@ -83,12 +86,22 @@ impl Wrap {
         match self {
             Wrap::Json => "json",
             Wrap::Text => "text",
+            Wrap::Event => "event",
         }
     }
 
-    /// `{"position":"<position>","message":<payload>}`; `None` when the payload is not UTF-8.
+    /// `{"position":"<position>","message":<payload>}` (an event: the event with its
+    /// position); `None` when the payload is not UTF-8.
     pub(crate) fn frame(self, position: &str, payload: &[u8]) -> Option<Utf8Bytes> {
         let text = std::str::from_utf8(payload).ok()?;
+        if self == Wrap::Event {
+            let position = serde_json::Value::String(position.to_owned());
+            let rest = text.trim_start().strip_prefix('{')?.trim_start();
+            let sep = if rest.starts_with('}') { "" } else { "," };
+            return Some(Utf8Bytes::from(format!(
+                "{{\"position\":{position}{sep}{rest}"
+            )));
+        }
         let json =
             self == Wrap::Json && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
         let message = if json {
@@ -314,6 +327,13 @@ mod tests {
             not_json.as_str(),
             r#"{"position":"1-01","message":"plain"}"#
         );
+        let event = Wrap::Event
+            .frame("1-01", br#"{"type":"event"}"#)
+            .expect("utf-8");
+        assert_eq!(event.as_str(), r#"{"position":"1-01","type":"event"}"#);
+        let empty = Wrap::Event.frame("1-01", b"{}").expect("utf-8");
+        assert_eq!(empty.as_str(), r#"{"position":"1-01"}"#);
+        assert!(Wrap::Event.frame("1-01", b"[1]").is_none());
         let text = Wrap::Text.frame("1-01", br#"{"a":1}"#).expect("utf-8");
         assert_eq!(
             text.as_str(),

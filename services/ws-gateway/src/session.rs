@@ -9,9 +9,13 @@ use crate::hub::{resume_key, Kick, Queued, SocketBytes, Subscriber};
 use crate::presence::Registration;
 use crate::protocol::{Admission, Protocol, Refusal};
 use crate::queue;
-use crate::resume::{self, Hold, Resuming, Wrap};
+use crate::resume::{self, Hold, Resume, Resuming, Wrap};
 use crate::uplink::Pending;
 use crate::Gateway;
+
+/// Close code of a resuming socket whose history tail did not start in time (RFC 6455 1013,
+/// try again later): it comes back with its position.
+const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// A socket's registrations, released on drop.
 pub(crate) struct Membership {
@@ -61,6 +65,9 @@ impl Membership {
     /// `what`; resolves once the subscription is live and the leader knows. False when the
     /// socket cannot subscribe at runtime.
     pub(crate) async fn join(&mut self, subject: &str, what: Option<Registration>) -> bool {
+        if self.resume.is_some() {
+            return self.join_from(subject, what, Resume::Now).await;
+        }
         let Some(sub) = &self.dynamic else {
             return false;
         };
@@ -70,6 +77,47 @@ impl Membership {
             if let Some(what) = what {
                 self.register(what).await;
             }
+        }
+        true
+    }
+
+    /// Joins `subject` through the history from `from` while the socket runs (a socket admitted
+    /// with `dynamic` and `resume`) and registers `what`; what was kept after `from` is queued
+    /// by a replay task before the subject's live messages. False when the socket cannot.
+    pub(crate) async fn join_from(
+        &mut self,
+        subject: &str,
+        what: Option<Registration>,
+        from: Resume,
+    ) -> bool {
+        let (Some(sub), Some(wrap)) = (&self.dynamic, self.resume) else {
+            return false;
+        };
+        let key = resume_key(subject, wrap);
+        if self.subjects.contains(&key) {
+            return true;
+        }
+        let hold = Hold::new(self.gw.config.send_queue);
+        let held = Subscriber {
+            hold: Some(Arc::clone(&hold)),
+            ..sub.clone()
+        };
+        if !self.gw.hub.join_resume(subject, wrap, self.id, held).await {
+            sub.kick
+                .close(CLOSE_TRY_AGAIN, "history not ready: try again");
+        }
+        self.subjects.push(key);
+        let resuming = Resuming {
+            from,
+            wrap,
+            holds: vec![(subject.to_owned(), hold)],
+        };
+        let (gw, sub) = (Arc::clone(&self.gw), sub.clone());
+        self.gw
+            .shutdown
+            .spawn(async move { resume::replay(gw, resuming, sub).await });
+        if let Some(what) = what {
+            self.register(what).await;
         }
         true
     }
@@ -176,7 +224,9 @@ impl Gateway {
                         hold: Some(Arc::clone(&hold)),
                         ..subscriber.clone()
                     };
-                    self.hub.join_resume(&subject, wrap, id, sub).await;
+                    if !self.hub.join_resume(&subject, wrap, id, sub).await {
+                        kick.close(CLOSE_TRY_AGAIN, "history not ready: try again");
+                    }
                     membership.subjects.push(resume_key(&subject, wrap));
                     holds.push((subject, hold));
                 }

@@ -277,6 +277,12 @@ fn perform<'a>(
                 }
                 true
             }
+            Action::JoinFrom(subject, registration, from) => {
+                if !membership.join_from(&subject, registration, from).await {
+                    tracing::warn!(subject, "a socket that does not resume asked to resume");
+                }
+                true
+            }
             Action::Leave(subject, registration) => {
                 membership.leave(&subject, registration);
                 true

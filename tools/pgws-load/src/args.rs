@@ -50,6 +50,8 @@ options:
                             (default 2)
   --settle SECS             pause after connecting before measuring (default 1)
   --binary                  pubsub: the publishers send binary frames (default text)
+  --resume                  fanout on pgws: the sockets open with ?resume= (positioned frames,
+                            read through the stack's history)
 ";
 
 /// What to run.
@@ -154,6 +156,8 @@ pub struct Opts {
     pub settle: f64,
     /// The pubsub publishers send binary frames.
     pub binary: bool,
+    /// pgws channel sockets open with `?resume=` (read through the history).
+    pub resume: bool,
     /// Child process: the range of global socket indices it opens.
     pub child: Option<(u64, u64)>,
     /// Names of this run's channels derive from it (shared with child processes).
@@ -233,6 +237,7 @@ impl Opts {
             quiet: 2.0,
             settle: 1.0,
             binary: false,
+            resume: false,
             child: None,
             run_id: format!(
                 "load{:x}",
@@ -248,6 +253,10 @@ impl Opts {
         while let Some(key) = it.next() {
             if key == "-h" || key == "--help" {
                 return Ok(None);
+            }
+            if key == "--resume" {
+                o.resume = true;
+                continue;
             }
             if key == "--binary" {
                 o.binary = true;

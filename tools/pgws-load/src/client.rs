@@ -201,6 +201,7 @@ pub async fn subscribe(
     let path = match (opts.target, opts.mode) {
         (Target::Nats, _) => "/".to_owned(),
         (Target::Pgws, Mode::Pubsub) => format!("/ws/sub/{}/{channel}", opts.domain()),
+        (Target::Pgws, _) if opts.resume => format!("/{channel}/{token}?resume="),
         _ => format!("/{channel}/{token}"),
     };
     let mut ws = open(ep, &path, source, small_config()).await?;

@@ -452,6 +452,10 @@ impl Capture {
     async fn send(&self, subject: &str, position: &str, frame: &Bytes) -> anyhow::Result<()> {
         let mut h = Headers::new();
         h.insert(headers::CHANGE.to_owned(), position.to_owned());
+        h.insert(
+            headers::MSG_ID.to_owned(),
+            headers::change_id(subject, position),
+        );
         self.bus
             .publish_with_headers(subject, h, frame.clone())
             .await?;

@@ -77,6 +77,9 @@ pub(crate) enum Action {
     /// Start reading a fan-out subject (a socket admitted with `dynamic`), and register what
     /// the leader must know of it; the actions after it run once both are done.
     Join(String, Option<Registration>),
+    /// [`Action::Join`] through the history (a socket admitted with `resume`), from this
+    /// point: what was kept after it is queued first.
+    JoinFrom(String, Option<Registration>, Resume),
     /// Stop reading a fan-out subject, and release its registration.
     Leave(String, Option<Registration>),
     /// Several actions, in order.

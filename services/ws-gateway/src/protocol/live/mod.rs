@@ -43,6 +43,7 @@ use super::{same_claims_apart_from, unix_secs, Action, Admission, Frame, Protoco
 use crate::handshake::Credentials;
 use crate::limits::Rate;
 use crate::presence::{Registration, MAX_CLASSES};
+use crate::resume::{Resume, Wrap};
 use crate::Gateway;
 
 /// How long a request waits for a bridge's answer.
@@ -172,7 +173,12 @@ pub(crate) fn admission(gw: &Arc<Gateway>, creds: &Credentials) -> Result<Admiss
             state: Arc::default(),
             lookups: Rate::new(LOOKUPS_PER_SECOND),
         }),
-        resume: None,
+        // With a history, every event carries its position and `subscribe` takes `since`.
+        resume: gw
+            .hub
+            .history
+            .is_some()
+            .then_some((Resume::Now, Wrap::Event)),
         after_join: None,
     })
 }
@@ -298,6 +304,10 @@ impl Live {
             Ok(t) => t,
             Err(e) => return failed(&request, e),
         };
+        let since = match since(&request) {
+            Ok(since) => since,
+            Err(e) => return failed(&request, e),
+        };
         let (gw, who, state) = (
             Arc::clone(&self.gw),
             Arc::clone(&self.who),
@@ -318,6 +328,12 @@ impl Live {
                     }
                 });
                 let found = futures::future::join_all(lookups).await;
+                // The events after `since` are queued after the reply, which says whether every
+                // one of them is still kept.
+                let recovered = match &since {
+                    Some(since) => Some((since, recoverable(&gw, since).await)),
+                    None => None,
+                };
                 let mut actions = Vec::with_capacity(topics.len() * 2);
                 for (name, found) in topics.into_iter().zip(found) {
                     let topic = match found {
@@ -356,8 +372,18 @@ impl Live {
                     let registration = topic.registration();
                     s.subscribed.insert(name.clone(), topic);
                     drop(s);
-                    actions.push(Action::Join(subject, registration));
-                    actions.push(reply(request.ok(json!({"topic": name}))));
+                    let Some((since, recovered)) = recovered else {
+                        actions.push(Action::Join(subject, registration));
+                        actions.push(reply(request.ok(json!({"topic": name}))));
+                        continue;
+                    };
+                    actions.push(if recovered {
+                        Action::JoinFrom(subject, registration, since.clone())
+                    } else {
+                        Action::Join(subject, registration)
+                    });
+                    let data = json!({"topic": name, "recovered": recovered});
+                    actions.push(reply(request.ok(data)));
                 }
                 Action::Many(actions)
             }
@@ -557,6 +583,29 @@ impl Live {
             .boxed(),
         )
     }
+}
+
+/// `subscribe`'s `since` (a position): `None` when absent.
+fn since(request: &Request) -> Result<Option<Resume>, String> {
+    match request.attributes.get("since") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => match pgws_bus::parse_position(text) {
+            Some((epoch, seq)) => Ok(Some(Resume::After {
+                epoch: epoch.to_owned(),
+                seq,
+            })),
+            None => Err("attribute \"since\" is not a position".to_owned()),
+        },
+        Some(_) => Err("attribute \"since\" must be a position (a string)".to_owned()),
+    }
+}
+
+/// Whether every event after `since` is still kept (false without a history).
+async fn recoverable(gw: &Gateway, since: &Resume) -> bool {
+    let (Some(history), Resume::After { epoch, seq }) = (&gw.hub.history, since) else {
+        return false;
+    };
+    history.servable(epoch, *seq).await.unwrap_or(false)
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
