@@ -102,6 +102,11 @@ impl<T> Sender<T> {
     pub(crate) fn capacity(&self) -> usize {
         self.shared.capacity
     }
+
+    /// Whether the receiver is gone (the socket ended).
+    pub(crate) fn is_closed(&self) -> bool {
+        !self.shared.lock().receiver
+    }
 }
 
 impl<T> std::fmt::Debug for Sender<T> {

@@ -252,13 +252,15 @@ pub(crate) async fn replay(gw: Arc<Gateway>, resuming: Resuming, sub: Subscriber
                 return;
             }
         };
+        // A socket that ended (or is being closed) needs no more of its replay.
+        let gone = |sub: &Subscriber| sub.kick.is_kicked() || sub.tx.is_closed();
         while sub.busy() {
-            if sub.kick.is_kicked() {
+            if gone(&sub) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        if sub.kick.is_kicked() {
+        if gone(&sub) {
             return;
         }
         let position = format_position(&epoch, kept.seq);
