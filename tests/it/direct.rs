@@ -126,9 +126,12 @@ async fn direct_socket_refusals_are_clear() -> anyhow::Result<()> {
 }
 
 /// A stack whose every channel is direct (`*`), so the postgres-websockets probe of
-/// `Stack::start` cannot be used: waits until a direct channel delivers on every gateway.
+/// `Stack::start` cannot be used: waits until a direct channel delivers on every gateway. It
+/// keeps no history, so a channel is UNLISTENed as soon as its last socket leaves (with a
+/// history it stays LISTENed for the history's age, for sockets that resume: `resume.rs`).
 async fn star_stack(bridges: usize, gateways: usize) -> anyhow::Result<Stack> {
-    let stack = Stack::start_sized(&[("PGWS_DIRECT_CHANNELS", "*")], bridges, gateways).await?;
+    let env = [("PGWS_DIRECT_CHANNELS", "*"), ("PGWS_HISTORY_SECONDS", "0")];
+    let stack = Stack::start_sized(&env, bridges, gateways).await?;
     let db = stack.pg().await?;
     for i in 0..gateways {
         let probe = unique("probe-");

@@ -123,7 +123,10 @@ async fn plain_sockets_see_no_change_and_direct_channels_carry_text() -> anyhow:
         .await?;
     let (first, message) = next_positioned(&mut dws, T).await?;
     assert_eq!(message, json!("first"));
+    // No socket reads the channel now: the leader still LISTENs on it for the history's age,
+    // so what is notified meanwhile is kept for the socket that comes back.
     drop(dws);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     db.execute("SELECT pg_notify($1, 'missed')", &[&direct])
         .await?;
     let url = format!("{}/{jwt}?resume={first}", stack.ws_url(0));

@@ -490,17 +490,34 @@ impl History for JetStreamHistory {
         Box::pin(async move {
             use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
             let stream = self.stream().await?;
-            let epoch = epoch_of(stream.cached_info());
+            let info = stream.cached_info();
+            let epoch = epoch_of(info);
+            let after = info.state.last_sequence;
             let consumer = stream
                 .create_consumer(OrderedConfig {
                     filter_subject: subject,
-                    deliver_policy: DeliverPolicy::New,
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    },
                     ..Default::default()
                 })
                 .await
                 .map_err(unavailable)?;
             let messages = consumer.messages().await.map_err(unavailable)?;
-            let messages = messages.map(|m| kept_of(m).map(|(kept, _)| kept));
+            // An ordered consumer that is made again before its first message starts from the
+            // stream's beginning (async-nats): only what follows the last message passed on.
+            let mut last = after;
+            let messages = messages.filter_map(move |m| {
+                let kept = match kept_of(m) {
+                    Ok((kept, _)) if kept.seq <= last => None,
+                    Ok((kept, _)) => {
+                        last = kept.seq;
+                        Some(Ok(kept))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(kept)
+            });
             Ok(Tail {
                 epoch,
                 messages: Box::pin(messages),

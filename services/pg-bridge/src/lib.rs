@@ -238,7 +238,7 @@ async fn serve(
             metrics: bridge_metrics.clone(),
             grace: config.pubsub_grace,
             direct: config.direct_channels.clone(),
-            class_linger: if config.history.enabled() {
+            linger: if config.history.enabled() {
                 config.history.max_age
             } else {
                 Duration::ZERO

@@ -69,9 +69,10 @@ pub(crate) struct Listener {
     pub(crate) grace: Duration,
     /// The channels gateways may have LISTENed (`PGWS_DIRECT_CHANNELS`).
     pub(crate) direct: DirectChannels,
-    /// How long a table class is still captured after its last reader left: the history's
-    /// age (`PGWS_HISTORY_SECONDS`), so a socket that resumes finds what it missed.
-    pub(crate) class_linger: Duration,
+    /// How long a table class is still captured and a direct channel LISTENed after their
+    /// last reader left: the history's age (`PGWS_HISTORY_SECONDS`), so a socket that resumes
+    /// finds what it missed.
+    pub(crate) linger: Duration,
     /// The `/live` table classes the registry knows, for the capture.
     pub(crate) classes: watch::Sender<Arc<Vec<LiveClass>>>,
     /// The change capture of `/live` table topics, when `PGWS_TABLE_TOPICS` names some.
@@ -180,8 +181,8 @@ impl Listener {
         {
             tracing::warn!(error = %e, "cannot publish the gap marker");
         }
-        let mut registry = Registry::new(self.grace, self.direct.clone(), Instant::now())
-            .with_class_linger(self.class_linger);
+        let mut registry =
+            Registry::new(self.grace, self.direct.clone(), Instant::now()).with_linger(self.linger);
         if kept == Some(false) {
             // No earlier leader knew of a topic: there is nothing to wait for.
             registry.settle_now(Instant::now());

@@ -51,7 +51,7 @@ async fn start(
             metrics: metrics.clone(),
             grace: Duration::from_secs(1),
             direct: pgws_config::DirectChannels::All,
-            class_linger: Duration::ZERO,
+            linger: Duration::ZERO,
             classes: tokio::sync::watch::channel(std::sync::Arc::default()).0,
             capture: None,
             settling: Arc::default(),

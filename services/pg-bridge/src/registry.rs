@@ -101,10 +101,11 @@ pub(crate) struct Registry {
     direct: DirectChannels,
     /// Until then, answers that depend on the whole stack's state are `Retry`.
     settled_at: Instant,
-    /// How long a table class nobody reads any more is still served
-    /// ([`Registry::with_class_linger`]), and the classes doing so, until when.
-    class_linger: Duration,
+    /// How long a table class or a direct channel nobody reads any more is still served
+    /// ([`Registry::with_linger`]), and the classes and channels doing so, until when.
+    linger: Duration,
     lingering: BTreeMap<LiveClass, Instant>,
+    lingering_channels: HashMap<String, Instant>,
 }
 
 /// Most classes served after their last reader left; beyond, the oldest go first.
@@ -123,25 +124,26 @@ impl Registry {
             grace,
             direct,
             settled_at: now + settle(),
-            class_linger: Duration::ZERO,
+            linger: Duration::ZERO,
             lingering: BTreeMap::new(),
+            lingering_channels: HashMap::new(),
         }
     }
 
-    /// The same registry, keeping a table class served for `linger` after its last reader
-    /// left: with a history, its events go on being kept for a socket that comes back and
-    /// resumes (`since`).
-    pub(crate) fn with_class_linger(mut self, linger: Duration) -> Self {
-        self.class_linger = linger;
+    /// The same registry, keeping a table class captured and a direct channel LISTENed for
+    /// `linger` after their last reader left: with a history, what they carry goes on being
+    /// kept for a socket that comes back and resumes.
+    pub(crate) fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
     /// `classes`, which some gateway no longer reads, linger if no other gateway reads them.
     fn linger(&mut self, classes: impl IntoIterator<Item = LiveClass>, now: Instant) {
-        if self.class_linger.is_zero() {
+        if self.linger.is_zero() {
             return;
         }
-        let until = now + self.class_linger;
+        let until = now + self.linger;
         for class in classes {
             if !self.gateways.values().any(|g| g.classes.contains(&class)) {
                 self.lingering.insert(class, until);
@@ -178,12 +180,15 @@ impl Registry {
 
     /// The direct channels to LISTEN on.
     pub(crate) fn channels(&self) -> impl Iterator<Item = &str> {
-        self.refs.keys().map(String::as_str)
+        self.refs
+            .keys()
+            .chain(self.lingering_channels.keys())
+            .map(String::as_str)
     }
 
     /// Whether `channel` is a direct channel some gateway needs.
     pub(crate) fn is_listened(&self, channel: &str) -> bool {
-        self.refs.contains_key(channel)
+        self.refs.contains_key(channel) || self.lingering_channels.contains_key(channel)
     }
 
     /// Replaces the state of `gateway` with `presence`.
@@ -219,7 +224,7 @@ impl Registry {
             self.hold(c, &mut changes);
         }
         for c in removed {
-            self.drop_ref(&c, &mut changes);
+            self.drop_ref(&c, &mut changes, now);
         }
         let published: HashSet<&Topic> = presence.published.iter().collect();
         for topic in &presence.published {
@@ -421,7 +426,7 @@ impl Registry {
             tracing::info!(gateway = %id, "gateway stopped reporting; its channels and topics are released");
             if let Some(state) = self.gateways.remove(&id) {
                 for c in state.channels {
-                    self.drop_ref(&c, &mut changes);
+                    self.drop_ref(&c, &mut changes, now);
                 }
                 self.linger(state.classes, now);
             }
@@ -435,6 +440,16 @@ impl Registry {
         self.parts
             .retain(|_, p| now.duration_since(p.seen) < expiry);
         self.lingering.retain(|_, until| *until > now);
+        let over: Vec<String> = self
+            .lingering_channels
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in over {
+            self.lingering_channels.remove(&c);
+            changes.unlisten.push(c);
+        }
         let mut closed = Vec::new();
         self.topics.retain(|topic, holder| match holder {
             Holder::Orphan { until } if *until <= now => {
@@ -460,7 +475,11 @@ impl Registry {
             Holder::Publisher(_) => None,
         });
         let tombstones = self.closed.values().map(|at| *at + expiry);
-        let lingering = self.lingering.values().copied();
+        let lingering = self
+            .lingering
+            .values()
+            .chain(self.lingering_channels.values())
+            .copied();
         gateways
             .chain(orphans)
             .chain(tombstones)
@@ -477,17 +496,34 @@ impl Registry {
     fn hold(&mut self, channel: String, changes: &mut Changes) {
         let n = self.refs.entry(channel.clone()).or_insert(0);
         *n += 1;
-        if *n == 1 {
+        // A lingering channel is LISTENed still.
+        if *n == 1 && self.lingering_channels.remove(&channel).is_none() {
             changes.listen.push(channel);
         }
     }
 
-    fn drop_ref(&mut self, channel: &str, changes: &mut Changes) {
+    fn drop_ref(&mut self, channel: &str, changes: &mut Changes, now: Instant) {
         if let Some(n) = self.refs.get_mut(channel) {
             *n -= 1;
             if *n == 0 {
                 self.refs.remove(channel);
-                changes.unlisten.push(channel.to_owned());
+                if self.linger.is_zero() {
+                    changes.unlisten.push(channel.to_owned());
+                } else {
+                    self.lingering_channels
+                        .insert(channel.to_owned(), now + self.linger);
+                    if self.lingering_channels.len() > MAX_LINGERING {
+                        let oldest = self
+                            .lingering_channels
+                            .iter()
+                            .min_by_key(|(_, until)| **until)
+                            .map(|(c, _)| c.clone());
+                        if let Some(c) = oldest {
+                            self.lingering_channels.remove(&c);
+                            changes.unlisten.push(c);
+                        }
+                    }
+                }
             }
         }
     }
@@ -516,6 +552,32 @@ mod tests {
     }
 
     #[test]
+    fn direct_channels_linger_after_their_last_reader_when_asked() {
+        let t0 = Instant::now();
+        let mut r =
+            Registry::new(GRACE, DirectChannels::All, t0).with_linger(Duration::from_secs(30));
+        let c = r.report("g1", presence(&["a"], &[], &[]), t0);
+        assert_eq!(c.listen, ["a"]);
+        let c = r.report("g1", presence(&[], &[], &[]), t0);
+        assert!(c.unlisten.is_empty(), "still LISTENed: {c:?}");
+        assert!(r.is_listened("a"));
+        // Read again meanwhile: no second LISTEN, and no UNLISTEN when its time would be over.
+        let c = r.report(
+            "g2",
+            presence(&["a"], &[], &[]),
+            t0 + Duration::from_secs(5),
+        );
+        assert!(c.listen.is_empty());
+        let c = r.report("g2", presence(&[], &[], &[]), t0 + Duration::from_secs(6));
+        assert!(c.unlisten.is_empty());
+        let c = r.expire(t0 + Duration::from_secs(20));
+        assert!(c.unlisten.is_empty());
+        let c = r.expire(t0 + Duration::from_secs(37));
+        assert_eq!(c.unlisten, ["a"]);
+        assert!(!r.is_listened("a"));
+    }
+
+    #[test]
     fn classes_linger_after_their_last_reader_when_asked() {
         let t0 = Instant::now();
         let class = |role: &str| LiveClass {
@@ -530,7 +592,7 @@ mod tests {
             ..Presence::default()
         };
         let linger = Duration::from_secs(30);
-        let mut r = Registry::new(GRACE, DirectChannels::All, t0).with_class_linger(linger);
+        let mut r = Registry::new(GRACE, DirectChannels::All, t0).with_linger(linger);
         r.report("g1", with(vec![class("a"), class("b")]), t0);
         r.report("g2", with(vec![class("b")]), t0);
         r.report("g1", with(vec![]), t0 + Duration::from_secs(1));
