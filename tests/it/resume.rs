@@ -537,3 +537,35 @@ async fn a_leader_failover_and_a_nats_restart_lose_and_repeat_nothing_that_was_k
     assert_eq!(got, kept, "the resumed client got exactly what was kept");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_live_topic_resumes_in_one_process() -> anyhow::Result<()> {
+    let stack = Stack::start_as(Topology::One, &[]).await?;
+    let url = format!(
+        "{}/live?token={}",
+        stack.ws_url(0),
+        token(&json!({"sub": "ann"}))
+    );
+    let topic = unique("room-");
+    let mut writer = WsClient::connect(&url).await?;
+    let created = live_call(&mut writer, "create-topic", json!({"name": topic})).await?;
+    assert_eq!(created["ok"], true, "{created}");
+    let mut reader = WsClient::connect(&url).await?;
+    live_call(&mut reader, "subscribe", json!({"topicName": topic})).await?;
+    let send = |n: u32| json!({"topicName": topic, "message": n});
+    live_call(&mut writer, "new-message", send(0)).await?;
+    let (position, _) = next_event(&mut reader).await?;
+    drop(reader);
+    for n in 1..4 {
+        live_call(&mut writer, "new-message", send(n)).await?;
+    }
+    let mut reader = WsClient::connect(&url).await?;
+    let since = json!({"topicName": topic, "since": position});
+    let reply = live_call(&mut reader, "subscribe", since).await?;
+    assert_eq!(reply["data"]["recovered"], true, "{reply}");
+    for n in 1..4 {
+        assert_eq!(next_event(&mut reader).await?.1, json!(n));
+    }
+    nothing_more(&mut reader).await;
+    Ok(())
+}

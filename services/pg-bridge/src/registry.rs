@@ -111,6 +111,12 @@ pub(crate) struct Registry {
 /// Most classes served after their last reader left; beyond, the oldest go first.
 const MAX_LINGERING: usize = 100_000;
 
+/// Most direct channels LISTENed after their last reader left; beyond, the oldest are
+/// UNLISTENed first. Lower than the classes' bound: PostgreSQL checks a notification against
+/// its session's LISTEN list one by one, and with `PGWS_DIRECT_CHANNELS=*` any token holder
+/// names channels.
+const MAX_LINGERING_CHANNELS: usize = 10_000;
+
 impl Registry {
     /// An empty registry of a leader that took over at `now`, which LISTENs on the `direct`
     /// channels gateways report and no others.
@@ -512,7 +518,7 @@ impl Registry {
                 } else {
                     self.lingering_channels
                         .insert(channel.to_owned(), now + self.linger);
-                    if self.lingering_channels.len() > MAX_LINGERING {
+                    if self.lingering_channels.len() > MAX_LINGERING_CHANNELS {
                         let oldest = self
                             .lingering_channels
                             .iter()
