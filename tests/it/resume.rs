@@ -511,6 +511,7 @@ async fn a_leader_failover_and_a_nats_restart_lose_and_repeat_nothing_that_was_k
     let leader = stack.leader().await.unwrap_or(0);
     stack.bridges[leader].signal("KILL")?;
     read_resuming(&stack, &channel, &mut got, 250, deadline).await?;
+    let before_restart = got.last().map_or(0, |(_, n)| *n);
     nats.kill()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart().await?;
@@ -524,7 +525,12 @@ async fn a_leader_failover_and_a_nats_restart_lose_and_repeat_nothing_that_was_k
     }
     let total = kept.len();
     read_resuming(&stack, &channel, &mut got, total, deadline).await?;
-    eprintln!("kept {total} of 601 notifications across the failover and the NATS restart");
+    let kept_ns: Vec<u64> = kept.iter().map(|(_, n)| *n).collect();
+    let missing: Vec<u64> = (0..=600).filter(|n| !kept_ns.contains(n)).collect();
+    eprintln!(
+        "kept {total} of 601 notifications across the failover and the NATS restart; \
+         not kept: {missing:?}"
+    );
     assert!(
         total > 400,
         "most notifications reached the history: {total}"
