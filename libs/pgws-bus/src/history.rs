@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
@@ -284,6 +285,12 @@ impl MemoryHistory {
         state.expire(self.inner.max_age, self.inner.max_bytes);
     }
 
+    /// Whether `after` of `epoch` can be served from what `state` still keeps.
+    fn serves(&self, state: &mut MemoryState, epoch: &str, after: u64) -> bool {
+        state.expire(self.inner.max_age, self.inner.max_bytes);
+        epoch == self.inner.epoch && servable(after, state.first(), state.next - 1)
+    }
+
     /// Keeps every message of `subscription` until it ends.
     pub async fn keep_from(&self, mut subscription: Subscription) {
         while let Some(m) = subscription.next().await {
@@ -312,9 +319,7 @@ impl History for MemoryHistory {
         after: u64,
     ) -> BoxFuture<'_, Result<Replay, BusError>> {
         let mut state = self.lock();
-        state.expire(self.inner.max_age, self.inner.max_bytes);
-        let replay = if epoch == self.inner.epoch && servable(after, state.first(), state.next - 1)
-        {
+        let replay = if self.serves(&mut state, epoch, after) {
             let kept: Vec<Result<Kept, BusError>> = state
                 .kept
                 .iter()
@@ -330,10 +335,7 @@ impl History for MemoryHistory {
     }
 
     fn servable(&self, epoch: &str, after: u64) -> BoxFuture<'_, Result<bool, BusError>> {
-        let mut state = self.lock();
-        state.expire(self.inner.max_age, self.inner.max_bytes);
-        let ok = epoch == self.inner.epoch && servable(after, state.first(), state.next - 1);
-        drop(state);
+        let ok = self.serves(&mut self.lock(), epoch, after);
         Box::pin(async move { Ok(ok) })
     }
 
@@ -396,6 +398,30 @@ fn epoch_of(info: &async_nats::jetstream::stream::Info) -> String {
     format!("{:x}", info.created.unix_timestamp_nanos())
 }
 
+/// Whether the stream of `info` can serve `after` of `epoch`.
+fn serves(info: &async_nats::jetstream::stream::Info, epoch: &str, after: u64) -> bool {
+    let state = &info.state;
+    epoch == epoch_of(info) && servable(after, state.first_sequence, state.last_sequence)
+}
+
+/// An ordered consumer of `stream` reading `subject` from `start` on.
+async fn ordered_from(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: String,
+    start: u64,
+) -> Result<async_nats::jetstream::consumer::Consumer<OrderedConfig>, BusError> {
+    stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)
+}
+
 fn kept_of(
     m: Result<async_nats::jetstream::Message, impl std::fmt::Display>,
 ) -> Result<(Kept, u64), BusError> {
@@ -430,29 +456,16 @@ impl History for JetStreamHistory {
         let subject = subject.to_owned();
         let epoch = epoch.to_owned();
         Box::pin(async move {
-            use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
             let stream = self.stream().await?;
             let info = stream.cached_info();
-            let state = &info.state;
-            if epoch != epoch_of(info)
-                || !servable(after, state.first_sequence, state.last_sequence)
-            {
+            if !serves(info, &epoch, after) {
                 return Ok(Replay::Gap);
             }
             let empty = || Ok(Replay::Kept(Box::pin(futures::stream::empty())));
-            if after == state.last_sequence {
+            if after == info.state.last_sequence {
                 return empty();
             }
-            let consumer = stream
-                .create_consumer(OrderedConfig {
-                    filter_subject: subject,
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: after + 1,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?;
+            let consumer = ordered_from(&stream, subject, after + 1).await?;
             if consumer.cached_info().num_pending == 0 {
                 return empty();
             }
@@ -476,33 +489,17 @@ impl History for JetStreamHistory {
 
     fn servable(&self, epoch: &str, after: u64) -> BoxFuture<'_, Result<bool, BusError>> {
         let epoch = epoch.to_owned();
-        Box::pin(async move {
-            let stream = self.stream().await?;
-            let info = stream.cached_info();
-            let state = &info.state;
-            Ok(epoch == epoch_of(info)
-                && servable(after, state.first_sequence, state.last_sequence))
-        })
+        Box::pin(async move { Ok(serves(self.stream().await?.cached_info(), &epoch, after)) })
     }
 
     fn tail(&self, subject: &str) -> BoxFuture<'_, Result<Tail, BusError>> {
         let subject = subject.to_owned();
         Box::pin(async move {
-            use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
             let stream = self.stream().await?;
             let info = stream.cached_info();
             let epoch = epoch_of(info);
             let after = info.state.last_sequence;
-            let consumer = stream
-                .create_consumer(OrderedConfig {
-                    filter_subject: subject,
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: after + 1,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(unavailable)?;
+            let consumer = ordered_from(&stream, subject, after + 1).await?;
             let messages = consumer.messages().await.map_err(unavailable)?;
             // An ordered consumer that is made again before its first message starts from the
             // stream's beginning (async-nats): only what follows the last message passed on.

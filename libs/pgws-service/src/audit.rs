@@ -58,14 +58,7 @@ pub async fn ensure_history_stream(
     history: &HistoryConfig,
     give_up: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let config = history_stream_config(subjects, history);
-    retrying(&config.name, give_up, || async {
-        js.create_or_update_stream(config.clone())
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await
+    ensure_stream(js, history_stream_config(subjects, history), give_up).await
 }
 
 /// Creates the audit stream, or brings it to the configured limits when it exists: the
@@ -77,7 +70,16 @@ pub async fn ensure_audit_stream(
     audit: &AuditConfig,
     give_up: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let config = audit_stream_config(subjects, audit);
+    ensure_stream(js, audit_stream_config(subjects, audit), give_up).await
+}
+
+/// Creates the stream of `config`, or brings an existing one to it, retrying until it
+/// succeeds or `give_up` resolves: the owner's part.
+async fn ensure_stream(
+    js: &Context,
+    config: Config,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
     retrying(&config.name, give_up, || async {
         js.create_or_update_stream(config.clone())
             .await

@@ -242,6 +242,8 @@ pub(crate) async fn replay(gw: Arc<Gateway>, resuming: Resuming, sub: Subscriber
     };
     let mut last: Vec<(String, u64)> = subjects.iter().map(|s| (s.clone(), after)).collect();
     let mut replayed = 0u64;
+    // A socket that ended (or is being closed) needs no more of its replay.
+    let gone = |sub: &Subscriber| sub.kick.is_kicked() || sub.tx.is_closed();
     while let Some(kept) = stream.next().await {
         let kept = match kept {
             Ok(kept) => kept,
@@ -252,8 +254,6 @@ pub(crate) async fn replay(gw: Arc<Gateway>, resuming: Resuming, sub: Subscriber
                 return;
             }
         };
-        // A socket that ended (or is being closed) needs no more of its replay.
-        let gone = |sub: &Subscriber| sub.kick.is_kicked() || sub.tx.is_closed();
         while sub.busy() {
             if gone(&sub) {
                 return;

@@ -97,25 +97,14 @@ impl Membership {
         if self.subjects.contains(&key) {
             return true;
         }
-        let hold = Hold::new(self.gw.config.send_queue);
-        let held = Subscriber {
-            hold: Some(Arc::clone(&hold)),
-            ..sub.clone()
-        };
-        if !self.gw.hub.join_resume(subject, wrap, self.id, held).await {
-            sub.kick
-                .close(CLOSE_TRY_AGAIN, "history not ready: try again");
-        }
+        let hold = self.gw.join_held(subject, wrap, self.id, sub).await;
         self.subjects.push(key);
         let resuming = Resuming {
             from,
             wrap,
             holds: vec![(subject.to_owned(), hold)],
         };
-        let (gw, sub) = (Arc::clone(&self.gw), sub.clone());
-        self.gw
-            .shutdown
-            .spawn(async move { resume::replay(gw, resuming, sub).await });
+        self.gw.replay(resuming, sub.clone());
         if let Some(what) = what {
             self.register(what).await;
         }
@@ -175,6 +164,34 @@ impl Gateway {
         Ok(accepted)
     }
 
+    /// Joins socket `id` to the history's tail of `subject` with a new hold; a socket whose
+    /// tail does not start in time is closed (1013) rather than miss what comes meanwhile.
+    async fn join_held(
+        self: &Arc<Self>,
+        subject: &str,
+        wrap: Wrap,
+        id: u64,
+        sub: &Subscriber,
+    ) -> Arc<Hold> {
+        let hold = Hold::new(self.config.send_queue);
+        let held = Subscriber {
+            hold: Some(Arc::clone(&hold)),
+            ..sub.clone()
+        };
+        if !self.hub.join_resume(subject, wrap, id, held).await {
+            sub.kick
+                .close(CLOSE_TRY_AGAIN, "history not ready: try again");
+        }
+        hold
+    }
+
+    /// Runs `resuming`'s replay for `sub` as a task of its own.
+    fn replay(self: &Arc<Self>, resuming: Resuming, sub: Subscriber) {
+        let gw = Arc::clone(self);
+        self.shutdown
+            .spawn(async move { resume::replay(gw, resuming, sub).await });
+    }
+
     async fn join(self: &Arc<Self>, mut admission: Admission) -> Accepted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = queue::channel(admission.send_queue.unwrap_or(self.config.send_queue));
@@ -219,21 +236,14 @@ impl Gateway {
             Some((from, wrap)) => {
                 let mut holds = Vec::new();
                 for subject in admission.subjects {
-                    let hold = Hold::new(self.config.send_queue);
-                    let sub = Subscriber {
-                        hold: Some(Arc::clone(&hold)),
-                        ..subscriber.clone()
-                    };
-                    if !self.hub.join_resume(&subject, wrap, id, sub).await {
-                        kick.close(CLOSE_TRY_AGAIN, "history not ready: try again");
-                    }
+                    let hold = self.join_held(&subject, wrap, id, &subscriber).await;
                     membership.subjects.push(resume_key(&subject, wrap));
                     holds.push((subject, hold));
                 }
-                let resuming = Resuming { from, wrap, holds };
-                let (gw, sub) = (Arc::clone(self), subscriber.clone());
-                self.shutdown
-                    .spawn(async move { resume::replay(gw, resuming, sub).await });
+                // A `/live` socket joins its topics later, each with its own replay.
+                if !holds.is_empty() {
+                    self.replay(Resuming { from, wrap, holds }, subscriber.clone());
+                }
             }
         }
         if admission.dynamic {
