@@ -15,6 +15,9 @@
 #               batch per user)
 #   users-latency   USERS users subscribed, LATENCY_ROWS rows one per transaction at
 #               LATENCY_RATE rows/s: insert-to-event latency
+#   latency     one socket, one class; for each rate of LATENCY_RATES (rows/s), LATENCY_SECONDS
+#               of rows inserted on schedule (one per transaction up to 1,000/s, then
+#               transactions of rate/1,000 rows, 1,000 a second): commit-to-socket latency
 # One release pg-bridge and one release ws-gateway (deploy/sample.env with a NATS prefix, ports,
 # listen channel, replication slot and schema of their own; no recorder), restarted between
 # the phases; tests/src/bin/pgws-live-bench.rs does the measuring. Each phase writes its JSON
@@ -36,8 +39,10 @@
 # Usage: scripts/bench-live.sh [OUT_DIR]      (default bench/results/<date>-live)
 # Env:   SOCKETS (1000), CLASSES (10), ROWS (20000), TXN_ROWS (500), THROUGHPUT_ROWS (100000),
 #        USERS (1000), USER_ROWS (100000), LATENCY_RATE (100), LATENCY_ROWS (3000),
+#        LATENCY_RATES ("1000 20000"), LATENCY_SECONDS (10),
 #        PHASES (default "classes baseline throughput"; "users users-baseline users-latency"
-#        for per-user policies), BASELINE_QUIET (180: seconds without an
+#        for per-user policies; "latency"), BRIDGE_BIN and GATEWAY_BIN (other builds of the
+#        two services to run instead, e.g. an earlier commit's, for a same-run comparison), BASELINE_QUIET (180: seconds without an
 #        event before the baseline counts what arrived), KEEP_LOGS=1 (keep the services' logs
 #        in OUT_DIR/logs). On 2 cores the baseline takes about 2.5 minutes at ROWS=20000 and
 #        50 s at ROWS=5000 (docs/benchmarks.md).
@@ -56,6 +61,8 @@ USERS=${USERS:-1000}
 USER_ROWS=${USER_ROWS:-100000}
 LATENCY_RATE=${LATENCY_RATE:-100}
 LATENCY_ROWS=${LATENCY_ROWS:-3000}
+LATENCY_RATES=${LATENCY_RATES:-1000 20000}
+LATENCY_SECONDS=${LATENCY_SECONDS:-10}
 PHASES=${PHASES:-classes baseline throughput}
 
 say() { printf 'bench-live: %s\n' "$*" >&2; }
@@ -86,6 +93,8 @@ cargo build --release --locked -p ws-gateway -p pg-bridge -p pgws-tests \
   --bin ws-gateway --bin pg-bridge --bin pgws-live-bench >&2
 BIN=$CARGO_TARGET_DIR/release
 BENCH=$BIN/pgws-live-bench
+BRIDGE_BIN=${BRIDGE_BIN:-$BIN/pg-bridge}
+GATEWAY_BIN=${GATEWAY_BIN:-$BIN/ws-gateway}
 
 set -a
 # shellcheck disable=SC1091
@@ -162,9 +171,9 @@ cleanup() {
 trap cleanup EXIT
 
 start_stack() { # extra bridge environment...
-  start bridge env PGWS_ADMIN_PORT=$BRIDGE_ADMIN_PORT "$@" "$BIN/pg-bridge"
+  start bridge env PGWS_ADMIN_PORT=$BRIDGE_ADMIN_PORT "$@" "$BRIDGE_BIN"
   wait_http "http://$BRIDGE_ADMIN/readyz"
-  start gateway env PGWS_PORT=$GW_PORT PGWS_ADMIN_PORT=$GW_ADMIN "$BIN/ws-gateway"
+  start gateway env PGWS_PORT=$GW_PORT PGWS_ADMIN_PORT=$GW_ADMIN "$GATEWAY_BIN"
   wait_http "http://127.0.0.1:$GW_ADMIN/readyz"
   NATS_PID=$(ss -Hltnp "sport = :${PGWS_NATS_URL##*:}" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
   export BENCH_PIDS="gateway=${PID[gateway]},bridge=${PID[bridge]}${NATS_PID:+,nats=$NATS_PID}"
@@ -221,6 +230,13 @@ for phase in $PHASES; do
       BENCH_RATE=$LATENCY_RATE run "users-$USERS-latency-r$LATENCY_RATE" deliver "$USERS" "$USERS" "$LATENCY_ROWS" 1
       stop_stack
       ;;
+    latency)
+      for rate in $LATENCY_RATES; do
+        start_stack
+        BENCH_RATE=$rate run "latency-r$rate" deliver 1 1 $((rate * LATENCY_SECONDS)) $(((rate + 999) / 1000))
+        stop_stack
+      done
+      ;;
     *) say "unknown phase $phase" ;;
   esac
 done
@@ -232,7 +248,7 @@ def load(name):
     path = os.path.join(out, name + ".json")
     return json.load(open(path)) if os.path.exists(path) else None
 import glob
-for path in sorted(glob.glob(os.path.join(out, "users-*.json"))):
+for path in sorted(glob.glob(os.path.join(out, "users-*.json")) + glob.glob(os.path.join(out, "latency-*.json"))):
     r = json.load(open(path))
     lat = r.get("latency_ms")
     print(f"{os.path.basename(path)[:-5]:28} events/s {r['events_per_s']:>10,.0f}  "

@@ -448,6 +448,45 @@ async fn a_leader_killed_mid_stream_loses_and_repeats_no_change() -> anyhow::Res
     Ok(())
 }
 
+/// The capture confirms a batch to PostgreSQL only once it is published: a leader killed while
+/// it publishes a large transaction leaves the whole transaction to the next leader, whose
+/// repeats the gateway drops.
+#[tokio::test]
+async fn a_leader_killed_while_publishing_a_transaction_loses_and_repeats_none_of_it(
+) -> anyhow::Result<()> {
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let stack = fx.stack(2, 1, &[]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    let db = fx.db().await?;
+    // The leader streams (past its settle) once the first row arrives.
+    insert_rows(&db, &fx.schema, 0..1, Duration::ZERO).await?;
+    let mut got = Received::default();
+    got.until(&mut ann, 1).await;
+    anyhow::ensure!(got.notes == [0], "the first row: {:?}", got.notes);
+    let leader = stack.leader().await.expect("a leader");
+    let n = 10_000;
+    db.batch_execute(&format!(
+        "INSERT INTO {}.orders (owner, note) SELECT 'ann', g::text FROM generate_series(1, {}) g",
+        fx.schema,
+        n - 1
+    ))
+    .await?;
+    // Mid-transaction: the leader is publishing it.
+    got.until(&mut ann, 200).await;
+    stack.bridges[leader].signal("KILL")?;
+    got.until(&mut ann, n).await;
+    let published = got.notes.len();
+    assert_eq!(
+        got.notes,
+        (0..n as i64).collect::<Vec<_>>(),
+        "every row of the transaction once, in order ({published} rows arrived)"
+    );
+    assert_eq!(got.repeated, 0, "no row twice");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> {
     let pg = PrivatePg::start()?;
@@ -475,6 +514,28 @@ async fn a_postgres_restart_loses_and_repeats_no_change() -> anyhow::Result<()> 
     );
     assert_eq!(got.repeated, 0, "no row twice");
     eprintln!("longest pause between two events: {:?}", got.longest);
+    Ok(())
+}
+
+/// The capture's replication connection authenticates as the SQL sessions do: a user with a
+/// password (SCRAM-SHA-256) gets its table events.
+#[tokio::test]
+async fn the_capture_signs_in_with_a_password() -> anyhow::Result<()> {
+    let pg = PrivatePg::start()?;
+    let uri = pg.password_user("capture_pw", "s3cret")?;
+    let fx = Fixture::create(&pg.uri()).await?;
+    let stack = fx.stack(1, 1, &[("PGWS_DB_URI", uri.as_str())]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    insert_rows(&fx.db().await?, &fx.schema, 0..3, Duration::ZERO).await?;
+    let mut got = Received::default();
+    got.until(&mut ann, 3).await;
+    assert_eq!(
+        got.notes,
+        [0, 1, 2],
+        "the rows, through a password user's stream"
+    );
     Ok(())
 }
 

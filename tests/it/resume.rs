@@ -262,6 +262,7 @@ async fn a_long_replay_joins_live_messages_without_gap_or_repeat() -> anyhow::Re
     let (_, last) = take_ns(&mut ws, 1).await?;
     drop(ws);
     // 3,000 missed at once, then live ones at 1,000/s while the client resumes.
+    let mut watcher = resuming(&stack, 0, &channel, "").await?;
     let db = stack.pg().await?;
     db.execute(
         "SELECT pg_notify($1, json_build_object('channel', $2::text, 'n', n)::text) \
@@ -269,6 +270,10 @@ async fn a_long_replay_joins_live_messages_without_gap_or_repeat() -> anyhow::Re
         &[&stack.listen_channel, &channel],
     )
     .await?;
+    // The 3,000 were delivered (so they are history, not live messages that a resuming socket
+    // would have to hold while it replays).
+    take_ns(&mut watcher, 3000).await?;
+    drop(watcher);
     let listen_channel = stack.listen_channel.clone();
     let flow_channel = channel.clone();
     let flow = tokio::spawn(async move {

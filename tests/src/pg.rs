@@ -93,6 +93,35 @@ impl PrivatePg {
     pub fn uri(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// A superuser `user` that must authenticate with `password` (SCRAM-SHA-256, where every
+    /// other user is trusted); its connection URI.
+    pub fn password_user(&self, user: &str, password: &str) -> anyhow::Result<String> {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &self.uri(), "-c"])
+            .arg(format!(
+                "SET password_encryption = 'scram-sha-256';
+                 CREATE ROLE {user} LOGIN SUPERUSER PASSWORD '{password}'"
+            ))
+            .output()
+            .context("running psql")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "creating {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hba = self.dir.join("data").join("pg_hba.conf");
+        let trusted = std::fs::read_to_string(&hba)?;
+        std::fs::write(
+            &hba,
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\n{trusted}"),
+        )?;
+        as_postgres(&self.bin, "pg_ctl", &["-D", &self.data(), "reload"])?;
+        Ok(format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/postgres",
+            self.port
+        ))
+    }
 }
 
 impl Drop for PrivatePg {

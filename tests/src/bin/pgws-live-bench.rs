@@ -16,10 +16,12 @@
 //! 500, `INSERT ... SELECT FROM generate_series`), while every socket counts its events, until
 //! each socket received its rows or nothing arrived for `BENCH_QUIET` seconds (default 20).
 //!
-//! With `BENCH_RATE` (rows/s), the measured rows are inserted one per transaction at that rate
-//! instead, each carrying the time it was sent (microseconds since the epoch, in `body`), and
-//! the report adds `latency_ms` (p50, p90, p99, max: the event's arrival minus its row's
-//! insert time, this process's clock both).
+//! With `BENCH_RATE` (rows/s), the measured rows are inserted at that rate instead, `txn_rows`
+//! per transaction, over `BENCH_WRITERS` connections (default 4) in turn, each row carrying the
+//! time its transaction was sent (microseconds since the epoch, in `body`), and the report adds
+//! `latency_ms` (p50, p90, p99, max: the event's arrival minus its row's send time, this
+//! process's clock both: commit-to-socket plus the insert and its commit), `rate_per_s` and
+//! `inserted_per_s` (the rate reached).
 //!
 //! `pgws-live-bench throughput <rows> [txn_rows]`: the same with one socket and one class,
 //! 1,000 rows per transaction by default: row changes per second from SQL to a socket.
@@ -492,19 +494,34 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
     let started = origin.elapsed();
     let mut from = 1;
     if let Some(rate) = pace {
-        // One row per transaction, on schedule, each carrying its send time.
-        let begun = Instant::now();
-        for r in 1..=rows {
-            let due = begun + Duration::from_secs_f64((r - 1) as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-            db.batch_execute(&format!(
-                "INSERT INTO {table} (tenant, body) VALUES ({}, '{}')",
-                r % classes,
-                micros()
-            ))
-            .await?;
+        // `txn_rows` rows per transaction, on schedule, each carrying its send time; the
+        // transactions go out over `BENCH_WRITERS` connections so that a slow commit does not
+        // hold the next one back.
+        let writers = var_u64("BENCH_WRITERS", 4).max(1);
+        let mut pool = Vec::new();
+        for _ in 0..writers {
+            pool.push(Arc::new(self::db().await?));
         }
-        from = rows + 1;
+        let mut sent = tokio::task::JoinSet::new();
+        let begun = Instant::now();
+        let mut n = 0u64;
+        while from <= rows {
+            let to = (from + txn_rows - 1).min(rows);
+            let due = begun + Duration::from_secs_f64((from - 1) as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let sql = format!(
+                "INSERT INTO {table} (tenant, body) SELECT g % {classes}, '{}'
+                   FROM generate_series({from}, {to}) g",
+                micros()
+            );
+            let writer = Arc::clone(&pool[(n % writers) as usize]);
+            sent.spawn(async move { writer.batch_execute(&sql).await });
+            n += 1;
+            from = to + 1;
+        }
+        while let Some(done) = sent.join_next().await {
+            done??;
+        }
     }
     while from <= rows {
         let to = (from + txn_rows - 1).min(rows);
@@ -597,6 +614,7 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
                 .map_or(0.0, |us| (*us as f64 / 10.0).round() / 100.0)
         };
         report["rate_per_s"] = json!(rate);
+        report["inserted_per_s"] = json!((rows as f64 / insert_seconds).round());
         report["latency_ms"] = json!({
             "samples": l.len(), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
             "max": l.last().map_or(0.0, |us| (*us as f64 / 10.0).round() / 100.0),

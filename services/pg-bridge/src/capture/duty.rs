@@ -1,13 +1,17 @@
-//! The capture loop the leader runs beside LISTEN: read committed changes from the slot, check
-//! what each permission class may see, publish, then move the slot.
+//! The capture loop the leader runs beside LISTEN: stream committed changes from the slot,
+//! check what each permission class may see, publish, then confirm.
 //!
-//! One batch: `pg_logical_slot_peek_binary_changes` (at most [`PEEK_CHANGES`] messages, whole
-//! transactions) -> for each table and each class reading it, one visibility check over the
-//! batch's rows ([`super::visibility`]) -> each visible event published to the class's
-//! subject, in commit order, with its position -> the bus flushed ->
-//! `pg_replication_slot_advance` past the batch. A leader that dies before the advance leaves
-//! the batch in the slot for the next one (gateways drop what they already passed on), so
-//! nothing committed is lost or shown twice.
+//! The slot's changes arrive as the server decodes them ([`super::replication`]: the streaming
+//! replication protocol, no polling); they are read ahead while a batch is published. One
+//! batch: the whole transactions that arrived (at most about [`BATCH_CHANGES`] messages) ->
+//! for each table and each class reading it, one visibility check over the batch's rows
+//! ([`super::visibility`]) -> each visible event published to the class's subject, in commit
+//! order, with its position -> the bus flushed -> the batch's end confirmed to the server. A
+//! leader that dies before the confirmation leaves the batch in the slot: the next leader's
+//! stream starts with it again (gateways drop what they already passed on), so nothing
+//! committed is lost or shown twice. When the stream is idle the server's keepalive says how
+//! far it read, and the slot is confirmed there, so it keeps no WAL written for other
+//! databases.
 //!
 //! Classes without a check: `all` classes (admins, BYPASSRLS) see every row and a delete's
 //! whole old row. A deleted row cannot be checked any more, so every class of the table (each
@@ -24,12 +28,13 @@ use bytes::Bytes;
 use pgws_bus::{Client as Bus, Headers};
 use pgws_config::DbConfig;
 use pgws_proto::{headers, LiveClass, Subjects};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
 use super::events::{Kind, RowChange, Table, Tables, Transactions};
 use super::pgoutput::{self, Relation};
+use super::replication::{self, Frame};
 use super::visibility::{self, Vanished, Visible};
 use crate::config::TablePattern;
 use crate::db::{self, quote_ident};
@@ -37,14 +42,13 @@ use crate::live_tables::{self, TableTopic};
 use crate::metrics::BridgeMetrics;
 use crate::routing;
 
-/// Most messages one peek returns (it stops at the first commit after that many).
-const PEEK_CHANGES: i32 = 5000;
-/// The pause after a peek that found nothing.
-const IDLE_POLL: Duration = Duration::from_millis(20);
-/// How often an idle slot is moved to the WAL flush position read before an empty peek (the
-/// peek read everything committed before it), so that it does not hold WAL written for other
-/// databases.
-const IDLE_ADVANCE: Duration = Duration::from_secs(5);
+/// Most messages in one batch (it ends at the first commit after that many).
+const BATCH_CHANGES: usize = 5000;
+/// Frames read ahead of the batch being published.
+const READ_AHEAD: usize = 2 * BATCH_CHANGES;
+/// How often the confirmed position is sent when nothing else is (the server's
+/// `wal_sender_timeout` is 60 s by default).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// The classes the gateways report, as the leader's registry knows them.
 pub(crate) type Classes = watch::Receiver<Arc<Vec<LiveClass>>>;
@@ -130,56 +134,95 @@ impl Capture {
             _ = tokio::time::sleep_until(settled) => {}
         }
         let by_oid: HashMap<u32, TableTopic> = topics.into_iter().map(|t| (t.oid, t)).collect();
-        let mut tables = Tables::new();
-        let mut idle_since = tokio::time::Instant::now();
-        loop {
-            if token.is_cancelled() {
-                return Ok(());
-            }
-            let before: String = client
-                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-                .await?
-                .get(0);
-            let before = pgoutput::parse_lsn(&before)
-                .ok_or_else(|| anyhow::anyhow!("unreadable WAL position {before:?}"))?;
-            let rows = client
-                .query(
-                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
-                       'proto_version', '1', 'publication_names', $3)",
-                    &[&self.slot, &PEEK_CHANGES, &self.slot],
-                )
-                .await?;
-            if rows.is_empty() {
-                if idle_since.elapsed() >= IDLE_ADVANCE {
-                    self.advance(client, before).await?;
-                    idle_since = tokio::time::Instant::now();
-                }
-                pause(token, IDLE_POLL).await;
-                continue;
-            }
-            idle_since = tokio::time::Instant::now();
-            let mut batch = Transactions::default();
-            for row in &rows {
-                let data: &[u8] = row.get(0);
-                match pgoutput::decode(data) {
-                    Ok(m) => batch.push(m),
-                    Err(e) => anyhow::bail!("undecodable change: {e}"),
+        let (mut changes, mut feedback) = replication::start(&self.pg, &self.slot).await?;
+        // Read ahead while a batch is checked and published: the server sends as it decodes.
+        let (tx, mut frames) = mpsc::channel(READ_AHEAD);
+        let reading = async move {
+            loop {
+                let frame = changes.next().await?;
+                if tx.send(frame).await.is_err() {
+                    return anyhow::Ok(());
                 }
             }
-            for relation in batch.relations.values() {
-                self.describe(client, &by_oid, relation, &mut tables)
-                    .await?;
+        };
+        let following = async {
+            let mut tables = Tables::new();
+            let mut read = Transactions::default();
+            // Everything before this was published (or holds nothing captured).
+            let mut confirmed = 0u64;
+            loop {
+                let first = tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    f = frames.recv() => f,
+                    _ = tokio::time::sleep(STATUS_EVERY) => {
+                        feedback.confirm(confirmed).await?;
+                        continue;
+                    }
+                };
+                let Some(first) = first else {
+                    return Ok(());
+                };
+                // This frame and whatever else already arrived, up to a batch.
+                let mut idle_end = None;
+                let mut reply = false;
+                let mut frame = Some(first);
+                let mut messages = 0;
+                while let Some(f) = frame.take() {
+                    match f {
+                        Frame::Change { data } => {
+                            read.push(
+                                pgoutput::decode(&data)
+                                    .map_err(|e| anyhow::anyhow!("undecodable change: {e}"))?,
+                            );
+                            messages += 1;
+                            idle_end = None;
+                        }
+                        Frame::Keepalive { wal_end, reply: r } => {
+                            reply |= r;
+                            idle_end = Some(wal_end);
+                        }
+                    }
+                    if messages >= BATCH_CHANGES && !read.in_transaction() {
+                        break;
+                    }
+                    frame = frames.try_recv().ok();
+                }
+                let batch = read.take();
+                if !batch.is_empty() {
+                    for relation in batch.relations.values() {
+                        self.describe(client, &by_oid, relation, &mut tables)
+                            .await?;
+                    }
+                    let snapshot = Arc::clone(&classes.borrow());
+                    self.publish(client, &batch.changes, &tables, &snapshot)
+                        .await?;
+                    self.metrics
+                        .capture_changes
+                        .inc_by(batch.changes.len() as u64);
+                }
+                let mut moved = false;
+                if let Some(end) = batch.end_lsn {
+                    self.bus.flush().await?;
+                    confirmed = confirmed.max(end);
+                    moved = true;
+                }
+                // The server sent everything before a keepalive: with no transaction half
+                // read, the slot may move there (it then keeps no WAL written for other
+                // databases or tables).
+                if let Some(end) = idle_end.filter(|_| !read.in_transaction()) {
+                    if end > confirmed {
+                        confirmed = end;
+                        moved = true;
+                    }
+                }
+                if moved || reply {
+                    feedback.confirm(confirmed).await?;
+                }
             }
-            let snapshot = Arc::clone(&classes.borrow());
-            self.publish(client, &batch.changes, &tables, &snapshot)
-                .await?;
-            self.metrics
-                .capture_changes
-                .inc_by(batch.changes.len() as u64);
-            if let Some(end) = batch.end_lsn {
-                self.bus.flush().await?;
-                self.advance(client, end).await?;
-            }
+        };
+        tokio::select! {
+            r = reading => r.and_then(|()| anyhow::bail!("the replication stream ended")),
+            r = following => r,
         }
     }
 
@@ -585,17 +628,6 @@ impl Capture {
             }
         }
         Ok(fallback)
-    }
-
-    /// Confirms everything before `lsn`: the slot will not return it again.
-    async fn advance(&self, client: &Client, lsn: u64) -> anyhow::Result<()> {
-        client
-            .query_one(
-                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
-                &[&self.slot, &pgoutput::format_lsn(lsn)],
-            )
-            .await?;
-        Ok(())
     }
 }
 

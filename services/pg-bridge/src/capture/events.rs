@@ -1,6 +1,6 @@
 //! From decoded pgoutput messages to `/live` table events, without I/O.
 //!
-//! [`Transactions`] gathers the messages of one peek into committed transactions (pgoutput
+//! [`Transactions`] gathers the slot's messages into committed transactions (pgoutput
 //! sends a transaction only once it committed, whole, in commit order); each change keeps its
 //! position (commit LSN, index in the transaction), which orders events and lets gateways drop
 //! the ones a new leader publishes again. [`Table`] turns a change's tuples into the row's
@@ -47,21 +47,45 @@ pub(crate) struct RowChange {
     pub(crate) position: (u64, u64),
 }
 
-/// The committed transactions of one peek, in commit order.
+/// The committed transactions read from the slot, in commit order, and the one being read.
 #[derive(Debug, Default)]
 pub(crate) struct Transactions {
     /// Row changes of complete transactions.
     pub(crate) changes: Vec<RowChange>,
-    /// The relations described in this peek, by oid (latest description).
+    /// The relations described since the last [`Transactions::take`], by oid (latest
+    /// description).
     pub(crate) relations: HashMap<Oid, Relation>,
     /// The end LSN of the last complete transaction: where the slot may advance to.
     pub(crate) end_lsn: Option<u64>,
     /// Changes of the transaction being read, not yet committed.
     open: Vec<RowChange>,
+    /// A Begin was read and its Commit not yet.
+    reading: bool,
     index: u64,
 }
 
 impl Transactions {
+    /// The complete transactions read so far (and the relations described), leaving the
+    /// transaction being read.
+    pub(crate) fn take(&mut self) -> Transactions {
+        Transactions {
+            changes: std::mem::take(&mut self.changes),
+            relations: std::mem::take(&mut self.relations),
+            end_lsn: self.end_lsn.take(),
+            ..Transactions::default()
+        }
+    }
+
+    /// Whether a transaction was begun and not committed yet.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.reading
+    }
+
+    /// Whether nothing was read since the last [`Transactions::take`].
+    pub(crate) fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.relations.is_empty() && self.end_lsn.is_none()
+    }
+
     /// Adds the next message.
     pub(crate) fn push(&mut self, message: Message) {
         let change = |relation, kind, old, new| RowChange {
@@ -74,6 +98,7 @@ impl Transactions {
         let row = match message {
             Message::Begin { .. } => {
                 self.open.clear();
+                self.reading = true;
                 self.index = 0;
                 return;
             }
@@ -86,6 +111,7 @@ impl Transactions {
                     c.position.0 = commit_lsn;
                     self.changes.push(c);
                 }
+                self.reading = false;
                 self.end_lsn = Some(end_lsn);
                 return;
             }

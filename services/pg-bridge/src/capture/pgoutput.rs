@@ -368,6 +368,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Parses an LSN in PostgreSQL's text form, two hexadecimal halves (`16/B374D848`).
+#[cfg(test)]
 pub(crate) fn parse_lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
     let half = |s: &str| {
@@ -380,6 +381,7 @@ pub(crate) fn parse_lsn(text: &str) -> Option<u64> {
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`, as `pg_lsn` prints it).
+#[cfg(test)]
 pub(crate) fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
