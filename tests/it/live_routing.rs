@@ -6,7 +6,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use pgws_tests::WsClient;
 use serde_json::{json, Value};
 
-use crate::live_tables::{assert_quiet, call, events, live, subscribe, Fixture};
+use crate::live_tables::{assert_quiet, call, events, live, subscribe, Fixture, T};
 
 /// Distinct users on one gateway (more than the 2,000 classes a gateway once served).
 const USERS: usize = 2500;
@@ -197,6 +197,76 @@ async fn an_and_of_two_claims_and_a_helper_function_route_rows_to_their_readers(
     ))
     .await?;
     assert_quiet(&mut sockets[0], "a reader whose role lost SELECT").await;
+    Ok(())
+}
+
+/// The leader keeps each table's route while the catalog rows it was read from are unchanged:
+/// a policy altered, a helper function replaced, each applies from the next commit on.
+#[tokio::test]
+async fn a_changed_policy_or_helper_applies_from_the_next_commit() -> anyhow::Result<()> {
+    let fx = Fixture::create(&pgws_tests::db_uri()).await?;
+    let s = fx.schema.clone();
+    let stack = fx.stack(1, 1, &[]).await?;
+    let mut ann = live(&stack, 0, &json!({"sub": "ann", "role": fx.role("web")})).await?;
+    subscribe(&mut ann, "orders").await?;
+    fx.slot_ready().await?;
+    let db = fx.db().await?;
+    let insert =
+        |note: &str| format!("INSERT INTO {s}.orders (owner, note) VALUES ('ann', '{note}')");
+    let next_note = |got: Vec<(String, String, Value)>| got[0].2["note"].clone();
+    db.batch_execute(&insert("1")).await?;
+    assert_eq!(next_note(events(&mut ann, 1).await?), "1");
+    // The policy narrowed: the next rows are checked by the new one.
+    db.batch_execute(&format!(
+        "ALTER POLICY own ON {s}.orders USING (owner = current_setting('request.jwt.claims', \
+           true)::json ->> 'sub' AND note <> 'hidden')"
+    ))
+    .await?;
+    db.batch_execute(&insert("hidden")).await?;
+    db.batch_execute(&insert("2")).await?;
+    assert_eq!(
+        next_note(events(&mut ann, 1).await?),
+        "2",
+        "the altered policy"
+    );
+    // Through a helper function, then the helper replaced.
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {s}.me() RETURNS text LANGUAGE sql STABLE AS
+           $$ select current_setting('request.jwt.claims', true)::json ->> 'sub' $$;
+         ALTER POLICY own ON {s}.orders USING ({s}.me() = owner)"
+    ))
+    .await?;
+    db.batch_execute(&insert("3")).await?;
+    assert_eq!(next_note(events(&mut ann, 1).await?), "3", "the helper");
+    db.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {s}.me() RETURNS text LANGUAGE sql STABLE AS
+           $$ select upper(current_setting('request.jwt.claims', true)::json ->> 'sub') $$"
+    ))
+    .await?;
+    let captured = || async {
+        stack.bridges[0]
+            .metric("pgws_bridge_capture_changes_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = captured().await;
+    db.batch_execute(&insert("4")).await?;
+    // Rows are checked against the policies as they are when the leader reads them: row 4
+    // is read before the policy changes again.
+    let read = pgws_tests::eventually(T, || async { captured().await > before }).await;
+    anyhow::ensure!(read, "row 4 was not captured");
+    db.batch_execute(&format!(
+        "ALTER POLICY own ON {s}.orders USING (owner = current_setting('request.jwt.claims', \
+           true)::json ->> 'sub')"
+    ))
+    .await?;
+    db.batch_execute(&insert("5")).await?;
+    assert_eq!(
+        next_note(events(&mut ann, 1).await?),
+        "5",
+        "the replaced helper (ANN is not ann)"
+    );
+    assert_quiet(&mut ann, "after the last row").await;
     Ok(())
 }
 

@@ -23,6 +23,7 @@
 //! for the types routed (`text`, `varchar`, `uuid`, the integers, `boolean`), so a row whose
 //! column differs cannot satisfy the policy. Other types are not routed.
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
 use crate::capture::visibility;
@@ -76,28 +77,39 @@ pub(crate) async fn spec(
     table_name: &str,
     role: &str,
 ) -> Result<Option<Spec>, tokio_postgres::Error> {
-    let visibility::Policies::Apply(policies) = visibility::policies(db, table, role).await? else {
+    // What the policies depend on beyond the catalog: helper functions (inlined) and other
+    // tables with row-level security (whose policies may read anything: not routed). Read
+    // with the policies and the columns, all at once (one round trip).
+    let deps = format!(
+        "SELECT f.oid::regproc::text, coalesce(l.lanname = 'sql', false), f.pronargs, f.provolatile, f.prokind, f.prosrc,
+                format_type(f.prorettype, NULL), c.oid IS NOT NULL
+           FROM pg_depend d
+           LEFT JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
+                              AND f.pronamespace <> 'pg_catalog'::regnamespace
+           LEFT JOIN pg_language l ON l.oid = f.prolang
+           LEFT JOIN pg_class c ON d.refclassid = 'pg_class'::regclass
+                               AND c.oid = d.refobjid AND c.oid <> $1::oid
+                               AND c.relrowsecurity
+          WHERE d.classid = 'pg_policy'::regclass
+            AND d.objid IN (SELECT p.oid FROM pg_policy p
+                             WHERE p.polrelid = $1::oid AND {})
+            AND (f.oid IS NOT NULL OR c.oid IS NOT NULL)",
+        visibility::APPLIES
+    );
+    let (both, one): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 1]) =
+        ([&table, &role], [&table]);
+    let (policies, deps, columns) = futures::try_join!(
+        visibility::policies(db, table, role),
+        db.query(&deps, &both),
+        db.query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped",
+            &one,
+        ),
+    )?;
+    let visibility::Policies::Apply(policies) = policies else {
         return Ok(None);
     };
-    let oids: Vec<u32> = policies.iter().map(|(_, _, oid)| *oid).collect();
-    // What the policies depend on beyond the catalog: helper functions (inlined) and other
-    // tables with row-level security (whose policies may read anything: not routed).
-    let deps = db
-        .query(
-            "SELECT f.oid::regproc::text, coalesce(l.lanname = 'sql', false), f.pronargs, f.provolatile, f.prokind, f.prosrc,
-                    format_type(f.prorettype, NULL), c.oid IS NOT NULL
-               FROM pg_depend d
-               LEFT JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
-                                  AND f.pronamespace <> 'pg_catalog'::regnamespace
-               LEFT JOIN pg_language l ON l.oid = f.prolang
-               LEFT JOIN pg_class c ON d.refclassid = 'pg_class'::regclass
-                                   AND c.oid = d.refobjid AND c.oid <> $2::oid
-                                   AND c.relrowsecurity
-              WHERE d.classid = 'pg_policy'::regclass AND d.objid = ANY($1::oid[])
-                AND (f.oid IS NOT NULL OR c.oid IS NOT NULL)",
-            &[&oids, &table],
-        )
-        .await?;
     let mut helpers = Vec::new();
     for d in &deps {
         if d.get::<_, bool>(7) {
@@ -133,17 +145,78 @@ pub(crate) async fn spec(
         });
     }
     let exprs: Vec<(String, bool)> = policies.into_iter().map(|(e, p, _)| (e, p)).collect();
-    let columns: Vec<String> = db
-        .query(
-            "SELECT attname::text FROM pg_attribute
-              WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped",
-            &[&table],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let columns: Vec<String> = columns.iter().map(|r| r.get(0)).collect();
     Ok(analyse(&exprs, &columns, &helpers, table_name))
+}
+
+/// What [`spec`] reads, in one statement: the table's row and columns, the role's attributes and
+/// memberships as the policies and the table's owner see them, each policy of the table (its
+/// row version and whether it applies to the role), and what the policies depend on (helper
+/// functions' and other tables' row versions). Any change to one of them changes the text.
+const FINGERPRINT: &str = "SELECT concat_ws('/',
+    (SELECT c.xmin::text || ':' || pg_has_role(r.oid, c.relowner, 'USAGE')::text || ':'
+            || (r.rolsuper OR r.rolbypassrls)::text
+       FROM pg_class c, pg_roles r WHERE c.oid = $1::oid AND r.rolname = $2),
+    (SELECT string_agg(a.attname::text, ',' ORDER BY a.attnum) FROM pg_attribute a
+      WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped),
+    (SELECT string_agg(p.oid::text || ':' || p.xmin::text || ':' || (APPLIES)::text, ','
+                       ORDER BY p.oid)
+       FROM pg_policy p WHERE p.polrelid = $1::oid),
+    (SELECT string_agg(d.refobjid::text || ':' || coalesce(f.xmin::text, '') || ':'
+                       || coalesce(c.xmin::text, ''), ',' ORDER BY d.refobjid, d.objid)
+       FROM pg_depend d
+       LEFT JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
+       LEFT JOIN pg_class c ON d.refclassid = 'pg_class'::regclass AND c.oid = d.refobjid
+      WHERE d.classid = 'pg_policy'::regclass
+        AND d.objid IN (SELECT p.oid FROM pg_policy p WHERE p.polrelid = $1::oid)))";
+
+/// Most routes kept by one [`Specs`] (all are forgotten beyond).
+const MAX_SPECS: usize = 10_000;
+
+/// The routes of one capture connection by table and role, each kept while the catalog rows it
+/// was read from are unchanged ([`FINGERPRINT`], one prepared statement): a batch costs one
+/// short query per table and role instead of reading the policies again, and a policy, role
+/// or helper changed by a commit is read again by the next batch.
+#[derive(Default)]
+pub(crate) struct Specs {
+    fingerprint: Option<tokio_postgres::Statement>,
+    known: std::collections::HashMap<(u32, String), (String, Option<Spec>)>,
+}
+
+impl Specs {
+    /// [`spec`] of `table` for `role`, read again only when its fingerprint changed.
+    pub(crate) async fn get(
+        &mut self,
+        db: &tokio_postgres::Client,
+        table: u32,
+        table_name: &str,
+        role: &str,
+    ) -> Result<Option<Spec>, tokio_postgres::Error> {
+        let statement = match &self.fingerprint {
+            Some(s) => s.clone(),
+            None => {
+                let sql = FINGERPRINT.replace("APPLIES", visibility::APPLIES);
+                let s = db.prepare(&sql).await?;
+                self.fingerprint = Some(s.clone());
+                s
+            }
+        };
+        let print: Option<String> = db.query_one(&statement, &[&table, &role]).await?.get(0);
+        let print = print.unwrap_or_default();
+        let key = (table, role.to_owned());
+        if let Some((known, spec)) = self.known.get(&key) {
+            if *known == print {
+                return Ok(spec.clone());
+            }
+        }
+        // Read after the fingerprint: a change in between only reads it again next time.
+        let spec = spec(db, table, table_name, role).await?;
+        if self.known.len() >= MAX_SPECS {
+            self.known.clear();
+        }
+        self.known.insert(key, (print, spec.clone()));
+        Ok(spec)
+    }
 }
 
 /// The route of a policy set (`(expression, permissive)`), given the table's columns and the

@@ -608,6 +608,16 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // The median of each tenth of the run, in arrival order: a backlog shows as a rise.
+        let tenths: Vec<f64> = l
+            .chunks(l.len().div_ceil(10).max(1))
+            .map(|c| {
+                let mut c = c.to_vec();
+                c.sort_unstable();
+                (c[c.len() / 2] as f64 / 10.0).round() / 100.0
+            })
+            .collect();
+        report["latency_p50_by_tenth_ms"] = json!(tenths);
         l.sort_unstable();
         let at = |q: f64| {
             l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))

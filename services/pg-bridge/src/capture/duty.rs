@@ -147,6 +147,7 @@ impl Capture {
         };
         let following = async {
             let mut tables = Tables::new();
+            let mut specs = routing::Specs::default();
             let mut read = Transactions::default();
             // Everything before this was published (or holds nothing captured).
             let mut confirmed = 0u64;
@@ -194,7 +195,7 @@ impl Capture {
                             .await?;
                     }
                     let snapshot = Arc::clone(&classes.borrow());
-                    self.publish(client, &batch.changes, &tables, &snapshot)
+                    self.publish(client, &mut specs, &batch.changes, &tables, &snapshot)
                         .await?;
                     self.metrics
                         .capture_changes
@@ -371,6 +372,7 @@ impl Capture {
     async fn publish(
         &self,
         client: &mut Client,
+        specs: &mut routing::Specs,
         changes: &[RowChange],
         tables: &Tables,
         classes: &[LiveClass],
@@ -379,7 +381,7 @@ impl Capture {
         let mut plans: Vec<Plan<'_>> = Vec::new();
         let mut by_topic: HashMap<&str, Vec<usize>> = HashMap::new();
         // Routed classes: per change, the subjects of the classes that may see it.
-        let mut routed: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut routed: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
         for (oid, table) in tables {
             let readers: Vec<&LiveClass> =
                 classes.iter().filter(|c| c.topic == table.topic).collect();
@@ -391,7 +393,7 @@ impl Capture {
                 .partition(|c| c.route.is_some() && !c.all);
             // Routed classes that cannot be routed in this batch are checked one by one.
             readers.extend(
-                self.route(client, changes, *oid, table, &by_value, &mut routed)
+                self.route(client, specs, changes, *oid, table, &by_value, &mut routed)
                     .await?,
             );
             if readers.is_empty() {
@@ -511,14 +513,16 @@ impl Capture {
     /// checked in one statement; the subjects that may see each change go into `routed`.
     /// Returns the classes that cannot be routed in this batch (their role's policies changed,
     /// a row's value is missing, the statement failed): the caller checks them one by one.
+    #[allow(clippy::too_many_arguments)]
     async fn route<'c>(
         &self,
         client: &mut Client,
+        specs: &mut routing::Specs,
         changes: &[RowChange],
         oid: u32,
         table: &Table,
         by_value: &[&'c LiveClass],
-        routed: &mut HashMap<usize, Vec<String>>,
+        routed: &mut HashMap<usize, Vec<Arc<str>>>,
     ) -> anyhow::Result<Vec<&'c LiveClass>> {
         let mut fallback = Vec::new();
         let mut roles: HashMap<&str, Vec<&'c LiveClass>> = HashMap::new();
@@ -533,7 +537,7 @@ impl Capture {
             return Ok(fallback);
         }
         for (role, group) in roles {
-            let spec = routing::spec(&*client, oid, &table.name, role).await?;
+            let spec = specs.get(&*client, oid, &table.name, role).await?;
             let column = spec.as_ref().and_then(|s| {
                 table
                     .relation
@@ -609,11 +613,13 @@ impl Capture {
                     let mut reached: Vec<(usize, usize)> =
                         seen.into_iter().map(|p| pairs[p]).collect();
                     reached.extend(deletes);
+                    // Each class's subject once, shared by its changes.
+                    let mut subjects: HashMap<usize, Arc<str>> = HashMap::new();
                     for (i, n) in reached {
-                        routed
-                            .entry(i)
-                            .or_default()
-                            .push(self.subjects.table(matching[n]));
+                        let subject = subjects
+                            .entry(n)
+                            .or_insert_with(|| self.subjects.table(matching[n]).into());
+                        routed.entry(i).or_default().push(Arc::clone(subject));
                     }
                 }
                 Err(e) => {

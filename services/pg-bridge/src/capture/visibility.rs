@@ -124,20 +124,35 @@ pub(crate) enum Policies {
     Apply(Vec<(String, bool, u32)>),
 }
 
+/// The condition on `pg_policy p` of a policy PostgreSQL applies when role `$2` selects from
+/// its table.
+pub(crate) const APPLIES: &str = "p.polcmd IN ('r', '*')
+     AND ('0'::oid = ANY(p.polroles)
+          OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS pr(oid)
+                      WHERE pg_has_role($2, pr.oid, 'USAGE')))";
+
 /// The SELECT policies `role` reads `table` under.
 pub(crate) async fn policies(
     db: &impl GenericClient,
     table: u32,
     role: &str,
 ) -> Result<Policies, tokio_postgres::Error> {
-    let row = db
-        .query_opt(
+    // Both at once (one round trip): the second is wasted when the first finds no policy
+    // applies.
+    let listed = format!(
+        "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive, p.oid
+           FROM pg_policy p WHERE p.polrelid = $1::oid AND {APPLIES}"
+    );
+    let params: [&(dyn ToSql + Sync); 2] = [&table, &role];
+    let (row, rows) = futures::try_join!(
+        db.query_opt(
             "SELECT c.relrowsecurity, c.relforcerowsecurity,
                     pg_has_role(r.oid, c.relowner, 'USAGE'), r.rolsuper OR r.rolbypassrls
                FROM pg_class c, pg_roles r WHERE c.oid = $1::oid AND r.rolname = $2",
-            &[&table, &role],
-        )
-        .await?;
+            &params,
+        ),
+        db.query(&listed, &params)
+    )?;
     let Some(row) = row else {
         return Ok(Policies::Missing);
     };
@@ -146,17 +161,6 @@ pub(crate) async fn policies(
     if !rls || bypass || (owner && !force) {
         return Ok(Policies::Unrestricted);
     }
-    let rows = db
-        .query(
-            "SELECT coalesce(pg_get_expr(p.polqual, p.polrelid), 'true'), p.polpermissive, p.oid
-               FROM pg_policy p
-              WHERE p.polrelid = $1::oid AND p.polcmd IN ('r', '*')
-                AND ('0'::oid = ANY(p.polroles)
-                     OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS pr(oid)
-                                 WHERE pg_has_role($2, pr.oid, 'USAGE')))",
-            &[&table, &role],
-        )
-        .await?;
     Ok(Policies::Apply(
         rows.iter()
             .map(|p| (p.get(0), p.get(1), p.get(2)))
@@ -316,11 +320,28 @@ pub(crate) async fn pairs(
         .collect();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes, &claims];
     params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
-    let tx = client.build_transaction().read_only(true).start().await?;
-    tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
-        .await?;
-    let rows = tx.query(&sql, &params).await?;
-    tx.commit().await?;
+    // Two round trips: the statement prepared while the transaction begins, then the query
+    // and the commit (a failed query makes the commit a rollback).
+    let client = &*client;
+    let begin = format!("BEGIN READ ONLY; SET LOCAL ROLE {}", quote_ident(role));
+    let checked = async {
+        let (statement, ()) =
+            futures::try_join!(client.prepare(&sql), client.batch_execute(&begin))?;
+        let (rows, ()) = futures::try_join!(
+            client.query(&statement, &params),
+            client.batch_execute("COMMIT")
+        )?;
+        Ok(rows)
+    }
+    .await;
+    let rows = match checked {
+        Ok(rows) => rows,
+        Err(e) => {
+            // The transaction may still be open (BEGIN passed, SET ROLE failed).
+            drop(client.batch_execute("ROLLBACK").await);
+            return Err(e);
+        }
+    };
     Ok(rows.iter().map(|r| r.get::<_, i64>(0) as usize).collect())
 }
 
