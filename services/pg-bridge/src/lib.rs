@@ -244,14 +244,16 @@ async fn serve(
                 Duration::ZERO
             },
             classes: watch::channel(Arc::default()).0,
-            capture: (!config.table_topics.is_empty()).then(|| capture::Capture {
-                pg: pg.clone(),
-                slot: config.capture_slot.clone(),
-                patterns: config.table_topics.clone(),
-                subjects: config.nats.subjects.clone(),
-                bus: bus.clone(),
-                metrics: bridge_metrics.clone(),
-                settle: registry::settle(),
+            capture: (!config.table_topics.is_empty()).then(|| {
+                Arc::new(capture::Capture {
+                    pg: pg.clone(),
+                    slot: config.capture_slot.clone(),
+                    patterns: config.table_topics.clone(),
+                    subjects: config.nats.subjects.clone(),
+                    bus: bus.clone(),
+                    metrics: bridge_metrics.clone(),
+                    settle: registry::settle(),
+                })
             }),
             settling,
         },

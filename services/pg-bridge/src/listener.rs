@@ -76,7 +76,7 @@ pub(crate) struct Listener {
     /// The `/live` table classes the registry knows, for the capture.
     pub(crate) classes: watch::Sender<Arc<Vec<LiveClass>>>,
     /// The change capture of `/live` table topics, when `PGWS_TABLE_TOPICS` names some.
-    pub(crate) capture: Option<Capture>,
+    pub(crate) capture: Option<Arc<Capture>>,
     /// Set while this leader waits for the gateways' reports before answering topic
     /// questions (the bridge's readiness says so).
     pub(crate) settling: Arc<AtomicBool>,
@@ -108,11 +108,15 @@ impl Duty for Listener {
             let Some(capture) = &self.capture else {
                 return self.listen(client, messages, token).await;
             };
-            // The capture lives exactly as long as the leadership.
-            tokio::select! {
-                end = self.listen(client, messages, token) => end,
-                never = capture.run(self.classes.subscribe(), token) => match never {},
-            }
+            // The capture lives exactly as long as the leadership, in a task of its own: a
+            // batch being decoded and published does not hold up notifications.
+            let (capture, classes, until) =
+                (Arc::clone(capture), self.classes.subscribe(), token.clone());
+            let _capturing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                let never = capture.run(classes, &until).await;
+                match never {}
+            }));
+            self.listen(client, messages, token).await
         })
     }
 }

@@ -179,8 +179,9 @@ const MAX_SPECS: usize = 10_000;
 /// or helper changed by a commit is read again by the next batch.
 #[derive(Default)]
 pub(crate) struct Specs {
-    fingerprint: Option<tokio_postgres::Statement>,
     known: std::collections::HashMap<(u32, String), (String, Option<Spec>)>,
+    /// The fingerprint and the routed checks, prepared on the capture's connection.
+    pub(crate) prepared: visibility::Prepared,
 }
 
 impl Specs {
@@ -192,15 +193,8 @@ impl Specs {
         table_name: &str,
         role: &str,
     ) -> Result<Option<Spec>, tokio_postgres::Error> {
-        let statement = match &self.fingerprint {
-            Some(s) => s.clone(),
-            None => {
-                let sql = FINGERPRINT.replace("APPLIES", visibility::APPLIES);
-                let s = db.prepare(&sql).await?;
-                self.fingerprint = Some(s.clone());
-                s
-            }
-        };
+        let sql = FINGERPRINT.replace("APPLIES", visibility::APPLIES);
+        let statement = self.prepared.get(db, &sql).await?;
         let print: Option<String> = db.query_one(&statement, &[&table, &role]).await?.get(0);
         let print = print.unwrap_or_default();
         let key = (table, role.to_owned());

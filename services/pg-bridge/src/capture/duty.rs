@@ -599,6 +599,7 @@ impl Capture {
                     .collect();
                 visibility::pairs(
                     client,
+                    &mut specs.prepared,
                     table,
                     role,
                     &spec.condition,

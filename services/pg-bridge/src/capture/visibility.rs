@@ -293,8 +293,10 @@ async fn vanished_visible(
 /// for all the pairs in one statement, as the role, which must still hold SELECT on the
 /// table (a privilege revoked since the subscription shows nothing more). Returns the
 /// indexes of the visible pairs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn pairs(
     client: &mut Client,
+    prepared: &mut Prepared,
     table: &Table,
     role: &str,
     condition: &str,
@@ -320,20 +322,18 @@ pub(crate) async fn pairs(
         .collect();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&indexes, &claims];
     params.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
-    // Two round trips: the statement prepared while the transaction begins, then the query
-    // and the commit (a failed query makes the commit a rollback).
+    // One round trip once the statement is prepared (it reads no table, so it holds no plan
+    // that depends on the role): the transaction, the query and the commit (a failed query
+    // makes the commit a rollback).
     let client = &*client;
+    let statement = prepared.get(client, &sql).await?;
     let begin = format!("BEGIN READ ONLY; SET LOCAL ROLE {}", quote_ident(role));
-    let checked = async {
-        let (statement, ()) =
-            futures::try_join!(client.prepare(&sql), client.batch_execute(&begin))?;
-        let (rows, ()) = futures::try_join!(
-            client.query(&statement, &params),
-            client.batch_execute("COMMIT")
-        )?;
-        Ok(rows)
-    }
-    .await;
+    let checked = futures::try_join!(
+        client.batch_execute(&begin),
+        client.query(&statement, &params),
+        client.batch_execute("COMMIT")
+    )
+    .map(|((), rows, ())| rows);
     let rows = match checked {
         Ok(rows) => rows,
         Err(e) => {
@@ -343,6 +343,33 @@ pub(crate) async fn pairs(
         }
     };
     Ok(rows.iter().map(|r| r.get::<_, i64>(0) as usize).collect())
+}
+
+/// Most statements one [`Prepared`] keeps (all are closed beyond).
+const MAX_PREPARED: usize = 1000;
+
+/// Statements prepared on one connection, by their text: a statement the capture runs for
+/// each batch is parsed and planned once.
+#[derive(Default)]
+pub(crate) struct Prepared(std::collections::HashMap<String, tokio_postgres::Statement>);
+
+impl Prepared {
+    /// The statement of `sql`, prepared on `client` the first time.
+    pub(crate) async fn get(
+        &mut self,
+        client: &Client,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = client.prepare(sql).await?;
+        if self.0.len() >= MAX_PREPARED {
+            self.0.clear();
+        }
+        self.0.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
 }
 
 #[cfg(test)]
