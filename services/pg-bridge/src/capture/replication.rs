@@ -34,7 +34,7 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// What the stream carries.
 #[derive(Debug)]
 pub(crate) enum Frame {
-    /// One pgoutput message; `wal_end` is where the server's WAL stood when it sent it.
+    /// One pgoutput message (a Begin, a Relation, a row change, a Commit...).
     Change { data: Bytes },
     /// The server has sent everything before `wal_end`; `reply` asks for a status update now.
     Keepalive { wal_end: u64, reply: bool },
