@@ -548,6 +548,25 @@ mod tests {
         }
     }
 
+    /// A class of the `orders` table topic for `role`.
+    fn class(role: &str) -> LiveClass {
+        LiveClass {
+            topic: "orders".into(),
+            role: role.into(),
+            claims: "{}".into(),
+            all: false,
+            route: None,
+        }
+    }
+
+    /// A report of these classes only.
+    fn with(classes: Vec<LiveClass>) -> Presence {
+        Presence {
+            classes,
+            ..Presence::default()
+        }
+    }
+
     fn presence(channels: &[&str], published: &[&str], subscribed: &[&str]) -> Presence {
         Presence {
             channels: channels.iter().map(|c| (*c).to_owned()).collect(),
@@ -586,17 +605,6 @@ mod tests {
     #[test]
     fn classes_linger_after_their_last_reader_when_asked() {
         let t0 = Instant::now();
-        let class = |role: &str| LiveClass {
-            topic: "orders".into(),
-            role: role.into(),
-            claims: "{}".into(),
-            all: false,
-            route: None,
-        };
-        let with = |classes: Vec<LiveClass>| Presence {
-            classes,
-            ..Presence::default()
-        };
         let linger = Duration::from_secs(30);
         let mut r = Registry::new(GRACE, DirectChannels::All, t0).with_linger(linger);
         r.report("g1", with(vec![class("a"), class("b")]), t0);
@@ -629,17 +637,6 @@ mod tests {
     #[test]
     fn classes_are_the_union_of_the_gateways_and_expire_with_them() {
         let (mut r, now) = settled();
-        let class = |role: &str| LiveClass {
-            topic: "orders".into(),
-            role: role.into(),
-            claims: "{}".into(),
-            all: false,
-            route: None,
-        };
-        let with = |classes: Vec<LiveClass>| Presence {
-            classes,
-            ..Presence::default()
-        };
         r.report("g1", with(vec![class("a"), class("b")]), now);
         r.report("g2", with(vec![class("b")]), now + Duration::from_secs(10));
         assert_eq!(r.classes(), [class("a"), class("b")]);

@@ -163,31 +163,7 @@ impl Capture {
                 let Some(first) = first else {
                     return Ok(());
                 };
-                // This frame and whatever else already arrived, up to a batch.
-                let mut idle_end = None;
-                let mut reply = false;
-                let mut frame = Some(first);
-                let mut messages = 0;
-                while let Some(f) = frame.take() {
-                    match f {
-                        Frame::Change { data } => {
-                            read.push(
-                                pgoutput::decode(&data)
-                                    .map_err(|e| anyhow::anyhow!("undecodable change: {e}"))?,
-                            );
-                            messages += 1;
-                            idle_end = None;
-                        }
-                        Frame::Keepalive { wal_end, reply: r } => {
-                            reply |= r;
-                            idle_end = Some(wal_end);
-                        }
-                    }
-                    if messages >= BATCH_CHANGES && !read.in_transaction() {
-                        break;
-                    }
-                    frame = frames.try_recv().ok();
-                }
+                let Gathered { idle_end, reply } = gather(first, &mut frames, &mut read)?;
                 let batch = read.take();
                 if !batch.is_empty() {
                     for relation in batch.relations.values() {
@@ -636,6 +612,50 @@ impl Capture {
         }
         Ok(fallback)
     }
+}
+
+/// What [`gather`] saw besides changes.
+struct Gathered {
+    /// The position of a keepalive that came last: the server had sent everything before it.
+    idle_end: Option<u64>,
+    /// The server asked for a status update.
+    reply: bool,
+}
+
+/// Reads `first` and whatever else already arrived into `read`, up to about
+/// [`BATCH_CHANGES`] messages (ending at a commit).
+fn gather(
+    first: Frame,
+    frames: &mut mpsc::Receiver<Frame>,
+    read: &mut Transactions,
+) -> anyhow::Result<Gathered> {
+    let mut seen = Gathered {
+        idle_end: None,
+        reply: false,
+    };
+    let mut frame = Some(first);
+    let mut messages = 0;
+    while let Some(f) = frame.take() {
+        match f {
+            Frame::Change { data } => {
+                read.push(
+                    pgoutput::decode(&data)
+                        .map_err(|e| anyhow::anyhow!("undecodable change: {e}"))?,
+                );
+                messages += 1;
+                seen.idle_end = None;
+            }
+            Frame::Keepalive { wal_end, reply } => {
+                seen.reply |= reply;
+                seen.idle_end = Some(wal_end);
+            }
+        }
+        if messages >= BATCH_CHANGES && !read.in_transaction() {
+            break;
+        }
+        frame = frames.try_recv().ok();
+    }
+    Ok(seen)
 }
 
 /// A class reading a batch: its subject, and what it may see (`None`: every row).
