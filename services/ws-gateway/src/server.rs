@@ -225,22 +225,14 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
     {
         upgrade.set_selected_protocol(protocol);
     }
-    let owner = gw.shutdown.tracker.token();
     // Armed when the socket is given up with bytes it could not write.
     let reset = parts.extensions.get::<Reset>().cloned().unwrap_or_default();
-    upgrade.on_upgrade(move |ws| async move {
-        let _owned = (owner, slot);
-        let mut membership = accepted.membership;
-        socket::run(
-            Arc::clone(&membership.gw),
-            ws,
-            reset,
-            accepted.session,
-            &mut membership,
-        )
-        .await;
-        drop(membership);
-    })
+    let upgrading = Box::new(socket::Upgrading {
+        accepted,
+        reset,
+        owned: (gw.shutdown.tracker.token(), slot),
+    });
+    upgrade.on_upgrade(move |ws| socket::run(socket::Socket::new(upgrading, ws)))
 }
 
 fn refuse(gw: &Gateway, refusal: Refusal) -> Response {

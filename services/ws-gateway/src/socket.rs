@@ -22,13 +22,14 @@ use futures::future::BoxFuture;
 use futures::SinkExt;
 use pgws_bus::Headers as HeaderMap;
 use pgws_proto::headers;
-use tokio::time::Instant;
+use tokio::time::{Interval, Sleep};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::hub::{Kick, Queued};
-use crate::limits::Rate;
-use crate::protocol::{Action, Frame};
+use crate::limits::{Rate, Slot};
+use crate::protocol::{Action, Frame, Protocol};
 use crate::queue;
-use crate::session::{Membership, Session};
+use crate::session::{Accepted, Membership, Session};
 use crate::transport::Reset;
 use crate::uplink::Pending;
 use crate::Gateway;
@@ -45,40 +46,130 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// the close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
-/// Runs the socket to its end.
-pub(crate) async fn run(
+/// Everything a socket's task owns, in one allocation: the task's future then holds little more
+/// than a pointer to it, whatever it awaits. (A future keeps an `async fn`'s arguments beside
+/// the locals they are moved into, so passed by value they would count twice, for every socket.)
+pub(crate) struct Socket {
     gw: Arc<Gateway>,
-    mut ws: WebSocket,
+    /// Taken at the end, so the connection closes before what is pending goes to a bridge.
+    ws: Option<WebSocket>,
     reset: Reset,
-    session: Session,
-    membership: &mut Membership,
-) {
-    let Session {
-        mut protocol,
-        mut rx,
+    protocol: Box<dyn Protocol>,
+    rx: queue::Receiver<Queued>,
+    kick: Kick,
+    membership: Membership,
+    pending: VecDeque<Pending>,
+    rate: Option<Rate>,
+    expiry: Option<Pin<Box<Sleep>>>,
+    ping: Interval,
+    /// Released when the socket ends: its place in shutdown's count and its address's slot.
+    _owned: (TaskTrackerToken, Option<Slot>),
+}
+
+/// An accepted handshake waiting for its upgrade, boxed for the same reason as [`Socket`].
+pub(crate) struct Upgrading {
+    pub(crate) accepted: Accepted,
+    pub(crate) reset: Reset,
+    pub(crate) owned: (TaskTrackerToken, Option<Slot>),
+}
+
+impl Socket {
+    /// The socket of an upgraded connection.
+    pub(crate) fn new(upgrading: Box<Upgrading>, ws: WebSocket) -> Box<Self> {
+        let Upgrading {
+            accepted: Accepted {
+                membership,
+                session,
+            },
+            reset,
+            owned,
+        } = *upgrading;
+        let Session {
+            protocol,
+            rx,
+            kick,
+            expires_at,
+            opening,
+        } = session;
+        let gw = Arc::clone(&membership.gw);
+        let mut ping = tokio::time::interval(gw.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Box::new(Self {
+            ws: Some(ws),
+            reset,
+            protocol,
+            rx,
+            kick,
+            membership,
+            pending: opening.into_iter().collect(),
+            rate: gw.config.max_message_rate.map(Rate::new),
+            expiry: expiry_sleep(expires_at),
+            ping,
+            _owned: owned,
+            gw,
+        })
+    }
+}
+
+/// Runs the socket to its end.
+pub(crate) async fn run(mut socket: Box<Socket>) {
+    drive(&mut socket).await;
+    let Socket {
+        gw,
+        ws,
+        protocol,
+        pending,
+        ..
+    } = &mut *socket;
+    // The connection closes first; everything accepted still goes to the database, the close
+    // event last.
+    drop(ws.take());
+    pending.extend(protocol.closing(gw));
+    while !pending.is_empty() {
+        let batch = take_batch(pending, gw.uplink.per_request());
+        let n = batch.len();
+        if let Err(reason) = gw.uplink.send(batch).await {
+            gw.metrics.notify_failed.inc_by(n as u64);
+            tracing::warn!(reason, messages = n, "client messages lost after close");
+        }
+    }
+}
+
+/// The socket's loop, until it closes; what it accepted and did not send yet is left in
+/// `pending` (the request in flight is awaited).
+async fn drive(socket: &mut Socket) {
+    let Socket {
+        gw,
+        ws,
+        reset,
+        protocol,
+        rx,
         kick,
-        expires_at,
-        opening,
-    } = session;
-    let mut pending: VecDeque<Pending> = opening.into_iter().collect();
+        membership,
+        pending,
+        rate,
+        expiry,
+        ping,
+        _owned,
+    } = socket;
+    let (gw, kick, reset): (&Gateway, &Kick, &Reset) = (gw, kick, reset);
+    let Some(ws) = ws.as_mut() else {
+        return;
+    };
     let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
     let per_request = gw.uplink.per_request();
-    let mut rate = gw.config.max_message_rate.map(Rate::new);
-    let mut expiry = expiry_sleep(expires_at);
-    let mut ping = tokio::time::interval(gw.config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut unanswered = 0u32;
     let mut receiving = true;
     // Set once the server sent its close frame on shutdown: frames the client sent before it
     // saw that close are still read and accepted, until its own close or this deadline.
-    let mut closing: Option<Instant> = None;
+    let mut closing: Option<Pin<Box<Sleep>>> = None;
     // Registered once, not at every turn of the loop (each message wakes the loop).
     let mut kicked = std::pin::pin!(kick.kicked());
 
     loop {
         if inflight.is_none() && !pending.is_empty() {
-            let batch = take_batch(&mut pending, per_request);
+            let batch = take_batch(pending, per_request);
             let n = batch.len();
             inflight = Some((gw.uplink.send(batch), n));
         }
@@ -87,39 +178,26 @@ pub(crate) async fn run(
             biased;
             _ = &mut kicked, if open => {
                 if let Some((code, reason)) = kick.reason() {
-                    send_close(&mut ws, &reset, *code, reason).await;
+                    send_close(ws, reset, *code, reason).await;
                     break;
                 }
-                if !send_close(&mut ws, &reset, CLOSE_GOING_AWAY, "server shutting down").await {
+                if !send_close(ws, reset, CLOSE_GOING_AWAY, "server shutting down").await {
                     break;
                 }
-                closing = Some(Instant::now() + CLOSE_LINGER);
+                closing = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
             }
-            _ = wait(&mut expiry), if open => {
-                send_close(&mut ws, &reset, CLOSE_JWT_EXPIRED, "JWT expired").await;
+            _ = wait(expiry), if open => {
+                send_close(ws, reset, CLOSE_JWT_EXPIRED, "JWT expired").await;
                 break;
             }
-            _ = linger(closing) => break,
+            _ = wait(&mut closing) => break,
             out = rx.recv(), if open && receiving => {
                 // No sender left: the socket reads no channel (write-only).
                 let Some(first) = out else {
                     receiving = false;
                     continue;
                 };
-                // A socket kicked while its write is blocked (its client stopped reading) gets
-                // one more CLOSE_WAIT, then is dropped: its task and queue go at once, not
-                // when the client reads again.
-                let write = write_burst(&mut ws, &mut rx, first);
-                tokio::pin!(write);
-                let written = tokio::select! {
-                    biased;
-                    r = &mut write => r.is_ok(),
-                    _ = closed_by(&kick) => matches!(
-                        tokio::time::timeout(CLOSE_WAIT, &mut write).await,
-                        Ok(Ok(()))
-                    ),
-                };
-                if !written {
+                if !write(ws, rx, kick, first).await {
                     gw.metrics.abandoned.inc();
                     reset.arm();
                     break;
@@ -131,7 +209,7 @@ pub(crate) async fn run(
                     gw.metrics.notify_failed.inc_by(n as u64);
                     tracing::warn!(reason, messages = n, "client messages not delivered to the database");
                     let action = protocol.undelivered(n, &reason);
-                    if open && !perform(&gw, &mut ws, &reset, action, &mut pending, membership).await {
+                    if open && !perform(gw, ws, reset, action, pending, membership).await {
                         break;
                     }
                 }
@@ -150,29 +228,29 @@ pub(crate) async fn run(
                         tracing::debug!(error = %e, "socket read failed");
                         if let Some((code, reason, metric)) = refusal(e) {
                             gw.metrics.refused(metric);
-                            send_close(&mut ws, &reset, code, reason).await;
+                            send_close(ws, reset, code, reason).await;
                         }
                         break;
                     }
                 };
                 if rate.as_mut().is_some_and(|r| !r.take()) {
-                    // What was accepted before still goes to the database (below the loop).
+                    // What was accepted before still goes to the database (after the loop).
                     gw.metrics.refused("rate_limit");
                     if open {
-                        send_close(&mut ws, &reset, CLOSE_POLICY, "message rate limit exceeded").await;
+                        send_close(ws, reset, CLOSE_POLICY, "message rate limit exceeded").await;
                     }
                     break;
                 }
-                let action = match protocol.frame(&gw, frame) {
+                let action = match protocol.frame(gw, frame) {
                     // After our close frame no frame may be sent: refusals are only counted.
                     Action::Reply(_) | Action::Close(..) if !open => Action::None,
                     action => action,
                 };
-                if !perform(&gw, &mut ws, &reset, action, &mut pending, membership).await {
+                if !perform(gw, ws, reset, action, pending, membership).await {
                     break;
                 }
                 if let Some(expires_at) = membership.expiry.take() {
-                    expiry = expiry_sleep(expires_at);
+                    *expiry = expiry_sleep(expires_at);
                 }
             }
             _ = ping.tick(), if open => {
@@ -182,30 +260,48 @@ pub(crate) async fn run(
                     break;
                 }
                 unanswered += 1;
-                if ws.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                if !send(ws, Message::Ping(bytes::Bytes::new())).await {
                     reset.arm();
                     break;
                 }
             }
         }
     }
-    drop(ws);
-    // Everything accepted still goes to the database, the close event last.
-    pending.extend(protocol.closing(&gw));
     if let Some((fut, n)) = inflight.take() {
         if let Err(reason) = fut.await {
             gw.metrics.notify_failed.inc_by(n as u64);
             tracing::warn!(reason, messages = n, "client messages lost after close");
         }
     }
-    while !pending.is_empty() {
-        let batch = take_batch(&mut pending, per_request);
-        let n = batch.len();
-        if let Err(reason) = gw.uplink.send(batch).await {
-            gw.metrics.notify_failed.inc_by(n as u64);
-            tracing::warn!(reason, messages = n, "client messages lost after close");
+}
+
+/// Writes `first` and whatever else is queued (boxed, like every write: an idle socket's future
+/// holds none); false when the socket is given up. A socket kicked while its write is blocked
+/// (its client stopped reading) gets one more [`CLOSE_WAIT`], then is dropped: its task and
+/// queue go at once, not when the client reads again.
+fn write<'a>(
+    ws: &'a mut WebSocket,
+    rx: &'a mut queue::Receiver<Queued>,
+    kick: &'a Kick,
+    first: Queued,
+) -> BoxFuture<'a, bool> {
+    Box::pin(async move {
+        let write = write_burst(ws, rx, first);
+        tokio::pin!(write);
+        tokio::select! {
+            biased;
+            r = &mut write => r.is_ok(),
+            _ = closed_by(kick) => matches!(
+                tokio::time::timeout(CLOSE_WAIT, &mut write).await,
+                Ok(Ok(()))
+            ),
         }
-    }
+    })
+}
+
+/// Sends one frame (boxed, see [`write`]); false when the socket is gone.
+fn send(ws: &mut WebSocket, message: Message) -> BoxFuture<'_, bool> {
+    Box::pin(async move { ws.send(message).await.is_ok() })
 }
 
 /// Resolves when the socket is told to close with a close frame (not on shutdown, whose writes
@@ -313,28 +409,29 @@ fn take_batch(pending: &mut VecDeque<Pending>, per_request: usize) -> Vec<Pendin
     pending.drain(..n).collect()
 }
 
-/// Sends a close frame (bounded wait); false when it could not go out (the socket is gone, or
-/// its client does not read), and then the connection is reset rather than closed.
-async fn send_close(ws: &mut WebSocket, reset: &Reset, code: u16, reason: &str) -> bool {
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }));
-    let sent = matches!(
-        tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await,
-        Ok(Ok(()))
-    );
-    if !sent {
-        reset.arm();
-    }
-    sent
-}
-
-async fn linger(closing: Option<Instant>) {
-    match closing {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
+/// Sends a close frame (bounded wait; boxed, see [`write`]); false when it could not go out (the
+/// socket is gone, or its client does not read), and then the connection is reset rather than
+/// closed.
+fn send_close<'a>(
+    ws: &'a mut WebSocket,
+    reset: &'a Reset,
+    code: u16,
+    reason: &'a str,
+) -> BoxFuture<'a, bool> {
+    Box::pin(async move {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        }));
+        let sent = matches!(
+            tokio::time::timeout(CLOSE_WAIT, ws.send(frame)).await,
+            Ok(Ok(()))
+        );
+        if !sent {
+            reset.arm();
+        }
+        sent
+    })
 }
 
 /// Writes `first` and whatever else is queued, then flushes once.
@@ -364,7 +461,7 @@ async fn in_flight(
 }
 
 /// The sleep until the token's expiry (`None`: it never expires).
-fn expiry_sleep(expires_at: Option<u64>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+fn expiry_sleep(expires_at: Option<u64>) -> Option<Pin<Box<Sleep>>> {
     expires_at.map(|exp| {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -377,7 +474,7 @@ fn expiry_sleep(expires_at: Option<u64>) -> Option<Pin<Box<tokio::time::Sleep>>>
 }
 
 /// Resolves when `sleep` ends; never without one.
-async fn wait(sleep: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+async fn wait(sleep: &mut Option<Pin<Box<Sleep>>>) {
     match sleep {
         Some(s) => s.as_mut().await,
         None => std::future::pending().await,
