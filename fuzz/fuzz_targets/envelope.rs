@@ -8,7 +8,7 @@
 use arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use pgws_fuzz::{claims, parse_unique};
-use pgws_proto::Envelope;
+use pgws_proto::{Envelope, EnvelopeClaims};
 use serde_json::{Map, Number, Value};
 
 #[derive(Debug)]
@@ -44,7 +44,7 @@ fuzz_target!(|input: Input| {
         at,
         notified,
     } = input;
-    let json = Envelope::new(&event, &channel, &payload, &claims, at).to_json();
+    let json = Envelope::new(&event, &channel, &payload, &EnvelopeClaims::new(&claims), at).to_json();
     let parsed = match parse_unique(&json) {
         Ok(Value::Object(parsed)) => parsed,
         other => panic!("envelope {json} is not a JSON object without repeats: {other:?}"),

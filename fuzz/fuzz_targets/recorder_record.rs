@@ -12,7 +12,7 @@ use arbitrary::{Arbitrary, Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use pg_recorder::fuzzing::{parse_both, push, Row};
 use pgws_fuzz::jsonb_accepts;
-use pgws_proto::{headers, Envelope};
+use pgws_proto::{headers, Envelope, EnvelopeClaims};
 use serde_json::Value;
 
 /// The first second a row's time may not reach (10000-01-01).
@@ -58,7 +58,7 @@ fn envelope(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     let event: String = u.arbitrary()?;
     let channel = pgws_fuzz::channel(u)?;
     let payload: String = u.arbitrary()?;
-    let mut json = Envelope::new(&event, &channel, &payload, &claims, at).to_json();
+    let mut json = Envelope::new(&event, &channel, &payload, &EnvelopeClaims::new(&claims), at).to_json();
     if swap {
         json = json.replace("\\u0001", u.choose(FRAGMENTS)?);
     }

@@ -14,7 +14,7 @@ mod notify;
 mod stack;
 mod subject;
 
-pub use envelope::{ConnectionEvent, Envelope, EnvelopeError, WEBSOCKET_MESSAGE};
+pub use envelope::{ConnectionEvent, Envelope, EnvelopeClaims, EnvelopeError, WEBSOCKET_MESSAGE};
 pub use live::{
     valid_live_topic, LiveClass, LiveOutcome, LiveRoute, LiveTopic, LiveTopicOp, LiveTopicReply,
     Reader, MAX_CLASS_CLAIMS, MAX_LIVE_TOPIC, MAX_TOPICS_PER_OWNER,

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use pgws_bus::{Log, MemoryLog};
 use pgws_config::Settings;
-use pgws_proto::Envelope;
+use pgws_proto::{Envelope, EnvelopeClaims};
 use pgws_service::{Host, Metrics, Readiness, Shutdown};
 use serde_json::{json, Map, Value};
 use tokio_postgres::types::ToSql;
@@ -75,7 +75,7 @@ fn message(id: Option<&str>, payload: &str) -> Notification {
 /// An envelope as the gateway makes it.
 fn envelope(event: &str, channel: &str, payload: &str, claims: &Value, at: f64) -> String {
     let claims: Map<String, Value> = claims.as_object().cloned().unwrap_or_default();
-    Envelope::new(event, channel, payload, &claims, at).to_json()
+    Envelope::new(event, channel, payload, &EnvelopeClaims::new(&claims), at).to_json()
 }
 
 /// What the bridge does: in one transaction, the audit statement (prepared) then a NOTIFY per

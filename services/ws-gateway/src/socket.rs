@@ -59,6 +59,8 @@ pub(crate) struct Socket {
     kick: Kick,
     membership: Membership,
     pending: VecDeque<Pending>,
+    /// The NOTIFY request on its way, and how many messages it holds.
+    inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)>,
     rate: Option<Rate>,
     expiry: Option<Pin<Box<Sleep>>>,
     ping: Interval,
@@ -102,6 +104,7 @@ impl Socket {
             kick,
             membership,
             pending: opening.into_iter().collect(),
+            inflight: None,
             rate: gw.config.max_message_rate.map(Rate::new),
             expiry: expiry_sleep(expires_at),
             ping,
@@ -119,12 +122,19 @@ pub(crate) async fn run(mut socket: Box<Socket>) {
         ws,
         protocol,
         pending,
+        inflight,
         ..
     } = &mut *socket;
     // The connection closes first; everything accepted still goes to the database, the close
     // event last.
     drop(ws.take());
     pending.extend(protocol.closing(gw));
+    if let Some((fut, n)) = inflight.take() {
+        if let Err(reason) = fut.await {
+            gw.metrics.notify_failed.inc_by(n as u64);
+            tracing::warn!(reason, messages = n, "client messages lost after close");
+        }
+    }
     while !pending.is_empty() {
         let batch = take_batch(pending, gw.uplink.per_request());
         let n = batch.len();
@@ -136,7 +146,7 @@ pub(crate) async fn run(mut socket: Box<Socket>) {
 }
 
 /// The socket's loop, until it closes; what it accepted and did not send yet is left in
-/// `pending` (the request in flight is awaited).
+/// `pending` and `inflight`.
 async fn drive(socket: &mut Socket) {
     let Socket {
         gw,
@@ -147,6 +157,7 @@ async fn drive(socket: &mut Socket) {
         kick,
         membership,
         pending,
+        inflight,
         rate,
         expiry,
         ping,
@@ -156,7 +167,6 @@ async fn drive(socket: &mut Socket) {
     let Some(ws) = ws.as_mut() else {
         return;
     };
-    let mut inflight: Option<(BoxFuture<'static, Result<(), String>>, usize)> = None;
     let per_request = gw.uplink.per_request();
     ping.tick().await;
     let mut unanswered = 0u32;
@@ -171,7 +181,7 @@ async fn drive(socket: &mut Socket) {
         if inflight.is_none() && !pending.is_empty() {
             let batch = take_batch(pending, per_request);
             let n = batch.len();
-            inflight = Some((gw.uplink.send(batch), n));
+            *inflight = Some((gw.uplink.send(batch), n));
         }
         let open = closing.is_none();
         tokio::select! {
@@ -203,7 +213,7 @@ async fn drive(socket: &mut Socket) {
                     break;
                 }
             }
-            result = in_flight(&mut inflight) => {
+            result = in_flight(inflight) => {
                 let n = inflight.take().map_or(0, |(_, n)| n);
                 if let Err(reason) = result {
                     gw.metrics.notify_failed.inc_by(n as u64);
@@ -265,12 +275,6 @@ async fn drive(socket: &mut Socket) {
                     break;
                 }
             }
-        }
-    }
-    if let Some((fut, n)) = inflight.take() {
-        if let Err(reason) = fut.await {
-            gw.metrics.notify_failed.inc_by(n as u64);
-            tracing::warn!(reason, messages = n, "client messages lost after close");
         }
     }
 }

@@ -13,8 +13,7 @@
 
 use axum::http::StatusCode;
 use pgws_auth::Verified;
-use pgws_proto::{Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
-use serde_json::{Map, Value};
+use pgws_proto::{Envelope, EnvelopeClaims, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
 
 use super::pgws::unix_now;
 use super::{receive_span, Action, Admission, Frame, Protocol, Refusal};
@@ -30,7 +29,10 @@ const CLOSE_SERVER_ERROR: u16 = 1011;
 /// A socket on a direct channel.
 pub(crate) struct Direct {
     channel: String,
-    claims: Map<String, Value>,
+    /// The token's claims as compact JSON: the body's `userClaims`.
+    user_claims: Box<str>,
+    /// The same for the audit record's envelope.
+    claims: EnvelopeClaims,
     writes: bool,
 }
 
@@ -75,7 +77,10 @@ pub(crate) fn admission(
         protocol: Box::new(Direct {
             channel,
             writes: verified.mode.can_write(),
-            claims: verified.claims,
+            user_claims: serde_json::to_string(&verified.claims)
+                .unwrap_or_default()
+                .into_boxed_str(),
+            claims: EnvelopeClaims::new(&verified.claims),
         }),
         resume: None,
         after_join: None,
@@ -103,7 +108,11 @@ impl Protocol for Direct {
             );
         }
         // seed 000's body: every claim of the token, and the text.
-        let body = serde_json::json!({"userClaims": &self.claims, "payload": text}).to_string();
+        let text_json = serde_json::to_string(text).unwrap_or_default();
+        let body = format!(
+            r#"{{"payload":{text_json},"userClaims":{}}}"#,
+            self.user_claims
+        );
         if body.len() > MAX_NOTIFY_PAYLOAD {
             gw.metrics.refused("too_large");
             return Action::Close(

@@ -16,7 +16,9 @@ use crate::uplink::Pending;
 use crate::Gateway;
 use axum::extract::ws::{Message, Utf8Bytes};
 use pgws_auth::{Grant, Mode};
-use pgws_proto::{ConnectionEvent, Envelope, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE};
+use pgws_proto::{
+    ConnectionEvent, Envelope, EnvelopeClaims, Notification, MAX_NOTIFY_PAYLOAD, WEBSOCKET_MESSAGE,
+};
 use serde_json::Value;
 
 /// The token claim that asks for gap signals (`"gaps": true`).
@@ -28,9 +30,14 @@ pub(crate) const REFRESH_PREFIX: &str = "\0refresh ";
 /// Claims a refresh may narrow (checked by [`Pgws::refresh`]).
 const NARROWABLE: [&str; 3] = ["mode", "channel", "channels"];
 
-/// A postgres-websockets socket.
+/// A postgres-websockets socket: what its token granted.
 pub(crate) struct Pgws {
-    grant: Grant,
+    mode: Mode,
+    channels: Vec<String>,
+    /// The token's claims, encoded once for the envelopes (every socket holds them).
+    claims: EnvelopeClaims,
+    /// Whether the token allows in-band refresh.
+    refreshable: bool,
 }
 
 /// What the core needs for a socket with `grant`.
@@ -44,7 +51,15 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
     };
     // Opt-in: only sockets whose token asks for gap signals get them.
     let gaps = reads && grant.claims.get(GAPS_CLAIM) == Some(&Value::Bool(true));
-    let opening = meta_notification(gw, &grant, ConnectionEvent::Open).map(Pending::untraced);
+    let protocol = Pgws {
+        mode: grant.mode,
+        refreshable: grant.claims.get(REFRESH_CLAIM) == Some(&Value::Bool(true)),
+        claims: EnvelopeClaims::new(&grant.claims),
+        channels: grant.channels,
+    };
+    let opening = protocol
+        .meta_notification(gw, ConnectionEvent::Open)
+        .map(Pending::untraced);
     Admission {
         label: "postgres-websockets",
         subjects,
@@ -54,7 +69,7 @@ pub(crate) fn admission(gw: &Gateway, grant: Grant) -> Admission {
         send_queue: None,
         expires_at: grant.expires_at,
         opening,
-        protocol: Box::new(Pgws { grant }),
+        protocol: Box::new(protocol),
         resume: None,
         after_join: None,
     }
@@ -65,7 +80,7 @@ impl Protocol for Pgws {
         if let Some(token) = frame
             .as_text()
             .and_then(|t| t.strip_prefix(REFRESH_PREFIX))
-            .filter(|_| self.grant.claims.get(REFRESH_CLAIM) == Some(&Value::Bool(true)))
+            .filter(|_| self.refreshable)
         {
             return self.refresh(gw, token);
         }
@@ -86,7 +101,8 @@ impl Protocol for Pgws {
     }
 
     fn closing(&mut self, gw: &Gateway) -> Option<Pending> {
-        meta_notification(gw, &self.grant, ConnectionEvent::Close).map(Pending::untraced)
+        self.meta_notification(gw, ConnectionEvent::Close)
+            .map(Pending::untraced)
     }
 }
 
@@ -102,8 +118,9 @@ impl Pgws {
             Ok(v) => v,
             Err(e) => return refused(format!("token refused: {e}")),
         };
-        let old = &self.grant;
-        if !same_claims_apart_from(&verified.claims, &old.claims, &NARROWABLE) {
+        // Compared as envelopes carry them: `message_delivered_at` is the gateway's anyway.
+        let claims = EnvelopeClaims::new(&verified.claims);
+        if !same_claims_apart_from(&claims.to_map(), &self.claims.to_map(), &NARROWABLE) {
             return refused(
                 "a refreshed token carries the socket's claims: only exp, iat, nbf, jti, and a \
                  narrower mode or channels may differ"
@@ -111,11 +128,11 @@ impl Pgws {
             );
         }
         let mode = verified.mode;
-        if (mode.can_read() && !old.mode.can_read()) || (mode.can_write() && !old.mode.can_write())
-        {
+        let old = &self.mode;
+        if (mode.can_read() && !old.can_read()) || (mode.can_write() && !old.can_write()) {
             return refused("a refreshed token may not widen the socket's mode".to_owned());
         }
-        let kept: Vec<String> = old
+        let kept: Vec<String> = self
             .channels
             .iter()
             .filter(|c| verified.clone().grant(Some(c)).is_ok())
@@ -125,10 +142,10 @@ impl Pgws {
             return refused("the refreshed token allows none of the socket's channels".to_owned());
         }
         let subjects = &gw.config.nats.subjects;
-        let mut actions: Vec<Action> = old
+        let mut actions: Vec<Action> = self
             .channels
             .iter()
-            .filter(|c| old.mode.can_read() && (!mode.can_read() || !kept.contains(c)))
+            .filter(|c| old.can_read() && (!mode.can_read() || !kept.contains(c)))
             .map(|c| Action::Leave(subjects.deliver(c), None))
             .collect();
         let expires_at = verified.expires_at;
@@ -138,12 +155,9 @@ impl Pgws {
             "channels": kept,
             "mode": match mode { Mode::Read => "r", Mode::Write => "w", Mode::ReadWrite => "rw" },
         });
-        self.grant = Grant {
-            mode,
-            channels: kept,
-            claims: verified.claims,
-            expires_at,
-        };
+        self.mode = mode;
+        self.channels = kept;
+        self.claims = claims;
         gw.metrics.refreshed.inc();
         actions.push(Action::Expire(expires_at));
         actions.push(Action::Reply(Message::Text(Utf8Bytes::from(
@@ -152,11 +166,30 @@ impl Pgws {
         Action::Many(actions)
     }
 
+    /// The notification of a connection event, on `PGWS_META_CHANNEL` when one is set.
+    fn meta_notification(&self, gw: &Gateway, event: ConnectionEvent) -> Option<Notification> {
+        let meta = gw.config.meta_channel.as_deref()?;
+        let channels = self.channels.join(",");
+        let payload =
+            Envelope::new(event.name(), meta, &channels, &self.claims, unix_now()).to_json();
+        if payload.len() > MAX_NOTIFY_PAYLOAD {
+            tracing::warn!(
+                event = event.name(),
+                "connection event too large for NOTIFY; skipped"
+            );
+            return None;
+        }
+        Some(Notification {
+            id: Some(gw.message_id()),
+            channel: gw.config.listen_channel.clone(),
+            payload,
+        })
+    }
+
     /// Turns a client frame into notifications (one per channel of the socket), or an error
     /// frame for the client.
     fn accept(&self, gw: &Gateway, text: &str) -> Result<Action, Message> {
-        let grant = &self.grant;
-        if !grant.mode.can_write() {
+        if !self.mode.can_write() {
             return Err(refuse(
                 gw,
                 "read_only",
@@ -173,11 +206,11 @@ impl Pgws {
         let at = unix_now();
         // One trace per client message: this span, the gateway's publish, the bridge's batch
         // and NOTIFY.
-        let span = receive_span(&grant.channels.join(","), text.len());
-        let mut notes = Vec::with_capacity(grant.channels.len());
-        for channel in &grant.channels {
+        let span = receive_span(&self.channels.join(","), text.len());
+        let mut notes = Vec::with_capacity(self.channels.len());
+        for channel in &self.channels {
             let payload =
-                Envelope::new(WEBSOCKET_MESSAGE, channel, text, &grant.claims, at).to_json();
+                Envelope::new(WEBSOCKET_MESSAGE, channel, text, &self.claims, at).to_json();
             if payload.len() > MAX_NOTIFY_PAYLOAD {
                 let why = format!(
                     "message too large: its envelope is {} bytes and PostgreSQL NOTIFY allows at most {MAX_NOTIFY_PAYLOAD}",
@@ -215,22 +248,4 @@ fn refuse(gw: &Gateway, reason: &'static str, text: &str) -> Message {
 pub(crate) fn error_frame(text: &str) -> Message {
     let json = serde_json::json!({"event": "Error", "error": text}).to_string();
     Message::Text(Utf8Bytes::from(json))
-}
-
-fn meta_notification(gw: &Gateway, grant: &Grant, event: ConnectionEvent) -> Option<Notification> {
-    let meta = gw.config.meta_channel.as_deref()?;
-    let channels = grant.channels.join(",");
-    let payload = Envelope::new(event.name(), meta, &channels, &grant.claims, unix_now()).to_json();
-    if payload.len() > MAX_NOTIFY_PAYLOAD {
-        tracing::warn!(
-            event = event.name(),
-            "connection event too large for NOTIFY; skipped"
-        );
-        return None;
-    }
-    Some(Notification {
-        id: Some(gw.message_id()),
-        channel: gw.config.listen_channel.clone(),
-        payload,
-    })
 }
