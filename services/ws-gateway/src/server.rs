@@ -213,9 +213,10 @@ async fn websocket(gw: Arc<Gateway>, req: Request) -> Response {
         }
     };
     // A frame longer than the message limit is refused from its header (close 1009), before
-    // its payload is read.
+    // its payload is read. The read buffer is small (every socket keeps it): the connection
+    // reads ahead for it (`transport`).
     let mut upgrade = upgrade
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(8192)
         .max_frame_size(crate::MAX_FRAME)
         .max_message_size(crate::MAX_FRAME);
