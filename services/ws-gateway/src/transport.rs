@@ -181,7 +181,11 @@ mod tests {
             }
             got.extend_from_slice(&step[..n]);
             if got.len() == sent.len() {
-                assert_eq!(conn.ahead.capacity(), 0, "read ahead kept after it was read");
+                assert_eq!(
+                    conn.ahead.capacity(),
+                    0,
+                    "read ahead kept after it was read"
+                );
             }
         }
         assert_eq!(got, sent);
