@@ -44,7 +44,14 @@ fuzz_target!(|input: Input| {
         at,
         notified,
     } = input;
-    let json = Envelope::new(&event, &channel, &payload, &EnvelopeClaims::new(&claims), at).to_json();
+    let json = Envelope::new(
+        &event,
+        &channel,
+        &payload,
+        &EnvelopeClaims::new(&claims),
+        at,
+    )
+    .to_json();
     let parsed = match parse_unique(&json) {
         Ok(Value::Object(parsed)) => parsed,
         other => panic!("envelope {json} is not a JSON object without repeats: {other:?}"),

@@ -58,7 +58,14 @@ fn envelope(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     let event: String = u.arbitrary()?;
     let channel = pgws_fuzz::channel(u)?;
     let payload: String = u.arbitrary()?;
-    let mut json = Envelope::new(&event, &channel, &payload, &EnvelopeClaims::new(&claims), at).to_json();
+    let mut json = Envelope::new(
+        &event,
+        &channel,
+        &payload,
+        &EnvelopeClaims::new(&claims),
+        at,
+    )
+    .to_json();
     if swap {
         json = json.replace("\\u0001", u.choose(FRAGMENTS)?);
     }
