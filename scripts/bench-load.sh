@@ -286,13 +286,13 @@ for phase in $PHASES; do
       ;;
     ingest)
       start_target pgws
-      load pgws "ingest-pgws-$INGEST_SOCKETS" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+      load pgws "ingest-pgws-$INGEST_SOCKETS" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" --drain 120 --quiet 5 || true
       # The same load with PGWS_NOTIFY_DEDUP=false (at-least-once requests, no key table):
       # what executing each request at most once costs.
       stop bridge recorder
       export PGWS_NOTIFY_DEDUP=false
       start_bridge
-      load pgws "ingest-pgws-$INGEST_SOCKETS-nodedup" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+      load pgws "ingest-pgws-$INGEST_SOCKETS-nodedup" ingest --sockets "$INGEST_SOCKETS" --seconds "$SECS" --drain 120 --quiet 5 || true
       stop bridge recorder
       unset PGWS_NOTIFY_DEDUP
       start_bridge

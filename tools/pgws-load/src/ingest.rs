@@ -3,6 +3,12 @@
 //! the same number of seconds, the baseline: `--baseline-connections` connections each
 //! looping on an autocommit `SELECT pg_notify(...)` (one NOTIFY per transaction), counted
 //! by the same LISTEN. Reports both rates and their ratio.
+//!
+//! Two ingest figures: the rate in a window after a second of warm-up, and the exact one. For
+//! the exact one the sockets stop after the window and the run waits (up to `--drain`, or
+//! `--quiet` without progress) until every frame sent has reached NOTIFY; the rate is the
+//! frames sent over the time from the first frame to the last notification. Each frame is
+//! `s<socket>m<n>`, and the LISTEN checks that each socket's frames arrive once, in order.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +30,34 @@ use crate::report::{round, Report};
 struct Counts {
     ingest: AtomicU64,
     baseline: AtomicU64,
+    /// When the last ingest notification arrived, in µs after `Counts::epoch`.
+    last_us: AtomicU64,
+    /// Per socket, the next frame number expected.
+    next: std::sync::Mutex<Vec<u64>>,
+    /// Ingest notifications that were not the next frame of their socket (a gap, a repeat or
+    /// an unreadable payload).
+    out_of_order: AtomicU64,
+}
+
+impl Counts {
+    /// Counts frame `n` of `socket`.
+    fn frame(&self, socket: usize, n: u64) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        match next.get_mut(socket) {
+            Some(expected) if *expected == n => *expected += 1,
+            _ => {
+                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The socket and frame number of an envelope whose payload is `s<socket>m<n>`.
+fn frame_of(payload: &str) -> Option<(usize, u64)> {
+    let rest = &payload[payload.find(r#""payload":"s"#)? + 12..];
+    let (socket, rest) = rest.split_once('m')?;
+    let n = &rest[..rest.find('"')?];
+    Some((socket.parse().ok()?, n.parse().ok()?))
 }
 
 /// LISTENs on the listen channel and counts notifications of the two tagged channels. The
@@ -34,8 +68,12 @@ async fn listen(
     opts: &Opts,
     ingest_tag: String,
     baseline_tag: String,
+    epoch: Instant,
 ) -> anyhow::Result<Arc<Counts>> {
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(Counts {
+        next: std::sync::Mutex::new(vec![1; opts.sockets as usize]),
+        ..Counts::default()
+    });
     let c = Arc::clone(&counts);
     let (db_uri, channel) = (opts.db_uri.clone(), opts.listen_channel.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
@@ -67,7 +105,15 @@ async fn listen(
                         if let AsyncMessage::Notification(n) = msg {
                             let p = n.payload();
                             if p.contains(&ingest_tag) {
+                                match frame_of(p) {
+                                    Some((socket, n)) => c.frame(socket, n),
+                                    None => {
+                                        c.out_of_order.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
                                 c.ingest.fetch_add(1, Ordering::Relaxed);
+                                let at = epoch.elapsed().as_micros() as u64;
+                                c.last_us.store(at, Ordering::Relaxed);
                             } else if p.contains(&baseline_tag) {
                                 c.baseline.fetch_add(1, Ordering::Relaxed);
                             }
@@ -86,13 +132,15 @@ async fn listen(
     Ok(counts)
 }
 
-/// Waits until `counter` has not moved for `quiet`, at most `max`.
-async fn settle(counter: &AtomicU64, quiet: Duration, max: Duration) {
-    let deadline = Instant::now() + max;
+/// Waits until `counter` reaches `target`; gives up after `--drain` seconds, or `--quiet`
+/// seconds without progress.
+async fn drain(counter: &AtomicU64, target: u64, opts: &Opts) {
+    let deadline = Instant::now() + Duration::from_secs_f64(opts.drain);
+    let quiet = Duration::from_secs_f64(opts.quiet);
     let mut last = counter.load(Ordering::Relaxed);
     let mut since = Instant::now();
-    while Instant::now() < deadline && since.elapsed() < quiet {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while last < target && Instant::now() < deadline && since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let now = counter.load(Ordering::Relaxed);
         if now != last {
             last = now;
@@ -117,10 +165,12 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.servers(&pids);
     let channel = format!("{}-ingest", opts.run_id);
     let baseline_channel = format!("{}-baseline", opts.run_id);
+    let epoch = Instant::now();
     let counts = listen(
         opts,
         format!("\"channel\":\"{channel}\""),
         format!("\"channel\":\"{baseline_channel}\""),
+        epoch,
     )
     .await?;
 
@@ -146,7 +196,9 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for ws in sockets {
+    let mut senders = Vec::new();
+    let send_start = epoch.elapsed();
+    for (g, ws) in sockets.into_iter().enumerate() {
         let (mut sink, mut stream) = ws.split();
         let errs = Arc::clone(&errors);
         tasks.push(tokio::spawn(async move {
@@ -159,20 +211,21 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
             }
         }));
         let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
-        tasks.push(tokio::spawn(async move {
+        senders.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..32 {
                     i += 1;
-                    if sink.feed(Message::text(format!("m{i}"))).await.is_err() {
-                        return;
+                    if sink.feed(Message::text(format!("s{g}m{i}"))).await.is_err() {
+                        return sink;
                     }
                 }
                 if sink.flush().await.is_err() {
-                    return;
+                    return sink;
                 }
                 sent.fetch_add(32, Ordering::Relaxed);
             }
+            sink
         }));
     }
     // One second of warm-up, then the window.
@@ -185,19 +238,25 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let window = (t1 - t0).as_secs_f64();
     let ingest_rate = (c1 - c0) as f64 / window;
-    // Let what was accepted reach NOTIFY, then close the sockets.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    settle(
-        &counts.ingest,
-        Duration::from_secs(2),
-        Duration::from_secs_f64(opts.drain),
-    )
-    .await;
+    // The senders stop after their current flush (the sockets stay open); then every frame
+    // sent must reach NOTIFY.
+    let mut sinks = Vec::new();
+    for s in senders {
+        sinks.push(s.await?);
+    }
+    let stopped = epoch.elapsed();
+    let total_sent = sent.load(Ordering::Relaxed);
+    drain(&counts.ingest, total_sent, opts).await;
     for t in &tasks {
         t.abort();
     }
-    let total_sent = sent.load(Ordering::Relaxed);
+    drop(sinks);
     let total_notified = counts.ingest.load(Ordering::Relaxed);
+    let last = Duration::from_micros(counts.last_us.load(Ordering::Relaxed));
+    let exact_secs = last.saturating_sub(send_start).as_secs_f64();
+    let exact_rate = total_notified as f64 / exact_secs.max(1e-9);
+    let out_of_order = counts.out_of_order.load(Ordering::Relaxed);
+    let exact = total_notified == total_sent && out_of_order == 0;
 
     // --- the baseline: one NOTIFY per transaction
     let mut clients = Vec::new();
@@ -238,6 +297,14 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.figure("ingest_msgs_per_s", round(ingest_rate, 0));
     report.figure("frames_sent", total_sent);
     report.figure("notified_total", total_notified);
+    report.figure("out_of_order", out_of_order);
+    report.figure("exact", exact);
+    report.figure(
+        "drain_secs",
+        round(last.saturating_sub(stopped).as_secs_f64(), 3),
+    );
+    report.figure("exact_secs", round(exact_secs, 3));
+    report.figure("exact_msgs_per_s", round(exact_rate, 0));
     report.figure("error_frames", errors.load(Ordering::Relaxed));
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         report.figure("server_cpu_share", round((b - a) / window, 3));
@@ -253,6 +320,10 @@ pub async fn run(opts: &Opts) -> anyhow::Result<()> {
     report.figure(
         "ratio_to_baseline",
         round(ingest_rate / baseline_rate.max(1e-9), 2),
+    );
+    report.figure(
+        "exact_ratio_to_baseline",
+        round(exact_rate / baseline_rate.max(1e-9), 2),
     );
     report.finish(opts.json.as_deref())?;
     anyhow::ensure!(c1 > c0, "no client message reached NOTIFY");
