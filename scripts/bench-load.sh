@@ -50,7 +50,7 @@ OUT=${1:-bench/results/$(date +%s)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PHASES=${PHASES:-idle fanout mixed ingest}
-[[ ${BIG:-0} == 1 ]] && PHASES="$PHASES big"
+[[ ${BIG:-0} == 1 && " $PHASES " != *" big "* ]] && PHASES="$PHASES big"
 SECS=${SECONDS_EACH:-10}
 IDLE_COUNTS=${IDLE_COUNTS:-1000 5000 10000 19000}
 FANOUT_SOCKETS=${FANOUT_SOCKETS:-10000}
