@@ -23,6 +23,8 @@
 //! for the types routed (`text`, `varchar`, `uuid`, the integers, `boolean`), so a row whose
 //! column differs cannot satisfy the policy. Other types are not routed.
 
+use std::sync::LazyLock;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -153,13 +155,15 @@ pub(crate) async fn spec(
 /// memberships as the policies and the table's owner see them, each policy of the table (its
 /// row version and whether it applies to the role), and what the policies depend on (helper
 /// functions' and other tables' row versions). Any change to one of them changes the text.
-const FINGERPRINT: &str = "SELECT concat_ws('/',
+static FINGERPRINT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT concat_ws('/',
     (SELECT c.xmin::text || ':' || pg_has_role(r.oid, c.relowner, 'USAGE')::text || ':'
             || (r.rolsuper OR r.rolbypassrls)::text
        FROM pg_class c, pg_roles r WHERE c.oid = $1::oid AND r.rolname = $2),
     (SELECT string_agg(a.attname::text, ',' ORDER BY a.attnum) FROM pg_attribute a
       WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped),
-    (SELECT string_agg(p.oid::text || ':' || p.xmin::text || ':' || (APPLIES)::text, ','
+    (SELECT string_agg(p.oid::text || ':' || p.xmin::text || ':' || ({applies})::text, ','
                        ORDER BY p.oid)
        FROM pg_policy p WHERE p.polrelid = $1::oid),
     (SELECT string_agg(d.refobjid::text || ':' || coalesce(f.xmin::text, '') || ':'
@@ -168,7 +172,10 @@ const FINGERPRINT: &str = "SELECT concat_ws('/',
        LEFT JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
        LEFT JOIN pg_class c ON d.refclassid = 'pg_class'::regclass AND c.oid = d.refobjid
       WHERE d.classid = 'pg_policy'::regclass
-        AND d.objid IN (SELECT p.oid FROM pg_policy p WHERE p.polrelid = $1::oid)))";
+        AND d.objid IN (SELECT p.oid FROM pg_policy p WHERE p.polrelid = $1::oid)))",
+        applies = visibility::APPLIES
+    )
+});
 
 /// Most routes kept by one [`Specs`] (all are forgotten beyond).
 const MAX_SPECS: usize = 10_000;
@@ -193,8 +200,7 @@ impl Specs {
         table_name: &str,
         role: &str,
     ) -> Result<Option<Spec>, tokio_postgres::Error> {
-        let sql = FINGERPRINT.replace("APPLIES", visibility::APPLIES);
-        let statement = self.prepared.get(db, &sql).await?;
+        let statement = self.prepared.get(db, &FINGERPRINT).await?;
         let print: Option<String> = db.query_one(&statement, &[&table, &role]).await?.get(0);
         let print = print.unwrap_or_default();
         let key = (table, role.to_owned());

@@ -64,15 +64,17 @@ pub(crate) struct Socket {
     rate: Option<Rate>,
     expiry: Option<Pin<Box<Sleep>>>,
     ping: Interval,
-    /// Released when the socket ends: its place in shutdown's count and its address's slot.
-    _owned: (TaskTrackerToken, Option<Slot>),
+    _owned: Owned,
 }
+
+/// Released when a socket ends: its place in shutdown's count and its address's slot.
+pub(crate) type Owned = (TaskTrackerToken, Option<Slot>);
 
 /// An accepted handshake waiting for its upgrade, boxed for the same reason as [`Socket`].
 pub(crate) struct Upgrading {
     pub(crate) accepted: Accepted,
     pub(crate) reset: Reset,
-    pub(crate) owned: (TaskTrackerToken, Option<Slot>),
+    pub(crate) owned: Owned,
 }
 
 impl Socket {
@@ -161,7 +163,7 @@ async fn drive(socket: &mut Socket) {
         rate,
         expiry,
         ping,
-        _owned,
+        ..
     } = socket;
     let (gw, kick, reset): (&Gateway, &Kick, &Reset) = (gw, kick, reset);
     let Some(ws) = ws.as_mut() else {

@@ -30,7 +30,7 @@ use crate::report::{round, Report};
 struct Counts {
     ingest: AtomicU64,
     baseline: AtomicU64,
-    /// When the last ingest notification arrived, in µs after `Counts::epoch`.
+    /// When the last ingest notification arrived, in µs after the run's epoch.
     last_us: AtomicU64,
     /// Per socket, the next frame number expected.
     next: std::sync::Mutex<Vec<u64>>,
@@ -40,15 +40,24 @@ struct Counts {
 }
 
 impl Counts {
-    /// Counts frame `n` of `socket`.
-    fn frame(&self, socket: usize, n: u64) {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        match next.get_mut(socket) {
-            Some(expected) if *expected == n => *expected += 1,
-            _ => {
-                self.out_of_order.fetch_add(1, Ordering::Relaxed);
+    /// Counts an ingest notification that arrived `at` µs after the epoch: in order when it
+    /// holds the next frame of its socket.
+    fn ingested(&self, payload: &str, at: u64) {
+        let in_order = frame_of(payload).is_some_and(|(socket, n)| {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            match next.get_mut(socket) {
+                Some(expected) if *expected == n => {
+                    *expected += 1;
+                    true
+                }
+                _ => false,
             }
+        });
+        if !in_order {
+            self.out_of_order.fetch_add(1, Ordering::Relaxed);
         }
+        self.ingest.fetch_add(1, Ordering::Relaxed);
+        self.last_us.store(at, Ordering::Relaxed);
     }
 }
 
@@ -105,15 +114,7 @@ async fn listen(
                         if let AsyncMessage::Notification(n) = msg {
                             let p = n.payload();
                             if p.contains(&ingest_tag) {
-                                match frame_of(p) {
-                                    Some((socket, n)) => c.frame(socket, n),
-                                    None => {
-                                        c.out_of_order.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                c.ingest.fetch_add(1, Ordering::Relaxed);
-                                let at = epoch.elapsed().as_micros() as u64;
-                                c.last_us.store(at, Ordering::Relaxed);
+                                c.ingested(p, epoch.elapsed().as_micros() as u64);
                             } else if p.contains(&baseline_tag) {
                                 c.baseline.fetch_add(1, Ordering::Relaxed);
                             }
