@@ -14,8 +14,10 @@
 #   ingest  INGEST_SOCKETS write-mode sockets for SECONDS, and the one-per-transaction baseline;
 #           then the same with PGWS_NOTIFY_DEDUP=false
 #   busy    (not in the default PHASES) BUSY_CHANNELS channels of BUSY_SUBSCRIBERS sockets at
-#           BUSY_RATES notifications/s, on pgws and nats-server in turn, BUSY_RUNS times: the
-#           latency of busy sockets (each receives rate / channels messages/s)
+#           BUSY_RATES notifications/s, on each of BUSY_TARGETS in turn (default pgws and
+#           nats-server; `one` is pgws in one process), BUSY_RUNS times: the latency of busy
+#           sockets (each receives rate / channels messages/s); with BASE_GATEWAY_BIN, that
+#           gateway binary too (target `base`), in the same turns
 #   one     (not in the default PHASES) pgws in one process (no NATS) against the split stack
 #           (gateway, bridge, recorder and their NATS, all counted for CPU), in turn, ONE_RUNS
 #           times: fan-out (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s) and
@@ -63,6 +65,7 @@ BUSY_CHANNELS=${BUSY_CHANNELS:-10}
 BUSY_SUBSCRIBERS=${BUSY_SUBSCRIBERS:-100}
 BUSY_RATES=${BUSY_RATES:-5000}
 BUSY_RUNS=${BUSY_RUNS:-3}
+BUSY_TARGETS=${BUSY_TARGETS:-pgws nats}
 ONE_RUNS=${ONE_RUNS:-3}
 ONE_RATE=${ONE_RATE:-50}
 HISTORY_RUNS=${HISTORY_RUNS:-3}
@@ -160,8 +163,8 @@ recorder_drained() { # waits (at most 120 s) until the split recorder has nothin
   done
   say "the recorder still has ${pending:-?} records pending after 120 s"
 }
-start_gateway() { # i
-  start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${GATEWAY_BIN:-$BIN/ws-gateway}"
+start_gateway() { # i [binary]
+  start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${2:-${GATEWAY_BIN:-$BIN/ws-gateway}}"
   wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
 }
 start_one() {
@@ -195,7 +198,7 @@ start_node() {
 }
 url() { # target -> websocket base URL
   case $1 in
-    pgws) echo "ws://127.0.0.1:$GW_PORT" ;;
+    pgws | base) echo "ws://127.0.0.1:$GW_PORT" ;;
     nats) echo "ws://127.0.0.1:$NATS_WS_PORT" ;;
     node) echo "ws://127.0.0.1:$NODE_PORT" ;;
     one) echo "ws://127.0.0.1:$ONE_PORT" ;;
@@ -204,6 +207,7 @@ url() { # target -> websocket base URL
 pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is set)
   case $1 in
     pgws) echo "${PID[gw0]}${BUS_PID:+,$BUS_PID}" ;;
+    base) echo "${PID[gw0]}" ;;
     nats) echo "${PID[nats]}" ;;
     node) echo "${PID[node]}" ;;
     one) echo "${PID[one]}" ;;
@@ -212,6 +216,7 @@ pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is 
 start_target() {
   case $1 in
     pgws) start_gateway 0 ;;
+    base) start_gateway 0 "$BASE_GATEWAY_BIN" ;;
     nats) start_nats ;;
     node) start_node ;;
     one) start_one ;;
@@ -219,7 +224,7 @@ start_target() {
 }
 stop_target() {
   case $1 in
-    pgws) stop gw0 ;;
+    pgws | base) stop gw0 ;;
     nats) stop nats ;;
     node) stop node ;;
     one) stop one ;;
@@ -231,6 +236,7 @@ load() { # target, json name, mode and options...
   local listen=$PGWS_LISTEN_CHANNEL kind=$target
   [[ $target == node ]] && listen=$NODE_LISTEN
   [[ $target == one ]] && listen=$ONE_LISTEN && kind=pgws
+  [[ $target == base ]] && kind=pgws
   say "run $name: pgws-load $* --target $target"
   "$LOAD" "$@" --target "$kind" --gateways "$(url "$target")" --gateway-pid "$(pid_of "$target")" \
     --listen-channel "$listen" --nats-url "nats://127.0.0.1:$NATS_CLIENT_PORT" \
@@ -273,7 +279,7 @@ for phase in $PHASES; do
       ;;
     busy)
       for ((run = 1; run <= BUSY_RUNS; run++)); do
-        for target in pgws nats; do
+        for target in $BUSY_TARGETS ${BASE_GATEWAY_BIN:+base}; do
           start_target "$target"
           for r in $BUSY_RATES; do
             load "$target" "busy-$target-${BUSY_CHANNELS}x$BUSY_SUBSCRIBERS-r$r-run$run" fanout \

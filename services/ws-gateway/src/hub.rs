@@ -129,8 +129,25 @@ impl Budget {
 #[derive(Debug)]
 pub(crate) struct Queued {
     pub(crate) message: Message,
-    _ticket: Ticket,
+    ticket: Ticket,
 }
+
+impl Queued {
+    /// The message, its bytes counted in `written` from now on (released with it).
+    pub(crate) fn into_message(self, written: &mut Option<Written>) -> Message {
+        match written {
+            Some(w) => w.0.absorb(self.ticket),
+            None => *written = Some(Written(self.ticket)),
+        }
+        self.message
+    }
+}
+
+/// The bytes of a burst of messages handed to a socket, released together when it is dropped:
+/// one update of the socket's count and of the gateway's for the burst, not one per message
+/// (the gateway's count is shared by every socket and every core).
+#[derive(Debug)]
+pub(crate) struct Written(Ticket);
 
 /// One socket's queued bytes, and the gateway's budget they also count against.
 #[derive(Debug)]
@@ -169,8 +186,18 @@ impl Ticket {
     }
 }
 
+impl Ticket {
+    /// Takes over `other`'s bytes, so that they are released with this ticket's.
+    fn absorb(&mut self, mut other: Ticket) {
+        self.len += std::mem::take(&mut other.len);
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
         self.bytes.queued.fetch_sub(self.len, Ordering::Relaxed);
         self.bytes
             .budget
@@ -228,10 +255,7 @@ impl Subscriber {
         } else if all > budget.max && mine > len {
             Some(Refused::Budget)
         } else {
-            match self.tx.try_send(Queued {
-                message,
-                _ticket: ticket,
-            }) {
+            match self.tx.try_send(Queued { message, ticket }) {
                 Ok(()) => return true,
                 Err(queue::TrySendError::Full(_)) => Some(Refused::Slow),
                 Err(queue::TrySendError::Closed(_)) => None,
@@ -775,6 +799,28 @@ mod tests {
         drop(_b_rx);
         budget.sample();
         assert_eq!(gauge.get(), 0);
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_burst_gives_its_bytes_back_once_written() {
+        let budget = Budget::new(10_000, 10_000, Gauge::default());
+        let (a, mut rx) = socket(&budget);
+        let (mut slow, mut spent) = (0, 0);
+        for n in [10, 20, 30] {
+            assert!(a.offer(frame(n), &mut slow, &mut spent));
+        }
+        let mut written = None;
+        let mut lens = Vec::new();
+        while let Some(q) = rx.try_recv() {
+            lens.push(message_len(&q.into_message(&mut written)));
+        }
+        assert_eq!(lens, [10, 20, 30]);
+        // Counted until the burst's bytes are released, then given back in full.
+        assert_eq!(a.bytes.queued.load(Ordering::Relaxed), 60);
+        assert_eq!(budget.used.load(Ordering::Relaxed), 60);
+        drop(written);
+        assert_eq!(a.bytes.queued.load(Ordering::Relaxed), 0);
         assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }
 }

@@ -6,15 +6,17 @@
 //! was a fifth of what an idle socket cost. Here the items live in a `VecDeque` that grows on
 //! the first message and is given back when a burst has drained.
 //!
-//! The receiver sleeps on a [`Notify`]: a send stores a permit when the receiver is not
-//! waiting, so a message queued between its check and its wait is never missed. When the last
-//! sender is gone, `recv` returns `None` once the queue is empty; when the receiver is gone,
-//! sends fail and what was queued is dropped at once (releasing its byte accounting).
+//! The receiver's waker lives under the same lock as the items: a send that finds it takes it
+//! and wakes the receiver after unlocking, and a receiver that finds the queue empty leaves its
+//! waker before it unlocks, so a message is never missed, and a send costs one lock (a
+//! `tokio::sync::Notify` beside the lock would take a second one whenever the receiver waits).
+//! When the last sender is gone, `recv` returns `None` once the queue is empty; when the
+//! receiver is gone, sends fail and what was queued is dropped at once (releasing its byte
+//! accounting).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use std::task::{Poll, Waker};
 
 /// A queue that held more than this many slots is given back when it drains.
 const KEEP_SLOTS: usize = 64;
@@ -32,11 +34,19 @@ struct State<T> {
     items: VecDeque<T>,
     senders: usize,
     receiver: bool,
+    /// The receiver, waiting for an item (or for the last sender to go).
+    waiting: Option<Waker>,
+}
+
+impl<T> State<T> {
+    /// Takes the waiting receiver's waker, to wake it once the lock is released.
+    fn wake(&mut self) -> Option<Waker> {
+        self.waiting.take()
+    }
 }
 
 struct Shared<T> {
     state: Mutex<State<T>>,
-    ready: Notify,
     capacity: usize,
 }
 
@@ -63,8 +73,8 @@ pub(crate) fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
             items: VecDeque::new(),
             senders: 1,
             receiver: true,
+            waiting: None,
         }),
-        ready: Notify::new(),
         capacity: capacity.max(1),
     });
     (
@@ -86,8 +96,11 @@ impl<T> Sender<T> {
             return Err(TrySendError::Full(item));
         }
         state.items.push_back(item);
+        let waiting = state.wake();
         drop(state);
-        self.shared.ready.notify_one();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
         Ok(())
     }
 }
@@ -132,11 +145,15 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.senders -= 1;
-        let last = state.senders == 0;
+        // The receiver may be waiting: it learns there is nothing more to come.
+        let waiting = if state.senders == 0 {
+            state.wake()
+        } else {
+            None
+        };
         drop(state);
-        if last {
-            // The receiver may be waiting: it learns there is nothing more to come.
-            self.shared.ready.notify_one();
+        if let Some(waker) = waiting {
+            waker.wake();
         }
     }
 }
@@ -144,18 +161,21 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next item; `None` when the queue is empty and every sender is gone.
     pub(crate) async fn recv(&mut self) -> Option<T> {
-        loop {
-            {
-                let mut state = self.shared.lock();
-                if let Some(item) = take(&mut state) {
-                    return Some(item);
-                }
-                if state.senders == 0 {
-                    return None;
-                }
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            if let Some(item) = take(&mut state) {
+                return Poll::Ready(Some(item));
             }
-            self.shared.ready.notified().await;
-        }
+            if state.senders == 0 {
+                return Poll::Ready(None);
+            }
+            match &mut state.waiting {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                waiting => *waiting = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The next item if one is queued.
@@ -177,6 +197,7 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.receiver = false;
+        state.waiting = None;
         // Dropped here, not when the last sender goes: queued messages hold budget bytes.
         let items = std::mem::take(&mut state.items);
         drop(state);
@@ -223,6 +244,47 @@ mod tests {
         drop(other);
         let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         assert_eq!(end, Ok(None));
+    }
+
+    /// Records whether it was woken.
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl futures::task::ArcWake for Woken {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Woken {
+        fn take(&self) -> bool {
+            self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn a_waiting_receiver_is_woken_by_a_send_and_by_the_last_sender_going() {
+        use std::future::Future;
+        use std::task::Context;
+
+        let (tx, mut rx) = channel(8);
+        let other = tx.clone();
+        let woken = Arc::new(Woken(false.into()));
+        let waker = futures::task::waker(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut recv = std::pin::pin!(rx.recv());
+            assert!(recv.as_mut().poll(&mut cx).is_pending());
+            tx.try_send(1).expect("queued");
+            assert!(woken.take(), "woken by the send");
+            assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(Some(1)));
+        }
+        let mut recv = std::pin::pin!(rx.recv());
+        assert!(recv.as_mut().poll(&mut cx).is_pending());
+        drop(tx);
+        assert!(!woken.take(), "one sender is left");
+        drop(other);
+        assert!(woken.take(), "woken by the last sender going");
+        assert_eq!(recv.as_mut().poll(&mut cx), Poll::Ready(None));
     }
 
     #[tokio::test]

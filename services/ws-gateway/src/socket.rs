@@ -446,14 +446,17 @@ async fn write_burst(
     rx: &mut queue::Receiver<Queued>,
     first: Queued,
 ) -> Result<(), axum::Error> {
-    // A message's bytes stop counting against the budgets once it is handed to the socket.
-    ws.feed(first.message).await?;
+    // A message's bytes stop counting against the budgets once it is handed to the socket,
+    // those of a burst at once.
+    let mut written = None;
+    ws.feed(first.into_message(&mut written)).await?;
     for _ in 0..64 {
         match rx.try_recv() {
-            Some(q) => ws.feed(q.message).await?,
+            Some(q) => ws.feed(q.into_message(&mut written)).await?,
             None => break,
         }
     }
+    drop(written);
     ws.flush().await
 }
 
