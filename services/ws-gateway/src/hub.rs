@@ -184,9 +184,7 @@ impl Ticket {
         };
         (ticket, mine, all)
     }
-}
 
-impl Ticket {
     /// Takes over `other`'s bytes, so that they are released with this ticket's.
     fn absorb(&mut self, mut other: Ticket) {
         self.len += std::mem::take(&mut other.len);

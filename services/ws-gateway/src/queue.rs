@@ -38,13 +38,6 @@ struct State<T> {
     waiting: Option<Waker>,
 }
 
-impl<T> State<T> {
-    /// Takes the waiting receiver's waker, to wake it once the lock is released.
-    fn wake(&mut self) -> Option<Waker> {
-        self.waiting.take()
-    }
-}
-
 struct Shared<T> {
     state: Mutex<State<T>>,
     capacity: usize,
@@ -96,7 +89,7 @@ impl<T> Sender<T> {
             return Err(TrySendError::Full(item));
         }
         state.items.push_back(item);
-        let waiting = state.wake();
+        let waiting = state.waiting.take();
         drop(state);
         if let Some(waker) = waiting {
             waker.wake();
@@ -147,7 +140,7 @@ impl<T> Drop for Sender<T> {
         state.senders -= 1;
         // The receiver may be waiting: it learns there is nothing more to come.
         let waiting = if state.senders == 0 {
-            state.wake()
+            state.waiting.take()
         } else {
             None
         };
