@@ -19,7 +19,8 @@
 #
 # Usage: scripts/bench-recorder.sh [RECORDS] [REPLICAS]     (defaults 500000 and 1)
 # Env:   PGWS_RECORDER_BATCH_SIZE (default 5000), PGWS_RECORDER_BATCH_WAIT (default 20),
-#        PGWS_DB_URI (see above)
+#        PGWS_DB_URI (see above), RECORDER_BIN (another pg-recorder build to run instead of
+#        this tree's, for before/after figures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS=${1:-500000}
@@ -71,7 +72,7 @@ trap cleanup EXIT
 
 recorder() { # $1 = replica number: starts one recorder, waits for /readyz
   local port=$((19300 + $1))
-  PGWS_ADMIN_PORT=$port "$BIN/pg-recorder" >"$LOGS/recorder-$1.log" 2>&1 &
+  PGWS_ADMIN_PORT=$port "${RECORDER_BIN:-$BIN/pg-recorder}" >"$LOGS/recorder-$1.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 100); do
     curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && return 0

@@ -399,7 +399,7 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-struct JetStreamAck(async_nats::jetstream::Message);
+struct JetStreamAck(async_nats::jetstream::message::Acker);
 
 impl Acker for JetStreamAck {
     fn ack(&self) -> BoxFuture<'_, Result<(), BusError>> {
@@ -470,7 +470,9 @@ impl Log for JetStreamLog {
                     .info()
                     .map(|i| (i.stream_sequence, u64::try_from(i.delivered).unwrap_or(0)))
                     .unwrap_or_default();
-                let mut message = crate::nats::message(m.message.clone());
+                // Taken apart, not cloned: the acker keeps only the reply subject.
+                let (message, acker) = m.split();
+                let mut message = crate::nats::message(message);
                 let id = message.headers.remove(MSG_ID);
                 records.push(Record {
                     subject: message.subject,
@@ -480,7 +482,7 @@ impl Log for JetStreamLog {
                     stream: self.stream.clone(),
                     seq,
                     delivered,
-                    acker: Box::new(JetStreamAck(m)),
+                    acker: Box::new(JetStreamAck(acker)),
                 });
             }
             Ok(records)

@@ -26,10 +26,10 @@ use crate::schema::{self, day_of, Partitions};
 use crate::store::{self, Mode, Path};
 
 /// Most records the shared consumer holds delivered and unacknowledged, for batches of
-/// `batch_size`: the batch being written, the one waiting for the writer, the one being
-/// pulled, and slack.
+/// `batch_size`: the batch being acknowledged, the one waiting for the acker, the one being
+/// written, the one waiting for the writer, the one being pulled, and slack.
 pub(crate) fn max_ack_pending(batch_size: usize) -> i64 {
-    i64::try_from(batch_size * 4).unwrap_or(i64::MAX)
+    i64::try_from(batch_size * 6).unwrap_or(i64::MAX)
 }
 
 /// The database side of the loop: one connection, re-established with backoff.
@@ -90,9 +90,10 @@ pub(crate) struct Source {
     pub(crate) consumer: String,
 }
 
-/// Runs the loop until `token` is cancelled. Two stages: this one pulls batches, a writer
-/// task writes and acknowledges them in order; one batch may wait between them, so the next
-/// batch is pulled while the previous one is written.
+/// Runs the loop until `token` is cancelled. Three stages, each a batch at a time: this one
+/// pulls batches and parses them, a writer task writes them in order, an acker task
+/// acknowledges what was committed. One batch may wait between two stages, so the next batch
+/// is pulled and parsed while one is written, and written while the last one is acknowledged.
 pub(crate) async fn run(
     source: Source,
     mut db: Database,
@@ -106,15 +107,9 @@ pub(crate) async fn run(
     if !db.connected(&token).await {
         return;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Record>>(1);
-    let writer_token = token.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(records) = rx.recv().await {
-            // The batch in hand is written even when shutdown has begun (bounded by the
-            // grace period); false means shutdown found the database away.
-            if !record_batch(&mut db, &mode, &records, &metrics, &writer_token).await {
-                break;
-            }
+    let (acks, mut committed) = tokio::sync::mpsc::channel::<Vec<Record>>(1);
+    let acker = tokio::spawn(async move {
+        while let Some(records) = committed.recv().await {
             for r in records {
                 if let Err(e) = r.ack().await {
                     tracing::warn!(error = %e, "ack failed; the record will be redelivered");
@@ -122,10 +117,24 @@ pub(crate) async fn run(
             }
         }
     });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Batch, Vec<Record>)>(1);
+    let writer_token = token.clone();
+    let writer = tokio::spawn(async move {
+        while let Some((batch, records)) = rx.recv().await {
+            // The batch in hand is written even when shutdown has begun (bounded by the
+            // grace period); false means shutdown found the database away.
+            if !record_batch(&mut db, &mode, &batch, &records, &metrics, &writer_token).await {
+                break;
+            }
+            if acks.send(records).await.is_err() {
+                break;
+            }
+        }
+    });
     while !token.is_cancelled() {
         match next_batch(&source, batch_size, batch_wait, &token).await {
             Ok(records) => {
-                if !records.is_empty() && tx.send(records).await.is_err() {
+                if !records.is_empty() && tx.send((parse(&records), records)).await.is_err() {
                     break;
                 }
             }
@@ -140,6 +149,7 @@ pub(crate) async fn run(
     }
     drop(tx);
     drop(writer.await);
+    drop(acker.await);
 }
 
 /// How long one fetch waits for a first record: how soon the pull notices shutdown.
@@ -201,11 +211,27 @@ async fn next_batch(
     Ok(batch)
 }
 
-/// Writes one pulled batch, retrying until it commits; false when shutdown interrupted the
-/// retries.
+/// Parses the envelopes of pulled records, in order.
+fn parse(records: &[Record]) -> Batch {
+    let mut batch = Batch::default();
+    for m in records {
+        batch.redelivered |= m.redelivered();
+        batch.push(
+            &m.stream,
+            m.seq,
+            &m.payload,
+            Meta::new(m.id.as_deref(), &m.headers),
+        );
+    }
+    batch
+}
+
+/// Writes the batch parsed from `messages`, retrying until it commits; false when shutdown
+/// interrupted the retries.
 async fn record_batch(
     db: &mut Database,
     mode: &Mode,
+    batch: &Batch,
     messages: &[Record],
     metrics: &RecorderMetrics,
     token: &CancellationToken,
@@ -225,17 +251,7 @@ async fn record_batch(
         }
         telemetry::mark(&span);
     }
-    let mut batch = Batch::default();
-    for m in messages {
-        batch.redelivered |= m.redelivered();
-        batch.push(
-            &m.stream,
-            m.seq,
-            &m.payload,
-            Meta::new(m.id.as_deref(), &m.headers),
-        );
-    }
-    write_batch(db, mode, &batch, metrics, token)
+    write_batch(db, mode, batch, metrics, token)
         .instrument(span)
         .await
 }

@@ -37,7 +37,7 @@
 //!
 //! Code map: `config`; `record` (parse or dead-letter; `fuzzing`, hidden, is the fuzz
 //! targets' door to it); `schema` (migrations, partitions, retention); `store` (the batch
-//! transaction, dispatcher SQL, error classes); `consumer` (the pull and writer stages,
+//! transaction, dispatcher SQL, error classes); `consumer` (the pull, writer and acker stages,
 //! retries); `in_transaction` (the statement of in-transaction writes); `metrics`. Tests use
 //! the real PostgreSQL and NATS, a database and a NATS prefix per test (`test_support`).
 
