@@ -268,8 +268,13 @@ if t:
     print(f"SQL -> socket: {t['rows_per_s']:,.0f} row changes/s (target 10,000)")
 incomplete = [n for n, r in (("classes", c), ("baseline", b), ("throughput", t))
               if r and not r.get("complete", True)]
+repeated = [os.path.basename(p)[:-5] for p in sorted(glob.glob(os.path.join(out, "*.json")))
+            if json.load(open(p)).get("repeated_events", 0)]
 if incomplete:
     print("INCOMPLETE (events missing or sockets closed): " + ", ".join(incomplete))
+if repeated:
+    print("REPEATED (a socket received an event twice): " + ", ".join(repeated))
+if incomplete or repeated:
     sys.exit(1)
 PY
 say "reports in $OUT"

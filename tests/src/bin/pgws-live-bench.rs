@@ -28,8 +28,9 @@
 //!
 //! Output: one JSON object on stdout: `sockets`, `classes`, `rows`, `expected_events`,
 //! `received_events`, `foreign_events` (events of another tenant's row: must be 0),
-//! `out_of_order` (an id not above the socket's previous one: a repeat or a reordering, must
-//! be 0), `closed_sockets`, `complete_sockets`, `seconds` (first insert to last event),
+//! `out_of_order` (an id not above the socket's previous one: a repeat or a reordering; 0 with
+//! one writer, and with several writers rows may commit in another order than their ids were
+//! taken), `repeated_events` (an id the socket received already: must be 0), `closed_sockets`, `complete_sockets`, `seconds` (first insert to last event),
 //! `insert_seconds`, `drain_seconds` (last commit to last event), `events_per_s`, `complete`
 //! (every event arrived and no socket was closed), `rows_per_s` (0 unless complete); with `BRIDGE_ADMIN` (the bridge's admin address, `host:port`) the deltas of
 //! the bridge's capture counters over the measured part (`capture_checks`: visibility queries),
@@ -157,8 +158,11 @@ struct Stats {
     stale: AtomicU64,
     /// Events of a row whose tenant is not the socket's.
     foreign: AtomicU64,
-    /// Events whose id was not above the socket's previous one.
+    /// Events whose id was not above the socket's previous one: a repeat, or rows committed
+    /// in another order than their ids were taken (several writers).
     out_of_order: AtomicU64,
+    /// Events whose id the socket had received already.
+    repeated: AtomicU64,
     /// Sockets that received their warm-up row.
     warm: AtomicU64,
     /// Sockets that received all their rows.
@@ -330,6 +334,7 @@ async fn read(
     let body_key = b"\"body\":\"";
     let mut got = 0u64;
     let mut last_id = 0u64;
+    let mut seen = std::collections::HashSet::new();
     while let Some(frame) = ws.next().await {
         let bytes = match frame {
             Ok(Message::Text(t)) => t,
@@ -360,6 +365,9 @@ async fn read(
         }
         if id <= last_id {
             stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        if !seen.insert(id) {
+            stats.repeated.fetch_add(1, Ordering::Relaxed);
         }
         last_id = last_id.max(id);
         got += 1;
@@ -577,6 +585,7 @@ async fn deliver(sockets: u64, classes: u64, rows: u64, txn_rows: u64) -> anyhow
         "foreign_events": stats.foreign.load(Ordering::Relaxed),
         "stale_events": stats.stale.load(Ordering::Relaxed),
         "out_of_order": stats.out_of_order.load(Ordering::Relaxed),
+        "repeated_events": stats.repeated.load(Ordering::Relaxed),
         "complete_sockets": stats.complete.load(Ordering::Relaxed),
         "closed_sockets": closed,
         "connect_seconds": (connect_seconds * 100.0).round() / 100.0,
