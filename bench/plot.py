@@ -166,7 +166,9 @@ def one_vs_split(reports):
             lines.append(
                 f"  ingest {run}: msgs/s reaching NOTIFY split {v(split, 'ingest_msgs_per_s')} one {v(one, 'ingest_msgs_per_s')}"
                 f" ({ratio(v(one, 'ingest_msgs_per_s'), v(split, 'ingest_msgs_per_s'))});"
-                f" baseline {v(split, 'baseline_msgs_per_s')} / {v(one, 'baseline_msgs_per_s')}"
+                f" baseline {v(split, 'baseline_msgs_per_s')} / {v(one, 'baseline_msgs_per_s')};"
+                f" exact {v(split, 'exact_msgs_per_s')} ({v(split, 'exact')}) / {v(one, 'exact_msgs_per_s')} ({v(one, 'exact')})"
+                f" ({ratio(v(one, 'exact_msgs_per_s'), v(split, 'exact_msgs_per_s'))})"
             )
         elif what == "idle":
             v = lambda r: fig(r, "server_rss_per_socket_kib") if r else None

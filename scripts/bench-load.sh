@@ -334,7 +334,7 @@ for phase in $PHASES; do
           load "$target" "one-$target-fanout-$FANOUT_SOCKETS-r$ONE_RATE-run$run" fanout --channels 1 \
             --subscribers "$FANOUT_SOCKETS" --rate "$ONE_RATE" --seconds "$SECS" || true
           load "$target" "one-$target-ingest-$INGEST_SOCKETS-run$run" ingest \
-            --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+            --sockets "$INGEST_SOCKETS" --seconds "$SECS" --drain 120 --quiet 5 || true
           # The split recorder drains the stream behind the ingest: the next run starts after.
           [[ $target == pgws ]] && recorder_drained
           stop_target "$target"
@@ -367,7 +367,7 @@ for phase in $PHASES; do
             --subscribers "$FANOUT_SOCKETS" --rate "$ONE_RATE" --seconds "$SECS" "${extra[@]}" || true
           if [[ $mode != resume ]]; then
             load pgws "history-$mode-ingest-$INGEST_SOCKETS-run$run" ingest \
-              --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+              --sockets "$INGEST_SOCKETS" --seconds "$SECS" --drain 120 --quiet 5 || true
             recorder_drained
           fi
           stop_target pgws
@@ -383,7 +383,7 @@ for phase in $PHASES; do
         for audit in false true; do
           ONE_AUDIT=$audit start_target one
           load one "one-one-ingest-audit$audit-$INGEST_SOCKETS-run$run" ingest \
-            --sockets "$INGEST_SOCKETS" --seconds "$SECS" || true
+            --sockets "$INGEST_SOCKETS" --seconds "$SECS" --drain 120 --quiet 5 || true
           stop_target one
         done
       done
