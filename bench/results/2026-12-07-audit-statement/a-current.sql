@@ -1,0 +1,2 @@
+WITH r AS (SELECT t.*, to_regclass('pgws_audit.messages_' || to_char(t.at AT TIME ZONE 'UTC', 'YYYYMMDD')) IS NOT NULL AS placed FROM (SELECT md5(random()::text) AS id, 'chan' AS channel, 'WebsocketMessage' AS event, 'hello payload' AS payload, '{"mode":"rw","message_delivered_at":1.5}' AS claims, now() AS at, 'listen' AS nc FROM generate_series(1,64)) t)
+INSERT INTO pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel) SELECT id, channel, event, payload, claims::jsonb, at, nc FROM r WHERE placed ON CONFLICT DO NOTHING;

@@ -1,0 +1,1 @@
+INSERT INTO pgws_audit.messages (id, channel, event, payload, claims, received_at, notify_channel) SELECT md5(random()::text), 'chan', 'WebsocketMessage', 'hello payload', '{"mode":"rw","message_delivered_at":1.5}'::jsonb, now(), 'listen' FROM generate_series(1,64);
