@@ -30,7 +30,8 @@
 //! `received_events`, `foreign_events` (events of another tenant's row: must be 0),
 //! `out_of_order` (an id not above the socket's previous one: a repeat or a reordering; 0 with
 //! one writer, and with several writers rows may commit in another order than their ids were
-//! taken), `repeated_events` (an id the socket received already: must be 0), `closed_sockets`, `complete_sockets`, `seconds` (first insert to last event),
+//! taken), `repeated_events` (an id the socket received already: must be 0), `closed_sockets`,
+//! `complete_sockets`, `seconds` (first insert to last event),
 //! `insert_seconds`, `drain_seconds` (last commit to last event), `events_per_s`, `complete`
 //! (every event arrived and no socket was closed), `rows_per_s` (0 unless complete); with `BRIDGE_ADMIN` (the bridge's admin address, `host:port`) the deltas of
 //! the bridge's capture counters over the measured part (`capture_checks`: visibility queries),
