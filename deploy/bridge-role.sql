@@ -36,10 +36,15 @@ SELECT format('GRANT SELECT ON %s TO pgws_bridge', to_regclass(:'keys_table'))
 \if :{?audit_to_bridge}
 SELECT format('ALTER SCHEMA %I OWNER TO pgws_bridge', nspname)
   FROM pg_namespace WHERE nspname = 'pgws_audit' \gexec
+-- A sequence of an identity (or serial) column is not altered alone: it follows its table.
 SELECT format('ALTER TABLE %I.%I OWNER TO pgws_bridge', n.nspname, c.relname)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'pgws_audit' AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
-   AND pg_get_userbyid(c.relowner) <> 'pgws_bridge' \gexec
+   AND pg_get_userbyid(c.relowner) <> 'pgws_bridge'
+   AND NOT EXISTS (SELECT FROM pg_depend d
+                    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                      AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+                      AND c.relkind = 'S') \gexec
 SELECT format('ALTER FUNCTION %s OWNER TO pgws_bridge', p.oid::regprocedure)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'pgws_audit' AND pg_get_userbyid(p.proowner) <> 'pgws_bridge' \gexec

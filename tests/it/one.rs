@@ -1,6 +1,7 @@
 //! `pgws`, the three roles in one process: every protocol without NATS (and no connection to
-//! NATS at all), the audit written in the NOTIFY transaction across a SIGKILL, and two nodes
-//! over NATS sharing channels and one LISTEN leader.
+//! NATS at all), the audit written in the NOTIFY transaction across a SIGKILL, two nodes over
+//! NATS sharing channels and one LISTEN leader, and `deploy/bridge-role.sql` handing the bridge's
+//! role an audit schema a split stack made.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -296,6 +297,64 @@ async fn two_nodes_over_nats_share_channels_and_one_listen_leader() -> anyhow::R
     assert!(
         took <= Duration::from_secs(2),
         "SQL notifications reached the surviving node {took:?} after the leader's SIGKILL"
+    );
+    Ok(())
+}
+
+/// `deploy/bridge-role.sql` with `audit_to_bridge` (what `scripts/stack.sh` runs before
+/// `pgws`) hands `pgws_bridge` an audit schema that a split stack's recorder made as another
+/// user, the sequence of `dead_letters`' identity column included: a stack run with `--split`
+/// can be run as one process afterwards.
+#[test]
+fn the_bridge_role_takes_over_an_audit_schema_a_split_recorder_made() -> anyhow::Result<()> {
+    let pg = pgws_tests::PrivatePg::start()?;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let psql = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", &pg.uri()])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "psql {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    // The recorder's migrations, run as the superuser (a split recorder's own user).
+    psql(&["-c", "CREATE SCHEMA pgws_audit"])?;
+    let mut migrations: Vec<_> =
+        std::fs::read_dir(root.join("services/pg-recorder/src/migrations"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+    migrations.sort();
+    for file in &migrations {
+        psql(&["-f", &file.to_string_lossy()])?;
+    }
+    let role = root.join("deploy/bridge-role.sql");
+    psql(&[
+        "-v",
+        "bridge_password=secret",
+        "-v",
+        "audit_to_bridge=1",
+        "-f",
+        &role.to_string_lossy(),
+    ])?;
+    let others = psql(&[
+        "-c",
+        "SELECT string_agg(c.relname, ', ' ORDER BY c.relname) FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = 'pgws_audit' AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+            AND pg_get_userbyid(c.relowner) <> 'pgws_bridge'",
+    ])?;
+    assert_eq!(others, "", "pgws_audit relations not handed to pgws_bridge");
+    assert!(
+        !psql(&[
+            "-c",
+            "SELECT string_agg(relname, ',') FROM pg_class WHERE relname = 'dead_letters_id_seq'"
+        ])?
+        .is_empty(),
+        "the migrations made no identity sequence: the test proves nothing"
     );
     Ok(())
 }
