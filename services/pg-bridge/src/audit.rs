@@ -13,8 +13,15 @@
 //!
 //! Parameters that do not fit the prepared statement (their number or types) fail the
 //! transaction before anything of it is sent.
+//!
+//! A [`TxAudit`] may also offer a binary `COPY` ([`TxAudit::copy`]), cheaper for PostgreSQL
+//! than a statement but unable to skip a row that exists: the transaction then writes with it
+//! (one round trip more: `BEGIN` and the `COPY` go first, its data, the NOTIFYs and `COMMIT`
+//! when PostgreSQL is ready for the data). When the `COPY` meets a row that exists (unique
+//! violation) or that it cannot place (check violation, e.g. a day without partition), the
+//! transaction rolls back as any failed one does and is run again at once with the statement.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pgws_proto::Notification;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Statement;
@@ -29,6 +36,34 @@ pub trait TxAudit: Send + Sync + 'static {
     fn sql(&self) -> &str;
     /// Its parameters for `records` (never empty).
     fn params(&self, records: &[Notification]) -> Vec<Box<dyn ToSql + Sync + Send>>;
+    /// A `COPY ... FROM STDIN (FORMAT binary)` that records messages none of which is written
+    /// yet, when there is one (prepared on every NOTIFY connection, as [`TxAudit::sql`] is).
+    fn copy_sql(&self) -> Option<&str> {
+        None
+    }
+    /// The `COPY`'s data for `records` (never empty), or `None` when the statement must write
+    /// them.
+    fn copy(&self, _records: &[Notification]) -> Option<Bytes> {
+        None
+    }
+}
+
+/// How one transaction writes its audit records.
+pub(crate) enum AuditWrite {
+    /// The statement, with its parameters.
+    Statement(AuditArgs),
+    /// The `COPY`, with its data.
+    Copy(Bytes),
+}
+
+/// Whether a failed transaction whose audit was a `COPY` is to run again with the statement:
+/// the `COPY` met a row that exists, or one it cannot place.
+pub(crate) fn copy_refused(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::CHECK_VIOLATION
+    )
 }
 
 /// The audit statement of one transaction, with its parameters.

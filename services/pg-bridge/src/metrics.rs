@@ -32,6 +32,9 @@ pub(crate) struct BridgeMetrics {
     pub(crate) transactions: Counter,
     /// Database errors met by NOTIFY workers (failed transactions, lost connections).
     pub(crate) notify_errors: Counter,
+    /// NOTIFY transactions run again with the audit statement because their audit `COPY` was
+    /// refused (a row written before, or one without a place).
+    pub(crate) audit_copy_refused: Counter,
     /// Notifications the leader published to NATS.
     pub(crate) published: Counter,
     /// Notifications without a string `channel`, ignored as postgres-websockets does.
@@ -92,6 +95,11 @@ impl BridgeMetrics {
             notify_errors: metrics.register(
                 "bridge_notify_errors",
                 "Database errors of the NOTIFY workers",
+                Counter::default(),
+            ),
+            audit_copy_refused: metrics.register(
+                "bridge_audit_copy_refused",
+                "NOTIFY transactions whose audit COPY met a row written before or one without a place (no partition), run again with the audit statement",
                 Counter::default(),
             ),
             published: metrics.register(
@@ -180,6 +188,7 @@ mod tests {
             "pgws_bridge_notify_batch_size_bucket",
             "pgws_bridge_notify_transactions_total",
             "pgws_bridge_notify_errors_total",
+            "pgws_bridge_audit_copy_refused_total 0",
             "pgws_bridge_notifications_published_total",
             "pgws_bridge_notifications_unroutable_total",
             "pgws_bridge_leader 0",

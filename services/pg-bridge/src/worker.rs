@@ -13,11 +13,14 @@
 //! [`CLEANUP_INTERVAL`] while it has work.
 //!
 //! With a [`TxAudit`] ([`crate::audit`]), each transaction also writes the audit records of
-//! the messages it NOTIFYs, before its NOTIFYs, in the same pipeline.
+//! the messages it NOTIFYs, before its NOTIFYs, in the same pipeline: by its `COPY` when it
+//! has one, and again by its statement when the `COPY` is refused.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use futures::SinkExt;
 use pgws_bus::Client as Bus;
 use pgws_config::DbConfig;
 use pgws_proto::{Notification, NotifyReply};
@@ -29,7 +32,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditArgs, TxAudit};
+use crate::audit::{copy_refused, AuditArgs, AuditWrite, TxAudit};
 use crate::batch::{audit_plan, plan, Batch, Offer, EXPIRED, UNAVAILABLE};
 use crate::bus::reply;
 use crate::metrics::BridgeMetrics;
@@ -46,6 +49,8 @@ struct Conn {
     statement: Statement,
     /// The [`TxAudit`]'s statement, when the worker has one.
     audit: Option<Statement>,
+    /// The [`TxAudit`]'s `COPY`, when it has one.
+    copy: Option<Statement>,
     gone: CancellationToken,
 }
 
@@ -169,14 +174,21 @@ impl Worker {
         } else {
             client.prepare(dedup::PLAIN_NOTIFY_SQL).await?
         };
-        let audit = match &self.audit {
-            Some(audit) => Some(client.prepare(audit.sql()).await?),
-            None => None,
+        let (audit, copy) = match &self.audit {
+            Some(audit) => (
+                Some(client.prepare(audit.sql()).await?),
+                match audit.copy_sql() {
+                    Some(sql) => Some(client.prepare(sql).await?),
+                    None => None,
+                },
+            ),
+            None => (None, None),
         };
         Ok(Conn {
             client,
             statement,
             audit,
+            copy,
             gone,
         })
     }
@@ -218,21 +230,29 @@ impl Worker {
         live
     }
 
-    /// The audit statement's parameters for one transaction's `records` (none without
-    /// records).
-    fn audit_args(
+    /// How one transaction writes its `records` (nothing without records): by the `COPY`
+    /// when `copy` and the [`TxAudit`] has one for them, else by the statement.
+    fn audit_write(
         &self,
         conn: &Conn,
         records: &[Notification],
-    ) -> Result<Option<AuditArgs>, String> {
+        copy: bool,
+    ) -> Result<Option<AuditWrite>, String> {
         if records.is_empty() {
             return Ok(None);
         }
-        match (&self.audit, &conn.audit) {
-            (Some(audit), Some(statement)) => {
-                AuditArgs::new(audit.as_ref(), statement, records).map(Some)
+        let Some(audit) = &self.audit else {
+            return Err("the audit statement is not prepared".to_owned());
+        };
+        if let (true, Some(_)) = (copy, &conn.copy) {
+            if let Some(data) = audit.copy(records) {
+                return Ok(Some(AuditWrite::Copy(data)));
             }
-            _ => Err("the audit statement is not prepared".to_owned()),
+        }
+        match &conn.audit {
+            Some(statement) => AuditArgs::new(audit.as_ref(), statement, records)
+                .map(|args| Some(AuditWrite::Statement(args))),
+            None => Err("the audit statement is not prepared".to_owned()),
         }
     }
 
@@ -290,7 +310,7 @@ impl Worker {
                     .map(|&(r, j)| batch.requests[r].records[j].clone())
                     .collect()
             });
-            let audit = match self.audit_args(conn, &records) {
+            let audit = match self.audit_write(conn, &records, true) {
                 Ok(audit) => audit,
                 Err(e) => {
                     failure = Some(e);
@@ -298,7 +318,21 @@ impl Worker {
                 }
             };
             let tx = TxArgs::new(&batch, tx, self.dedup);
-            let result = timeout(TX_TIMEOUT, notify(conn, &tx, audit.as_ref())).await;
+            let mut result = timeout(TX_TIMEOUT, notify(conn, &tx, audit.as_ref())).await;
+            if let (Some(AuditWrite::Copy(_)), Ok(Err(e))) = (&audit, &result) {
+                if copy_refused(e) {
+                    // Rolled back: run again, the statement writing what the COPY could not.
+                    tracing::debug!(worker = self.id, error = %e, "audit COPY refused, written by the statement");
+                    self.metrics.audit_copy_refused.inc();
+                    result = match self.audit_write(conn, &records, false) {
+                        Ok(audit) => timeout(TX_TIMEOUT, notify(conn, &tx, audit.as_ref())).await,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    };
+                }
+            }
             match result {
                 Ok(Ok(notified)) => {
                     self.metrics.transactions.inc();
@@ -398,13 +432,15 @@ impl<'a> TxArgs<'a> {
 
 /// One transaction, pipelined: the statements leave together and PostgreSQL answers in order
 /// (`BEGIN`, the audit statement when the transaction writes records, the NOTIFYs, `COMMIT`).
+/// With an audit `COPY`, `BEGIN` and the `COPY` leave first; its data, the NOTIFYs and
+/// `COMMIT` when PostgreSQL asks for the data (the connection sends nothing else meanwhile).
 /// When a statement fails, PostgreSQL answers the COMMIT of the aborted transaction with a
 /// rollback, so nothing of it commits and the session is clean for the next batch. Returns
 /// how many notifications were sent (the others belonged to requests already executed).
 async fn notify(
     conn: &Conn,
     tx: &TxArgs<'_>,
-    audit: Option<&AuditArgs>,
+    audit: Option<&AuditWrite>,
 ) -> Result<u64, tokio_postgres::Error> {
     let all: [&(dyn ToSql + Sync); 5] = [
         &tx.channels,
@@ -416,12 +452,18 @@ async fn notify(
     let params = &all[..conn.statement.params().len()];
     // Sent when first polled: `join!` polls in order, so the statements leave in order.
     let audited = async {
-        match (audit, &conn.audit) {
-            (Some(args), Some(statement)) => conn
+        match (audit, &conn.audit, &conn.copy) {
+            (Some(AuditWrite::Statement(args)), Some(statement), _) => conn
                 .client
                 .execute(statement, &args.params())
                 .await
                 .map(|_| ()),
+            (Some(AuditWrite::Copy(data)), _, Some(copy)) => {
+                let sink = conn.client.copy_in::<_, Bytes>(copy).await?;
+                futures::pin_mut!(sink);
+                sink.send(data.clone()).await?;
+                sink.finish().await.map(|_| ())
+            }
             _ => Ok(()),
         }
     };

@@ -224,6 +224,8 @@ struct TableAudit {
     sql: String,
     /// Gives a parameter of the wrong type (the statement cannot take it).
     wrong_types: bool,
+    /// The binary `COPY` into the table, when it offers one.
+    copy: Option<String>,
 }
 
 impl TableAudit {
@@ -235,6 +237,17 @@ impl TableAudit {
                  ON CONFLICT (id) DO NOTHING"
             ),
             wrong_types: false,
+            copy: None,
+        }
+    }
+
+    /// The same, with a `COPY` when `copy`.
+    fn with_copy(table: &str, copy: bool) -> Self {
+        Self {
+            copy: copy.then(|| {
+                format!("COPY {table} (id, channel, envelope) FROM STDIN (FORMAT binary)")
+            }),
+            ..Self::new(table)
         }
     }
 }
@@ -242,6 +255,27 @@ impl TableAudit {
 impl TxAudit for TableAudit {
     fn sql(&self) -> &str {
         &self.sql
+    }
+
+    fn copy_sql(&self) -> Option<&str> {
+        self.copy.as_deref()
+    }
+
+    fn copy(&self, records: &[Notification]) -> Option<bytes::Bytes> {
+        use bytes::BufMut;
+        self.copy.as_ref()?;
+        let mut buf = bytes::BytesMut::new();
+        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.put_i64(0);
+        for r in records {
+            buf.put_i16(3);
+            for field in [r.id.as_deref().unwrap_or_default(), &r.channel, &r.payload] {
+                buf.put_i32(field.len() as i32);
+                buf.put_slice(field.as_bytes());
+            }
+        }
+        buf.put_i16(-1);
+        Some(buf.freeze())
     }
 
     fn params(&self, records: &[Notification]) -> Vec<Box<dyn ToSql + Sync + Send>> {
@@ -312,11 +346,19 @@ async fn quiet(notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
     assert!(more.is_err(), "unexpected notification {more:?}");
 }
 
+/// Both ways of writing records: the statement, and the `COPY` (refused for the retry's rows
+/// that exist, which the statement then skips).
 #[tokio::test]
 async fn audit_records_commit_with_their_notifies() {
+    for copy in [false, true] {
+        audit_records_commit_with_their_notifies_by(copy).await;
+    }
+}
+
+async fn audit_records_commit_with_their_notifies_by(copy: bool) {
     let db = client().await;
     let table = audit_table(&db).await;
-    let mut s = setup_with(Some(Arc::new(TableAudit::new(&table)))).await;
+    let mut s = setup_with(Some(Arc::new(TableAudit::with_copy(&table, copy)))).await;
     let channel = unique("chan");
     let (_listener, mut notes) = listen(&channel).await;
     let c = channel.as_str();
@@ -360,6 +402,8 @@ async fn audit_records_commit_with_their_notifies() {
     ];
     assert_eq!(audited(&db, &table).await, expected);
 
+    assert_eq!(s.metrics.audit_copy_refused.get(), 0);
+
     // A retry of the first request: nothing NOTIFYed again, nothing recorded twice.
     let mut batch = Batch::default();
     batch.push(first());
@@ -367,16 +411,25 @@ async fn audit_records_commit_with_their_notifies() {
     assert_eq!(next_reply(&mut s.replies).await, NotifyReply::ok());
     quiet(&mut notes).await;
     assert_eq!(audited(&db, &table).await, expected);
+    assert_eq!(s.metrics.audit_copy_refused.get(), u64::from(copy));
     db.batch_execute(&format!("DROP TABLE {table}"))
         .await
         .expect("drop");
 }
 
+/// Both ways of writing records; a `COPY` refused by the table's check runs again with the
+/// statement, which the check refuses too.
 #[tokio::test]
 async fn a_failing_audit_commits_neither_records_nor_notifies() {
+    for copy in [false, true] {
+        a_failing_audit_commits_neither_records_nor_notifies_by(copy).await;
+    }
+}
+
+async fn a_failing_audit_commits_neither_records_nor_notifies_by(copy: bool) {
     let db = client().await;
     let table = audit_table(&db).await;
-    let mut s = setup_with(Some(Arc::new(TableAudit::new(&table)))).await;
+    let mut s = setup_with(Some(Arc::new(TableAudit::with_copy(&table, copy)))).await;
     let channel = unique("chan");
     let (_listener, mut notes) = listen(&channel).await;
     let c = channel.as_str();
@@ -400,6 +453,7 @@ async fn a_failing_audit_commits_neither_records_nor_notifies() {
         assert_eq!(reply.error.as_deref(), Some(crate::batch::UNAVAILABLE));
     }
     assert_eq!(s.metrics.requests_failed.get(), 2);
+    assert_eq!(s.metrics.audit_copy_refused.get(), u64::from(copy));
     quiet(&mut notes).await;
     assert!(audited(&db, &table).await.is_empty());
 

@@ -22,6 +22,7 @@
 //! (a constraint of yours) or a dispatcher function that raises fails the statement, and with
 //! it the NOTIFY transaction, as any error in it would.
 
+use bytes::Bytes;
 use pgws_bus::Headers;
 use pgws_proto::{headers, Notification};
 use std::collections::HashSet;
@@ -142,6 +143,42 @@ impl InTransaction {
         };
         params.extend(dead_params(&dead));
         params
+    }
+
+    /// The binary `COPY` that writes rows when none of them exists yet: a third cheaper for
+    /// PostgreSQL than the statement. `None` in dispatcher mode.
+    pub fn copy_sql(&self) -> Option<&'static str> {
+        (!self.mode.is_dispatcher()).then_some(store::COPY_ROWS)
+    }
+
+    /// The data of [`InTransaction::copy_sql`] for `records`, when each of them makes a row
+    /// (table mode, no dead letter); `None` when the statement must write them.
+    ///
+    /// The `COPY` fails where the statement skips or diverts: a row that exists already (a
+    /// retried request: unique violation, `23505`) or one whose day has no partition (check
+    /// violation, `23514`). Its transaction is then to be rolled back and run again with
+    /// [`InTransaction::sql`], which writes what the `COPY` could not.
+    pub fn copy(&self, records: &[Notification]) -> Option<Bytes> {
+        if self.mode.is_dispatcher() {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(records.len());
+        for n in records {
+            let key = key(n.id.as_deref(), &n.payload);
+            let mut h = Headers::new();
+            h.insert(headers::NOTIFY_CHANNEL.to_owned(), n.channel.clone());
+            match record::parse(
+                STREAM,
+                key,
+                n.payload.as_bytes(),
+                Meta::new(n.id.as_deref(), &h),
+            ) {
+                Ok(r) => rows.push(r),
+                Err(_) => return None,
+            }
+        }
+        self.count("recorded", rows.len());
+        Some(store::copy_data(&rows))
     }
 
     fn count(&self, outcome: &'static str, n: usize) {

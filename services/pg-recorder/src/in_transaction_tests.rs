@@ -337,6 +337,96 @@ async fn a_message_written_twice_is_there_once() {
     assert_eq!(dead_letters(&db).await.len(), 1);
 }
 
+/// The writer's `COPY` of `records` in a transaction of its own, committed.
+async fn copy(
+    db: &mut Client,
+    it: &InTransaction,
+    records: &[Notification],
+) -> Result<u64, tokio_postgres::Error> {
+    use futures::SinkExt;
+    let data = it.copy(records).expect("COPY data");
+    let tx = db.transaction().await?;
+    let sink = tx
+        .copy_in::<_, Bytes>(it.copy_sql().expect("a COPY"))
+        .await?;
+    futures::pin_mut!(sink);
+    sink.send(data).await?;
+    let n = sink.finish().await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+#[tokio::test]
+async fn the_copy_makes_the_rows_the_statement_makes() {
+    let records = mixed();
+    let writer_test = TestDb::create().await;
+    let writer = prepare(&writer_test, None).await;
+    // Records of which some are dead letters are for the statement.
+    assert!(writer.it.copy(&records).is_none());
+    let good: Vec<Notification> = records
+        .iter()
+        .filter(|n| writer.it.copy(std::slice::from_ref(*n)).is_some())
+        .cloned()
+        .collect();
+    assert_eq!(good.len(), 5);
+
+    let mut by_statement = writer_test.client().await;
+    assert_eq!(
+        notify(&mut by_statement, &writer.it, &good, true).await,
+        [5, 0]
+    );
+    let by_copy_test = TestDb::create().await;
+    let by_copy_writer = prepare(&by_copy_test, None).await;
+    let mut by_copy = by_copy_test.client().await;
+    assert_eq!(
+        copy(&mut by_copy, &by_copy_writer.it, &good)
+            .await
+            .expect("copied"),
+        5
+    );
+    let expected = rows(&by_statement).await;
+    assert_eq!(expected.len(), 5);
+    assert_eq!(rows(&by_copy).await, expected);
+
+    // What the statement skips or diverts, the COPY refuses with the codes the bridge then
+    // runs the statement for: a row written before...
+    let e = copy(&mut by_copy, &by_copy_writer.it, &good[..1])
+        .await
+        .expect_err("a row written before");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    // ... and one whose day has no partition (2001-09-09, UTC).
+    let old = envelope(
+        "WebsocketMessage",
+        "chat",
+        "old",
+        &json!({}),
+        1_000_000_000.0,
+    );
+    let e = copy(
+        &mut by_copy,
+        &by_copy_writer.it,
+        &[message(Some("old"), &old)],
+    )
+    .await
+    .expect_err("a day without partition");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
+    assert_eq!(rows(&by_copy).await, expected);
+
+    // The dispatcher has no COPY.
+    let dispatching = InTransaction::new(
+        Mode::Dispatcher("app.record_it".to_owned()),
+        InProcessMetrics::register(&Metrics::new()),
+    );
+    assert!(dispatching.copy_sql().is_none());
+    assert!(dispatching.copy(&good).is_none());
+}
+
 /// `app.record_it(c, p)`: logs its calls in `log`.
 async fn dispatcher(db: &Client) {
     db.batch_execute(

@@ -91,7 +91,7 @@ impl InProcessMetrics {
         Self {
             records: m.register(
                 "recorder_in_transaction_records",
-                "Audit records given to the in-transaction statement, by outcome (recorded; dead_letter: malformed). Counted when the statement's parameters are made: a NOTIFY transaction rolled back or retried counts again",
+                "Audit records given to the in-transaction COPY or statement, by outcome (recorded; dead_letter: malformed). Counted when the COPY data or the statement's parameters are made: a NOTIFY transaction rolled back or run again counts again",
                 Family::default(),
             ),
             upkeep_runs: m.register(

@@ -24,11 +24,9 @@ use std::collections::HashSet;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, BytesMut};
-use futures::pin_mut;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{pin_mut, SinkExt};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::record::{Batch, DeadLetter, Failure, Record};
@@ -97,45 +95,66 @@ const INSERT_ROWS: &str = "INSERT INTO pgws_audit.messages
         AS t(id, channel, event, payload, claims, at, nc)
     ON CONFLICT DO NOTHING";
 
-const COPY_ROWS: &str = "COPY pgws_audit.messages
+pub(crate) const COPY_ROWS: &str = "COPY pgws_audit.messages
         (id, channel, event, payload, claims, received_at, notify_channel)
     FROM STDIN (FORMAT binary)";
 
-/// The column types of [`COPY_ROWS`].
-const COPY_TYPES: [Type; 7] = [
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-];
-
-/// JSON text sent as `jsonb` in binary form (a version byte, then the text).
-#[derive(Debug)]
-struct JsonbText<'a>(&'a str);
-
-impl ToSql for JsonbText<'_> {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.put_u8(1);
-        out.put_slice(self.0.as_bytes());
-        Ok(IsNull::No)
+/// The binary `COPY` data of `records` for [`COPY_ROWS`]: the header, one tuple per record
+/// (text as its bytes, `jsonb` as a version byte and the text, `timestamptz` as microseconds
+/// since 2000-01-01 UTC, rounded as [`timestamp`] rounds), the trailer. Every value of a record
+/// has a binary form, so this cannot fail.
+pub(crate) fn copy_data(records: &[Record]) -> Bytes {
+    /// Microseconds from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    fn field(buf: &mut BytesMut, prefix: Option<u8>, text: &str) {
+        let len = text.len() + usize::from(prefix.is_some());
+        buf.put_i32(i32::try_from(len).unwrap_or(i32::MAX));
+        if let Some(byte) = prefix {
+            buf.put_u8(byte);
+        }
+        buf.put_slice(text.as_bytes());
     }
+    let size: usize = records
+        .iter()
+        .map(|r| {
+            r.id.len()
+                + r.channel.len()
+                + r.event.len()
+                + r.payload.len()
+                + r.claims.len()
+                + r.notify_channel.len()
+                + 64
+        })
+        .sum();
+    let mut buf = BytesMut::with_capacity(size + 21);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0); // flags
+    buf.put_i32(0); // header extension
+    for r in records {
+        buf.put_i16(7);
+        field(&mut buf, None, &r.id);
+        field(&mut buf, None, &r.channel);
+        field(&mut buf, None, &r.event);
+        field(&mut buf, None, &r.payload);
+        field(&mut buf, Some(1), &r.claims);
+        buf.put_i32(8);
+        buf.put_i64(unix_micros(r.received_at) - PG_EPOCH_MICROS);
+        field(&mut buf, None, &r.notify_channel);
+    }
+    buf.put_i16(-1);
+    buf.freeze()
+}
 
-    accepts!(JSONB);
-    to_sql_checked!();
+/// Unix seconds in microseconds, rounded; never before 1970 (both parsers keep
+/// `message_delivered_at` between 1970 and 9999).
+fn unix_micros(unix: f64) -> i64 {
+    (unix * 1e6).round().max(0.0) as i64
 }
 
 /// Unix seconds as a timestamp, rounded to the microsecond: the one conversion of
 /// `message_delivered_at` for every path that writes rows.
 pub(crate) fn timestamp(unix: f64) -> SystemTime {
-    // Both parsers keep `message_delivered_at` between 1970 and 9999.
-    UNIX_EPOCH + Duration::from_micros((unix * 1e6).round().max(0.0) as u64)
+    UNIX_EPOCH + Duration::from_micros(unix_micros(unix).unsigned_abs())
 }
 
 const INSERT_DEAD: &str =
@@ -245,23 +264,9 @@ async fn copy_rows(tx: &Transaction<'_>, records: &[Record]) -> Result<u64, toki
         return Ok(0);
     }
     let sink = tx.copy_in(COPY_ROWS).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
-    pin_mut!(writer);
-    for r in records {
-        writer
-            .as_mut()
-            .write(&[
-                &r.id.as_str(),
-                &r.channel.as_str(),
-                &r.event.as_str(),
-                &r.payload.as_str(),
-                &JsonbText(&r.claims),
-                &timestamp(r.received_at),
-                &r.notify_channel.as_str(),
-            ])
-            .await?;
-    }
-    writer.finish().await
+    pin_mut!(sink);
+    sink.send(copy_data(records)).await?;
+    sink.finish().await
 }
 
 async fn write_in(

@@ -15,4 +15,12 @@ impl pg_bridge::TxAudit for InTransaction {
     fn params(&self, records: &[Notification]) -> Vec<Box<dyn ToSql + Sync + Send>> {
         self.0.params(records)
     }
+
+    fn copy_sql(&self) -> Option<&str> {
+        self.0.copy_sql()
+    }
+
+    fn copy(&self, records: &[Notification]) -> Option<bytes::Bytes> {
+        self.0.copy(records)
+    }
 }
