@@ -22,6 +22,8 @@
 #           (gateway, bridge, recorder and their NATS, all counted for CPU), in turn, ONE_RUNS
 #           times: fan-out (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s) and
 #           ingest (INGEST_SOCKETS sockets, audit on); then ONE_IDLE idle sockets on each
+#           With BASE_ONE_BIN, that pgws binary too (target `onebase`, run after `one`, its
+#           fan-out and ingest alike)
 #   one-noaudit (not in the default PHASES) ingest on pgws in one process with PGWS_AUDIT=false
 #           and with the audit (written in the NOTIFY transaction), in turn, ONE_RUNS times: what
 #           the in-transaction audit costs
@@ -169,7 +171,7 @@ start_gateway() { # i [binary]
 }
 start_one() {
   start one env -u PGWS_NATS_URL PGWS_AUDIT="${ONE_AUDIT:-true}" PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
-    PGWS_PORT=$ONE_PORT PGWS_ADMIN_PORT=19150 "$BIN/pgws"
+    PGWS_PORT=$ONE_PORT PGWS_ADMIN_PORT=19150 "${1:-$BIN/pgws}"
   wait_http http://127.0.0.1:19150/readyz
 }
 start_nats() {
@@ -201,7 +203,7 @@ url() { # target -> websocket base URL
     pgws | base) echo "ws://127.0.0.1:$GW_PORT" ;;
     nats) echo "ws://127.0.0.1:$NATS_WS_PORT" ;;
     node) echo "ws://127.0.0.1:$NODE_PORT" ;;
-    one) echo "ws://127.0.0.1:$ONE_PORT" ;;
+    one | onebase) echo "ws://127.0.0.1:$ONE_PORT" ;;
   esac
 }
 pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is set)
@@ -210,7 +212,7 @@ pid_of() { # target -> pid of its server (pgws: and of its NATS when BUS_PID is 
     base) echo "${PID[gw0]}" ;;
     nats) echo "${PID[nats]}" ;;
     node) echo "${PID[node]}" ;;
-    one) echo "${PID[one]}" ;;
+    one | onebase) echo "${PID[one]}" ;;
   esac
 }
 start_target() {
@@ -220,6 +222,7 @@ start_target() {
     nats) start_nats ;;
     node) start_node ;;
     one) start_one ;;
+    onebase) start_one "$BASE_ONE_BIN" ;;
   esac
 }
 stop_target() {
@@ -227,7 +230,7 @@ stop_target() {
     pgws | base) stop gw0 ;;
     nats) stop nats ;;
     node) stop node ;;
-    one) stop one ;;
+    one | onebase) stop one ;;
   esac
 }
 load() { # target, json name, mode and options...
@@ -235,7 +238,7 @@ load() { # target, json name, mode and options...
   shift 2
   local listen=$PGWS_LISTEN_CHANNEL kind=$target
   [[ $target == node ]] && listen=$NODE_LISTEN
-  [[ $target == one ]] && listen=$ONE_LISTEN && kind=pgws
+  [[ $target == one || $target == onebase ]] && listen=$ONE_LISTEN && kind=pgws
   [[ $target == base ]] && kind=pgws
   say "run $name: pgws-load $* --target $target"
   "$LOAD" "$@" --target "$kind" --gateways "$(url "$target")" --gateway-pid "$(pid_of "$target")" \
@@ -328,7 +331,7 @@ for phase in $PHASES; do
       nats_pid=$(ss -Hltnp "sport = :${PGWS_NATS_URL##*:}" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
       [[ -n $nats_pid ]] || say "the stack's NATS process was not found: its CPU is not counted"
       for ((run = 1; run <= ONE_RUNS; run++)); do
-        for target in pgws one; do
+        for target in pgws one ${BASE_ONE_BIN:+onebase}; do
           [[ $target == pgws ]] && BUS_PID="${PID[bridge]},${PID[recorder]}${nats_pid:+,$nats_pid}"
           start_target "$target"
           load "$target" "one-$target-fanout-$FANOUT_SOCKETS-r$ONE_RATE-run$run" fanout --channels 1 \

@@ -1,6 +1,6 @@
 //! The in-transaction writer: for a process where the bridge writes the audit in the very
-//! transaction that NOTIFYs the messages (no audit stream, no consumer), one statement that
-//! records a set of messages, and its parameters.
+//! transaction that NOTIFYs the messages (no audit stream, no consumer), what records a set of
+//! messages: one statement and its parameters, or a binary `COPY` and its data.
 //!
 //! Each message is parsed as the recorder parses an audit record (its id as `Nats-Msg-Id`, the
 //! channel NOTIFYed as `Pgws-Notify-Channel`, the envelope as the body), so it makes the same
@@ -17,6 +17,10 @@
 //! cannot create a partition of a table the running statement writes, and the NOTIFY must not
 //! fail for it. The upkeep makes yesterday's, today's and tomorrow's partitions ahead
 //! ([`crate::prepare_in_process`]), so that happens only to a message stamped further away.
+//!
+//! Messages that all make new rows go in faster by binary `COPY` ([`InTransaction::copy`]);
+//! the bridge runs the transaction again with the statement when the `COPY` meets a row
+//! written before or one whose day has no partition.
 //!
 //! Unlike the recorder, nothing is retried record by record here: a row the database refuses
 //! (a constraint of yours) or a dispatcher function that raises fails the statement, and with
