@@ -23,7 +23,8 @@
 #           times: fan-out (FANOUT_SOCKETS sockets, one channel, ONE_RATE notifications/s) and
 #           ingest (INGEST_SOCKETS sockets, audit on); then ONE_IDLE idle sockets on each
 #           With BASE_ONE_BIN, that pgws binary too (target `onebase`, run after `one`, its
-#           fan-out and ingest alike)
+#           fan-out and ingest alike); ONE_ENV (e.g. "PGWS_POOL_SIZE=3"): settings for target
+#           `one` only, so that `onebase` with BASE_ONE_BIN=target/release/pgws is the default
 #   one-noaudit (not in the default PHASES) ingest on pgws in one process with PGWS_AUDIT=false
 #           and with the audit (written in the NOTIFY transaction), in turn, ONE_RUNS times: what
 #           the in-transaction audit costs
@@ -169,8 +170,10 @@ start_gateway() { # i [binary]
   start "gw$1" env PGWS_PORT=$((GW_PORT + $1)) PGWS_ADMIN_PORT=$((19110 + $1)) "${2:-${GATEWAY_BIN:-$BIN/ws-gateway}}"
   wait_http "http://127.0.0.1:$((19110 + $1))/readyz"
 }
-start_one() {
-  start one env -u PGWS_NATS_URL PGWS_AUDIT="${ONE_AUDIT:-true}" PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
+start_one() { # [binary]; ONE_ENV applies without one
+  local extra=()
+  [[ -z ${1:-} && -n ${ONE_ENV:-} ]] && read -ra extra <<<"$ONE_ENV"
+  start one env -u PGWS_NATS_URL "${extra[@]}" PGWS_AUDIT="${ONE_AUDIT:-true}" PGWS_NATS_PREFIX="${RUN}one" PGWS_LISTEN_CHANNEL="$ONE_LISTEN" \
     PGWS_PORT=$ONE_PORT PGWS_ADMIN_PORT=19150 "${1:-$BIN/pgws}"
   wait_http http://127.0.0.1:19150/readyz
 }
