@@ -42,6 +42,11 @@ pub struct NotifyRequest {
     /// the notification with the same id. Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub records: Vec<Notification>,
+    /// Every notification with an id is also the audit record of its message, as if it were
+    /// repeated in `records` (the common case: the envelope NOTIFYed is the one recorded, sent
+    /// once instead of twice).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_notifications: bool,
 }
 
 impl NotifyRequest {
@@ -52,6 +57,7 @@ impl NotifyRequest {
             deadline_ms: None,
             notifications,
             records: Vec::new(),
+            record_notifications: false,
         }
     }
 }

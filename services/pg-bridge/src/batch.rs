@@ -119,8 +119,14 @@ pub(crate) fn deadline(ms: Option<u64>) -> Option<SystemTime> {
 
 /// Parses and checks a request body.
 pub(crate) fn validate(body: &[u8]) -> Result<NotifyRequest, InvalidRequest> {
-    let request: NotifyRequest =
+    let mut request: NotifyRequest =
         serde_json::from_slice(body).map_err(|e| InvalidRequest::Json(e.to_string()))?;
+    if request.record_notifications {
+        // Checked below as records, like those sent as such.
+        let own = request.notifications.iter().filter(|n| n.id.is_some());
+        request.records.extend(own.cloned());
+        request.record_notifications = false;
+    }
     if let Some(id) = &request.id {
         if id.is_empty() || id.len() > crate::dedup::MAX_ID || id.contains('\0') {
             return Err(InvalidRequest::Id);
@@ -419,6 +425,29 @@ mod tests {
         assert_eq!(
             audit_plan(&[(&twice[..1], &record), (&other, &none)], &txs),
             vec![vec![], vec![(0, 0)]]
+        );
+    }
+
+    #[test]
+    fn notifications_are_their_own_records_when_the_request_says_so() {
+        let mut r = NotifyRequest::new(vec![with_id("m1", "c", "a"), n("audit", "a")]);
+        let plain = serde_json::to_string(&r).expect("encodes");
+        assert!(!plain.contains("record_notifications"), "{plain}");
+        assert!(validate(plain.as_bytes())
+            .expect("valid")
+            .records
+            .is_empty());
+        r.record_notifications = true;
+        let ok = validate(&serde_json::to_vec(&r).expect("encodes")).expect("valid");
+        assert_eq!(ok.records, vec![with_id("m1", "c", "a")]);
+        // Checked as records are: an id PostgreSQL text cannot hold is refused.
+        r.notifications[0].id = Some("m\u{0}".to_owned());
+        assert_eq!(
+            validate(&serde_json::to_vec(&r).expect("encodes")),
+            Err(InvalidRequest::RecordNul {
+                index: 0,
+                field: "id"
+            })
         );
     }
 

@@ -22,7 +22,8 @@
 //!   outcome record (`Pgws-Outcome: failed`, the reason as body) tells the recorder which
 //!   recorded messages were not NOTIFYed;
 //! - in the request itself ([`Audit::InRequest`], one process): the records ride in the NOTIFY
-//!   request and the bridge writes them in the transaction that NOTIFYs their messages.
+//!   request (said in one flag when they are the notifications themselves, the usual case)
+//!   and the bridge writes them in the transaction that NOTIFYs their messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,6 +204,7 @@ impl Uplink {
             // The frames' spans end when their messages are in the database (or given up).
             let _frames = frames;
             let mut in_request = Vec::new();
+            let mut record_notifications = false;
             // The recorded messages, for an outcome record if their NOTIFY fails.
             let mut ids: Vec<String> = Vec::new();
             match &audit {
@@ -212,14 +214,17 @@ impl Uplink {
                     record(log.as_ref(), subject, recorded, &trace, deadline).await?;
                     ids = recorded.iter().filter_map(|n| n.id.clone()).collect();
                 }
-                Some(Audit::InRequest) => {
-                    let recorded = records.as_deref().unwrap_or(&notifications);
-                    in_request = recorded
-                        .iter()
-                        .filter(|n| n.id.is_some())
-                        .cloned()
-                        .collect();
-                }
+                // Each notification with an id is its own record: said, not sent twice.
+                Some(Audit::InRequest) => match &records {
+                    None => record_notifications = true,
+                    Some(recorded) => {
+                        in_request = recorded
+                            .iter()
+                            .filter(|n| n.id.is_some())
+                            .cloned()
+                            .collect();
+                    }
+                },
             }
             if let Some(channel) = audit_channel {
                 notifications = with_echoes(notifications, &echoes, &channel);
@@ -229,6 +234,7 @@ impl Uplink {
                 deadline_ms,
                 notifications,
                 records: in_request,
+                record_notifications,
             })
             .map_err(|e| format!("cannot encode request: {e}"))?;
             let result = notify(&client, &subject, &trace, body.into(), deadline).await;
