@@ -123,15 +123,8 @@ impl InTransaction {
         let mut dead: Vec<DeadLetter> = Vec::new();
         let mut seen = HashSet::new();
         for n in records {
-            let key = key(n.id.as_deref(), &n.payload);
-            let mut h = Headers::new();
-            h.insert(headers::NOTIFY_CHANNEL.to_owned(), n.channel.clone());
-            match record::parse(
-                STREAM,
-                key,
-                n.payload.as_bytes(),
-                Meta::new(n.id.as_deref(), &h),
-            ) {
+            let (key, parsed) = parse(n);
+            match parsed {
                 // The dispatcher is called once per id, the first time it comes (as the
                 // recorder's batch does).
                 Ok(r) if self.mode.is_dispatcher() && !seen.insert(r.id.clone()) => {}
@@ -168,18 +161,7 @@ impl InTransaction {
         }
         let mut rows = Vec::with_capacity(records.len());
         for n in records {
-            let key = key(n.id.as_deref(), &n.payload);
-            let mut h = Headers::new();
-            h.insert(headers::NOTIFY_CHANNEL.to_owned(), n.channel.clone());
-            match record::parse(
-                STREAM,
-                key,
-                n.payload.as_bytes(),
-                Meta::new(n.id.as_deref(), &h),
-            ) {
-                Ok(r) => rows.push(r),
-                Err(_) => return None,
-            }
+            rows.push(parse(n).1.ok()?);
         }
         self.count("recorded", rows.len());
         Some(store::copy_data(&rows))
@@ -193,6 +175,15 @@ impl InTransaction {
                 .inc_by(n as u64);
         }
     }
+}
+
+/// A message as the recorder parses an audit record, with its dead-letter key ([`key`]).
+fn parse(n: &Notification) -> (u64, Result<Record, Box<DeadLetter>>) {
+    let key = key(n.id.as_deref(), &n.payload);
+    let mut h = Headers::new();
+    h.insert(headers::NOTIFY_CHANNEL.to_owned(), n.channel.clone());
+    let meta = Meta::new(n.id.as_deref(), &h);
+    (key, record::parse(STREAM, key, n.payload.as_bytes(), meta))
 }
 
 /// A message's dead-letter key: a hash of its id (of its envelope when it has none), 63 bits.

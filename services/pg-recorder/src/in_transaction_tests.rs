@@ -337,6 +337,18 @@ async fn a_message_written_twice_is_there_once() {
     assert_eq!(dead_letters(&db).await.len(), 1);
 }
 
+/// An envelope stamped 2001-09-09 (UTC): no partition, and none can be made in a NOTIFY
+/// transaction.
+fn unplaced() -> String {
+    envelope(
+        "WebsocketMessage",
+        "chat",
+        "old",
+        &json!({}),
+        1_000_000_000.0,
+    )
+}
+
 /// The writer's `COPY` of `records` in a transaction of its own, committed.
 async fn copy(
     db: &mut Client,
@@ -397,14 +409,8 @@ async fn the_copy_makes_the_rows_the_statement_makes() {
         e.code(),
         Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
     );
-    // ... and one whose day has no partition (2001-09-09, UTC).
-    let old = envelope(
-        "WebsocketMessage",
-        "chat",
-        "old",
-        &json!({}),
-        1_000_000_000.0,
-    );
+    // ... and one whose day has no partition.
+    let old = unplaced();
     let e = copy(
         &mut by_copy,
         &by_copy_writer.it,
@@ -532,14 +538,7 @@ async fn a_message_of_a_day_without_partition_is_a_dead_letter_and_the_notify_co
     let test = TestDb::create().await;
     let writer = prepare(&test, None).await;
     let mut db = test.client().await;
-    // 2001-09-09 (UTC): no partition, and the statement cannot make one.
-    let old = envelope(
-        "WebsocketMessage",
-        "chat",
-        "old",
-        &json!({}),
-        1_000_000_000.0,
-    );
+    let old = unplaced();
     let new = envelope("WebsocketMessage", "chat", "new", &json!({}), now());
     let records = [message(Some("old"), &old), message(Some("new"), &new)];
     assert_eq!(notify(&mut db, &writer.it, &records, true).await, [1, 1]);
