@@ -231,29 +231,26 @@ impl Worker {
     }
 
     /// How one transaction writes its `records` (nothing without records): by the `COPY`
-    /// when `copy` and the [`TxAudit`] has one for them, else by the statement.
+    /// when `by_copy` and the [`TxAudit`] has one for them, else by the statement.
     fn audit_write(
         &self,
         conn: &Conn,
         records: &[Notification],
-        copy: bool,
+        by_copy: bool,
     ) -> Result<Option<AuditWrite>, String> {
         if records.is_empty() {
             return Ok(None);
         }
-        let Some(audit) = &self.audit else {
+        let (Some(audit), Some(statement)) = (&self.audit, &conn.audit) else {
             return Err("the audit statement is not prepared".to_owned());
         };
-        if let (true, Some(_)) = (copy, &conn.copy) {
+        if by_copy && conn.copy.is_some() {
             if let Some(data) = audit.copy(records) {
                 return Ok(Some(AuditWrite::Copy(data)));
             }
         }
-        match &conn.audit {
-            Some(statement) => AuditArgs::new(audit.as_ref(), statement, records)
-                .map(|args| Some(AuditWrite::Statement(args))),
-            None => Err("the audit statement is not prepared".to_owned()),
-        }
+        AuditArgs::new(audit.as_ref(), statement, records)
+            .map(|args| Some(AuditWrite::Statement(args)))
     }
 
     async fn execute_live(&mut self, batch: Batch) {
